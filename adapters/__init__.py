@@ -1,0 +1,1 @@
+"""Everything that does IO: the SQLite store, recordings, replay and (live) MQTT."""

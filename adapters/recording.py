@@ -1,0 +1,111 @@
+"""Recordings: JSON Lines, one inbound MQTT message a line (SPEC §6)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from dispatcher.errors import RecordingError
+
+MAX_LINE_CHARS = 4 << 20
+
+
+class Line(NamedTuple):
+    number: int  # 1-based line number in the file
+    at: float
+    topic: str
+    payload: bytes | Any  # raw bytes (``payload_raw``) or the decoded JSON ``payload``
+
+
+def fingerprint(path: Path) -> str:
+    """Identifies a recording by its first line, so a store is not resumed on another one."""
+    with path.open("rb") as handle:
+        return hashlib.sha256(handle.readline()).hexdigest()[:16]
+
+
+def read_lines(path: Path, skip: int = 0) -> Iterator[Line]:
+    """Yield the recording's lines after the first ``skip`` physical lines (not parsed).
+
+    Blank lines are passed over. A line that is not a recording line (not JSON, no ``at`` or
+    ``topic``, ``at`` going backwards) raises ``RecordingError`` naming the file and line.
+    """
+    last_at = 0.0
+    try:
+        handle = path.open("r", encoding="utf-8", errors="surrogateescape", newline="\n")
+    except OSError as exc:
+        raise RecordingError(f"{path}: cannot read the recording: {exc.strerror}") from None
+    loads = json.loads
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            if number <= skip:
+                continue
+            try:
+                line = loads(raw)
+                at = line["at"]
+                topic = line["topic"]
+                ok = (
+                    (type(at) is float or type(at) is int)
+                    and last_at <= at < math.inf
+                    and type(topic) is str
+                    and topic
+                    and len(raw) <= MAX_LINE_CHARS
+                )
+            except (ValueError, RecursionError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                if not raw.strip():
+                    continue
+                _explain(f"{path}:{number}", raw, last_at)
+            payload = line.get("payload", _MISSING)
+            if payload is _MISSING or "payload_raw" in line:
+                payload = _raw_payload(f"{path}:{number}", line)
+            last_at = at
+            yield Line(number, float(at), topic, payload)
+
+
+_MISSING = object()
+
+
+def _raw_payload(where: str, line: dict[str, Any]) -> bytes:
+    if ("payload" in line) == ("payload_raw" in line):
+        raise RecordingError(f"{where}: needs exactly one of 'payload' and 'payload_raw'")
+    if not isinstance(line["payload_raw"], str):
+        raise RecordingError(f"{where}: 'payload_raw' must be a string")
+    return line["payload_raw"].encode("utf-8", "surrogateescape")
+
+
+def _explain(where: str, raw: str, last_at: float) -> None:
+    """Raise the precise ``RecordingError`` for a line the fast path refused."""
+    if len(raw) > MAX_LINE_CHARS:
+        raise RecordingError(f"{where}: line is longer than {MAX_LINE_CHARS} characters")
+    try:
+        line = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise RecordingError(f"{where}: not JSON: {exc}") from None
+    if not isinstance(line, dict):
+        raise RecordingError(f"{where}: not a JSON object")
+    at: Any = line.get("at")
+    topic = line.get("topic")
+    if type(at) not in (int, float) or not math.isfinite(at):
+        raise RecordingError(f"{where}: 'at' must be a number of seconds")
+    if at < 0:
+        raise RecordingError(f"{where}: 'at' must not be negative")
+    if at < last_at:
+        raise RecordingError(f"{where}: 'at' {at} goes back in time (previous line: {last_at})")
+    if type(topic) is not str or not topic:
+        raise RecordingError(f"{where}: 'topic' must be a non-empty string")
+    raise RecordingError(f"{where}: not a recording line")
+
+
+def write_line(at: float, topic: str, payload: bytes) -> str:
+    """One recording line for a message received at ``at`` with ``payload`` bytes."""
+    try:
+        decoded = json.loads(payload)
+        return json.dumps({"at": at, "topic": topic, "payload": decoded}, ensure_ascii=False)
+    except (ValueError, RecursionError):
+        text = payload.decode("utf-8", "replace")
+        return json.dumps({"at": at, "topic": topic, "payload_raw": text}, ensure_ascii=False)

@@ -1,0 +1,71 @@
+"""The report of SPEC §6, built from the store (so it survives restarts and resumes)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from adapters.store import Store
+from dispatcher.model import Incident
+from dispatcher.settings import Settings
+
+
+async def build_report(store: Store, settings: Settings, base: float = 0.0) -> dict[str, Any]:
+    """Times are seconds on the recording's clock; ``base`` is subtracted (0 for replays)."""
+
+    def t(value: float | None) -> float | None:
+        return None if value is None else round(value - base, 6)
+
+    order = {unit_id: unit.order for unit_id, unit in settings.units.items()}
+    incidents = []
+    rows = await store.fetchall("SELECT doc FROM incidents ORDER BY opened_at, id")
+    for (doc,) in rows:
+        inc = Incident.from_doc(json.loads(doc))
+        dispatches = sorted(
+            inc.dispatches.values(),
+            key=lambda d: (d.offered_at, order.get(d.unit, 1 << 30), d.unit),
+        )
+        incidents.append(
+            {
+                "id": inc.id,
+                "subscriber": inc.subscriber,
+                "counterpart": inc.counterpart,
+                "rule": inc.rule,
+                "severity": inc.severity,
+                "status": inc.status,
+                "outcome": inc.outcome,
+                "opened_at": t(inc.opened_at),
+                "critical_at": t(inc.critical_at),
+                "escalated_at": t(inc.escalated_at),
+                "closed_at": t(inc.closed_at),
+                "dispatches": [
+                    {
+                        "unit": d.unit,
+                        "role": d.role,
+                        "status": d.status,
+                        "offered_at": t(d.offered_at),
+                        "accepted_at": t(d.accepted_at),
+                        "arrived_at": t(d.arrived_at),
+                        "outcome": d.outcome,
+                    }
+                    for d in dispatches
+                ],
+            }
+        )
+    published = [
+        {"at": t(at), "topic": topic, "type": type_}
+        for at, topic, type_ in await store.fetchall(
+            "SELECT at, topic, type FROM outbox ORDER BY seq"
+        )
+    ]
+    rejected = [
+        {"at": t(at), "topic": topic, "reason": reason}
+        for at, topic, reason in await store.fetchall(
+            "SELECT at, topic, reason FROM rejected ORDER BY seq"
+        )
+    ]
+    return {"incidents": incidents, "published": published, "rejected": rejected}
+
+
+def dump_report(report: dict[str, Any]) -> str:
+    return json.dumps(report, ensure_ascii=False, indent=2) + "\n"

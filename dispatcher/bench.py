@@ -1,0 +1,274 @@
+"""``antifraud bench replay``: a synthetic day replayed, with figures printed.
+
+Each measurement runs in a fresh child process so its peak RSS is its own:
+
+1. a bare ``json.loads`` pass over every line of the day's recording (the baseline);
+2. the full replay of the same file (validation, rules, workflow, SQLite store, report);
+3. a recording of N concurrently active calls (started, none ended yet) to size the state.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from dispatcher.settings import Settings
+
+PREFIX = "antifraud/v1"
+CLEAN_PREFIXES = ("+86139", "+86137", "+86186", "+86158")
+
+
+class DayWriter:
+    """Writes a recording line by line with CloudEvents ids unique per source."""
+
+    def __init__(self, handle: Any, region: str) -> None:
+        self.handle = handle
+        self.region = region
+        self.seq = 0
+        self.lines = 0
+
+    def event(
+        self, at: float, topic: str, source: str, type_: str, subject: str, data: dict[str, Any]
+    ) -> None:
+        self.seq += 1
+        payload = {
+            "specversion": "1.0",
+            "id": f"bench-{self.seq:08d}",
+            "source": source,
+            "type": f"cn.antifraud.{type_}",
+            "time": "2026-01-01T00:00:00Z",
+            "subject": subject,
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+        self.handle.write(
+            json.dumps(
+                {"at": round(at, 3), "topic": topic, "payload": payload}, separators=(",", ":")
+            )
+            + "\n"
+        )
+        self.lines += 1
+
+    def call(
+        self,
+        at: float,
+        verb: str,
+        call_id: str,
+        sub: str,
+        other: str,
+        duration: float | None = None,
+    ) -> None:
+        data: dict[str, Any] = {"call_id": call_id, "subscriber": sub, "counterpart": other}
+        if verb == "started":
+            data["direction"] = "inbound"
+        else:
+            data["duration_s"] = duration
+        self.event(
+            at,
+            f"{PREFIX}/events/{self.region}/calls",
+            f"carrier/{self.region}",
+            f"call.{verb}",
+            call_id,
+            data,
+        )
+
+    def action(self, at: float, verb: str, data: dict[str, Any]) -> None:
+        self.event(
+            at,
+            f"{PREFIX}/operators/op-01/actions",
+            "console/op-01",
+            f"operator.{verb}",
+            data["incident_id"],
+            data,
+        )
+
+    def reply(
+        self, at: float, unit: str, verb: str, dispatch_id: str, outcome: str | None = None
+    ) -> None:
+        data: dict[str, Any] = {"dispatch_id": dispatch_id}
+        if outcome:
+            data["outcome"] = outcome
+        self.event(
+            at, f"{PREFIX}/units/{unit}/replies", f"unit/{unit}", f"unit.{verb}", dispatch_id, data
+        )
+
+
+def write_day(path: Path, settings: Settings, events: int, seed: int = 7) -> int:
+    """A day of traffic: mostly clean calls, some short flagged calls, a few door-knocks."""
+    rng = random.Random(seed)
+    flagged = [f.pattern for f in settings.flagged if f.match == "exact"]
+    prefixes = [f.pattern for f in settings.flagged if f.match == "prefix"]
+    residents = sorted(settings.subscribers)
+    rows: list[tuple[float, int, str, tuple[Any, ...]]] = []
+    n = 0
+
+    def add(at: float, kind: str, *args: Any) -> None:
+        nonlocal n
+        n += 1
+        rows.append((at, n, kind, args))
+
+    # door-knock cases: each resident in turn, one case every ~2 h, nothing left open
+    for slot in range(10):
+        sub = residents[slot % len(residents)]
+        start = 3600.0 + slot * 7200.0
+        call_id = f"DK-{slot:03d}"
+        other = flagged[slot % len(flagged)]
+        incident = f"INC-{call_id}"
+        add(start, "call", "started", call_id, sub, other)
+        for k in range(1, 11):
+            add(start + 30 * k, "call", "progress", call_id, sub, other, 30.0 * k)
+        for k in range(3):
+            add(
+                start + 200 + 20 * k,
+                "action",
+                "callback",
+                {"incident_id": incident, "result": "no_answer"},
+            )
+        add(start + 900, "action", "close", {"incident_id": incident, "outcome": "prevented"})
+    # short flagged calls (some residents get several: repeated-contact warnings)
+    clean_budget = events - len(rows)
+    flagged_calls = max(clean_budget // 40, 1)
+    for i in range(flagged_calls):
+        at = rng.uniform(0, 86000)
+        sub = f"+8613{rng.randrange(10**8, 10**9)}"
+        other = (
+            rng.choice(flagged)
+            if rng.random() < 0.5
+            else rng.choice(prefixes) + str(rng.randrange(10**4, 10**5))
+        )
+        add(at, "call", "started", f"FL-{i:06d}", sub, other)
+        add(at + 12, "call", "ended", f"FL-{i:06d}", sub, other, 12.0)
+    # clean calls until the budget is used: started, a progress or two, ended
+    i = 0
+    while len(rows) < events:
+        at = rng.uniform(0, 86000)
+        sub = f"+8613{rng.randrange(10**8, 10**9)}"
+        other = rng.choice(CLEAN_PREFIXES) + str(rng.randrange(10**7, 10**8))
+        call_id = f"CL-{i:07d}"
+        add(at, "call", "started", call_id, sub, other)
+        add(at + 30, "call", "progress", call_id, sub, other, 30.0)
+        add(at + 45, "call", "ended", call_id, sub, other, 45.0)
+        i += 1
+    rows.sort()
+    with path.open("w", encoding="utf-8") as handle:
+        writer = DayWriter(handle, settings.service.region)
+        for at, _, kind, args in rows[:events]:
+            if kind == "call":
+                verb, call_id, sub, other, *rest = args
+                writer.call(at, verb, call_id, sub, other, rest[0] if rest else None)
+            else:
+                writer.action(at, args[0], args[1])
+        return writer.lines
+
+
+def write_active(path: Path, settings: Settings, calls: int, seed: int = 11) -> None:
+    """``calls`` calls started within a minute, none ended: the state of a busy moment."""
+    rng = random.Random(seed)
+    flagged = [f.pattern for f in settings.flagged if f.match == "exact"]
+    with path.open("w", encoding="utf-8") as handle:
+        writer = DayWriter(handle, settings.service.region)
+        for i in range(calls):
+            sub = f"+8613{i:09d}"
+            other = (
+                rng.choice(flagged)
+                if i % 20 == 0
+                else rng.choice(CLEAN_PREFIXES) + str(rng.randrange(10**7, 10**8))
+            )
+            writer.call(60.0 * i / calls, "started", f"AC-{i:07d}", sub, other)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _child(mode: str, config: str, recording: str) -> None:
+    """Runs inside the child process; prints one JSON line of figures."""
+    import asyncio
+
+    from dispatcher import logs
+    from dispatcher.settings import load_settings
+
+    logs.configure("error")
+    settings = load_settings(config)
+    if mode == "json":
+        baseline = _rss_mb()
+        start = time.perf_counter()
+        with open(recording, encoding="utf-8") as handle:
+            for line in handle:
+                json.loads(line)
+        elapsed = time.perf_counter() - start
+        print(json.dumps({"seconds": elapsed, "rss_mb": _rss_mb(), "baseline_mb": baseline}))
+        return
+    from adapters.replay import replay
+
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = _rss_mb()
+        start = time.perf_counter()
+        report = asyncio.run(replay(Path(recording), settings, Path(tmp) / "s.sqlite3"))
+        elapsed = time.perf_counter() - start
+        print(
+            json.dumps(
+                {
+                    "seconds": elapsed,
+                    "rss_mb": _rss_mb(),
+                    "baseline_mb": baseline,
+                    "incidents": len(report["incidents"]),
+                    "rejected": len(report["rejected"]),
+                }
+            )
+        )
+
+
+def _run_child(mode: str, config: str, recording: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "dispatcher.bench", mode, config, str(recording)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_replay_bench(settings: Settings, events: int, active: int) -> int:
+    config = str(settings.path)
+    with tempfile.TemporaryDirectory(prefix="antifraud-bench-") as tmp:
+        day = Path(tmp) / "day.jsonl"
+        lines = write_day(day, settings, events)
+        size_mb = day.stat().st_size / 1e6
+        print(f"synthetic day: {lines} events, {size_mb:.1f} MB ({day.name})")
+        bare = _run_child("json", config, day)
+        full = _run_child("replay", config, day)
+        ratio = full["seconds"] / bare["seconds"]
+        print(
+            f"bare json.loads pass : {bare['seconds']:.3f} s "
+            f"({lines / bare['seconds']:,.0f} lines/s)"
+        )
+        print(
+            f"full replay          : {full['seconds']:.3f} s "
+            f"({lines / full['seconds']:,.0f} events/s), {full['incidents']} incidents, "
+            f"{full['rejected']} rejected"
+        )
+        print(f"replay / json.loads  : {ratio:.2f}  (target <= 5)")
+        print(
+            f"peak RSS during replay: {full['rss_mb']:.1f} MB "
+            f"(process after imports: {full['baseline_mb']:.1f} MB)"
+        )
+        busy = Path(tmp) / "active.jsonl"
+        write_active(busy, settings, active)
+        state = _run_child("replay", config, busy)
+        print(
+            f"{active:,} concurrently active calls: peak RSS {state['rss_mb']:.1f} MB "
+            f"(target <= 150), process after imports {state['baseline_mb']:.1f} MB"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -1,0 +1,46 @@
+"""One error root for the project, with subclasses grouped by who must react.
+
+- ``ConfigError``: the person who wrote the deployment config must fix a file.
+- ``InputError``: an inbound message was refused; it goes to the dead-letter topic.
+- ``RecordingError``: a recording file handed to ``antifraud replay`` is malformed.
+- ``StoreError``: the SQLite store cannot be used (newer schema, another recording, IO).
+- ``BrokerError``: the MQTT broker is unreachable; ``retryable`` says whether to try again.
+"""
+
+from __future__ import annotations
+
+
+class DispatcherError(Exception):
+    """Root of every error the dispatcher raises on purpose."""
+
+    retryable: bool = False
+
+
+class ConfigError(DispatcherError):
+    """A deployment configuration problem; ``problems`` lists each one as ``file: key: what``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class InputError(DispatcherError):
+    """An inbound message that must be dead-lettered; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class RecordingError(DispatcherError):
+    """A recording line that is not a recording line at all (``file:line: what``)."""
+
+
+class StoreError(DispatcherError):
+    """The store cannot be opened or written."""
+
+
+class BrokerError(DispatcherError):
+    """The MQTT broker could not be reached or dropped the connection."""
+
+    retryable = True

@@ -1,0 +1,209 @@
+"""The dispatcher's state and the effects the workflow asks the runtime to carry out.
+
+Everything here is plain data: the workflow mutates a ``State`` and returns ``Effect`` values;
+the runtime persists, publishes and logs them. An ``Incident`` round-trips through
+``to_doc``/``from_doc`` so the store can rebuild the exact state after a restart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from rules.contacts import ContactLog
+
+IncidentStatus = Literal["open", "escalated", "closed"]
+DispatchStatus = Literal[
+    "offered", "accepted", "declined", "expired", "cancelled", "arrived", "reported", "notified"
+]
+SlotName = Literal["door", "police", "notice"]
+PENDING: frozenset[str] = frozenset({"offered"})
+ENGAGED: frozenset[str] = frozenset({"accepted", "arrived"})  # busy: accepted, not reported
+
+
+@dataclass(slots=True)
+class Dispatch:
+    id: str
+    unit: str
+    role: str
+    slot: SlotName
+    status: DispatchStatus
+    offered_at: float
+    expires_at: float | None = None
+    accepted_at: float | None = None
+    arrived_at: float | None = None
+    reported_at: float | None = None
+    ended_at: float | None = None  # declined, expired or cancelled at
+    outcome: str | None = None
+    reason: str | None = None  # why it was cancelled: taken, closed
+
+
+@dataclass(slots=True)
+class Call:
+    call_id: str
+    counterpart: str
+    category: str | None
+    joined_at: float
+    max_duration_s: float = 0.0
+    ended: bool = False
+    rules: list[str] = field(default_factory=list)  # rules fired by this call, in order
+
+
+@dataclass(slots=True)
+class Slot:
+    """One need of an escalated incident: the door-knock, or the police patrol."""
+
+    name: SlotName
+    stage: Literal["primary", "quick_police", "filled", "exhausted"] = "primary"
+    station: str = ""
+    expires_at: float | None = None
+
+
+@dataclass(slots=True)
+class TimelineEntry:
+    at: float
+    kind: str
+    by: str
+    text: str
+    dispatch_id: str | None = None
+
+
+@dataclass(slots=True)
+class Incident:
+    id: str
+    subscriber: str
+    counterpart: str
+    category: str | None
+    rule: str
+    severity: Literal["warning", "critical"]
+    status: IncidentStatus
+    opened_at: float
+    known: bool
+    station: str
+    critical_at: float | None = None
+    escalated_at: float | None = None
+    closed_at: float | None = None
+    outcome: str | None = None
+    note: str | None = None
+    closed_by: str | None = None
+    duration_s: float = 0.0
+    callback_attempts: int = 0
+    calls: dict[str, Call] = field(default_factory=dict)
+    dispatches: dict[str, Dispatch] = field(default_factory=dict)
+    slots: dict[str, Slot] = field(default_factory=dict)
+    alerts: list[str] = field(default_factory=list)
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    seq: int = 0  # messages published for this incident: the tail of their CloudEvent ids
+
+    def to_doc(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Incident:
+        doc = dict(doc)
+        doc["calls"] = {k: Call(**v) for k, v in doc["calls"].items()}
+        doc["dispatches"] = {k: Dispatch(**v) for k, v in doc["dispatches"].items()}
+        doc["slots"] = {k: Slot(**v) for k, v in doc["slots"].items()}
+        doc["timeline"] = [TimelineEntry(**t) for t in doc["timeline"]]
+        return cls(**doc)
+
+    def next_id(self, stem: str) -> str:
+        self.seq += 1
+        return f"{stem}/{self.seq}"
+
+
+@dataclass
+class State:
+    """Everything the workflow decides on. Rebuilt from the store on start."""
+
+    contacts: ContactLog
+    clock_origin: float = 0.0  # epoch seconds at clock 0, for CloudEvent `time`
+    incidents: dict[str, Incident] = field(default_factory=dict)  # open, and closed in retention
+    open_by_subscriber: dict[str, str] = field(default_factory=dict)
+    call_incident: dict[str, str] = field(default_factory=dict)  # call_id -> incident it joined
+    known_incident_ids: set[str] = field(default_factory=set)  # every incident ever opened
+    presence: dict[str, str] = field(default_factory=dict)  # unit -> online/offline
+    busy: dict[str, str] = field(default_factory=dict)  # unit -> accepted dispatch not reported
+
+    def adopt(self, incident: Incident) -> None:
+        """Index an incident loaded from the store (or just opened)."""
+        self.incidents[incident.id] = incident
+        self.known_incident_ids.add(incident.id)
+        for call_id in incident.calls:
+            self.call_incident[call_id] = incident.id
+        if incident.status != "closed":
+            self.open_by_subscriber[incident.subscriber] = incident.id
+            for d in incident.dispatches.values():
+                if d.status in ENGAGED:
+                    self.busy[d.unit] = d.id
+
+    def forget(self, incident_id: str) -> None:
+        """Drop a closed incident from memory once its retention has passed (the store keeps it)."""
+        incident = self.incidents.pop(incident_id, None)
+        if incident is None:
+            return
+        for call_id in incident.calls:
+            if self.call_incident.get(call_id) == incident_id:
+                del self.call_incident[call_id]
+
+
+# ---- effects -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """An outbound MQTT message. ``payload`` None clears a retained topic."""
+
+    topic: str
+    type: str | None
+    payload: dict[str, Any] | None
+    retain: bool = False
+    qos: int = 1
+    incident_id: str | None = None
+    dispatch_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """A timeline entry: one state change of an incident, for the store and the log."""
+
+    incident_id: str
+    entry: TimelineEntry
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentSaved:
+    """The incident changed; the store upserts its snapshot (and its dispatches)."""
+
+    incident: Incident
+
+
+@dataclass(frozen=True, slots=True)
+class ContactSeen:
+    subscriber: str
+    counterpart: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceSeen:
+    unit: str
+    state: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TimerSet:
+    """Fire ``key`` at ``due``: the workflow will be stepped with ``TimerFired(key)`` then."""
+
+    due: float
+    key: tuple[str, str, str]  # (incident_id, kind, detail)
+
+
+Effect = Publish | Noted | IncidentSaved | ContactSeen | PresenceSeen | TimerSet
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    key: tuple[str, str, str]
+    due: float

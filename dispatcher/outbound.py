@@ -1,0 +1,337 @@
+"""Outbound messages as data: topics, CloudEvents envelopes and what each party may see.
+
+Guards and grid workers get a short text fit for a radio screen or text-to-speech: the address,
+the resident's honorific (陈女士) and what to do, **never the resident's phone number or full
+name**. Police, quick-police platforms and operators get the full incident.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from dispatcher.model import Dispatch, Incident, Publish
+from dispatcher.settings import Settings
+from rules.flagged import FlaggedNumbers
+
+SPECVERSION = "1.0"
+RADIO_ROLES = frozenset({"guard", "grid_worker"})
+
+ROLE_LABEL = {
+    "guard": "保安",
+    "police": "巡逻民警",
+    "quick_police": "快警平台",
+    "grid_worker": "网格员",
+}
+CANCEL_TEXT = {
+    "taken": "已由其他人员接警，您无需前往。",
+    "expired": "接警超时，任务已转派，您无需前往。",
+    "closed": "事件已结束，您无需前往或请收队。",
+}
+
+
+def rfc3339(origin: float, at: float) -> str:
+    """Clock seconds to an RFC 3339 UTC timestamp (``origin`` is epoch seconds at clock 0)."""
+    stamp = datetime.fromtimestamp(origin + at, tz=UTC)
+    text = stamp.isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+class Topics:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.operators = f"{prefix}/operators/incidents"
+        self.deadletter = f"{prefix}/deadletter"
+
+    def incident(self, incident_id: str) -> str:
+        return f"{self.prefix}/incidents/{incident_id}"
+
+    def dispatches(self, unit_id: str) -> str:
+        return f"{self.prefix}/units/{unit_id}/dispatches"
+
+    def replies(self, unit_id: str) -> str:
+        return f"{self.prefix}/units/{unit_id}/replies"
+
+    def inbound_filters(self, region: str) -> list[str]:
+        return [
+            f"{self.prefix}/events/{region}/calls",
+            f"{self.prefix}/operators/+/actions",
+            f"{self.prefix}/units/+/replies",
+            f"{self.prefix}/units/+/status",
+        ]
+
+
+class Messages:
+    """Builds every outbound message of one deployment."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.service.prefix)
+        self.source = settings.service.source
+        self.flagged = FlaggedNumbers(settings.flagged)
+
+    def envelope(
+        self,
+        event_id: str,
+        type_: str,
+        subject: str,
+        at: float,
+        origin: float,
+        data: dict[str, Any],
+    ) -> dict[str, Any]:
+        return {
+            "specversion": SPECVERSION,
+            "id": event_id,
+            "source": self.source,
+            "type": type_,
+            "time": rfc3339(origin, at),
+            "subject": subject,
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+
+    # ---- incidents -------------------------------------------------------------------------
+
+    def incident_changed(
+        self, incident: Incident, kind: str, at: float, origin: float
+    ) -> list[Publish]:
+        """``kind`` is opened, updated or closed: to the operators and the retained state topic."""
+        type_ = f"cn.antifraud.incident.{kind}"
+        event = self.envelope(
+            incident.next_id(incident.id),
+            type_,
+            incident.id,
+            at,
+            origin,
+            self.incident_detail(incident, origin),
+        )
+        return [
+            Publish(self.topics.operators, type_, event, incident_id=incident.id),
+            Publish(
+                self.topics.incident(incident.id),
+                type_,
+                event,
+                retain=True,
+                incident_id=incident.id,
+            ),
+        ]
+
+    def incident_cleared(self, incident: Incident) -> Publish:
+        return Publish(
+            self.topics.incident(incident.id), None, None, retain=True, incident_id=incident.id
+        )
+
+    def subscriber_detail(self, incident: Incident) -> dict[str, Any]:
+        sub = self.settings.subscribers.get(incident.subscriber)
+        if sub is None:
+            return {"msisdn": incident.subscriber, "known": False}
+        estate = self.settings.estates[sub.estate]
+        return {
+            "msisdn": sub.msisdn,
+            "known": True,
+            "name": sub.name,
+            "display_name": sub.display_name,
+            "address": full_address(estate.address, sub.address),
+            "estate": estate.id,
+            "estate_name": estate.name,
+            "grid": sub.grid,
+            "vulnerable": sub.vulnerable,
+        }
+
+    def incident_detail(self, incident: Incident, origin: float) -> dict[str, Any]:
+        def t(value: float | None) -> str | None:
+            return None if value is None else rfc3339(origin, value)
+
+        flag = self.flagged.lookup(incident.counterpart)
+        window_end = (
+            incident.critical_at + self.settings.callback.window_s
+            if incident.critical_at is not None and incident.status == "open"
+            else None
+        )
+        units = self.settings.units
+        return {
+            "incident_id": incident.id,
+            "status": incident.status,
+            "severity": incident.severity,
+            "rule": incident.rule,
+            "subscriber": self.subscriber_detail(incident),
+            "counterpart": incident.counterpart,
+            "category": incident.category,
+            "category_label": flag.label if flag else None,
+            "duration_s": incident.duration_s,
+            "opened_at": t(incident.opened_at),
+            "critical_at": t(incident.critical_at),
+            "escalated_at": t(incident.escalated_at),
+            "closed_at": t(incident.closed_at),
+            "outcome": incident.outcome,
+            "note": incident.note,
+            "callback": {
+                "attempts": incident.callback_attempts,
+                "max_attempts": self.settings.callback.max_attempts,
+                "window_ends_at": t(window_end),
+            },
+            "calls": [
+                {
+                    "call_id": c.call_id,
+                    "counterpart": c.counterpart,
+                    "category": c.category,
+                    "duration_s": c.max_duration_s,
+                    "ended": c.ended,
+                    "rules": list(c.rules),
+                }
+                for c in incident.calls.values()
+            ],
+            "dispatches": [
+                {
+                    "dispatch_id": d.id,
+                    "unit": d.unit,
+                    "unit_name": units[d.unit].name,
+                    "role": d.role,
+                    "status": d.status,
+                    "offered_at": t(d.offered_at),
+                    "expires_at": t(d.expires_at) if d.status == "offered" else None,
+                    "accepted_at": t(d.accepted_at),
+                    "arrived_at": t(d.arrived_at),
+                    "reported_at": t(d.reported_at),
+                    "outcome": d.outcome,
+                }
+                for d in incident.dispatches.values()
+            ],
+            "alerts": list(incident.alerts),
+            "timeline": [
+                {
+                    "at": t(e.at),
+                    "kind": e.kind,
+                    "by": e.by,
+                    "text": e.text,
+                    "dispatch_id": e.dispatch_id,
+                }
+                for e in incident.timeline
+            ],
+        }
+
+    # ---- dispatches ------------------------------------------------------------------------
+
+    def radio_address(self, incident: Incident) -> tuple[str, str]:
+        """(address, honorific) for a radio screen; the honorific is never the full name."""
+        sub = self.settings.subscribers[incident.subscriber]
+        estate = self.settings.estates[sub.estate]
+        return full_address(estate.address, sub.address), sub.display_name
+
+    def offer(self, incident: Incident, dispatch: Dispatch, at: float, origin: float) -> Publish:
+        type_ = "cn.antifraud.dispatch.offered"
+        data: dict[str, Any] = {
+            "dispatch_id": dispatch.id,
+            "incident_id": incident.id,
+            "role": dispatch.role,
+            "expires_at": rfc3339(origin, dispatch.expires_at or at),
+            "reply_topic": self.topics.replies(dispatch.unit),
+            "replies": ["accepted", "declined", "arrived", "reported"],
+        }
+        if dispatch.role in RADIO_ROLES:
+            address, honorific = self.radio_address(incident)
+            data |= {
+                "address": address,
+                "honorific": honorific,
+                "text": (
+                    f"反诈紧急上门：{address}，{honorific}正在接听疑似诈骗电话。"
+                    f"请立即上门敲门，让{honorific}挂断电话、不要转账。"
+                    "接受请按1，拒绝请按2，到达后按3。"
+                ),
+            }
+        else:
+            data |= {
+                "text": self._full_text(incident),
+                "incident": self.incident_detail(incident, origin),
+            }
+        return self._to_unit(incident, dispatch, type_, at, origin, data)
+
+    def notice(
+        self,
+        incident: Incident,
+        dispatch: Dispatch,
+        at: float,
+        origin: float,
+        closing: bool = False,
+    ) -> Publish:
+        type_ = "cn.antifraud.dispatch.notice"
+        address, honorific = self.radio_address(incident)
+        if closing:
+            text = f"知悉：{address}的反诈事件已结束，无需前往。"
+        else:
+            text = f"知悉：{address}，{honorific}疑似正在接听诈骗电话，小区保安已在处置，无需回复。"
+        data = {
+            "dispatch_id": dispatch.id,
+            "incident_id": incident.id,
+            "role": dispatch.role,
+            "address": address,
+            "honorific": honorific,
+            "reply_expected": False,
+            "closed": closing,
+            "text": text,
+        }
+        return self._to_unit(incident, dispatch, type_, at, origin, data)
+
+    def cancelled(
+        self, incident: Incident, dispatch: Dispatch, at: float, origin: float
+    ) -> Publish:
+        type_ = "cn.antifraud.dispatch.cancelled"
+        reason = dispatch.reason or "closed"
+        data = {
+            "dispatch_id": dispatch.id,
+            "incident_id": incident.id,
+            "reason": reason,
+            "text": CANCEL_TEXT.get(reason, CANCEL_TEXT["closed"]),
+        }
+        return self._to_unit(incident, dispatch, type_, at, origin, data)
+
+    def _to_unit(
+        self,
+        incident: Incident,
+        dispatch: Dispatch,
+        type_: str,
+        at: float,
+        origin: float,
+        data: dict[str, Any],
+    ) -> Publish:
+        event = self.envelope(incident.next_id(dispatch.id), type_, dispatch.id, at, origin, data)
+        return Publish(
+            self.topics.dispatches(dispatch.unit),
+            type_,
+            event,
+            incident_id=incident.id,
+            dispatch_id=dispatch.id,
+        )
+
+    def _full_text(self, incident: Incident) -> str:
+        sub = self.settings.subscribers.get(incident.subscriber)
+        who = f"{sub.name}（{sub.display_name}，{sub.msisdn}）" if sub else incident.subscriber
+        where = self.subscriber_detail(incident).get("address", "地址不详")
+        return (
+            f"反诈出警：{who}，地址{where}，正与涉诈号码{incident.counterpart}"
+            f"（{incident.category or '未分类'}）通话，已持续{incident.duration_s:g}秒，"
+            f"风险等级{incident.severity}（{incident.rule}）。"
+        )
+
+    # ---- dead letters ----------------------------------------------------------------------
+
+    def rejected(
+        self,
+        topic: str,
+        reason: str,
+        source: str | None,
+        event_id: str | None,
+        raw: str,
+        key: str,
+        at: float,
+        origin: float,
+    ) -> Publish:
+        type_ = "cn.antifraud.input.rejected"
+        data = {"topic": topic, "reason": reason, "source": source, "id": event_id, "payload": raw}
+        event = self.envelope(f"rejected/{key}", type_, topic, at, origin, data)
+        return Publish(self.topics.deadletter, type_, event)
+
+
+def full_address(estate_address: str, unit_address: str) -> str:
+    """Join the estate's street address and the home within it, without repeating the estate."""
+    return f"{estate_address} {unit_address}"

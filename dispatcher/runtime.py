@@ -1,0 +1,282 @@
+"""The runtime around the workflow: validation, dedupe, timers, persistence and logging.
+
+One runtime serves both modes. The caller owns the clock: live service passes the system time,
+replay passes each recorded ``at``. ``advance(now)`` fires every timer due at or before ``now``
+(at its own due time) and ``handle(topic, payload, now)`` processes one inbound message. Both
+only queue writes; ``commit()`` makes them durable, and only then may the caller acknowledge the
+messages as processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import json
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from adapters.store import Store
+from dispatcher.errors import InputError
+from dispatcher.inbound import TopicRouter, parse_message
+from dispatcher.model import (
+    ContactSeen,
+    Effect,
+    IncidentSaved,
+    Noted,
+    PresenceSeen,
+    Publish,
+    State,
+    TimerFired,
+    TimerSet,
+)
+from dispatcher.settings import Settings
+from dispatcher.workflow import Workflow, timer_order
+from rules.contacts import ContactLog
+from rules.engine import RuleSet
+
+log = structlog.get_logger("dispatcher")
+
+RAW_SOURCE = "#raw"  # dedupe key source for input whose (source, id) cannot be read
+DEADLETTER_PAYLOAD_CHARS = 1024
+
+
+def _clip(text: str, limit: int = DEADLETTER_PAYLOAD_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _payload_text(payload: bytes | Any) -> str:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload[: DEADLETTER_PAYLOAD_CHARS * 4]).decode("utf-8", "replace")
+    try:
+        return json.dumps(payload, ensure_ascii=False, sort_keys=True)
+    except (TypeError, ValueError, RecursionError):
+        return repr(payload)
+
+
+def _identity(topic: str, payload: bytes | Any) -> tuple[str, str]:
+    """(source, id) of a payload if it has readable ones, else a digest of topic and bytes."""
+    event = payload
+    if isinstance(payload, bytes | bytearray) and len(payload) <= 1 << 20:
+        try:
+            event = json.loads(payload)
+        except (ValueError, RecursionError):
+            event = None
+    if isinstance(event, dict):
+        source, event_id = event.get("source"), event.get("id")
+        if (
+            isinstance(source, str)
+            and isinstance(event_id, str)
+            and source
+            and event_id
+            and len(source) <= 256
+            and len(event_id) <= 256
+        ):
+            return source, event_id
+    body = payload if isinstance(payload, bytes | bytearray) else _payload_text(payload).encode()
+    digest = hashlib.sha256(topic.encode() + b"\0" + bytes(body)).hexdigest()
+    return RAW_SOURCE, digest
+
+
+class Runtime:
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.router = TopicRouter(settings)
+        rules = RuleSet(settings.rules)
+        self.state = State(
+            contacts=ContactLog(rules.contact_horizon_s, settings.limits.contacts_per_subscriber)
+        )
+        self.workflow = Workflow(settings, self.state)
+        self.messages = self.workflow.messages
+        self.clock = 0.0
+        self._timers: list[tuple[tuple[float, str, int, str], TimerSet]] = []
+        self._scheduled: set[TimerSet] = set()
+        self._seen: dict[tuple[str, str], float] = {}
+        self._expire_countdown = 0
+        self._committing: asyncio.Future[None] | None = None
+        self.on_publish: Callable[[float, Publish], None] | None = None
+        self.counts = {"handled": 0, "rejected": 0, "duplicates": 0, "timers": 0, "published": 0}
+
+    # ---- start-up --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Rebuild the state from the store: open incidents, dispatches, timers, dedupe pairs."""
+        limits = self.settings.limits
+        snap = await self.store.load(
+            None,
+            self.settings.incident.retention_s,
+            limits.dedupe_window_s,
+            self.state.contacts.horizon_s,
+        )
+        self.clock = float(snap.meta.get("clock", "0"))
+        self.state.clock_origin = float(snap.meta.get("clock_origin", "0"))
+        for incident in snap.incidents:
+            self.state.adopt(incident)
+            for timer in self.workflow.timers_for(incident):
+                self._schedule(timer)
+        self.state.known_incident_ids |= snap.incident_ids
+        for subscriber, at, counterpart in snap.contacts:
+            self.state.contacts.record(subscriber, counterpart, at)
+        self.state.presence.update(snap.presence)
+        for source, event_id, at in snap.inbound:
+            self._seen[(source, event_id)] = at
+        self.meta = snap.meta
+        log.info(
+            "state_loaded",
+            incidents=len(snap.incidents),
+            timers=len(self._timers),
+            dedupe=len(self._seen),
+            clock=self.clock,
+        )
+
+    def set_clock_origin(self, origin: float) -> None:
+        self.state.clock_origin = origin
+        self.store.set_meta("clock_origin", repr(origin))
+
+    # ---- time ------------------------------------------------------------------------------
+
+    def advance(self, now: float) -> None:
+        """Fire, in order, every timer due at or before ``now``; each fires at its due time."""
+        while self._timers and self._timers[0][1].due <= now:
+            _, timer = heapq.heappop(self._timers)
+            self._scheduled.discard(timer)
+            self.clock = max(self.clock, timer.due)
+            self.counts["timers"] += 1
+            effects = self.workflow.step(TimerFired(timer.key, timer.due), timer.due)
+            self._apply(effects, timer.due)
+        if now > self.clock:
+            self.clock = now
+        self._expire_countdown -= 1
+        if self._expire_countdown <= 0:
+            self._expire_countdown = 1024
+            self._expire_seen(self.clock)
+
+    def next_due(self) -> float | None:
+        return self._timers[0][1].due if self._timers else None
+
+    def _schedule(self, timer: TimerSet) -> None:
+        if timer not in self._scheduled:
+            self._scheduled.add(timer)
+            heapq.heappush(self._timers, (timer_order(timer), timer))
+
+    # ---- inbound ---------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes | Any, now: float) -> None:
+        """Process one inbound message received at ``now``. Never raises for bad input."""
+        try:
+            msg = parse_message(self.router, topic, payload, self.settings)
+        except InputError as exc:
+            key = _identity(topic, payload)
+            if self._duplicate(key, now):
+                return
+            self._reject(topic, exc.reason, payload, key, now)
+            return
+        key = (msg.source, msg.id)
+        if self._duplicate(key, now):
+            return
+        try:
+            effects = self.workflow.step(msg, now)
+        except InputError as exc:
+            self._reject(topic, exc.reason, payload, key, now)
+            return
+        self.counts["handled"] += 1
+        self._apply(effects, now)
+
+    def _duplicate(self, key: tuple[str, str], now: float) -> bool:
+        if key in self._seen:
+            self.counts["duplicates"] += 1
+            log.info("duplicate_dropped", source=key[0], event_id=key[1])
+            return True
+        self._seen[key] = now
+        self.store.add_inbound(key[0], key[1], now)
+        return False
+
+    def _expire_seen(self, now: float) -> None:
+        """Forget pairs older than the dedupe window (the dict is in arrival order)."""
+        horizon = now - self.settings.limits.dedupe_window_s
+        seen = self._seen
+        while seen:
+            key = next(iter(seen))
+            if seen[key] >= horizon:
+                break
+            del seen[key]
+
+    def _reject(
+        self, topic: str, reason: str, payload: bytes | Any, key: tuple[str, str], now: float
+    ) -> None:
+        self.counts["rejected"] += 1
+        text = _clip(_payload_text(payload))
+        source, event_id = (None, None) if key[0] == RAW_SOURCE else key
+        log.warning(
+            "input_rejected",
+            topic=_clip(topic, 200),
+            reason=reason,
+            source=source,
+            event_id=event_id,
+        )
+        self.store.add_rejected(now, topic, reason, text)
+        dead = self.messages.rejected(
+            topic,
+            reason,
+            source,
+            event_id,
+            text,
+            f"{key[0]}/{key[1]}",
+            now,
+            self.state.clock_origin,
+        )
+        self._apply([dead], now)
+
+    # ---- effects ---------------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect], now: float) -> None:
+        store = self.store
+        for effect in effects:
+            if isinstance(effect, Publish):
+                self.counts["published"] += 1
+                store.add_outbox(now, effect, sent=self.on_publish is None)
+                if self.on_publish is not None:
+                    self.on_publish(now, effect)
+            elif isinstance(effect, Noted):
+                entry = effect.entry
+                store.add_timeline(effect.incident_id, entry)
+                log.info(
+                    entry.kind,
+                    incident_id=effect.incident_id,
+                    dispatch_id=entry.dispatch_id,
+                    by=entry.by,
+                    at=entry.at,
+                    text=entry.text,
+                )
+            elif isinstance(effect, IncidentSaved):
+                store.save_incident(effect.incident)
+            elif isinstance(effect, TimerSet):
+                self._schedule(effect)
+            elif isinstance(effect, ContactSeen):
+                store.add_contact(effect.subscriber, effect.at, effect.counterpart)
+            elif isinstance(effect, PresenceSeen):
+                store.set_presence(effect.unit, effect.state, effect.at)
+                log.info("presence", unit=effect.unit, state=effect.state, at=effect.at)
+
+    async def commit(self) -> None:
+        """Make everything handled so far durable, with the clock it was handled at."""
+        await self.commit_soon()
+        await self.wait_committed()
+
+    async def commit_soon(self) -> None:
+        """Start committing what is queued and return; handling goes on meanwhile.
+
+        Commits stay in order: this first waits for the previous one. Only what
+        ``wait_committed`` has seen through may be acknowledged as processed.
+        """
+        await self.wait_committed()
+        self.store.set_meta("clock", repr(self.clock))
+        self._committing = asyncio.ensure_future(self.store.commit())
+
+    async def wait_committed(self) -> None:
+        if self._committing is not None:
+            task, self._committing = self._committing, None
+            await task

@@ -1,0 +1,534 @@
+"""Deployment configuration: one TOML file plus its CSV registries, parsed strictly.
+
+Every problem found is reported as ``file: key: what is wrong`` (``file:line: column: …`` for a
+CSV row), all of them at once, so a deployment can be fixed in one pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from dispatcher.errors import ConfigError
+
+E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
+PREFIX = re.compile(r"^\+[0-9]{1,15}$")
+IDENT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+UnitKind = Literal["guard", "police", "quick_police", "grid_worker"]
+Severity = Literal["warning", "critical"]
+Ident = Annotated[str, Field(pattern=IDENT.pattern)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceSettings(_Strict):
+    region: Ident = "default"
+    prefix: str = "antifraud/v1"
+    source: str = "antifraud/dispatcher"
+    default_station: Ident
+    store: str = "var/dispatcher.sqlite3"
+    broker: str = "mqtt://127.0.0.1:1883"
+    broker_username: str | None = None
+    broker_password: SecretStr | None = None
+    client_id: Ident = "antifraud-dispatcher"
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if (
+            not value
+            or value.startswith("/")
+            or value.endswith("/")
+            or any(c in value for c in "#+")
+        ):
+            raise ValueError("must be topic levels like 'antifraud/v1', without wildcards")
+        return value
+
+
+class CallbackSettings(_Strict):
+    max_attempts: int = Field(3, ge=1, le=100)
+    window_s: float = Field(120, gt=0)
+
+
+class DispatchSettings(_Strict):
+    guard_accept_s: float = Field(30, gt=0)
+    police_accept_s: float = Field(60, gt=0)
+
+
+class IncidentSettings(_Strict):
+    retention_s: float = Field(86400, gt=0)
+
+
+class LimitSettings(_Strict):
+    max_payload_bytes: int = Field(65536, ge=256)
+    max_json_depth: int = Field(16, ge=4, le=200)
+    dedupe_window_s: float = Field(86400, gt=0)
+    contacts_per_subscriber: int = Field(256, ge=8)
+
+
+class RegistryPaths(_Strict):
+    estates: str
+    units: str
+    subscribers: str
+    flagged_numbers: str
+
+
+class StationSettings(_Strict):
+    name: str
+
+
+class ContactCondition(_Strict):
+    min_distinct: int = Field(ge=1)
+    window_s: float = Field(gt=0)
+
+
+class Conditions(_Strict):
+    """Every condition present must hold; an absent condition is not checked."""
+
+    flagged: bool | None = None
+    categories: list[str] | None = None
+    min_duration_s: float | None = Field(None, ge=0)
+    vulnerable: bool | None = None
+    distinct_flagged_contacts: ContactCondition | None = None
+
+
+class RuleSettings(_Strict):
+    id: Ident
+    severity: Severity
+    description: str = ""
+    when: Conditions
+
+
+class FileSettings(_Strict):
+    service: ServiceSettings
+    registries: RegistryPaths
+    stations: dict[Ident, StationSettings]
+    callback: CallbackSettings = CallbackSettings()
+    dispatch: DispatchSettings = DispatchSettings()
+    incident: IncidentSettings = IncidentSettings()
+    limits: LimitSettings = LimitSettings()
+    rules: list[RuleSettings]
+
+
+@dataclass(frozen=True, slots=True)
+class Estate:
+    id: str
+    name: str
+    kind: Literal["estate", "village"]
+    township: str
+    grid: str
+    station: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    id: str
+    kind: UnitKind
+    channel: Literal["radio", "app"]
+    estate: str | None
+    grid: str | None
+    station: str
+    name: str
+    order: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscriber:
+    msisdn: str
+    name: str
+    display_name: str
+    estate: str
+    address: str
+    grid: str
+    vulnerable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FlaggedPattern:
+    pattern: str
+    match: Literal["exact", "prefix"]
+    category: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole deployment, validated and cross-checked."""
+
+    path: Path
+    service: ServiceSettings
+    callback: CallbackSettings
+    dispatch: DispatchSettings
+    incident: IncidentSettings
+    limits: LimitSettings
+    stations: dict[str, StationSettings]
+    rules: list[RuleSettings]
+    estates: dict[str, Estate]
+    units: dict[str, Unit]
+    subscribers: dict[str, Subscriber]
+    flagged: list[FlaggedPattern]
+    guards_by_estate: dict[str, list[Unit]] = field(default_factory=dict)
+    grid_workers_by_grid: dict[str, list[Unit]] = field(default_factory=dict)
+    police_by_station: dict[str, list[Unit]] = field(default_factory=dict)
+    quick_police_by_station: dict[str, list[Unit]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """A one-screen description of the deployment, for ``antifraud check-config``."""
+        kinds: dict[str, int] = {}
+        for unit in self.units.values():
+            kinds[unit.kind] = kinds.get(unit.kind, 0) + 1
+        lines = [
+            f"config {self.path}: OK",
+            f"  region {self.service.region}, topic prefix {self.service.prefix}, "
+            f"broker {self.service.broker}, store {self.service.store}",
+            f"  stations {len(self.stations)} (default {self.service.default_station}), "
+            f"estates {len(self.estates)}, subscribers {len(self.subscribers)}, "
+            f"flagged patterns {len(self.flagged)}",
+            "  units " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+            f"  callback: {self.callback.max_attempts} attempts "
+            f"within {self.callback.window_s:g} s; "
+            f"accept within: guard {self.dispatch.guard_accept_s:g} s, "
+            f"police {self.dispatch.police_accept_s:g} s; "
+            f"closed incidents kept {self.incident.retention_s:g} s",
+            f"  rules {len(self.rules)}:",
+        ]
+        for rule in self.rules:
+            lines.append(f"    {rule.id:<26} {rule.severity:<8} {describe_conditions(rule.when)}")
+        return "\n".join(lines)
+
+
+def describe_conditions(when: Conditions) -> str:
+    parts: list[str] = []
+    if when.categories:
+        parts.append("counterpart category in " + "/".join(when.categories))
+    elif when.flagged is True:
+        parts.append("flagged counterpart")
+    elif when.flagged is False:
+        parts.append("counterpart not flagged")
+    if when.vulnerable is not None:
+        parts.append("vulnerable subscriber" if when.vulnerable else "subscriber not vulnerable")
+    if when.min_duration_s is not None:
+        parts.append(f"call >= {when.min_duration_s:g} s")
+    if when.distinct_flagged_contacts is not None:
+        c = when.distinct_flagged_contacts
+        parts.append(f">= {c.min_distinct} distinct flagged numbers within {c.window_s:g} s")
+    return ", ".join(parts) or "always"
+
+
+def _pydantic_problems(where: str, exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        problems.append(f"{where}: {key}: {msg}")
+    return problems
+
+
+Row = dict[str, str]
+T = TypeVar("T")
+
+
+def _read_csv(path: Path, columns: list[str], problems: list[str]) -> list[tuple[int, Row]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                problems.append(f"{path}: file is empty (expected header {','.join(columns)})")
+                return []
+            header = [h.strip() for h in header]
+            if header != columns:
+                problems.append(
+                    f"{path}:1: header is {','.join(header)}; expected {','.join(columns)}"
+                )
+                return []
+            rows: list[tuple[int, Row]] = []
+            for line_no, values in enumerate(reader, start=2):
+                if not values or all(not v.strip() for v in values):
+                    continue
+                if len(values) != len(columns):
+                    problems.append(
+                        f"{path}:{line_no}: has {len(values)} fields; expected {len(columns)}"
+                    )
+                    continue
+                rows.append((line_no, {c: v.strip() for c, v in zip(columns, values, strict=True)}))
+            return rows
+    except FileNotFoundError:
+        problems.append(f"{path}: file not found")
+    except UnicodeDecodeError as exc:
+        problems.append(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+    except csv.Error as exc:
+        problems.append(f"{path}: malformed CSV ({exc})")
+    return []
+
+
+def _unique(
+    path: Path,
+    rows: list[tuple[int, Row]],
+    key: str,
+    build: Callable[[int, Row], T | None],
+    problems: list[str],
+) -> dict[str, T]:
+    seen: dict[str, int] = {}
+    out: dict[str, T] = {}
+    for line_no, row in rows:
+        ident = row[key]
+        if ident in seen:
+            problems.append(
+                f"{path}:{line_no}: {key}: duplicate id {ident!r} (first on line {seen[ident]})"
+            )
+            continue
+        seen[ident] = line_no
+        item = build(line_no, row)
+        if item is not None:
+            out[ident] = item
+    return out
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Load and cross-check a deployment; raise ``ConfigError`` listing every problem."""
+    path = Path(path)
+    problems: list[str] = []
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    try:
+        doc = FileSettings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_pydantic_problems(str(path), exc)) from None
+
+    base = path.parent
+    stations = doc.stations
+
+    def station_ok(where: str, column: str, station: str) -> bool:
+        if station not in stations:
+            problems.append(f"{where}: {column}: unknown station {station!r} (see [stations])")
+            return False
+        return True
+
+    # estates
+    estates_path = base / doc.registries.estates
+    estate_cols = ["id", "name", "kind", "township", "grid", "station", "address"]
+    estate_rows = _read_csv(estates_path, estate_cols, problems)
+
+    def build_estate(line_no: int, row: Row) -> Estate | None:
+        where = f"{estates_path}:{line_no}"
+        ok = True
+        if not IDENT.match(row["id"]):
+            problems.append(f"{where}: id: {row['id']!r} is not an id ([A-Za-z0-9._-], 1-64)")
+            ok = False
+        if row["kind"] not in ("estate", "village"):
+            problems.append(f"{where}: kind: {row['kind']!r} is not 'estate' or 'village'")
+            ok = False
+        if not row["grid"]:
+            problems.append(f"{where}: grid: missing")
+            ok = False
+        ok = station_ok(where, "station", row["station"]) and ok
+        if not row["address"]:
+            problems.append(f"{where}: address: missing")
+            ok = False
+        if not ok:
+            return None
+        return Estate(
+            id=row["id"],
+            name=row["name"],
+            kind=row["kind"],  # type: ignore[arg-type]
+            township=row["township"],
+            grid=row["grid"],
+            station=row["station"],
+            address=row["address"],
+        )
+
+    estates = _unique(estates_path, estate_rows, "id", build_estate, problems)
+    grids = {e.grid for e in estates.values()}
+
+    # units
+    units_path = base / doc.registries.units
+    unit_cols = ["id", "kind", "channel", "estate", "grid", "station", "name"]
+    unit_rows = _read_csv(units_path, unit_cols, problems)
+    order = iter(range(len(unit_rows)))
+
+    def build_unit(line_no: int, row: Row) -> Unit | None:
+        where = f"{units_path}:{line_no}"
+        ok = True
+        kind = row["kind"]
+        if not IDENT.match(row["id"]):
+            problems.append(f"{where}: id: {row['id']!r} is not an id ([A-Za-z0-9._-], 1-64)")
+            ok = False
+        if kind not in ("guard", "police", "quick_police", "grid_worker"):
+            problems.append(
+                f"{where}: kind: {kind!r} is not guard, police, quick_police or grid_worker"
+            )
+            ok = False
+        if row["channel"] not in ("radio", "app"):
+            problems.append(f"{where}: channel: {row['channel']!r} is not 'radio' or 'app'")
+            ok = False
+        if row["estate"] and row["estate"] not in estate_ids:
+            problems.append(f"{where}: estate: unknown estate {row['estate']!r}")
+            ok = False
+        if kind == "guard" and not row["estate"]:
+            problems.append(f"{where}: estate: a guard needs the estate it guards")
+            ok = False
+        if row["grid"] and row["grid"] not in grids:
+            problems.append(f"{where}: grid: unknown grid {row['grid']!r} (no estate has it)")
+            ok = False
+        if kind == "grid_worker" and not row["grid"]:
+            problems.append(f"{where}: grid: a grid worker needs its grid")
+            ok = False
+        if not row["station"]:
+            problems.append(f"{where}: station: missing")
+            ok = False
+        else:
+            ok = station_ok(where, "station", row["station"]) and ok
+        if not ok:
+            return None
+        return Unit(
+            id=row["id"],
+            kind=kind,  # type: ignore[arg-type]
+            channel=row["channel"],  # type: ignore[arg-type]
+            estate=row["estate"] or None,
+            grid=row["grid"] or None,
+            station=row["station"],
+            name=row["name"],
+            order=next(order),
+        )
+
+    estate_ids = {line_row[1]["id"] for line_row in estate_rows}
+    units = _unique(units_path, unit_rows, "id", build_unit, problems)
+
+    # subscribers
+    subs_path = base / doc.registries.subscribers
+    sub_cols = ["msisdn", "name", "display_name", "estate", "address", "grid", "vulnerable"]
+    sub_rows = _read_csv(subs_path, sub_cols, problems)
+
+    def build_subscriber(line_no: int, row: Row) -> Subscriber | None:
+        where = f"{subs_path}:{line_no}"
+        ok = True
+        if not E164.match(row["msisdn"]):
+            problems.append(f"{where}: msisdn: {row['msisdn']!r} is not an E.164 number")
+            ok = False
+        if row["estate"] not in estate_ids:
+            problems.append(f"{where}: estate: unknown estate {row['estate']!r}")
+            ok = False
+        if row["grid"] not in grids:
+            problems.append(f"{where}: grid: unknown grid {row['grid']!r} (no estate has it)")
+            ok = False
+        if row["vulnerable"].lower() not in ("true", "false"):
+            problems.append(f"{where}: vulnerable: {row['vulnerable']!r} is not true or false")
+            ok = False
+        if not row["display_name"]:
+            problems.append(f"{where}: display_name: missing (the honorific a guard hears)")
+            ok = False
+        if not row["address"]:
+            problems.append(f"{where}: address: missing")
+            ok = False
+        if not ok:
+            return None
+        return Subscriber(
+            msisdn=row["msisdn"],
+            name=row["name"],
+            display_name=row["display_name"],
+            estate=row["estate"],
+            address=row["address"],
+            grid=row["grid"],
+            vulnerable=row["vulnerable"].lower() == "true",
+        )
+
+    subscribers = _unique(subs_path, sub_rows, "msisdn", build_subscriber, problems)
+
+    # flagged numbers
+    flagged_path = base / doc.registries.flagged_numbers
+    flagged_rows = _read_csv(flagged_path, ["pattern", "match", "category", "label"], problems)
+    flagged: list[FlaggedPattern] = []
+    seen_patterns: dict[tuple[str, str], int] = {}
+    for line_no, row in flagged_rows:
+        where = f"{flagged_path}:{line_no}"
+        pattern, match = row["pattern"], row["match"]
+        if match not in ("exact", "prefix"):
+            problems.append(f"{where}: match: {match!r} is not 'exact' or 'prefix'")
+            continue
+        if not (E164 if match == "exact" else PREFIX).match(pattern):
+            problems.append(f"{where}: pattern: {pattern!r} is not an E.164 number or prefix")
+            continue
+        if not row["category"]:
+            problems.append(f"{where}: category: missing")
+            continue
+        if (pattern, match) in seen_patterns:
+            problems.append(
+                f"{where}: pattern: duplicate {match} pattern {pattern!r} "
+                f"(first on line {seen_patterns[(pattern, match)]})"
+            )
+            continue
+        seen_patterns[(pattern, match)] = line_no
+        flagged.append(FlaggedPattern(pattern, match, row["category"], row["label"]))  # type: ignore[arg-type]
+
+    # rules and service cross-references
+    categories = {f.category for f in flagged}
+    seen_rules: dict[str, int] = {}
+    for index, rule in enumerate(doc.rules):
+        if rule.id in seen_rules:
+            problems.append(
+                f"{path}: rules[{index}].id: duplicate rule id {rule.id!r} "
+                f"(first at rules[{seen_rules[rule.id]}])"
+            )
+        seen_rules.setdefault(rule.id, index)
+        for category in rule.when.categories or []:
+            if category not in categories:
+                problems.append(
+                    f"{path}: rules[{index}].when.categories: {category!r} is no category "
+                    f"of {flagged_path.name} (known: {', '.join(sorted(categories))})"
+                )
+        if rule.when.categories is not None and rule.when.flagged is False:
+            problems.append(
+                f"{path}: rules[{index}].when: categories and flagged = false contradict"
+            )
+    if doc.service.default_station not in stations:
+        problems.append(
+            f"{path}: service.default_station: unknown station {doc.service.default_station!r}"
+        )
+
+    if problems:
+        raise ConfigError(problems)
+
+    settings = Settings(
+        path=path,
+        service=doc.service,
+        callback=doc.callback,
+        dispatch=doc.dispatch,
+        incident=doc.incident,
+        limits=doc.limits,
+        stations=dict(stations),
+        rules=list(doc.rules),
+        estates=estates,
+        units=units,
+        subscribers=subscribers,
+        flagged=flagged,
+    )
+    for unit in sorted(units.values(), key=lambda u: u.order):
+        if unit.kind == "guard" and unit.estate:
+            settings.guards_by_estate.setdefault(unit.estate, []).append(unit)
+        elif unit.kind == "grid_worker" and unit.grid:
+            settings.grid_workers_by_grid.setdefault(unit.grid, []).append(unit)
+        elif unit.kind == "police":
+            settings.police_by_station.setdefault(unit.station, []).append(unit)
+        elif unit.kind == "quick_police":
+            settings.quick_police_by_station.setdefault(unit.station, []).append(unit)
+    return settings

@@ -1,0 +1,779 @@
+"""The incident workflow: a deterministic state machine driven by events and a given time.
+
+``Workflow.step(event, now)`` takes a validated inbound message, or a fired timer, mutates the
+``State`` it owns and returns the effects for the runtime to carry out (persist, publish, log,
+schedule). It never awaits, reads a clock, logs or touches IO, so live service, replay, recovery
+and tests all run exactly this code. Refusals raise ``InputError`` *before* any state is touched.
+
+Timers are data: ``timers_for(incident)`` derives every pending timer from the incident alone,
+which is how a restarted process finds them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from dispatcher.errors import InputError
+from dispatcher.inbound import (
+    CallProgress,
+    CallStarted,
+    Inbound,
+    OperatorCallback,
+    OperatorClose,
+    UnitReported,
+    UnitStatus,
+)
+from dispatcher.model import (
+    ENGAGED,
+    Call,
+    ContactSeen,
+    Dispatch,
+    DispatchStatus,
+    Effect,
+    Incident,
+    IncidentSaved,
+    Noted,
+    PresenceSeen,
+    Publish,
+    Slot,
+    SlotName,
+    State,
+    TimelineEntry,
+    TimerFired,
+    TimerSet,
+)
+from dispatcher.outbound import Messages
+from dispatcher.settings import FlaggedPattern, RuleSettings, Settings, Unit
+from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
+from rules.flagged import FlaggedNumbers
+
+SYSTEM = "dispatcher"
+TIMER_RANK = {"callback_window": 0, "slot": 1, "retention": 2}
+CLOSE_OUTCOMES = ("loss", "dissuaded", "false_alarm")
+REPORT_TO_OUTCOME = {"loss": "loss", "dissuaded": "prevented", "false_alarm": "false_alarm"}
+
+
+def timer_order(timer: TimerSet) -> tuple[float, str, int, str]:
+    """Timers due at the same time fire in this fixed order, so replays are deterministic."""
+    incident_id, kind, detail = timer.key
+    return (timer.due, incident_id, TIMER_RANK[kind], detail)
+
+
+class Changes:
+    """Collects the effects of one step and which incidents changed, and how."""
+
+    def __init__(self) -> None:
+        self.effects: list[Effect] = []
+        self.changed: dict[str, str] = {}  # incident_id -> opened / updated / closed
+
+    def mark(self, incident: Incident, kind: str = "updated") -> None:
+        current = self.changed.get(incident.id)
+        if current in ("opened", "closed") and kind == "updated":
+            return
+        self.changed[incident.id] = kind
+
+
+class Workflow:
+    def __init__(self, settings: Settings, state: State) -> None:
+        self.settings = settings
+        self.state = state
+        self.rules = RuleSet(settings.rules)
+        self.flagged = FlaggedNumbers(settings.flagged)
+        self.messages = Messages(settings)
+
+    # ---- entry point -----------------------------------------------------------------------
+
+    def step(self, event: Inbound | TimerFired, now: float) -> list[Effect]:
+        changes = Changes()
+        if isinstance(event, TimerFired):
+            self._on_timer(event, now, changes)
+        elif event.kind == "calls":
+            self._on_call(event, now, changes)
+        elif event.kind == "actions":
+            self._on_action(event, now, changes)
+        elif event.kind == "replies":
+            self._on_reply(event, now, changes)
+        else:
+            self._on_status(event, now, changes)
+        return self._finish(changes, now)
+
+    def _finish(self, changes: Changes, now: float) -> list[Effect]:
+        origin = self.state.clock_origin
+        for incident_id, kind in changes.changed.items():
+            incident = self.state.incidents[incident_id]
+            changes.effects.extend(self.messages.incident_changed(incident, kind, now, origin))
+            changes.effects.append(IncidentSaved(incident))
+            changes.effects.extend(self.timers_for(incident))
+        return changes.effects
+
+    # ---- timers ----------------------------------------------------------------------------
+
+    def timers_for(self, incident: Incident) -> list[TimerSet]:
+        """Every timer the incident is waiting on, derived from its state alone."""
+        timers: list[TimerSet] = []
+        if incident.status == "closed":
+            if incident.closed_at is not None:
+                due = incident.closed_at + self.settings.incident.retention_s
+                timers.append(TimerSet(due, (incident.id, "retention", "")))
+            return timers
+        if incident.status == "open" and incident.critical_at is not None:
+            due = incident.critical_at + self.settings.callback.window_s
+            timers.append(TimerSet(due, (incident.id, "callback_window", "")))
+        for slot in incident.slots.values():
+            if slot.expires_at is not None and self._pending(incident, slot.name):
+                timers.append(TimerSet(slot.expires_at, (incident.id, "slot", slot.name)))
+        return timers
+
+    def _on_timer(self, fired: TimerFired, now: float, changes: Changes) -> None:
+        incident_id, kind, detail = fired.key
+        incident = self.state.incidents.get(incident_id)
+        if incident is None or TimerSet(fired.due, fired.key) not in self.timers_for(incident):
+            return  # the state moved on: this timer no longer applies
+        if kind == "callback_window":
+            self._note(
+                incident,
+                now,
+                "callback_window_passed",
+                SYSTEM,
+                f"回拨窗口{self.settings.callback.window_s:g}秒内无人接听",
+                changes,
+            )
+            self._escalate(
+                incident, now, SYSTEM, "callback window passed without an answer", changes
+            )
+        elif kind == "slot":
+            slot = incident.slots[detail]
+            for d in self._slot_dispatches(incident, slot.name, ("offered",)):
+                d.status, d.ended_at = "expired", now
+                self._note(
+                    incident,
+                    now,
+                    "offer_expired",
+                    SYSTEM,
+                    f"{self._unit_label(d.unit)}未在时限内接警",
+                    changes,
+                    d.id,
+                )
+                d.reason = "expired"
+                changes.effects.append(
+                    self.messages.cancelled(incident, d, now, self.state.clock_origin)
+                )
+            slot.expires_at = None
+            self._fallback(incident, slot, now, changes)
+            self._maybe_close(incident, now, changes)
+            changes.mark(incident)
+        elif kind == "retention":
+            changes.effects.append(self.messages.incident_cleared(incident))
+            self.state.forget(incident.id)
+
+    # ---- call events -----------------------------------------------------------------------
+
+    def _on_call(self, msg: Inbound, now: float, changes: Changes) -> None:
+        data = msg.data
+        state = self.state
+        joined_to = state.call_incident.get(data.call_id)
+        if joined_to is not None and state.incidents[joined_to].status == "closed":
+            return  # a call whose incident has closed raises nothing more
+        flag = self.flagged.lookup(data.counterpart)
+        if isinstance(data, CallStarted):
+            duration = 0.0
+            if flag is not None and data.direction == "inbound":
+                state.contacts.record(data.subscriber, data.counterpart, now)
+                changes.effects.append(ContactSeen(data.subscriber, data.counterpart, now))
+        else:
+            assert isinstance(data, CallProgress)
+            duration = data.duration_s
+        incident_id = state.open_by_subscriber.get(data.subscriber)
+        if flag is None and incident_id is None and not self.rules.any_unflagged:
+            return  # a clean call of a subscriber with no open incident: nothing to decide
+        sub = self.settings.subscribers.get(data.subscriber)
+        facts = CallFacts(
+            subscriber=data.subscriber,
+            counterpart=data.counterpart,
+            duration_s=duration,
+            vulnerable=sub.vulnerable if sub else False,
+            flag=flag,
+            at=now,
+        )
+        matched = self.rules.matching(facts, state.contacts)
+        opened_now = incident_id is None
+        if incident_id is None:
+            if not matched:
+                return
+            new_id = "INC-" + data.call_id
+            if new_id in state.known_incident_ids:
+                return  # this call already opened an incident, now closed and forgotten
+            incident = self._open(
+                new_id, data.subscriber, data.counterpart, flag, matched, now, changes
+            )
+        else:
+            incident = state.incidents[incident_id]
+        category = flag.category if flag else None
+        call = incident.calls.get(data.call_id)
+        if call is None:
+            call = Call(data.call_id, data.counterpart, category, joined_at=now)
+            incident.calls[data.call_id] = call
+            state.call_incident[data.call_id] = incident.id
+            if not opened_now:
+                self._note(
+                    incident,
+                    now,
+                    "call_joined",
+                    data.subscriber,
+                    f"同一用户的另一通电话加入事件（对方{data.counterpart}）",
+                    changes,
+                )
+            changes.mark(incident)
+        if duration > call.max_duration_s:
+            call.max_duration_s = duration
+            changes.mark(incident)
+        if matched and duration > incident.duration_s:
+            incident.duration_s = duration
+            changes.mark(incident)
+        if msg.verb == "ended" and not call.ended:
+            call.ended = True
+            self._note(
+                incident,
+                now,
+                "call_ended",
+                data.subscriber,
+                f"通话结束，时长{duration:g}秒",
+                changes,
+            )
+        fresh = [r for r in matched if r.id not in call.rules]
+        if fresh:
+            self._fire(incident, call, fresh, now, changes)
+
+    def _open(
+        self,
+        incident_id: str,
+        subscriber: str,
+        counterpart: str,
+        flag: FlaggedPattern | None,
+        matched: list[RuleSettings],
+        now: float,
+        changes: Changes,
+    ) -> Incident:
+        sub = self.settings.subscribers.get(subscriber)
+        station = (
+            self.settings.estates[sub.estate].station
+            if sub
+            else self.settings.service.default_station
+        )
+        first = strongest(matched)
+        incident = Incident(
+            id=incident_id,
+            subscriber=subscriber,
+            counterpart=counterpart,
+            category=flag.category if flag else None,
+            rule=first.id,
+            severity="warning",
+            status="open",
+            opened_at=now,
+            known=sub is not None,
+            station=station,
+        )
+        self.state.adopt(incident)
+        self._note(
+            incident,
+            now,
+            "opened",
+            SYSTEM,
+            f"规则{first.id}触发，事件开启" + ("" if sub else "（用户不在登记名单，地址不详）"),
+            changes,
+        )
+        if sub is None:
+            self._alert(
+                incident,
+                now,
+                "unknown_subscriber",
+                "用户未登记，无法上门；如需出警请升级，由"
+                f"{self.settings.service.default_station}派警",
+                changes,
+            )
+        changes.mark(incident, "opened")
+        return incident
+
+    def _fire(
+        self,
+        incident: Incident,
+        call: Call,
+        fresh: list[RuleSettings],
+        now: float,
+        changes: Changes,
+    ) -> None:
+        for rule in fresh:
+            call.rules.append(rule.id)
+            self._note(
+                incident,
+                now,
+                "rule_fired",
+                SYSTEM,
+                f"规则{rule.id}（{rule.severity}）触发",
+                changes,
+            )
+        best = strongest(fresh)
+        if SEVERITY_RANK[best.severity] > SEVERITY_RANK[incident.severity]:
+            incident.severity = best.severity
+            incident.rule = best.id
+            if best.severity == "critical":
+                incident.critical_at = now
+                if incident.status == "open":
+                    self._note(
+                        incident,
+                        now,
+                        "callback_requested",
+                        SYSTEM,
+                        f"升为紧急：请接线员立即回拨（{self.settings.callback.max_attempts}次"
+                        f"/{self.settings.callback.window_s:g}秒内无人接听即上门）",
+                        changes,
+                    )
+        changes.mark(incident)
+
+    # ---- operator actions ------------------------------------------------------------------
+
+    def _open_incident_for(self, incident_id: str) -> Incident:
+        incident = self.state.incidents.get(incident_id)
+        if incident is None:
+            if incident_id in self.state.known_incident_ids:
+                raise InputError(f"incident {incident_id} is closed")
+            raise InputError(f"unknown incident {incident_id}")
+        if incident.status == "closed":
+            raise InputError(f"incident {incident_id} is closed")
+        return incident
+
+    def _on_action(self, msg: Inbound, now: float, changes: Changes) -> None:
+        incident = self._open_incident_for(msg.data.incident_id)
+        who = f"operator/{msg.party}"
+        if isinstance(msg.data, OperatorCallback):
+            self._on_callback(incident, msg.data.result, who, now, changes)
+        elif isinstance(msg.data, OperatorClose):
+            self._note(
+                incident,
+                now,
+                "operator_close",
+                who,
+                f"接线员结案：{msg.data.outcome}"
+                + (f"（{msg.data.note}）" if msg.data.note else ""),
+                changes,
+            )
+            self._close(incident, msg.data.outcome, now, who, changes, note=msg.data.note)
+        else:
+            self._on_escalate(incident, who, now, changes)
+
+    def _on_callback(
+        self, incident: Incident, result: str, who: str, now: float, changes: Changes
+    ) -> None:
+        counts = incident.severity == "critical" and incident.status == "open"
+        label = {
+            "no_answer": "无人接听",
+            "busy": "占线",
+            "answered_safe": "接通，确认安全",
+            "answered_at_risk": "接通，仍有风险",
+        }[result]
+        if not counts:
+            why = "已升级" if incident.status == "escalated" else "尚未紧急"
+            self._note(
+                incident,
+                now,
+                "callback_result",
+                who,
+                f"回拨结果：{label}（{why}，不计入）",
+                changes,
+            )
+            return
+        if result in ("no_answer", "busy"):
+            incident.callback_attempts += 1
+            n, limit = incident.callback_attempts, self.settings.callback.max_attempts
+            self._note(
+                incident,
+                now,
+                "callback_result",
+                who,
+                f"回拨结果：{label}（第{n}/{limit}次）",
+                changes,
+            )
+            changes.mark(incident)
+            if n >= limit:
+                self._escalate(incident, now, SYSTEM, f"{n} callbacks without an answer", changes)
+        elif result == "answered_safe":
+            self._note(incident, now, "callback_result", who, f"回拨结果：{label}", changes)
+            self._close(incident, "resolved_by_callback", now, who, changes)
+        else:
+            self._note(incident, now, "callback_result", who, f"回拨结果：{label}", changes)
+            self._escalate(incident, now, who, "answered but still at risk", changes)
+
+    def _on_escalate(self, incident: Incident, who: str, now: float, changes: Changes) -> None:
+        if incident.status == "open":
+            self._escalate(incident, now, who, "escalated by the operator", changes)
+            return
+        police = incident.slots.get("police")
+        if not incident.known and police is None:
+            self._note(
+                incident, now, "escalate", who, f"接线员要求出警：派{incident.station}民警", changes
+            )
+            self._start_police(incident, now, changes)
+            self._maybe_close(incident, now, changes)
+            changes.mark(incident)
+        else:
+            self._note(
+                incident, now, "escalate_ignored", who, "事件已升级，本次操作无变化", changes
+            )
+
+    # ---- escalation and dispatch -----------------------------------------------------------
+
+    def _escalate(
+        self, incident: Incident, now: float, who: str, reason: str, changes: Changes
+    ) -> None:
+        incident.status = "escalated"
+        incident.escalated_at = now
+        self._note(incident, now, "escalated", who, f"升级上门处置：{reason}", changes)
+        changes.mark(incident)
+        sub = self.settings.subscribers.get(incident.subscriber)
+        if sub is None:
+            if who.startswith("operator/"):
+                self._start_police(incident, now, changes)
+            else:
+                self._alert(
+                    incident,
+                    now,
+                    "no_address",
+                    f"用户地址不详，无法上门；请接线员升级以派{incident.station}民警，或电话处置",
+                    changes,
+                )
+            return
+        estate = self.settings.estates[sub.estate]
+        door = incident.slots["door"] = Slot("door", station=estate.station)
+        guards = self.settings.guards_by_estate.get(estate.id, [])
+        grid_workers = self.settings.grid_workers_by_grid.get(sub.grid, [])
+        if guards:
+            for worker in grid_workers:
+                d = self._add_dispatch(incident, worker, "notice", "notified", now)
+                changes.effects.append(
+                    self.messages.notice(incident, d, now, self.state.clock_origin)
+                )
+                self._note(
+                    incident,
+                    now,
+                    "notified",
+                    SYSTEM,
+                    f"已通知{self._unit_label(worker.id)}",
+                    changes,
+                    d.id,
+                )
+            self._offer_group(
+                incident, door, guards, self.settings.dispatch.guard_accept_s, now, changes
+            )
+        else:
+            self._offer_group(
+                incident, door, grid_workers, self.settings.dispatch.guard_accept_s, now, changes
+            )
+        if not self._pending(incident, "door"):
+            self._fallback(incident, door, now, changes)
+        self._start_police(incident, now, changes)
+
+    def _start_police(self, incident: Incident, now: float, changes: Changes) -> None:
+        slot = incident.slots["police"] = Slot("police", station=incident.station)
+        self._next_patrol(incident, slot, now, changes)
+
+    def _next_patrol(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
+        for patrol in self.settings.police_by_station.get(slot.station, []):
+            if patrol.id in incident.dispatches:
+                continue
+            if self._available(incident, patrol, now, changes):
+                self._offer(
+                    incident, slot, patrol, self.settings.dispatch.police_accept_s, now, changes
+                )
+                return
+        self._quick_police(incident, slot, now, changes)
+
+    def _fallback(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
+        """The slot's offers are all gone (expired or declined) with nobody accepting."""
+        if slot.stage == "primary" and slot.name == "police":
+            self._next_patrol(incident, slot, now, changes)
+        elif slot.stage == "primary":
+            self._quick_police(incident, slot, now, changes)
+        elif slot.stage == "quick_police":
+            self._exhausted(incident, slot, now, changes)
+
+    def _quick_police(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
+        slot.stage = "quick_police"
+        platforms = [
+            q
+            for q in self.settings.quick_police_by_station.get(slot.station, [])
+            if q.id not in incident.dispatches
+        ]
+        self._offer_group(
+            incident, slot, platforms, self.settings.dispatch.police_accept_s, now, changes
+        )
+        if not self._pending(incident, slot.name):
+            self._exhausted(incident, slot, now, changes)
+
+    def _exhausted(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
+        slot.stage = "exhausted"
+        slot.expires_at = None
+        what = "上门（保安/网格员/快警）" if slot.name == "door" else "出警（民警/快警）"
+        self._alert(
+            incident,
+            now,
+            f"{slot.name}_exhausted",
+            f"{what}无人可派或无人接警，请接线员人工调度",
+            changes,
+        )
+
+    def _offer_group(
+        self,
+        incident: Incident,
+        slot: Slot,
+        units: Iterable[Unit],
+        accept_s: float,
+        now: float,
+        changes: Changes,
+    ) -> None:
+        for unit in units:
+            if unit.id not in incident.dispatches and self._available(incident, unit, now, changes):
+                self._offer(incident, slot, unit, accept_s, now, changes)
+
+    def _offer(
+        self,
+        incident: Incident,
+        slot: Slot,
+        unit: Unit,
+        accept_s: float,
+        now: float,
+        changes: Changes,
+    ) -> None:
+        d = self._add_dispatch(incident, unit, slot.name, "offered", now)
+        d.expires_at = slot.expires_at = now + accept_s
+        changes.effects.append(self.messages.offer(incident, d, now, self.state.clock_origin))
+        self._note(
+            incident,
+            now,
+            "offered",
+            SYSTEM,
+            f"派单给{self._unit_label(unit.id)}（{accept_s:g}秒内接警）",
+            changes,
+            d.id,
+        )
+
+    def _add_dispatch(
+        self,
+        incident: Incident,
+        unit: Unit,
+        slot: SlotName,
+        status: DispatchStatus,
+        now: float,
+    ) -> Dispatch:
+        d = Dispatch(
+            id=f"{incident.id}:{unit.id}",
+            unit=unit.id,
+            role=unit.kind,
+            slot=slot,
+            status=status,
+            offered_at=now,
+        )
+        incident.dispatches[d.id] = d
+        return d
+
+    def _available(self, incident: Incident, unit: Unit, now: float, changes: Changes) -> bool:
+        """Offline or busy units get no offer; the skip is written on the incident's timeline."""
+        if self.state.presence.get(unit.id) == "offline":
+            why = "离线"
+        elif unit.id in self.state.busy:
+            why = "正在处置其他事件"
+        else:
+            return True
+        self._note(
+            incident, now, "skipped", SYSTEM, f"跳过{self._unit_label(unit.id)}（{why}）", changes
+        )
+        return False
+
+    # ---- unit replies ----------------------------------------------------------------------
+
+    def _on_reply(self, msg: Inbound, now: float, changes: Changes) -> None:
+        dispatch_id: str = msg.data.dispatch_id
+        incident_id, unit_id = dispatch_id.split(":", 1)
+        if unit_id != msg.party:
+            raise InputError(
+                f"reply on the topic of unit {msg.party} names dispatch {dispatch_id} of unit "
+                f"{unit_id}"
+            )
+        incident = self.state.incidents.get(incident_id)
+        if incident is None:
+            if incident_id in self.state.known_incident_ids:
+                raise InputError(f"incident {incident_id} is closed")
+            raise InputError(f"unknown dispatch {dispatch_id} (no incident {incident_id})")
+        d = incident.dispatches.get(dispatch_id)
+        if d is None:
+            raise InputError(f"unknown dispatch {dispatch_id}")
+        if incident.status == "closed":
+            raise InputError(f"incident {incident_id} is closed")
+        verb = msg.verb
+        self._check_order(d, verb)
+        label = self._unit_label(d.unit)
+        slot = incident.slots.get(d.slot)
+        if verb == "accepted":
+            d.status, d.accepted_at = "accepted", now
+            self.state.busy[d.unit] = d.id
+            self._note(incident, now, "accepted", d.unit, f"{label}已接警", changes, d.id)
+            if slot is not None:
+                slot.stage, slot.expires_at = "filled", None
+                for other in self._slot_dispatches(incident, d.slot, ("offered",)):
+                    other.status, other.ended_at, other.reason = "cancelled", now, "taken"
+                    changes.effects.append(
+                        self.messages.cancelled(incident, other, now, self.state.clock_origin)
+                    )
+                    self._note(
+                        incident,
+                        now,
+                        "cancelled",
+                        SYSTEM,
+                        f"{self._unit_label(other.unit)}的派单撤回（已由{label}接警）",
+                        changes,
+                        other.id,
+                    )
+        elif verb == "declined":
+            d.status, d.ended_at = "declined", now
+            self._note(incident, now, "declined", d.unit, f"{label}拒绝接警", changes, d.id)
+            if slot is not None and not self._pending(incident, slot.name):
+                slot.expires_at = None
+                self._fallback(incident, slot, now, changes)
+        elif verb == "arrived":
+            d.status, d.arrived_at = "arrived", now
+            self._note(incident, now, "arrived", d.unit, f"{label}已到达", changes, d.id)
+        else:
+            assert isinstance(msg.data, UnitReported)
+            d.status, d.reported_at, d.outcome = "reported", now, msg.data.outcome
+            self.state.busy.pop(d.unit, None)
+            self._note(
+                incident,
+                now,
+                "reported",
+                d.unit,
+                f"{label}反馈处置结果：{msg.data.outcome}",
+                changes,
+                d.id,
+            )
+        self._maybe_close(incident, now, changes)
+        changes.mark(incident)
+
+    @staticmethod
+    def _check_order(d: Dispatch, verb: str) -> None:
+        """A unit's replies go accepted or declined, then arrived, then reported."""
+        allowed = {
+            "accepted": ("offered",),
+            "declined": ("offered",),
+            "arrived": ("accepted",),
+            "reported": ("accepted", "arrived"),
+        }[verb]
+        if d.status in allowed:
+            return
+        if d.status == "notified":
+            raise InputError(f"dispatch {d.id} is a notice and expects no reply")
+        if d.status in ("expired", "cancelled") and verb in ("accepted", "declined"):
+            why = "was taken by another unit" if d.reason == "taken" else f"has {d.status}"
+            raise InputError(f"{verb} too late: the offer {d.id} {why}")
+        raise InputError(f"{verb} out of order: dispatch {d.id} is {d.status}")
+
+    # ---- presence --------------------------------------------------------------------------
+
+    def _on_status(self, msg: Inbound, now: float, changes: Changes) -> None:
+        assert isinstance(msg.data, UnitStatus)
+        self.state.presence[msg.party] = msg.data.state
+        changes.effects.append(PresenceSeen(msg.party, msg.data.state, now))
+
+    # ---- closing ---------------------------------------------------------------------------
+
+    def _maybe_close(self, incident: Incident, now: float, changes: Changes) -> None:
+        """Close once every accepted dispatch has reported and no offer is pending.
+
+        An incident that nobody has accepted is not closed by this rule: it stays escalated
+        with an alert on the console, so a resident nobody reached is never silently closed.
+        """
+        if incident.status != "escalated":
+            return
+        reports = [d.outcome for d in incident.dispatches.values() if d.status == "reported"]
+        if not reports:
+            return
+        if any(d.status == "offered" or d.status in ENGAGED for d in incident.dispatches.values()):
+            return
+        outcome = next(
+            (REPORT_TO_OUTCOME[o] for o in CLOSE_OUTCOMES if o in reports), "unreachable"
+        )
+        self._close(incident, outcome, now, SYSTEM, changes)
+
+    def _close(
+        self,
+        incident: Incident,
+        outcome: str,
+        now: float,
+        who: str,
+        changes: Changes,
+        note: str | None = None,
+    ) -> None:
+        origin = self.state.clock_origin
+        for d in incident.dispatches.values():
+            if d.status == "offered" or d.status in ENGAGED:
+                d.status, d.ended_at, d.reason = "cancelled", now, "closed"
+                self.state.busy.pop(d.unit, None)
+                changes.effects.append(self.messages.cancelled(incident, d, now, origin))
+                self._note(
+                    incident,
+                    now,
+                    "cancelled",
+                    SYSTEM,
+                    f"通知{self._unit_label(d.unit)}收队",
+                    changes,
+                    d.id,
+                )
+            elif d.status == "notified":
+                changes.effects.append(self.messages.notice(incident, d, now, origin, closing=True))
+        for slot in incident.slots.values():
+            slot.expires_at = None
+        incident.status, incident.outcome, incident.closed_at = "closed", outcome, now
+        incident.note, incident.closed_by = note, who
+        del self.state.open_by_subscriber[incident.subscriber]
+        self._note(incident, now, "closed", who, f"事件结案：{outcome}", changes)
+        changes.mark(incident, "closed")
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _pending(self, incident: Incident, slot: str) -> bool:
+        return any(d.slot == slot and d.status == "offered" for d in incident.dispatches.values())
+
+    @staticmethod
+    def _slot_dispatches(
+        incident: Incident, slot: str, statuses: tuple[str, ...]
+    ) -> list[Dispatch]:
+        return [d for d in incident.dispatches.values() if d.slot == slot and d.status in statuses]
+
+    def _unit_label(self, unit_id: str) -> str:
+        unit = self.settings.units[unit_id]
+        return f"{unit.name}（{unit_id}）"
+
+    def _note(
+        self,
+        incident: Incident,
+        now: float,
+        kind: str,
+        by: str,
+        text: str,
+        changes: Changes,
+        dispatch_id: str | None = None,
+    ) -> None:
+        entry = TimelineEntry(at=now, kind=kind, by=by, text=text, dispatch_id=dispatch_id)
+        incident.timeline.append(entry)
+        changes.effects.append(Noted(incident.id, entry))
+
+    def _alert(
+        self, incident: Incident, now: float, code: str, text: str, changes: Changes
+    ) -> None:
+        """A dead end: tell the operators, on the incident and on the timeline."""
+        if code not in incident.alerts:
+            incident.alerts.append(code)
+        self._note(incident, now, "alert", SYSTEM, text, changes)
+        changes.mark(incident)
+
+
+def publishes(effects: Iterable[Effect]) -> list[Publish]:
+    return [e for e in effects if isinstance(e, Publish)]

@@ -1,0 +1,51 @@
+"""Which flagged numbers contacted each subscriber recently, with bounded memory."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class ContactLog:
+    """Per subscriber, the recent contacts by flagged numbers as ``(at, counterpart)``.
+
+    A contact counts from its ``call.started``. Entries older than ``horizon_s`` are dropped as
+    new ones arrive, each subscriber keeps at most ``per_subscriber`` entries (the newest), and a
+    subscriber whose history has expired is forgotten, so memory follows recent traffic only.
+    """
+
+    def __init__(self, horizon_s: float, per_subscriber: int) -> None:
+        self.horizon_s = horizon_s
+        self.per_subscriber = per_subscriber
+        self._log: dict[str, deque[tuple[float, str]]] = {}
+
+    def record(self, subscriber: str, counterpart: str, at: float) -> None:
+        entries = self._log.get(subscriber)
+        if entries is None:
+            entries = self._log[subscriber] = deque(maxlen=self.per_subscriber)
+        entries.append((at, counterpart))
+        self._expire(subscriber, entries, at)
+
+    def distinct(self, subscriber: str, now: float, window_s: float) -> int:
+        entries = self._log.get(subscriber)
+        if not entries:
+            return 0
+        since = now - window_s
+        return len({number for at, number in entries if since <= at <= now})
+
+    def prune(self, now: float) -> None:
+        """Forget every subscriber whose contacts are all older than the horizon."""
+        for subscriber in [s for s, e in self._log.items() if e[-1][0] < now - self.horizon_s]:
+            del self._log[subscriber]
+
+    def _expire(self, subscriber: str, entries: deque[tuple[float, str]], now: float) -> None:
+        since = now - self.horizon_s
+        while entries and entries[0][0] < since:
+            entries.popleft()
+        if not entries:
+            del self._log[subscriber]
+
+    def entries(self) -> list[tuple[str, float, str]]:
+        return [(s, at, n) for s, e in self._log.items() for at, n in e]
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self._log.values())
