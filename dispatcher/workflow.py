@@ -478,7 +478,7 @@ class Workflow:
 
     def _next_patrol(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
         for patrol in self.settings.police_by_station.get(slot.station, []):
-            if patrol.id in incident.dispatches:
+            if self._offered_before(incident, patrol):
                 continue
             if self._available(incident, patrol, now, changes):
                 self._offer(
@@ -501,7 +501,7 @@ class Workflow:
         platforms = [
             q
             for q in self.settings.quick_police_by_station.get(slot.station, [])
-            if q.id not in incident.dispatches
+            if not self._offered_before(incident, q)
         ]
         self._offer_group(
             incident, slot, platforms, self.settings.dispatch.police_accept_s, now, changes
@@ -531,7 +531,7 @@ class Workflow:
         changes: Changes,
     ) -> None:
         for unit in units:
-            if unit.id not in incident.dispatches and self._available(incident, unit, now, changes):
+            if not self._offered_before(incident, unit) and self._available(incident, unit, now, changes):
                 self._offer(incident, slot, unit, accept_s, now, changes)
 
     def _offer(
@@ -737,6 +737,11 @@ class Workflow:
         changes.mark(incident, "closed")
 
     # ---- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _offered_before(incident: Incident, unit: Unit) -> bool:
+        """A unit is never offered the same incident twice (a notice counts as offered)."""
+        return f"{incident.id}:{unit.id}" in incident.dispatches
 
     def _pending(self, incident: Incident, slot: str) -> bool:
         return any(d.slot == slot and d.status == "offered" for d in incident.dispatches.values())

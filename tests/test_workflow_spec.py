@@ -1,0 +1,776 @@
+"""SPEC §5, sentence by sentence: each case is a recording and what its report must say.
+
+Every case runs the real dispatcher (validation, rules, workflow, store, replay) on the example
+deployment `config/hengnan.toml`. Its id is the sentence it proves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from scenario import (
+    CHEN,
+    CLEAN,
+    IMPERSONATION,
+    INVESTMENT,
+    LI,
+    LIU,
+    LOAN,
+    REFUND,
+    STRANGER,
+    WANG,
+    ZHAO,
+    Player,
+    Result,
+    Script,
+)
+
+Check = Callable[[Result], None]
+CASES: list[object] = []
+
+
+def case(sentence: str) -> Callable[[Callable[[Script], Check]], Callable[[Script], Check]]:
+    def register(build: Callable[[Script], Check]) -> Callable[[Script], Check]:
+        CASES.append(pytest.param(build, id=sentence))
+        return build
+
+    return register
+
+
+@pytest.mark.parametrize("build", CASES)
+async def test_spec_sentence(play: Player, build: Callable[[Script], Check]) -> None:
+    script = Script()
+    check = build(script)
+    check(await play(script))
+
+
+# ---- flagged numbers and rules -------------------------------------------------------------
+
+
+@case("a flagged number on the line for 30 s opens a warning incident (flagged_call_watch)")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=60)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["severity"], inc["rule"], inc["status"]) == ("warning", "flagged_call_watch",
+                                                                  "open")
+        assert (inc["opened_at"], inc["critical_at"], inc["counterpart"]) == (30.0, None, INVESTMENT)
+
+    return check
+
+
+@case("a warning is for the operator console only: no callback window, no dispatch")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=150).ended(2000, "C1", CHEN, INVESTMENT, 150)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["escalated_at"], inc["dispatches"]) == ("open", None, [])
+        assert "callback_requested" not in r.timeline("INC-C1")
+
+    return check
+
+
+@case("a rule fires on the first event that satisfies it: 180 s of a flagged call is critical")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=210)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (30.0, 180.0,
+                                                                       "long_call_flagged")
+        assert "callback_requested" in r.timeline("INC-C1")
+
+    return check
+
+
+@case("a flagged-category rule: impersonation for 120 s is critical")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, IMPERSONATION, until_s=150)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["critical_at"], inc["rule"]) == (120.0, "impersonation_long_call")
+
+    return check
+
+
+@case("a vulnerable resident with a flagged number for 60 s is critical")
+def _(s: Script) -> Check:
+    s.call(0, "C1", WANG, REFUND, until_s=90)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (30.0, 60.0,
+                                                                       "vulnerable_long_call")
+
+    return check
+
+
+@case("a number under a flagged prefix is flagged")
+def _(s: Script) -> Check:
+    s.call(0, "C1", LI, LOAN, until_s=60)
+
+    def check(r: Result) -> None:
+        assert r.incident("INC-C1")["opened_at"] == 30.0
+
+    return check
+
+
+@case("a clean number never opens an incident, however long the call")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, CLEAN, until_s=900).ended(930, "C1", CHEN, CLEAN, 930)
+
+    def check(r: Result) -> None:
+        assert r.report["incidents"] == []
+
+    return check
+
+
+@case("a call event rules are evaluated on includes call.ended: a 200 s call seen only at its end")
+def _(s: Script) -> Check:
+    s.started(0, "C1", CHEN, INVESTMENT).ended(200, "C1", CHEN, INVESTMENT, 200)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (200.0, 200.0,
+                                                                       "long_call_flagged")
+
+    return check
+
+
+@case("three distinct flagged numbers within 24 h warn on the third call.started")
+def _(s: Script) -> Check:
+    s.started(0, "C1", LI, IMPERSONATION).ended(10, "C1", LI, IMPERSONATION, 10)
+    s.started(3600, "C2", LI, INVESTMENT).ended(3610, "C2", LI, INVESTMENT, 10)
+    s.started(7200, "C3", LI, LOAN)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C3")
+        assert (inc["severity"], inc["rule"], inc["opened_at"]) == (
+            "warning", "repeated_flagged_contact", 7200.0)
+        assert len(r.report["incidents"]) == 1
+
+    return check
+
+
+@case("the same flagged number calling three times is one distinct number: no warning")
+def _(s: Script) -> Check:
+    for k in range(3):
+        s.started(100 * k, f"C{k}", LI, INVESTMENT).ended(100 * k + 10, f"C{k}", LI, INVESTMENT, 10)
+
+    def check(r: Result) -> None:
+        assert r.report["incidents"] == []
+
+    return check
+
+
+@case("a contact older than the 24 h window no longer counts")
+def _(s: Script) -> Check:
+    s.started(0, "C1", LI, IMPERSONATION).ended(10, "C1", LI, IMPERSONATION, 10)
+    s.started(100, "C2", LI, INVESTMENT).ended(110, "C2", LI, INVESTMENT, 10)
+    s.started(86400 + 50, "C3", LI, LOAN)
+
+    def check(r: Result) -> None:
+        assert r.report["incidents"] == []
+
+    return check
+
+
+@case("a contact is a flagged number calling the subscriber: outbound calls do not count")
+def _(s: Script) -> Check:
+    for k, other in enumerate([IMPERSONATION, INVESTMENT, LOAN]):
+        s.started(100 * k, f"C{k}", LI, other, direction="outbound")
+
+    def check(r: Result) -> None:
+        assert r.report["incidents"] == []
+
+    return check
+
+
+# ---- one open incident per subscriber ------------------------------------------------------
+
+
+@case("every call of a subscriber with an open incident joins it")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=60)
+    s.call(100, "C2", CHEN, REFUND, until_s=60)
+
+    def check(r: Result) -> None:
+        assert [i["id"] for i in r.report["incidents"]] == ["INC-C1"]
+        assert list(r.doc("INC-C1")["calls"]) == ["C1", "C2"]
+
+    return check
+
+
+@case("severity only goes up: a later warning match leaves the incident critical and its rule")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=180)
+    s.call(200, "C2", CHEN, REFUND, until_s=30)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["severity"], inc["rule"], inc["critical_at"]) == (
+            "critical", "long_call_flagged", 180.0)
+        assert r.doc("INC-C1")["calls"]["C2"]["rules"] == ["flagged_call_watch"]
+
+    return check
+
+
+@case("the longest duration seen is kept: out-of-order progress never lowers it")
+def _(s: Script) -> Check:
+    s.started(0, "C1", CHEN, INVESTMENT)
+    s.progress(30, "C1", CHEN, INVESTMENT, 30).progress(90, "C1", CHEN, INVESTMENT, 190)
+    s.progress(95, "C1", CHEN, INVESTMENT, 60)
+
+    def check(r: Result) -> None:
+        assert r.doc("INC-C1")["duration_s"] == 190
+        assert r.incident("INC-C1")["severity"] == "critical"
+
+    return check
+
+
+@case("a call whose incident has closed raises nothing more")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=60)
+    s.close(70, "INC-C1", "false_alarm")
+    s.progress(300, "C1", CHEN, INVESTMENT, 300)
+
+    def check(r: Result) -> None:
+        assert [i["id"] for i in r.report["incidents"]] == ["INC-C1"]
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["severity"], inc["outcome"]) == ("closed", "warning",
+                                                                    "false_alarm")
+
+    return check
+
+
+@case("a later call may open a new incident once the first has closed")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=60)
+    s.close(70, "INC-C1", "false_alarm")
+    s.call(100, "C2", CHEN, REFUND, until_s=30)
+
+    def check(r: Result) -> None:
+        assert [i["id"] for i in r.report["incidents"]] == ["INC-C1", "INC-C2"]
+        assert r.incident("INC-C2")["opened_at"] == 130.0
+
+    return check
+
+
+# ---- callback phase ------------------------------------------------------------------------
+
+
+@case("max_attempts results of no_answer or busy escalate (busy counts)")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=180)
+    s.callback(195, "INC-C1", "no_answer").callback(225, "INC-C1", "busy")
+    s.callback(255, "INC-C1", "no_answer")
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["escalated_at"]) == ("escalated", 255.0)
+        assert r.doc("INC-C1")["callback_attempts"] == 3
+
+    return check
+
+
+@case("two unanswered callbacks are not yet enough")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=180)
+    s.callback(195, "INC-C1", "no_answer").callback(225, "INC-C1", "busy")
+
+    def check(r: Result) -> None:
+        assert r.incident("INC-C1")["status"] == "open"
+
+    return check
+
+
+@case("callback.window_s passing without an answer escalates at critical_at + window")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=180)
+    s.callback(200, "INC-C1", "no_answer")
+    s.progress(400, "C1", CHEN, INVESTMENT, 400)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["escalated_at"]) == ("escalated", 300.0)
+        assert r.dispatch("INC-C1", "G-YJ-CH-01")["offered_at"] == 300.0
+
+    return check
+
+
+@case("answered_at_risk escalates at once")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=180)
+    s.callback(200, "INC-C1", "answered_at_risk")
+
+    def check(r: Result) -> None:
+        assert r.incident("INC-C1")["escalated_at"] == 200.0
+
+    return check
+
+
+@case("operator.escalate escalates at any severity, a warning too")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=60)
+    s.escalate(70, "INC-C1")
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["severity"], inc["escalated_at"]) == ("escalated", "warning",
+                                                                         70.0)
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "offered"
+
+    return check
+
+
+@case("answered_safe closes the incident resolved_by_callback, with no dispatch")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=180)
+    s.callback(200, "INC-C1", "answered_safe")
+    s.progress(500, "C1", CHEN, INVESTMENT, 500)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["outcome"], inc["closed_at"]) == (
+            "closed", "resolved_by_callback", 200.0)
+        assert (inc["escalated_at"], inc["dispatches"]) == (None, [])
+
+    return check
+
+
+@case("callback results on a warning incident are recorded and change nothing")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=60)
+    for k in range(3):
+        s.callback(70 + k, "INC-C1", "no_answer")
+    s.callback(80, "INC-C1", "answered_safe")
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["escalated_at"], inc["closed_at"]) == ("open", None, None)
+        assert r.timeline("INC-C1").count("callback_result") == 4
+        assert r.report["rejected"] == []
+
+    return check
+
+
+@case("callback results after escalation are recorded and change nothing")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.callback(270, incident, "answered_safe")
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["outcome"]) == ("escalated", None)
+        assert r.timeline("INC-C1").count("callback_result") == 4
+        assert r.report["rejected"] == []
+
+    return check
+
+
+@case("operator.escalate on an escalated incident changes nothing")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.escalate(260, incident)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert inc["escalated_at"] == 255.0
+        assert len(inc["dispatches"]) == 4
+        assert r.report["rejected"] == []
+
+    return check
+
+
+# ---- door-knock dispatch -------------------------------------------------------------------
+
+
+@case("escalation offers every guard, notifies the grid worker and offers the first patrol at once")
+def _(s: Script) -> Check:
+    s.escalated(0, "C1")
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1") == {"G-YJ-CH-01": "offered", "G-YJ-CH-02": "offered",
+                                     "P-YJ-01": "offered", "W-YJ-07": "notified"}
+        assert {d["offered_at"] for d in r.incident("INC-C1")["dispatches"]} == {255.0}
+        assert {d["role"] for d in r.incident("INC-C1")["dispatches"]} == {
+            "guard", "police", "grid_worker"}
+
+    return check
+
+
+@case("the first guard to accept takes it and the other guard offers are cancelled (taken)")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-02", "accepted", incident)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1")["G-YJ-CH-02"] == "accepted"
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "cancelled"
+        sent = [m for m in r.outbox() if m["topic"].endswith("/units/G-YJ-CH-01/dispatches")]
+        assert sent[-1]["type"] == "cn.antifraud.dispatch.cancelled"
+        assert sent[-1]["payload"]["data"]["reason"] == "taken"
+
+    return check
+
+
+@case("a village has no guards: its grid worker is offered instead of notified")
+def _(s: Script) -> Check:
+    s.escalated(0, "C1", sub=LIU)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1") == {"P-YJ-01": "offered", "W-YJ-12": "offered"}
+
+    return check
+
+
+@case("no guard available: the station's quick-police platforms are offered at once")
+def _(s: Script) -> Check:
+    s.status(0, "G-YJ-CH-01", "offline").status(1, "G-YJ-CH-02", "offline")
+    s.escalated(10, "C1")
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1") == {"P-YJ-01": "offered", "Q-YJ-YL": "offered",
+                                     "Q-YJ-LF": "offered", "W-YJ-07": "notified"}
+
+    return check
+
+
+@case("a unit whose last presence is offline gets no offer; one back online does")
+def _(s: Script) -> Check:
+    s.status(0, "G-YJ-CH-01", "offline").status(5, "G-YJ-CH-01", "online")
+    s.status(6, "G-YJ-CH-02", "offline")
+    s.escalated(10, "C1")
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert units["G-YJ-CH-01"] == "offered"
+        assert "G-YJ-CH-02" not in units
+        assert "skipped" in r.timeline("INC-C1")
+
+    return check
+
+
+@case("a unit with an accepted dispatch that has not reported is busy and gets no new offer")
+def _(s: Script) -> Check:
+    first = s.escalated(0, "C1", sub=CHEN)
+    s.reply(260, "G-YJ-CH-01", "accepted", first).reply(265, "P-YJ-01", "accepted", first)
+    s.escalated(300, "C2", sub=ZHAO)
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C2")
+        assert "G-YJ-CH-01" not in units and "P-YJ-01" not in units
+        assert units["G-YJ-CH-02"] == "offered" and units["P-YJ-02"] == "offered"
+
+    return check
+
+
+@case("a unit that has reported is available again")
+def _(s: Script) -> Check:
+    first = s.escalated(0, "C1", sub=CHEN)
+    s.reply(260, "G-YJ-CH-01", "accepted", first)
+    s.reply(400, "G-YJ-CH-01", "reported", first, outcome="dissuaded")
+    s.escalated(500, "C2", sub=ZHAO)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C2")["G-YJ-CH-01"] == "offered"
+
+    return check
+
+
+@case("guard offers expire after guard_accept_s and the quick-police platforms are offered")
+def _(s: Script) -> Check:
+    s.escalated(0, "C1")
+    s.progress(300, "C1", CHEN, INVESTMENT, 300)
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert units["G-YJ-CH-01"] == units["G-YJ-CH-02"] == "expired"
+        assert r.dispatch("INC-C1", "Q-YJ-YL")["offered_at"] == 285.0
+        assert r.dispatch("INC-C1", "Q-YJ-LF")["status"] == "offered"
+        assert units["P-YJ-01"] == "offered"  # its own 60 s have not passed
+
+    return check
+
+
+@case("a police offer not accepted within police_accept_s expires; the next patrol is offered")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.progress(320, "C1", CHEN, INVESTMENT, 320)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1")["P-YJ-01"] == "expired"
+        assert r.dispatch("INC-C1", "P-YJ-02")["offered_at"] == 315.0
+
+    return check
+
+
+@case("with no next patrol, the station's quick-police platforms are offered")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.progress(380, "C1", CHEN, INVESTMENT, 380)
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert units["P-YJ-02"] == "expired"
+        assert units["Q-YJ-YL"] == units["Q-YJ-LF"] == "offered"
+        assert r.dispatch("INC-C1", "Q-YJ-YL")["offered_at"] == 375.0
+
+    return check
+
+
+@case("quick-police platforms offered together: the first to accept takes it, the others stand down")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.reply(390, "Q-YJ-LF", "accepted", incident)
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert (units["Q-YJ-LF"], units["Q-YJ-YL"]) == ("accepted", "cancelled")
+
+    return check
+
+
+@case("quick-police offers expire after police_accept_s and the dead end alerts the operators")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.progress(440, "C1", CHEN, INVESTMENT, 440)
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert units["Q-YJ-LF"] == units["Q-YJ-YL"] == "expired"
+        assert "police_exhausted" in r.doc("INC-C1")["alerts"]
+        assert r.incident("INC-C1")["status"] == "escalated"
+
+    return check
+
+
+@case("every guard declining runs the fallback at once")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(258, "G-YJ-CH-01", "declined", incident).reply(259, "G-YJ-CH-02", "declined", incident)
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert units["G-YJ-CH-01"] == units["G-YJ-CH-02"] == "declined"
+        assert r.dispatch("INC-C1", "Q-YJ-YL")["offered_at"] == 259.0
+
+    return check
+
+
+@case("one guard declining while another is still offered waits for that one")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(258, "G-YJ-CH-01", "declined", incident)
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert (units["G-YJ-CH-01"], units["G-YJ-CH-02"]) == ("declined", "offered")
+        assert "Q-YJ-YL" not in units
+
+    return check
+
+
+@case("a declined police offer offers the next patrol at once")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "P-YJ-01", "declined", incident)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1")["P-YJ-01"] == "declined"
+        assert r.dispatch("INC-C1", "P-YJ-02")["offered_at"] == 260.0
+
+    return check
+
+
+@case("a unit is never offered the same incident twice; running out alerts the operators")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.progress(286, "C1", CHEN, INVESTMENT, 286)  # guards expired at 285: quick police offered
+    s.reply(290, "P-YJ-01", "declined", incident).reply(295, "P-YJ-02", "declined", incident)
+
+    def check(r: Result) -> None:
+        units = [d["unit"] for d in r.incident("INC-C1")["dispatches"]]
+        assert len(units) == len(set(units))
+        assert "police_exhausted" in r.doc("INC-C1")["alerts"]
+
+    return check
+
+
+@case("no guard and no quick-police platform available is a dead end that alerts the operators")
+def _(s: Script) -> Check:
+    for unit in ("G-ST-XH-01", "G-ST-XH-02", "Q-ST-XH"):
+        s.status(0, unit, "offline")
+    s.escalated(10, "C1", sub=LI)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1") == {"P-ST-01": "offered", "W-ST-02": "notified"}
+        assert "door_exhausted" in r.doc("INC-C1")["alerts"]
+
+    return check
+
+
+# ---- unknown subscriber --------------------------------------------------------------------
+
+
+@case("an unknown subscriber's incident opens with an alert; escalation brings no door-knock")
+def _(s: Script) -> Check:
+    s.escalated(0, "C1", sub=STRANGER)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["dispatches"]) == ("escalated", [])
+        assert {"unknown_subscriber", "no_address"} <= set(r.doc("INC-C1")["alerts"])
+
+    return check
+
+
+@case("an unknown subscriber: the default station's police are offered on operator escalation")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1", sub=STRANGER)
+    s.escalate(260, incident)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1") == {"P-YJ-01": "offered"}
+        assert r.dispatch("INC-C1", "P-YJ-01")["offered_at"] == 260.0
+
+    return check
+
+
+@case("an unknown subscriber: an operator escalating the open incident offers police at once")
+def _(s: Script) -> Check:
+    s.call(0, "C1", STRANGER, INVESTMENT, until_s=60)
+    s.escalate(70, "INC-C1")
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1") == {"P-YJ-01": "offered"}
+
+    return check
+
+
+# ---- closing -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("guard", "police", "outcome"),
+    [
+        ("dissuaded", "loss", "loss"),
+        ("dissuaded", "not_home", "prevented"),
+        ("false_alarm", "not_home", "false_alarm"),
+        ("not_home", "not_home", "unreachable"),
+        ("false_alarm", "dissuaded", "prevented"),
+    ],
+)
+async def test_closes_with_outcome_from_reports(play: Player, guard: str, police: str,
+                                                outcome: str) -> None:
+    """Every accepted dispatch reported, none pending: loss > dissuaded > false_alarm > else."""
+    s = Script()
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident).reply(265, "P-YJ-01", "accepted", incident)
+    s.reply(300, "G-YJ-CH-01", "arrived", incident)
+    s.reply(310, "G-YJ-CH-01", "reported", incident, outcome=guard)
+    s.reply(400, "P-YJ-01", "reported", incident, outcome=police)  # reported right after accepted
+    r = await play(s)
+    inc = r.incident("INC-C1")
+    assert (inc["status"], inc["outcome"], inc["closed_at"]) == ("closed", outcome, 400.0)
+
+
+@case("it does not close while an accepted unit has not reported")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident).reply(265, "P-YJ-01", "accepted", incident)
+    s.reply(310, "G-YJ-CH-01", "reported", incident, outcome="dissuaded")
+
+    def check(r: Result) -> None:
+        assert r.incident("INC-C1")["status"] == "escalated"
+
+    return check
+
+
+@case("it does not close while an offer is pending")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.reply(270, "G-YJ-CH-01", "reported", incident, outcome="dissuaded")
+
+    def check(r: Result) -> None:
+        assert r.incident("INC-C1")["status"] == "escalated"
+        assert r.units("INC-C1")["P-YJ-01"] == "offered"
+
+    return check
+
+
+@case("operator.close closes at once with its outcome and stands every unreported unit down")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.close(300, incident, "prevented", note="居民已挂断电话")
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["outcome"], inc["closed_at"]) == ("closed", "prevented", 300.0)
+        assert r.units("INC-C1") == {"G-YJ-CH-01": "cancelled", "G-YJ-CH-02": "cancelled",
+                                     "P-YJ-01": "cancelled", "W-YJ-07": "notified"}
+        told = {m["topic"].split("/")[3] for m in r.outbox()
+                if m["at"] == 300.0 and m["type"] == "cn.antifraud.dispatch.cancelled"}
+        assert told == {"G-YJ-CH-01", "P-YJ-01"}
+        assert r.doc("INC-C1")["note"] == "居民已挂断电话"
+
+    return check
+
+
+@case("a call ending never closes an incident")
+def _(s: Script) -> Check:
+    s.call(0, "C1", CHEN, INVESTMENT, until_s=180).ended(200, "C1", CHEN, INVESTMENT, 200)
+
+    def check(r: Result) -> None:
+        assert r.incident("INC-C1")["status"] == "open"
+
+    return check
+
+
+@case("nobody accepting never closes the incident silently: it stays escalated, alerted")
+def _(s: Script) -> Check:
+    s.escalated(0, "C1")
+    s.progress(1000, "C1", CHEN, INVESTMENT, 1000)
+
+    def check(r: Result) -> None:
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["outcome"]) == ("escalated", None)
+        assert {"door_exhausted", "police_exhausted"} <= set(r.doc("INC-C1")["alerts"])
+
+    return check
+
+
+# ---- timers in virtual time ----------------------------------------------------------------
+
+
+@case("a timer due exactly at a line's time fires before that line")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(285, "G-YJ-CH-01", "accepted", incident)  # the guards' 30 s end at 285
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "expired"
+        assert any("too late" in reason for reason in r.reasons())
+
+    return check
+
+
+@case("the report is as of the last line: timers due later have not fired")
+def _(s: Script) -> Check:
+    s.escalated(0, "C1")
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "offered"
+
+    return check
