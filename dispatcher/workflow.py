@@ -531,7 +531,9 @@ class Workflow:
         changes: Changes,
     ) -> None:
         for unit in units:
-            if not self._offered_before(incident, unit) and self._available(incident, unit, now, changes):
+            if not self._offered_before(incident, unit) and self._available(
+                incident, unit, now, changes
+            ):
                 self._offer(incident, slot, unit, accept_s, now, changes)
 
     def _offer(

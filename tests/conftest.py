@@ -5,10 +5,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from scenario import Player
 
 from dispatcher import logs
 from dispatcher.settings import Settings, load_settings
-from scenario import Player
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config" / "hengnan.toml"

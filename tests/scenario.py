@@ -49,8 +49,9 @@ class Script:
         self.lines.append({"at": at, "topic": topic, "payload_raw": text})
         return self
 
-    def event(self, at: float, topic: str, source: str, type_: str, data: dict[str, Any],
-              **extra: Any) -> dict[str, Any]:
+    def event(
+        self, at: float, topic: str, source: str, type_: str, data: dict[str, Any], **extra: Any
+    ) -> dict[str, Any]:
         self.seq += 1
         payload = {
             "specversion": "1.0",
@@ -66,27 +67,41 @@ class Script:
 
     # ---- calls -----------------------------------------------------------------------------
 
-    def started(self, at: float, call: str, sub: str, other: str,
-                direction: str = "inbound") -> Script:
-        self.event(at, CALLS, "app-warning/hengnan", "cn.antifraud.call.started",
-                   {"call_id": call, "subscriber": sub, "counterpart": other,
-                    "direction": direction})
+    def started(
+        self, at: float, call: str, sub: str, other: str, direction: str = "inbound"
+    ) -> Script:
+        self.event(
+            at,
+            CALLS,
+            "app-warning/hengnan",
+            "cn.antifraud.call.started",
+            {"call_id": call, "subscriber": sub, "counterpart": other, "direction": direction},
+        )
         return self
 
     def progress(self, at: float, call: str, sub: str, other: str, duration: float) -> Script:
-        self.event(at, CALLS, "app-warning/hengnan", "cn.antifraud.call.progress",
-                   {"call_id": call, "subscriber": sub, "counterpart": other,
-                    "duration_s": duration})
+        self.event(
+            at,
+            CALLS,
+            "app-warning/hengnan",
+            "cn.antifraud.call.progress",
+            {"call_id": call, "subscriber": sub, "counterpart": other, "duration_s": duration},
+        )
         return self
 
     def ended(self, at: float, call: str, sub: str, other: str, duration: float) -> Script:
-        self.event(at, CALLS, "app-warning/hengnan", "cn.antifraud.call.ended",
-                   {"call_id": call, "subscriber": sub, "counterpart": other,
-                    "duration_s": duration})
+        self.event(
+            at,
+            CALLS,
+            "app-warning/hengnan",
+            "cn.antifraud.call.ended",
+            {"call_id": call, "subscriber": sub, "counterpart": other, "duration_s": duration},
+        )
         return self
 
-    def call(self, start: float, call: str, sub: str, other: str, until_s: float,
-             step: float = 30) -> Script:
+    def call(
+        self, start: float, call: str, sub: str, other: str, until_s: float, step: float = 30
+    ) -> Script:
         """call.started at ``start`` then progress every ``step`` seconds up to ``until_s``."""
         self.started(start, call, sub, other)
         duration = step
@@ -98,8 +113,13 @@ class Script:
     # ---- operators -------------------------------------------------------------------------
 
     def action(self, at: float, verb: str, data: dict[str, Any], op: str = "op-01") -> Script:
-        self.event(at, f"{PREFIX}/operators/{op}/actions", f"console/{op}",
-                   f"cn.antifraud.operator.{verb}", data)
+        self.event(
+            at,
+            f"{PREFIX}/operators/{op}/actions",
+            f"console/{op}",
+            f"cn.antifraud.operator.{verb}",
+            data,
+        )
         return self
 
     def callback(self, at: float, incident: str, result: str) -> Script:
@@ -116,25 +136,41 @@ class Script:
 
     # ---- units -----------------------------------------------------------------------------
 
-    def reply(self, at: float, unit: str, verb: str, incident: str, outcome: str | None = None,
-              topic_unit: str | None = None) -> Script:
+    def reply(
+        self,
+        at: float,
+        unit: str,
+        verb: str,
+        incident: str,
+        outcome: str | None = None,
+        topic_unit: str | None = None,
+    ) -> Script:
         data: dict[str, Any] = {"dispatch_id": f"{incident}:{unit}"}
         if outcome is not None:
             data["outcome"] = outcome
         speaker = topic_unit or unit
-        self.event(at, f"{PREFIX}/units/{speaker}/replies", f"unit/{speaker}",
-                   f"cn.antifraud.unit.{verb}", data)
+        self.event(
+            at,
+            f"{PREFIX}/units/{speaker}/replies",
+            f"unit/{speaker}",
+            f"cn.antifraud.unit.{verb}",
+            data,
+        )
         return self
 
     def status(self, at: float, unit: str, state: str) -> Script:
-        self.event(at, f"{PREFIX}/units/{unit}/status", f"unit/{unit}",
-                   "cn.antifraud.unit.status", {"state": state})
+        self.event(
+            at,
+            f"{PREFIX}/units/{unit}/status",
+            f"unit/{unit}",
+            "cn.antifraud.unit.status",
+            {"state": state},
+        )
         return self
 
     # ---- composite -------------------------------------------------------------------------
 
-    def escalated(self, start: float, call: str, sub: str = CHEN,
-                  other: str = INVESTMENT) -> str:
+    def escalated(self, start: float, call: str, sub: str = CHEN, other: str = INVESTMENT) -> str:
         """A flagged call critical at start+180, three unanswered callbacks, escalated at +255."""
         self.call(start, call, sub, other, until_s=180)
         incident = f"INC-{call}"
@@ -156,7 +192,9 @@ class Result:
 
     def incident(self, incident_id: str) -> dict[str, Any]:
         found = [i for i in self.report["incidents"] if i["id"] == incident_id]
-        assert found, f"no incident {incident_id}; have {[i['id'] for i in self.report['incidents']]}"
+        assert found, (
+            f"no incident {incident_id}; have {[i['id'] for i in self.report['incidents']]}"
+        )
         return found[0]
 
     def dispatch(self, incident_id: str, unit: str) -> dict[str, Any]:
@@ -181,10 +219,18 @@ class Result:
     def outbox(self) -> list[dict[str, Any]]:
         with sqlite3.connect(self.store) as db:
             rows = db.execute(
-                "SELECT at, topic, retain, type, payload FROM outbox ORDER BY seq").fetchall()
-        return [{"at": at, "topic": topic, "retain": bool(retain), "type": type_,
-                 "payload": None if payload is None else json.loads(payload)}
-                for at, topic, retain, type_, payload in rows]
+                "SELECT at, topic, retain, type, payload FROM outbox ORDER BY seq"
+            ).fetchall()
+        return [
+            {
+                "at": at,
+                "topic": topic,
+                "retain": bool(retain),
+                "type": type_,
+                "payload": None if payload is None else json.loads(payload),
+            }
+            for at, topic, retain, type_, payload in rows
+        ]
 
     def reasons(self) -> list[str]:
         return [r["reason"] for r in self.report["rejected"]]
@@ -198,8 +244,13 @@ class Player:
         self.tmp_path = tmp_path
         self.runs = 0
 
-    async def __call__(self, script: Script, until: float | None = None,
-                       store: Path | None = None, settings: Settings | None = None) -> Result:
+    async def __call__(
+        self,
+        script: Script,
+        until: float | None = None,
+        store: Path | None = None,
+        settings: Settings | None = None,
+    ) -> Result:
         self.runs += 1
         recording = script.write(self.tmp_path / f"recording-{self.runs}.jsonl")
         store = store or self.tmp_path / f"store-{self.runs}.sqlite3"

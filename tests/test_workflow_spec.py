@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
 from scenario import (
     CHEN,
     CLEAN,
@@ -55,9 +54,16 @@ def _(s: Script) -> Check:
 
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
-        assert (inc["severity"], inc["rule"], inc["status"]) == ("warning", "flagged_call_watch",
-                                                                  "open")
-        assert (inc["opened_at"], inc["critical_at"], inc["counterpart"]) == (30.0, None, INVESTMENT)
+        assert (inc["severity"], inc["rule"], inc["status"]) == (
+            "warning",
+            "flagged_call_watch",
+            "open",
+        )
+        assert (inc["opened_at"], inc["critical_at"], inc["counterpart"]) == (
+            30.0,
+            None,
+            INVESTMENT,
+        )
 
     return check
 
@@ -80,8 +86,11 @@ def _(s: Script) -> Check:
 
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
-        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (30.0, 180.0,
-                                                                       "long_call_flagged")
+        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (
+            30.0,
+            180.0,
+            "long_call_flagged",
+        )
         assert "callback_requested" in r.timeline("INC-C1")
 
     return check
@@ -104,8 +113,11 @@ def _(s: Script) -> Check:
 
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
-        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (30.0, 60.0,
-                                                                       "vulnerable_long_call")
+        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (
+            30.0,
+            60.0,
+            "vulnerable_long_call",
+        )
 
     return check
 
@@ -136,8 +148,11 @@ def _(s: Script) -> Check:
 
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
-        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (200.0, 200.0,
-                                                                       "long_call_flagged")
+        assert (inc["opened_at"], inc["critical_at"], inc["rule"]) == (
+            200.0,
+            200.0,
+            "long_call_flagged",
+        )
 
     return check
 
@@ -151,7 +166,10 @@ def _(s: Script) -> Check:
     def check(r: Result) -> None:
         inc = r.incident("INC-C3")
         assert (inc["severity"], inc["rule"], inc["opened_at"]) == (
-            "warning", "repeated_flagged_contact", 7200.0)
+            "warning",
+            "repeated_flagged_contact",
+            7200.0,
+        )
         assert len(r.report["incidents"]) == 1
 
     return check
@@ -214,7 +232,10 @@ def _(s: Script) -> Check:
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
         assert (inc["severity"], inc["rule"], inc["critical_at"]) == (
-            "critical", "long_call_flagged", 180.0)
+            "critical",
+            "long_call_flagged",
+            180.0,
+        )
         assert r.doc("INC-C1")["calls"]["C2"]["rules"] == ["flagged_call_watch"]
 
     return check
@@ -242,8 +263,11 @@ def _(s: Script) -> Check:
     def check(r: Result) -> None:
         assert [i["id"] for i in r.report["incidents"]] == ["INC-C1"]
         inc = r.incident("INC-C1")
-        assert (inc["status"], inc["severity"], inc["outcome"]) == ("closed", "warning",
-                                                                    "false_alarm")
+        assert (inc["status"], inc["severity"], inc["outcome"]) == (
+            "closed",
+            "warning",
+            "false_alarm",
+        )
 
     return check
 
@@ -321,8 +345,11 @@ def _(s: Script) -> Check:
 
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
-        assert (inc["status"], inc["severity"], inc["escalated_at"]) == ("escalated", "warning",
-                                                                         70.0)
+        assert (inc["status"], inc["severity"], inc["escalated_at"]) == (
+            "escalated",
+            "warning",
+            70.0,
+        )
         assert r.units("INC-C1")["G-YJ-CH-01"] == "offered"
 
     return check
@@ -337,7 +364,10 @@ def _(s: Script) -> Check:
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
         assert (inc["status"], inc["outcome"], inc["closed_at"]) == (
-            "closed", "resolved_by_callback", 200.0)
+            "closed",
+            "resolved_by_callback",
+            200.0,
+        )
         assert (inc["escalated_at"], inc["dispatches"]) == (None, [])
 
     return check
@@ -395,11 +425,18 @@ def _(s: Script) -> Check:
     s.escalated(0, "C1")
 
     def check(r: Result) -> None:
-        assert r.units("INC-C1") == {"G-YJ-CH-01": "offered", "G-YJ-CH-02": "offered",
-                                     "P-YJ-01": "offered", "W-YJ-07": "notified"}
+        assert r.units("INC-C1") == {
+            "G-YJ-CH-01": "offered",
+            "G-YJ-CH-02": "offered",
+            "P-YJ-01": "offered",
+            "W-YJ-07": "notified",
+        }
         assert {d["offered_at"] for d in r.incident("INC-C1")["dispatches"]} == {255.0}
         assert {d["role"] for d in r.incident("INC-C1")["dispatches"]} == {
-            "guard", "police", "grid_worker"}
+            "guard",
+            "police",
+            "grid_worker",
+        }
 
     return check
 
@@ -435,8 +472,12 @@ def _(s: Script) -> Check:
     s.escalated(10, "C1")
 
     def check(r: Result) -> None:
-        assert r.units("INC-C1") == {"P-YJ-01": "offered", "Q-YJ-YL": "offered",
-                                     "Q-YJ-LF": "offered", "W-YJ-07": "notified"}
+        assert r.units("INC-C1") == {
+            "P-YJ-01": "offered",
+            "Q-YJ-YL": "offered",
+            "Q-YJ-LF": "offered",
+            "W-YJ-07": "notified",
+        }
 
     return check
 
@@ -526,7 +567,9 @@ def _(s: Script) -> Check:
     return check
 
 
-@case("quick-police platforms offered together: the first to accept takes it, the others stand down")
+@case(
+    "quick-police platforms offered together: the first to accept takes it, the others stand down"
+)
 def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
     s.reply(260, "G-YJ-CH-01", "accepted", incident)
@@ -670,8 +713,9 @@ def _(s: Script) -> Check:
         ("false_alarm", "dissuaded", "prevented"),
     ],
 )
-async def test_closes_with_outcome_from_reports(play: Player, guard: str, police: str,
-                                                outcome: str) -> None:
+async def test_closes_with_outcome_from_reports(
+    play: Player, guard: str, police: str, outcome: str
+) -> None:
     """Every accepted dispatch reported, none pending: loss > dissuaded > false_alarm > else."""
     s = Script()
     incident = s.escalated(0, "C1")
@@ -718,10 +762,17 @@ def _(s: Script) -> Check:
     def check(r: Result) -> None:
         inc = r.incident("INC-C1")
         assert (inc["status"], inc["outcome"], inc["closed_at"]) == ("closed", "prevented", 300.0)
-        assert r.units("INC-C1") == {"G-YJ-CH-01": "cancelled", "G-YJ-CH-02": "cancelled",
-                                     "P-YJ-01": "cancelled", "W-YJ-07": "notified"}
-        told = {m["topic"].split("/")[3] for m in r.outbox()
-                if m["at"] == 300.0 and m["type"] == "cn.antifraud.dispatch.cancelled"}
+        assert r.units("INC-C1") == {
+            "G-YJ-CH-01": "cancelled",
+            "G-YJ-CH-02": "cancelled",
+            "P-YJ-01": "cancelled",
+            "W-YJ-07": "notified",
+        }
+        told = {
+            m["topic"].split("/")[3]
+            for m in r.outbox()
+            if m["at"] == 300.0 and m["type"] == "cn.antifraud.dispatch.cancelled"
+        }
         assert told == {"G-YJ-CH-01", "P-YJ-01"}
         assert r.doc("INC-C1")["note"] == "居民已挂断电话"
 

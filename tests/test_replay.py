@@ -1,0 +1,212 @@
+"""SPEC §6: the seed case, duplicates, and stop-and-resume give the same report."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scenario import CHEN, INVESTMENT, Player, Script
+
+from adapters.replay import replay
+from adapters.store import SCHEMA_VERSION, Store
+from dispatcher.errors import RecordingError, StoreError
+from dispatcher.settings import Settings
+
+DATA = Path(__file__).parent / "data"
+SEED = DATA / "chen_case.jsonl"
+EXPECTED = json.loads((DATA / "chen_case.expected.json").read_text(encoding="utf-8"))
+SEED_LINES = SEED.read_text(encoding="utf-8").splitlines()
+SEED_TIMES = sorted({json.loads(line)["at"] for line in SEED_LINES})
+
+
+def _subset(expected: Any, actual: Any) -> bool:
+    """True when every key the expected report names has the same value in ``actual``."""
+    if isinstance(expected, dict):
+        return isinstance(actual, dict) and all(
+            k in actual and _subset(v, actual[k]) for k, v in expected.items()
+        )
+    if isinstance(expected, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(expected)
+            and all(_subset(e, a) for e, a in zip(expected, actual, strict=True))
+        )
+    return bool(expected == actual) and type(expected) is type(actual)
+
+
+async def _replay_lines(
+    lines: list[str], settings: Settings, tmp_path: Path, name: str
+) -> dict[str, Any]:
+    recording = tmp_path / f"{name}.jsonl"
+    recording.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return await replay(recording, settings, tmp_path / f"{name}.sqlite3")
+
+
+class TestSeedCase:
+    async def test_replays_to_the_expected_report(self, settings: Settings, tmp_path: Path) -> None:
+        report = await replay(SEED, settings, tmp_path / "store.sqlite3")
+        assert report["incidents"] == EXPECTED["incidents"]
+        assert _subset(EXPECTED, report)
+
+    async def test_report_lists_what_was_published_and_rejected(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        report = await replay(SEED, settings)
+        assert report["rejected"] == []
+        offers = [p for p in report["published"] if p["type"] == "cn.antifraud.dispatch.offered"]
+        assert [(p["at"], p["topic"]) for p in offers] == [
+            (255.0, "antifraud/v1/units/G-YJ-CH-01/dispatches"),
+            (255.0, "antifraud/v1/units/G-YJ-CH-02/dispatches"),
+            (255.0, "antifraud/v1/units/P-YJ-01/dispatches"),
+        ]
+        closed = [p for p in report["published"] if p["type"] == "cn.antifraud.incident.closed"]
+        assert {p["topic"] for p in closed} == {
+            "antifraud/v1/operators/incidents",
+            "antifraud/v1/incidents/INC-C-20211015-0001",
+        }
+        assert {p["at"] for p in closed} == {1500.0}
+
+    async def test_same_recording_gives_the_same_report_twice(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        first = await replay(SEED, settings, tmp_path / "a.sqlite3")
+        second = await replay(SEED, settings, tmp_path / "b.sqlite3")
+        assert first == second
+
+
+@pytest.mark.parametrize("index", range(len(SEED_LINES)))
+async def test_a_duplicated_line_changes_nothing(
+    settings: Settings, tmp_path: Path, index: int
+) -> None:
+    """A repeated (source, id) pair is processed once, wherever the repeat lands."""
+    baseline = await _replay_lines(SEED_LINES, settings, tmp_path, "baseline")
+    lines = list(SEED_LINES)
+    lines.insert(index + 1, SEED_LINES[index])
+    assert await _replay_lines(lines, settings, tmp_path, "duplicated") == baseline
+
+
+async def test_a_duplicated_malformed_line_is_rejected_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    garbage = json.dumps(
+        {"at": 125.0, "topic": "antifraud/v1/units/G-YJ-CH-01/replies", "payload_raw": "{not json"}
+    )
+    lines = [*SEED_LINES[:5], garbage, garbage, *SEED_LINES[5:]]
+    report = await _replay_lines(lines, settings, tmp_path, "garbage")
+    assert len(report["rejected"]) == 1
+    assert report["incidents"] == EXPECTED["incidents"]
+
+
+@pytest.mark.parametrize("until", [0.0, 30.0, 195.0, 254.0, 255.0, 262.0, 450.0, 1155.0])
+async def test_stopping_and_resuming_gives_the_same_report(
+    settings: Settings, tmp_path: Path, until: float
+) -> None:
+    store = tmp_path / "resumed.sqlite3"
+    partial = await replay(SEED, settings, store, until=until)
+    assert all(p["at"] <= until for p in partial["published"])
+    resumed = await replay(SEED, settings, store)
+    assert resumed == await replay(SEED, settings, tmp_path / "whole.sqlite3")
+
+
+async def test_stopping_twice_and_resuming_gives_the_same_report(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = tmp_path / "resumed.sqlite3"
+    for until in (60.0, 225.0, 420.0):
+        await replay(SEED, settings, store, until=until)
+    assert await replay(SEED, settings, store) == await replay(SEED, settings)
+
+
+async def test_a_timer_pending_at_the_stop_fires_after_the_resume(
+    play: Player, tmp_path: Path
+) -> None:
+    s = Script()
+    s.escalated(0, "C1")
+    s.progress(300, "C1", CHEN, INVESTMENT, 300)  # guards' offers expired at 285 meanwhile
+    store = tmp_path / "stopped.sqlite3"
+    stopped = await play(s, until=260, store=store)
+    assert {d["status"] for d in stopped.incident("INC-C1")["dispatches"]} == {
+        "offered",
+        "notified",
+    }
+    resumed = await play(s, store=store)
+    whole = await play(s)
+    assert resumed.report == whole.report
+    assert resumed.units("INC-C1")["G-YJ-CH-01"] == "expired"
+
+
+async def test_resuming_a_store_on_another_recording_is_refused(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = tmp_path / "store.sqlite3"
+    await replay(SEED, settings, store, until=30)
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(SEED_LINES[1:]) + "\n", encoding="utf-8")
+    with pytest.raises(StoreError, match="another recording"):
+        await replay(other, settings, store)
+
+
+async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "newer.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match="newer than this dispatcher"):
+        async with Store(path):
+            pass
+
+
+async def test_the_store_passes_an_integrity_check_after_a_replay(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "store.sqlite3"
+    await replay(SEED, settings, path, until=400)
+    async with Store(path) as store:
+        assert await store.integrity_check() == "ok"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"topic": "t", "payload": {}}', "'at' must be a number"),
+        ('{"at": -1, "topic": "t", "payload": {}}', "must not be negative"),
+        ('{"at": 5, "payload": {}}', "'topic' must be a non-empty string"),
+        ('{"at": 5, "topic": "t"}', "exactly one of 'payload' and 'payload_raw'"),
+        ('{"at": 5, "topic": "t", "payload": {}, "payload_raw": "x"}', "exactly one"),
+        ('{"at": 5, "topic": "t", "payload_raw": 7}', "'payload_raw' must be a string"),
+    ],
+)
+async def test_a_malformed_recording_line_is_an_error_naming_file_and_line(
+    settings: Settings, tmp_path: Path, line: str, message: str
+) -> None:
+    recording = tmp_path / "bad.jsonl"
+    recording.write_text(SEED_LINES[0] + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(RecordingError, match=message) as info:
+        await replay(recording, settings)
+    assert f"{recording}:2" in str(info.value)
+
+
+async def test_time_going_backwards_in_a_recording_is_an_error(
+    settings: Settings, tmp_path: Path
+) -> None:
+    recording = tmp_path / "backwards.jsonl"
+    recording.write_text(SEED_LINES[2] + "\n" + SEED_LINES[1] + "\n", encoding="utf-8")
+    with pytest.raises(RecordingError, match="goes back in time"):
+        await replay(recording, settings)
+
+
+async def test_work_before_a_malformed_line_is_kept_and_resumable(
+    settings: Settings, tmp_path: Path
+) -> None:
+    recording = tmp_path / "half.jsonl"
+    recording.write_text("\n".join(SEED_LINES[:3]) + "\nnot json\n", encoding="utf-8")
+    store = tmp_path / "half.sqlite3"
+    with pytest.raises(RecordingError):
+        await replay(recording, settings, store)
+    with sqlite3.connect(store) as db:
+        cursor = db.execute("SELECT value FROM meta WHERE key='replay.cursor'").fetchone()
+    assert cursor == ("3",)
