@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from dispatcher.errors import ConfigError
 
@@ -229,7 +237,8 @@ def describe_conditions(when: Conditions) -> str:
 def _pydantic_problems(where: str, exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        key = key.lstrip(".") or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -313,172 +322,22 @@ def load_settings(path: str | Path) -> Settings:
     try:
         doc = FileSettings.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_pydantic_problems(str(path), exc)) from None
+        problems = _pydantic_problems(str(path), exc)
+        # Still check the registries when their paths and the stations can be read, so that
+        # one run lists the problems of every file.
+        try:
+            registries = RegistryPaths.model_validate(raw.get("registries"))
+            stations = _STATIONS.validate_python(raw.get("stations"))
+        except ValidationError:
+            raise ConfigError(problems) from None
+        _load_registries(path.parent, registries, stations, problems)
+        raise ConfigError(problems) from None
 
-    base = path.parent
+    estates, units, subscribers, flagged = _load_registries(
+        path.parent, doc.registries, doc.stations, problems
+    )
     stations = doc.stations
-
-    def station_ok(where: str, column: str, station: str) -> bool:
-        if station not in stations:
-            problems.append(f"{where}: {column}: unknown station {station!r} (see [stations])")
-            return False
-        return True
-
-    # estates
-    estates_path = base / doc.registries.estates
-    estate_cols = ["id", "name", "kind", "township", "grid", "station", "address"]
-    estate_rows = _read_csv(estates_path, estate_cols, problems)
-
-    def build_estate(line_no: int, row: Row) -> Estate | None:
-        where = f"{estates_path}:{line_no}"
-        ok = True
-        if not IDENT.match(row["id"]):
-            problems.append(f"{where}: id: {row['id']!r} is not an id ([A-Za-z0-9._-], 1-64)")
-            ok = False
-        if row["kind"] not in ("estate", "village"):
-            problems.append(f"{where}: kind: {row['kind']!r} is not 'estate' or 'village'")
-            ok = False
-        if not row["grid"]:
-            problems.append(f"{where}: grid: missing")
-            ok = False
-        ok = station_ok(where, "station", row["station"]) and ok
-        if not row["address"]:
-            problems.append(f"{where}: address: missing")
-            ok = False
-        if not ok:
-            return None
-        return Estate(
-            id=row["id"],
-            name=row["name"],
-            kind=row["kind"],  # type: ignore[arg-type]
-            township=row["township"],
-            grid=row["grid"],
-            station=row["station"],
-            address=row["address"],
-        )
-
-    estates = _unique(estates_path, estate_rows, "id", build_estate, problems)
-    grids = {e.grid for e in estates.values()}
-
-    # units
-    units_path = base / doc.registries.units
-    unit_cols = ["id", "kind", "channel", "estate", "grid", "station", "name"]
-    unit_rows = _read_csv(units_path, unit_cols, problems)
-    order = iter(range(len(unit_rows)))
-
-    def build_unit(line_no: int, row: Row) -> Unit | None:
-        where = f"{units_path}:{line_no}"
-        ok = True
-        kind = row["kind"]
-        if not IDENT.match(row["id"]):
-            problems.append(f"{where}: id: {row['id']!r} is not an id ([A-Za-z0-9._-], 1-64)")
-            ok = False
-        if kind not in ("guard", "police", "quick_police", "grid_worker"):
-            problems.append(
-                f"{where}: kind: {kind!r} is not guard, police, quick_police or grid_worker"
-            )
-            ok = False
-        if row["channel"] not in ("radio", "app"):
-            problems.append(f"{where}: channel: {row['channel']!r} is not 'radio' or 'app'")
-            ok = False
-        if row["estate"] and row["estate"] not in estate_ids:
-            problems.append(f"{where}: estate: unknown estate {row['estate']!r}")
-            ok = False
-        if kind == "guard" and not row["estate"]:
-            problems.append(f"{where}: estate: a guard needs the estate it guards")
-            ok = False
-        if row["grid"] and row["grid"] not in grids:
-            problems.append(f"{where}: grid: unknown grid {row['grid']!r} (no estate has it)")
-            ok = False
-        if kind == "grid_worker" and not row["grid"]:
-            problems.append(f"{where}: grid: a grid worker needs its grid")
-            ok = False
-        if not row["station"]:
-            problems.append(f"{where}: station: missing")
-            ok = False
-        else:
-            ok = station_ok(where, "station", row["station"]) and ok
-        if not ok:
-            return None
-        return Unit(
-            id=row["id"],
-            kind=kind,  # type: ignore[arg-type]
-            channel=row["channel"],  # type: ignore[arg-type]
-            estate=row["estate"] or None,
-            grid=row["grid"] or None,
-            station=row["station"],
-            name=row["name"],
-            order=next(order),
-        )
-
-    estate_ids = {line_row[1]["id"] for line_row in estate_rows}
-    units = _unique(units_path, unit_rows, "id", build_unit, problems)
-
-    # subscribers
-    subs_path = base / doc.registries.subscribers
-    sub_cols = ["msisdn", "name", "display_name", "estate", "address", "grid", "vulnerable"]
-    sub_rows = _read_csv(subs_path, sub_cols, problems)
-
-    def build_subscriber(line_no: int, row: Row) -> Subscriber | None:
-        where = f"{subs_path}:{line_no}"
-        ok = True
-        if not E164.match(row["msisdn"]):
-            problems.append(f"{where}: msisdn: {row['msisdn']!r} is not an E.164 number")
-            ok = False
-        if row["estate"] not in estate_ids:
-            problems.append(f"{where}: estate: unknown estate {row['estate']!r}")
-            ok = False
-        if row["grid"] not in grids:
-            problems.append(f"{where}: grid: unknown grid {row['grid']!r} (no estate has it)")
-            ok = False
-        if row["vulnerable"].lower() not in ("true", "false"):
-            problems.append(f"{where}: vulnerable: {row['vulnerable']!r} is not true or false")
-            ok = False
-        if not row["display_name"]:
-            problems.append(f"{where}: display_name: missing (the honorific a guard hears)")
-            ok = False
-        if not row["address"]:
-            problems.append(f"{where}: address: missing")
-            ok = False
-        if not ok:
-            return None
-        return Subscriber(
-            msisdn=row["msisdn"],
-            name=row["name"],
-            display_name=row["display_name"],
-            estate=row["estate"],
-            address=row["address"],
-            grid=row["grid"],
-            vulnerable=row["vulnerable"].lower() == "true",
-        )
-
-    subscribers = _unique(subs_path, sub_rows, "msisdn", build_subscriber, problems)
-
-    # flagged numbers
-    flagged_path = base / doc.registries.flagged_numbers
-    flagged_rows = _read_csv(flagged_path, ["pattern", "match", "category", "label"], problems)
-    flagged: list[FlaggedPattern] = []
-    seen_patterns: dict[tuple[str, str], int] = {}
-    for line_no, row in flagged_rows:
-        where = f"{flagged_path}:{line_no}"
-        pattern, match = row["pattern"], row["match"]
-        if match not in ("exact", "prefix"):
-            problems.append(f"{where}: match: {match!r} is not 'exact' or 'prefix'")
-            continue
-        if not (E164 if match == "exact" else PREFIX).match(pattern):
-            problems.append(f"{where}: pattern: {pattern!r} is not an E.164 number or prefix")
-            continue
-        if not row["category"]:
-            problems.append(f"{where}: category: missing")
-            continue
-        if (pattern, match) in seen_patterns:
-            problems.append(
-                f"{where}: pattern: duplicate {match} pattern {pattern!r} "
-                f"(first on line {seen_patterns[(pattern, match)]})"
-            )
-            continue
-        seen_patterns[(pattern, match)] = line_no
-        flagged.append(FlaggedPattern(pattern, match, row["category"], row["label"]))  # type: ignore[arg-type]
+    flagged_path = path.parent / doc.registries.flagged_numbers
 
     # rules and service cross-references
     categories = {f.category for f in flagged}
@@ -532,3 +391,179 @@ def load_settings(path: str | Path) -> Settings:
         elif unit.kind == "quick_police":
             settings.quick_police_by_station.setdefault(unit.station, []).append(unit)
     return settings
+
+
+_STATIONS: TypeAdapter[dict[str, StationSettings]] = TypeAdapter(dict[Ident, StationSettings])
+
+
+def _load_registries(
+    base: Path,
+    registries: RegistryPaths,
+    stations: dict[str, StationSettings],
+    problems: list[str],
+) -> tuple[dict[str, Estate], dict[str, Unit], dict[str, Subscriber], list[FlaggedPattern]]:
+    """Read and cross-check the CSV registries, appending every problem found."""
+
+    def station_ok(where: str, column: str, station: str) -> bool:
+        if station not in stations:
+            problems.append(f"{where}: {column}: unknown station {station!r} (see [stations])")
+            return False
+        return True
+
+    # estates
+    estates_path = base / registries.estates
+    estate_cols = ["id", "name", "kind", "township", "grid", "station", "address"]
+    estate_rows = _read_csv(estates_path, estate_cols, problems)
+
+    def build_estate(line_no: int, row: Row) -> Estate | None:
+        where = f"{estates_path}:{line_no}"
+        ok = True
+        if not IDENT.match(row["id"]):
+            problems.append(f"{where}: id: {row['id']!r} is not an id ([A-Za-z0-9._-], 1-64)")
+            ok = False
+        if row["kind"] not in ("estate", "village"):
+            problems.append(f"{where}: kind: {row['kind']!r} is not 'estate' or 'village'")
+            ok = False
+        if not row["grid"]:
+            problems.append(f"{where}: grid: missing")
+            ok = False
+        ok = station_ok(where, "station", row["station"]) and ok
+        if not row["address"]:
+            problems.append(f"{where}: address: missing")
+            ok = False
+        if not ok:
+            return None
+        return Estate(
+            id=row["id"],
+            name=row["name"],
+            kind=row["kind"],  # type: ignore[arg-type]
+            township=row["township"],
+            grid=row["grid"],
+            station=row["station"],
+            address=row["address"],
+        )
+
+    estates = _unique(estates_path, estate_rows, "id", build_estate, problems)
+    grids = {e.grid for e in estates.values()}
+
+    # units
+    units_path = base / registries.units
+    unit_cols = ["id", "kind", "channel", "estate", "grid", "station", "name"]
+    unit_rows = _read_csv(units_path, unit_cols, problems)
+    order = iter(range(len(unit_rows)))
+
+    def build_unit(line_no: int, row: Row) -> Unit | None:
+        where = f"{units_path}:{line_no}"
+        ok = True
+        kind = row["kind"]
+        if not IDENT.match(row["id"]):
+            problems.append(f"{where}: id: {row['id']!r} is not an id ([A-Za-z0-9._-], 1-64)")
+            ok = False
+        if kind not in ("guard", "police", "quick_police", "grid_worker"):
+            problems.append(
+                f"{where}: kind: {kind!r} is not guard, police, quick_police or grid_worker"
+            )
+            ok = False
+        if row["channel"] not in ("radio", "app"):
+            problems.append(f"{where}: channel: {row['channel']!r} is not 'radio' or 'app'")
+            ok = False
+        if row["estate"] and row["estate"] not in estate_ids:
+            problems.append(f"{where}: estate: unknown estate {row['estate']!r}")
+            ok = False
+        if kind == "guard" and not row["estate"]:
+            problems.append(f"{where}: estate: a guard needs the estate it guards")
+            ok = False
+        if row["grid"] and row["grid"] not in grids:
+            problems.append(f"{where}: grid: unknown grid {row['grid']!r} (no estate has it)")
+            ok = False
+        if kind == "grid_worker" and not row["grid"]:
+            problems.append(f"{where}: grid: a grid worker needs its grid")
+            ok = False
+        if not row["station"]:
+            problems.append(f"{where}: station: missing")
+            ok = False
+        else:
+            ok = station_ok(where, "station", row["station"]) and ok
+        if not ok:
+            return None
+        return Unit(
+            id=row["id"],
+            kind=kind,  # type: ignore[arg-type]
+            channel=row["channel"],  # type: ignore[arg-type]
+            estate=row["estate"] or None,
+            grid=row["grid"] or None,
+            station=row["station"],
+            name=row["name"],
+            order=next(order),
+        )
+
+    estate_ids = {line_row[1]["id"] for line_row in estate_rows}
+    units = _unique(units_path, unit_rows, "id", build_unit, problems)
+
+    # subscribers
+    subs_path = base / registries.subscribers
+    sub_cols = ["msisdn", "name", "display_name", "estate", "address", "grid", "vulnerable"]
+    sub_rows = _read_csv(subs_path, sub_cols, problems)
+
+    def build_subscriber(line_no: int, row: Row) -> Subscriber | None:
+        where = f"{subs_path}:{line_no}"
+        ok = True
+        if not E164.match(row["msisdn"]):
+            problems.append(f"{where}: msisdn: {row['msisdn']!r} is not an E.164 number")
+            ok = False
+        if row["estate"] not in estate_ids:
+            problems.append(f"{where}: estate: unknown estate {row['estate']!r}")
+            ok = False
+        if row["grid"] not in grids:
+            problems.append(f"{where}: grid: unknown grid {row['grid']!r} (no estate has it)")
+            ok = False
+        if row["vulnerable"].lower() not in ("true", "false"):
+            problems.append(f"{where}: vulnerable: {row['vulnerable']!r} is not true or false")
+            ok = False
+        if not row["display_name"]:
+            problems.append(f"{where}: display_name: missing (the honorific a guard hears)")
+            ok = False
+        if not row["address"]:
+            problems.append(f"{where}: address: missing")
+            ok = False
+        if not ok:
+            return None
+        return Subscriber(
+            msisdn=row["msisdn"],
+            name=row["name"],
+            display_name=row["display_name"],
+            estate=row["estate"],
+            address=row["address"],
+            grid=row["grid"],
+            vulnerable=row["vulnerable"].lower() == "true",
+        )
+
+    subscribers = _unique(subs_path, sub_rows, "msisdn", build_subscriber, problems)
+
+    # flagged numbers
+    flagged_path = base / registries.flagged_numbers
+    flagged_rows = _read_csv(flagged_path, ["pattern", "match", "category", "label"], problems)
+    flagged: list[FlaggedPattern] = []
+    seen_patterns: dict[tuple[str, str], int] = {}
+    for line_no, row in flagged_rows:
+        where = f"{flagged_path}:{line_no}"
+        pattern, match = row["pattern"], row["match"]
+        if match not in ("exact", "prefix"):
+            problems.append(f"{where}: match: {match!r} is not 'exact' or 'prefix'")
+            continue
+        if not (E164 if match == "exact" else PREFIX).match(pattern):
+            problems.append(f"{where}: pattern: {pattern!r} is not an E.164 number or prefix")
+            continue
+        if not row["category"]:
+            problems.append(f"{where}: category: missing")
+            continue
+        if (pattern, match) in seen_patterns:
+            problems.append(
+                f"{where}: pattern: duplicate {match} pattern {pattern!r} "
+                f"(first on line {seen_patterns[(pattern, match)]})"
+            )
+            continue
+        seen_patterns[(pattern, match)] = line_no
+        flagged.append(FlaggedPattern(pattern, match, row["category"], row["label"]))  # type: ignore[arg-type]
+
+    return estates, units, subscribers, flagged

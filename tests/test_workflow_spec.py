@@ -825,3 +825,59 @@ def _(s: Script) -> Check:
         assert r.units("INC-C1")["G-YJ-CH-01"] == "offered"
 
     return check
+
+
+# ---- decisions where the contract is silent (docs/decisions.md) ----------------------------
+
+
+@case("decision 5: a clean call after three flagged contacts opens nothing")
+def _(s: Script) -> Check:
+    s.started(0, "C1", LI, IMPERSONATION).ended(10, "C1", LI, IMPERSONATION, 10)
+    s.started(100, "C2", LI, INVESTMENT).ended(110, "C2", LI, INVESTMENT, 10)
+    s.started(200, "C3", LI, LOAN).ended(210, "C3", LI, LOAN, 10)
+    s.close(220, "INC-C3", "false_alarm")
+    s.started(300, "C4", LI, CLEAN)
+
+    def check(r: Result) -> None:
+        assert [i["id"] for i in r.report["incidents"]] == ["INC-C3"]
+
+    return check
+
+
+@case("decision 13: a unit going offline keeps the offer it already has")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.status(256, "G-YJ-CH-01", "offline")
+    s.reply(270, "G-YJ-CH-01", "accepted", incident)
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "accepted"
+
+    return check
+
+
+@case("decision 15: a notified grid worker hears that the incident closed")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.close(300, incident, "false_alarm")
+
+    def check(r: Result) -> None:
+        notices = [
+            m["payload"]["data"] for m in r.outbox() if m["topic"].endswith("/W-YJ-07/dispatches")
+        ]
+        assert [n["closed"] for n in notices] == [False, True]
+        assert r.units("INC-C1")["W-YJ-07"] == "notified"
+
+    return check
+
+
+@case("decision 17: a second operator escalation of an unknown subscriber changes nothing")
+def _(s: Script) -> Check:
+    s.call(0, "C1", STRANGER, INVESTMENT, until_s=60)
+    s.escalate(70, "INC-C1").escalate(80, "INC-C1")
+
+    def check(r: Result) -> None:
+        assert r.units("INC-C1") == {"P-YJ-01": "offered"}
+        assert r.timeline("INC-C1")[-1] == "escalate_ignored"
+
+    return check

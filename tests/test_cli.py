@@ -1,0 +1,74 @@
+"""The `antifraud` command line, run in-process as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispatcher.cli import main
+
+DATA = Path(__file__).parent / "data"
+SEED = DATA / "chen_case.jsonl"
+EXPECTED = json.loads((DATA / "chen_case.expected.json").read_text(encoding="utf-8"))
+
+
+def test_replay_writes_the_report_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", str(SEED), "--config", "config/hengnan.toml", "--report", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["incidents"] == EXPECTED["incidents"]
+
+
+def test_replay_until_then_resume_writes_the_same_report(tmp_path: Path) -> None:
+    store, first, second = tmp_path / "s.sqlite3", tmp_path / "a.json", tmp_path / "b.json"
+    args = ["replay", str(SEED), "--store", str(store)]
+    assert main([*args, "--until", "300", "--report", str(first)]) == 0
+    partial = json.loads(first.read_text(encoding="utf-8"))
+    assert partial["incidents"][0]["status"] == "escalated"
+    assert main([*args, "--report", str(second)]) == 0
+    assert json.loads(second.read_text(encoding="utf-8"))["incidents"] == EXPECTED["incidents"]
+
+
+def test_replay_summary_is_readable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["replay", str(SEED), "--report", str(tmp_path / "r.json"), "--summary"]) == 0
+    err = capsys.readouterr().err
+    assert "INC-C-20211015-0001  CLOSED  outcome=prevented" in err
+    assert "G-YJ-CH-01" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["replay", "nope.jsonl"], "nope.jsonl: cannot read the recording"),
+        (["replay", str(SEED), "--config", "nope.toml"], "nope.toml: file not found"),
+    ],
+)
+def test_errors_are_one_clear_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_bench_replay_prints_its_figures() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "bench",
+            "replay",
+            "--events",
+            "3000",
+            "--active",
+            "2000",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for figure in ("events/s", "replay / json.loads", "peak RSS", "concurrently active calls"):
+        assert figure in out

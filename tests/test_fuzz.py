@@ -1,0 +1,132 @@
+"""Property-based fuzzing of the inbound path: nothing raises, rejected input changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from adapters.store import Store
+from dispatcher.inbound import INBOUND_TYPES
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+P = "antifraud/v1"
+TOPICS = [
+    f"{P}/events/hengnan/calls",
+    f"{P}/operators/op-01/actions",
+    f"{P}/units/G-YJ-CH-01/replies",
+    f"{P}/units/G-YJ-CH-01/status",
+    f"{P}/deadletter",
+    f"{P}/units/../replies",
+    "#",
+    "",
+]
+SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+field_values = (
+    st.sampled_from(
+        [
+            "C-20211015-0001",
+            "INC-C-20211015-0001",
+            "INC-C-20211015-0001:G-YJ-CH-01",
+            "+8613800000001",
+            "+85251230002",
+            "no_answer",
+            "accepted",
+            "online",
+            "inbound",
+            "dissuaded",
+            30,
+            180.5,
+            -1,
+        ]
+    )
+    | scalars
+)
+events = st.fixed_dictionaries(
+    {
+        "specversion": st.sampled_from(["1.0", "1.0", "0.3", 1]),
+        "id": st.text(min_size=0, max_size=12),
+        "source": st.text(min_size=0, max_size=12),
+        "type": st.sampled_from([*INBOUND_TYPES, "cn.antifraud.other", 7]),
+        "data": st.dictionaries(
+            st.sampled_from(
+                [
+                    "call_id",
+                    "subscriber",
+                    "counterpart",
+                    "direction",
+                    "duration_s",
+                    "incident_id",
+                    "result",
+                    "outcome",
+                    "dispatch_id",
+                    "state",
+                    "note",
+                    "x",
+                ]
+            ),
+            field_values,
+            max_size=6,
+        ),
+    },
+    optional={
+        "time": st.sampled_from(["2021-10-15T14:00:00Z", "nope", 5]),
+        "subject": st.text(max_size=5),
+        "ext": scalars,
+    },
+)
+payloads = (
+    st.binary(max_size=200)
+    | json_values.map(lambda v: json.dumps(v).encode())
+    | events.map(lambda e: json.dumps(e).encode())
+    | events
+)
+
+
+def snapshot(runtime: Runtime) -> Any:
+    state = runtime.state
+    return (
+        json.dumps({k: v.to_doc() for k, v in state.incidents.items()}, sort_keys=True),
+        dict(state.presence),
+        dict(state.busy),
+        dict(state.open_by_subscriber),
+    )
+
+
+@hsettings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(messages=st.lists(st.tuples(st.sampled_from(TOPICS), payloads), min_size=1, max_size=8))
+def test_random_input_never_raises_and_rejections_change_nothing(
+    settings: Settings, tmp_path_factory: Any, messages: list[tuple[str, Any]]
+) -> None:
+    async def run() -> None:
+        path = tmp_path_factory.mktemp("fuzz") / "s.sqlite3"
+        async with Store(path) as store:
+            runtime = Runtime(settings, store)
+            await runtime.start()
+            for line in SEED.read_text(encoding="utf-8").splitlines()[:12]:  # mid-incident
+                entry = json.loads(line)
+                runtime.advance(entry["at"])
+                runtime.handle(entry["topic"], entry["payload"], entry["at"])
+            for topic, payload in messages:
+                before, rejected = snapshot(runtime), runtime.counts["rejected"]
+                runtime.handle(topic, payload, 400.0)
+                if runtime.counts["rejected"] > rejected:
+                    assert snapshot(runtime) == before
+            await runtime.commit()
+
+    asyncio.run(run())
