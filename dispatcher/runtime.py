@@ -41,6 +41,7 @@ log = structlog.get_logger("dispatcher")
 
 RAW_SOURCE = "#raw"  # dedupe key source for input whose (source, id) cannot be read
 DEADLETTER_PAYLOAD_CHARS = 1024
+PRUNE_EVERY_S = 3600.0  # how often old dedupe pairs and contacts are deleted from the store
 
 
 def _clip(text: str, limit: int = DEADLETTER_PAYLOAD_CHARS) -> str:
@@ -97,6 +98,7 @@ class Runtime:
         self._seen: dict[tuple[str, str], float] = {}
         self._expire_countdown = 0
         self._committing: asyncio.Future[None] | None = None
+        self._pruned_at = 0.0
         self.on_publish: Callable[[float, Publish], None] | None = None
         self.counts = {"handled": 0, "rejected": 0, "duplicates": 0, "timers": 0, "published": 0}
 
@@ -153,6 +155,7 @@ class Runtime:
         if self._expire_countdown <= 0:
             self._expire_countdown = 1024
             self._expire_seen(self.clock)
+            self.state.contacts.prune(self.clock)
 
     def next_due(self) -> float | None:
         return self._timers[0][1].due if self._timers else None
@@ -181,6 +184,10 @@ class Runtime:
             effects = self.workflow.step(msg, now)
         except InputError as exc:
             self._reject(topic, exc.reason, payload, key, now)
+            return
+        except Exception as exc:  # a defect must not stop the service: dead-letter and go on
+            log.exception("internal_error", topic=_clip(topic, 200), source=key[0], event_id=key[1])
+            self._reject(topic, f"internal error: {type(exc).__name__}: {exc}", payload, key, now)
             return
         self.counts["handled"] += 1
         self._apply(effects, now)
@@ -273,6 +280,12 @@ class Runtime:
         ``wait_committed`` has seen through may be acknowledged as processed.
         """
         await self.wait_committed()
+        if self.clock - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = self.clock
+            await self.store.prune(
+                self.clock - self.settings.limits.dedupe_window_s,
+                self.clock - self.state.contacts.horizon_s,
+            )
         self.store.set_meta("clock", repr(self.clock))
         self._committing = asyncio.ensure_future(self.store.commit())
 

@@ -130,3 +130,50 @@ def test_random_input_never_raises_and_rejections_change_nothing(
             await runtime.commit()
 
     asyncio.run(run())
+
+
+async def test_a_defect_in_the_workflow_dead_letters_the_message_and_the_service_goes_on(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+
+        def broken(event: object, now: float) -> list[object]:
+            raise RuntimeError("boom")
+
+        good = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])
+        original, runtime.workflow.step = runtime.workflow.step, broken  # type: ignore[method-assign,assignment]
+        runtime.handle(good["topic"], good["payload"], 0.0)
+        runtime.workflow.step = original  # type: ignore[method-assign]
+        second = json.loads(SEED.read_text(encoding="utf-8").splitlines()[1])
+        runtime.handle(second["topic"], second["payload"], 30.0)
+        await runtime.commit()
+        rows = await store.fetchall("SELECT reason FROM rejected")
+        assert rows == [("internal error: RuntimeError: boom",)]
+        assert runtime.counts["handled"] == 1
+
+
+async def test_old_contacts_and_dedupe_pairs_are_pruned_from_memory_and_store(
+    settings: Settings, tmp_path: Path
+) -> None:
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])
+        for i in range(3000):  # a flagged contact for 3,000 different subscribers
+            payload = json.loads(json.dumps(template["payload"]))
+            payload["id"] = f"e{i}"
+            payload["data"] |= {"call_id": f"K{i}", "subscriber": f"+86139{i:08d}"}
+            runtime.advance(float(i))
+            runtime.handle(template["topic"], payload, float(i))
+        await runtime.commit()
+        assert len(runtime.state.contacts) == 3000
+        later = 3 * 86400.0
+        for _ in range(1100):
+            runtime.advance(later)
+        await runtime.commit()
+        assert len(runtime.state.contacts) == 0
+        assert runtime._seen == {}
+        assert await store.fetchall("SELECT count(*) FROM contacts") == [(0,)]
+        assert await store.fetchall("SELECT count(*) FROM inbound") == [(0,)]
