@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from adapters.store import Store
+from dispatcher.errors import StoreError
 from dispatcher.model import Incident
 from dispatcher.settings import Settings
 
@@ -69,3 +72,13 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
 
 def dump_report(report: dict[str, Any]) -> str:
     return json.dumps(report, ensure_ascii=False, indent=2) + "\n"
+
+
+async def live_report(store_path: Path, settings: Settings) -> dict[str, Any]:
+    """The report of a live store: seconds since the first inbound message it stored."""
+    if not await asyncio.to_thread(store_path.is_file):
+        raise StoreError(f"{store_path}: no such store")
+    async with Store(store_path) as store:
+        meta = dict(await store.fetchall("SELECT key, value FROM meta"))
+        base = float(meta.get("first_inbound_at", "0"))
+        return await build_report(store, settings, base=base)

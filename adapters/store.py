@@ -12,6 +12,7 @@ refused rather than guessed at.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -107,6 +108,7 @@ class Store:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
         self._batch = _Batch()
+        self._writing = asyncio.Lock()  # one write transaction at a time
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -237,6 +239,10 @@ class Store:
     async def commit(self) -> None:
         """Write everything queued in one transaction (all or nothing)."""
         batch, self._batch = self._batch, _Batch()
+        async with self._writing:
+            await self._commit(batch)
+
+    async def _commit(self, batch: _Batch) -> None:
         if not len(batch):
             return
         incident_rows = []
@@ -327,8 +333,31 @@ class Store:
 
     async def prune(self, before_inbound: float, before_contacts: float) -> None:
         """Forget dedupe pairs and contacts too old to matter (they are bounded by time)."""
-        await self.db.execute("DELETE FROM inbound WHERE last_at < ?", (before_inbound,))
-        await self.db.execute("DELETE FROM contacts WHERE at < ?", (before_contacts,))
+        async with self._writing:
+            await self.db.execute("DELETE FROM inbound WHERE last_at < ?", (before_inbound,))
+            await self.db.execute("DELETE FROM contacts WHERE at < ?", (before_contacts,))
+
+    # ---- the outbox ------------------------------------------------------------------------
+
+    async def unsent(self, limit: int) -> list[tuple[int, str, int, bool, bytes | None]]:
+        """The oldest outbound messages not yet acknowledged by the broker, in order."""
+        rows = await self.db.execute_fetchall(
+            "SELECT seq, topic, qos, retain, payload FROM outbox WHERE sent = 0 "
+            "ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [
+            (seq, topic, qos, bool(retain), None if p is None else p.encode("utf-8"))
+            for seq, topic, qos, retain, p in rows
+        ]
+
+    async def mark_sent(self, seqs: list[int]) -> None:
+        if not seqs:
+            return
+        async with self._writing:
+            await self.db.executemany(
+                "UPDATE outbox SET sent = 1 WHERE seq = ?", [(s,) for s in seqs]
+            )
 
     async def integrity_check(self) -> str:
         row = await (await self.db.execute("PRAGMA integrity_check")).fetchone()

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dispatcher import logs
 from dispatcher.errors import ConfigError, DispatcherError
 from dispatcher.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from adapters.mqtt import BrokerURL
 
 DEFAULT_CONFIG = "config/hengnan.toml"
 
@@ -39,11 +45,113 @@ def _write(text: str, target: str) -> None:
         Path(target).write_text(text, encoding="utf-8")
 
 
+def _broker(args: argparse.Namespace, settings: Settings) -> BrokerURL:
+    from adapters.mqtt import BrokerURL
+
+    password = settings.service.broker_password
+    return BrokerURL.parse(
+        args.broker or settings.service.broker, password.get_secret_value() if password else None
+    )
+
+
+def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[object]]) -> None:
+    """Run ``main(stop)``; SIGINT or SIGTERM sets ``stop`` for a clean shutdown."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from adapters.live import LiveService
+
+    settings = _settings(args.config)
+    broker = _broker(args, settings)
+    store = Path(args.store or settings.service.store)
+    service = LiveService(settings, broker, store)
+    _run_until_signalled(service.run)
+    return 0
+
+
+def cmd_handset(args: argparse.Namespace) -> int:
+    from adapters.handset import Handset, auto_script, run_handset
+
+    settings = _settings(args.config)
+    if args.unit not in settings.units:
+        print(f"antifraud: unknown unit {args.unit!r} (see {settings.path})", file=sys.stderr)
+        return 1
+    script = None
+    if args.auto:
+        script = auto_script(
+            args.accept_after,
+            args.arrive_after,
+            args.report_after,
+            args.outcome,
+            decline=args.decline,
+        )
+    handset = Handset(settings, args.unit, _broker(args, settings), script)
+    print(
+        f"{args.unit} ({settings.units[args.unit].name}) on {handset.broker}; "
+        + (
+            "replying automatically"
+            if script
+            else "keys: 1 accept, 2 decline, 3 arrived, 4 report, q quit"
+        )
+    )
+    asyncio.run(run_handset(handset, interactive=not args.auto))
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    from adapters.recorder import record
+
+    settings = _settings(args.config)
+    broker = _broker(args, settings)
+
+    async def main(stop: asyncio.Event) -> None:
+        count = await record(settings, broker, Path(args.out), stop, args.duration)
+        print(f"recorded {count} message(s) to {args.out}", file=sys.stderr)
+
+    _run_until_signalled(main)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from adapters.report import dump_report, live_report
+
+    settings = _settings(args.config)
+    report = asyncio.run(live_report(Path(args.store), settings))
+    _write(dump_report(report), args.report)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from adapters.demo import DEFAULT_RECORDING, run_demo
+
+    settings = _settings(args.config)
+    recording = Path(args.recording) if args.recording else DEFAULT_RECORDING
+    return asyncio.run(run_demo(settings, recording, args.broker, args.speed, sys.stdout))
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from adapters.replay import replay
     from adapters.report import dump_report
 
     settings = _settings(args.config)
+    if args.publish:
+        from adapters.mqtt import BrokerURL
+        from adapters.recorder import publish_recording
+
+        count = asyncio.run(
+            publish_recording(Path(args.recording), BrokerURL.parse(args.publish), args.speed)
+        )
+        print(f"published {count} message(s) to {args.publish}", file=sys.stderr)
+        return 0
     report = asyncio.run(
         replay(Path(args.recording), settings, Path(args.store) if args.store else None, args.until)
     )
@@ -88,7 +196,62 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also print a readable summary of the report on stderr",
     )
+    p.add_argument(
+        "--publish",
+        metavar="URL",
+        help="instead: publish the recording onto this broker at its own pace",
+    )
+    p.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="with --publish: play this many times faster (default 1)",
+    )
     p.set_defaults(func=cmd_replay, quiet=True)
+
+    p = sub.add_parser("run", help="run the dispatcher on a live broker")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--broker", help="mqtt://[user@]host[:port] (default: the config's)")
+    p.add_argument("--store", help="SQLite store (default: the config's service.store)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("handset", help="a terminal handset for one unit")
+    p.add_argument("--unit", required=True)
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--broker")
+    p.add_argument(
+        "--auto",
+        action="store_true",
+        help="reply automatically after the delays below instead of keys",
+    )
+    p.add_argument("--accept-after", type=float, default=5.0, metavar="S")
+    p.add_argument("--arrive-after", type=float, default=60.0, metavar="S")
+    p.add_argument("--report-after", type=float, default=60.0, metavar="S")
+    p.add_argument(
+        "--outcome", default="dissuaded", choices=["dissuaded", "not_home", "loss", "false_alarm"]
+    )
+    p.add_argument("--decline", action="store_true", help="with --auto: decline every offer")
+    p.set_defaults(func=cmd_handset, quiet=True)
+
+    p = sub.add_parser("record", help="record live inbound traffic as a replayable recording")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--broker")
+    p.add_argument("--out", required=True)
+    p.add_argument("--duration", type=float, help="stop after this many seconds")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("report", help="the SPEC §6 report of a live dispatcher's store")
+    p.add_argument("--store", required=True)
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--report", default="-")
+    p.set_defaults(func=cmd_report, quiet=True)
+
+    p = sub.add_parser("demo", help="the seed case, live, on a real broker, in under a minute")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--broker", help="use this broker instead of starting a private one")
+    p.add_argument("--speed", type=float, default=60.0, help="clock speed (default 60x)")
+    p.add_argument("--recording", help="another recording to play (default: the seed case)")
+    p.set_defaults(func=cmd_demo, quiet=True)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="bench", required=True)

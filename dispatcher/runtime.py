@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import heapq
 import json
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -82,7 +81,9 @@ def _identity(topic: str, payload: bytes | Any) -> tuple[str, str]:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(self, settings: Settings, store: Store, *, outbox: bool = False) -> None:
+        """``outbox``: outbound messages wait in the store for a publisher (live service);
+        otherwise they count as published when committed (replay)."""
         self.settings = settings
         self.store = store
         self.router = TopicRouter(settings)
@@ -99,7 +100,7 @@ class Runtime:
         self._expire_countdown = 0
         self._committing: asyncio.Future[None] | None = None
         self._pruned_at = 0.0
-        self.on_publish: Callable[[float, Publish], None] | None = None
+        self.outbox = outbox
         self.counts = {"handled": 0, "rejected": 0, "duplicates": 0, "timers": 0, "published": 0}
 
     # ---- start-up --------------------------------------------------------------------------
@@ -244,9 +245,7 @@ class Runtime:
         for effect in effects:
             if isinstance(effect, Publish):
                 self.counts["published"] += 1
-                store.add_outbox(now, effect, sent=self.on_publish is None)
-                if self.on_publish is not None:
-                    self.on_publish(now, effect)
+                store.add_outbox(now, effect, sent=not self.outbox)
             elif isinstance(effect, Noted):
                 entry = effect.entry
                 store.add_timeline(effect.incident_id, entry)

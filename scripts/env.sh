@@ -25,7 +25,7 @@ if [[ ! -f "$stamp" ]]; then
   echo "==> installing the project and its dev tools into .venv" >&2
   mkdir -p var
   if ! { .venv/bin/python -m pip install --upgrade pip &&
-         .venv/bin/python -m pip install -e '.[dev]'; } >var/pip-install.log 2>&1; then
+         .venv/bin/python -m pip install -e '.[dev,demo]'; } >var/pip-install.log 2>&1; then
     tail -n 30 var/pip-install.log >&2
     echo "error: installing into .venv failed (full log: var/pip-install.log)" >&2
     exit 1

@@ -1,0 +1,264 @@
+"""``antifraud demo``: the seed case, live, on a real broker, faster than real time.
+
+The demo starts a broker (Mosquitto when it is installed, else an embedded amqtt broker)
+unless one is given, runs the dispatcher on a clock ``speed`` times faster than real time, and
+brings the case's people to life from its recording:
+
+- the **call-warning source** publishes the recorded call events at their pace;
+- a **simulated operator** watches the operator console feed and, once an incident turns
+  critical, calls back as recorded (the same results after the same delays);
+- **simulated handsets** (every unit of the deployment, each with a persistent session and a
+  retained ``online``) show what their radio or app shows and reply as the recorded unit did,
+  after the same delays counted from the moment the offer arrives.
+
+It prints one timeline a person can follow (console, radios, apps), then the final report,
+and checks it against the recording's replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiomqtt
+
+from adapters.broker import local_broker
+from adapters.handset import Handset, Step, cloudevent
+from adapters.live import Clock, LiveService
+from adapters.mqtt import BrokerURL, open_client
+from adapters.recording import Line, read_lines
+from adapters.replay import replay
+from adapters.report import build_report
+from adapters.store import Store
+from dispatcher.outbound import Topics
+from dispatcher.settings import Settings
+from dispatcher.summary import render_summary
+
+DEFAULT_RECORDING = (
+    Path(__file__).resolve().parent.parent / "config" / "hengnan" / "recordings" / "chen_case.jsonl"
+)
+
+
+class Timeline:
+    """Prints lines stamped with the demo clock (mm:ss since the case started)."""
+
+    def __init__(self, clock: Clock, out: TextIO) -> None:
+        self.clock, self.out = clock, out
+        self.origin = clock.now()
+
+    def say(self, who: str, text: str) -> None:
+        minutes, seconds = divmod(max(0.0, self.clock.now() - self.origin), 60)
+        self.out.write(f"[{int(minutes):02d}:{int(seconds):02d}] {who:<12} {text}\n")
+        self.out.flush()
+
+    def handset(self, line: str) -> None:
+        self.say("", line) if line.startswith("    ") else self.say("handset", line)
+
+
+def _scripts(
+    lines: list[Line], expected: dict[str, Any]
+) -> tuple[list[Line], dict[str, list[tuple[float, dict[str, Any]]]], dict[str, list[Step]]]:
+    """Split a recording into call lines, the operator's script and each unit's script."""
+    incidents = {i["id"]: i for i in expected["incidents"]}
+    offered = {
+        f"{i['id']}:{d['unit']}": d["offered_at"]
+        for i in expected["incidents"]
+        for d in i["dispatches"]
+    }
+    calls: list[Line] = []
+    operator: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    units: dict[str, list[Step]] = {}
+    for line in lines:
+        payload = line.payload if isinstance(line.payload, dict) else {}
+        data: dict[str, Any] = payload["data"] if isinstance(payload.get("data"), dict) else {}
+        if "/events/" in line.topic:
+            calls.append(line)
+        elif "/operators/" in line.topic and data.get("incident_id") in incidents:
+            inc = incidents[data["incident_id"]]
+            start = inc["critical_at"] if inc["critical_at"] is not None else inc["opened_at"]
+            operator.setdefault(inc["id"], []).append((line.at - start, payload))
+        elif "/units/" in line.topic and data.get("dispatch_id") in offered:
+            unit = line.topic.split("/")[-2]
+            verb = str(payload.get("type", "")).rsplit(".", 1)[-1]
+            units.setdefault(unit, []).append(
+                Step(verb, line.at - offered[data["dispatch_id"]], data.get("outcome"))
+            )
+    return calls, operator, units
+
+
+class Console:
+    """The operator console feed, shown on the timeline, driving the simulated operator."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: BrokerURL,
+        timeline: Timeline,
+        script: dict[str, list[tuple[float, dict[str, Any]]]],
+        speed: float,
+    ) -> None:
+        self.topics = Topics(settings.service.prefix)
+        self.prefix = settings.service.prefix
+        self.broker, self.timeline, self.script, self.speed = broker, timeline, script, speed
+        self.shown: dict[str, int] = {}
+        self.status: dict[str, str] = {}
+        self.acting: set[str] = set()
+        self.ready = asyncio.Event()
+        self.all_closed = asyncio.Event()
+        self.expected: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async with open_client(self.broker, "demo-console-op-01") as client:
+            await client.subscribe(self.topics.operators, qos=1)
+            self.ready.set()
+            messages = client.messages.__aiter__()
+            while not stop.is_set():
+                waiter = asyncio.ensure_future(messages.__anext__())
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if waiter not in done:
+                    waiter.cancel()
+                    break
+                self.on_incident(client, waiter.result())
+
+    def on_incident(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        data = json.loads(bytes(message.payload))["data"]
+        incident = data["incident_id"]
+        self.status[incident] = data["status"]
+        timeline = data["timeline"]
+        for entry in timeline[self.shown.get(incident, 0) :]:
+            who = (
+                "🖥 console"
+                if entry["by"] == "dispatcher"
+                else (
+                    "👤 operator"
+                    if entry["by"].startswith("operator/")
+                    else "📞 call"
+                    if entry["by"].startswith("+")
+                    else f"  {entry['by']}"
+                )
+            )
+            self.timeline.say(who, f"{incident}  {entry['text']}")
+        self.shown[incident] = len(timeline)
+        if self.expected and all(self.status.get(i) == "closed" for i in self.expected):
+            self.all_closed.set()
+        critical = data["severity"] == "critical" or data["status"] == "escalated"
+        if critical and incident in self.script and incident not in self.acting:
+            self.acting.add(incident)
+            task = asyncio.create_task(self._act(client, self.script[incident]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _act(
+        self, client: aiomqtt.Client, actions: list[tuple[float, dict[str, Any]]]
+    ) -> None:
+        start = time.monotonic()
+        for delay, payload in actions:
+            wait = start + delay / self.speed - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            verb = str(payload["type"]).rsplit(".", 1)[-1]
+            event = json.loads(cloudevent("op-01", payload["type"], payload["data"]))
+            event["source"] = "console/op-01"
+            await client.publish(
+                f"{self.prefix}/operators/op-01/actions",
+                json.dumps(event, ensure_ascii=False).encode(),
+                qos=1,
+            )
+            self.timeline.say(
+                "👤 operator",
+                f"presses {verb}: "
+                + ", ".join(f"{k}={v}" for k, v in payload["data"].items() if k != "incident_id"),
+            )
+
+
+async def run_demo(
+    settings: Settings,
+    recording: Path,
+    broker_url: str | None,
+    speed: float,
+    out: TextIO,
+    store_path: Path | None = None,
+) -> int:
+    lines = list(read_lines(recording))
+    expected = await replay(recording, settings)
+    calls, operator, scripts = _scripts(lines, expected)
+    async with contextlib.AsyncExitStack() as stack:
+        if broker_url is None:
+            url, kind = await stack.enter_async_context(local_broker())
+            out.write(f"broker: a private {kind} at {url}\n")
+        else:
+            url = broker_url
+            out.write(f"broker: {url}\n")
+        broker = BrokerURL.parse(url)
+        if store_path is None:
+            store_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "demo.sqlite3"
+        clock = Clock(speed=speed)
+        timeline = Timeline(clock, out)
+        stop = asyncio.Event()
+        service = LiveService(
+            settings, broker, store_path, clock, client_id=f"antifraud-demo-{int(time.time())}"
+        )
+        console = Console(settings, broker, timeline, operator, speed)
+        handsets = [
+            Handset(settings, unit, broker, scripts.get(unit), speed, timeline.handset)
+            for unit in settings.units
+        ]
+        tasks = [asyncio.create_task(service.run(stop)), asyncio.create_task(console.run(stop))]
+        tasks += [asyncio.create_task(h.run(stop)) for h in handsets]
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(
+                    service.ready.wait(),
+                    console.ready.wait(),
+                    *(h.connected.wait() for h in handsets),
+                ),
+                20,
+            )
+            out.write(
+                f"dispatcher, operator console and {len(handsets)} handsets connected; "
+                f"playing {recording.name} at {speed:g}x\n\n"
+            )
+            timeline.origin = clock.now()
+            async with open_client(broker) as source:
+                start = time.monotonic()
+                for line in calls:
+                    wait = start + line.at / speed - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    await source.publish(line.topic, json.dumps(line.payload).encode(), qos=1)
+            console.expected = {i["id"] for i in expected["incidents"] if i["status"] == "closed"}
+            if console.expected:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        console.all_closed.wait(), (lines[-1].at - calls[-1].at) / speed + 15
+                    )
+            await asyncio.sleep(0.3)
+        finally:
+            stop.set()
+            for task in tasks:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, 5)
+        async with Store(store_path) as store:
+            report = await build_report(store, settings, base=timeline.origin)
+    out.write("\n" + render_summary(report) + "\n")
+    same = [(i["id"], i["status"], i["outcome"]) for i in report["incidents"]] == [
+        (i["id"], i["status"], i["outcome"]) for i in expected["incidents"]
+    ]
+    out.write(
+        (
+            "\nthe live run ends as its replay does: "
+            if same
+            else "\nthe live run differs from its replay: "
+        )
+        + ", ".join(f"{i['id']} {i['status']} {i['outcome']}" for i in expected["incidents"])
+        + "\n"
+    )
+    return 0 if same else 1

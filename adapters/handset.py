@@ -1,0 +1,299 @@
+"""A terminal handset for a guard's radio, a patrol's or a grid worker's app.
+
+It keeps a persistent session (client id ``handset-{unit}``) so offers published while it was
+out of coverage arrive when it comes back; announces itself with a retained ``online`` on its
+``status`` topic, with ``offline`` as its will; shows each message as the radio or app would;
+drops duplicates by CloudEvent ``(source, id)``; and replies with single keys
+(1 accept, 2 decline, 3 arrived, 4 report, then the outcome) or by itself after set delays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from adapters.mqtt import Backoff, BrokerURL, open_client
+from dispatcher.errors import BrokerError
+from dispatcher.outbound import Topics
+from dispatcher.settings import Settings, Unit
+
+log = structlog.get_logger("handset")
+
+OUTCOME_KEYS = {"d": "dissuaded", "n": "not_home", "l": "loss", "f": "false_alarm"}
+VERB_KEYS = {"1": "accepted", "2": "declined", "3": "arrived", "4": "reported"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """Reply ``verb`` ``after_s`` clock seconds after the offer arrived."""
+
+    verb: str
+    after_s: float
+    outcome: str | None = None
+
+
+def auto_script(
+    accept_after: float | None,
+    arrive_after: float | None,
+    report_after: float | None,
+    outcome: str,
+    decline: bool = False,
+) -> list[Step]:
+    """Accept (or decline), arrive and report, each delay counted from the previous step."""
+    if decline:
+        return [Step("declined", accept_after or 0.0)]
+    steps, at = [], 0.0
+    if accept_after is not None:
+        at += accept_after
+        steps.append(Step("accepted", at))
+        if arrive_after is not None:
+            at += arrive_after
+            steps.append(Step("arrived", at))
+        if report_after is not None:
+            at += report_after
+            steps.append(Step("reported", at, outcome))
+    return steps
+
+
+def cloudevent(unit: str, type_: str, data: dict[str, Any]) -> bytes:
+    event = {
+        "specversion": "1.0",
+        "id": f"{unit}-{uuid.uuid4().hex[:16]}",
+        "source": f"unit/{unit}",
+        "type": type_,
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "subject": data.get("dispatch_id", unit),
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    return json.dumps(event, ensure_ascii=False).encode("utf-8")
+
+
+def render(unit: Unit, event: dict[str, Any]) -> list[str]:
+    """What the radio screen (guard, grid worker) or the app (police) shows for a message."""
+    data = event.get("data", {})
+    kind = event.get("type", "").rsplit(".", 1)[-1]
+    radio = unit.kind in ("guard", "grid_worker")
+    icon = "📻" if radio else "📱"
+    head = f"{icon} {unit.id} {unit.name}"
+    if kind == "offered" and radio:
+        return [
+            f"{head} ◀ 派单 {data.get('dispatch_id')}",
+            f"    {data.get('text')}",
+            "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果",
+        ]
+    if kind == "offered":
+        inc = data.get("incident", {})
+        sub = inc.get("subscriber", {})
+        return [
+            f"{head} ◀ 出警单 {data.get('dispatch_id')}",
+            f"    居民 {sub.get('name', '?')}（{sub.get('display_name', '')}）"
+            f" {sub.get('msisdn', '')}  {sub.get('address', '地址不详')}",
+            f"    涉诈号码 {inc.get('counterpart')}（{inc.get('category_label') or '未分类'}）"
+            f"  风险 {inc.get('severity')} / {inc.get('rule')}  通话{inc.get('duration_s')}秒",
+            "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果",
+        ]
+    if kind in ("cancelled", "notice"):
+        return [f"{head} ◀ {data.get('text')}"]
+    return [f"{head} ◀ {event.get('type')}"]
+
+
+class Handset:
+    def __init__(
+        self,
+        settings: Settings,
+        unit_id: str,
+        broker: BrokerURL,
+        script: list[Step] | None = None,
+        speed: float = 1.0,
+        show: Callable[[str], None] = print,
+    ) -> None:
+        self.unit = settings.units[unit_id]
+        self.broker = broker
+        self.topics = Topics(settings.service.prefix)
+        self.script = script
+        self.speed = speed
+        self.show = show
+        self.status_topic = f"{settings.service.prefix}/units/{unit_id}/status"
+        self.client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.received: list[dict[str, Any]] = []
+        self.current: str | None = None  # the dispatch the keys act on
+        self._seen: deque[tuple[str, str]] = deque(maxlen=1000)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._outcome_pending = False
+
+    # ---- connection ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(cap=10.0)
+        while not stop.is_set():
+            will = aiomqtt.Will(
+                self.status_topic,
+                cloudevent(self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}),
+                qos=1,
+                retain=True,
+            )
+            try:
+                async with open_client(
+                    self.broker, f"handset-{self.unit.id}", persistent=True, will=will
+                ) as client:
+                    await client.subscribe(self.topics.dispatches(self.unit.id), qos=1)
+                    await client.publish(
+                        self.status_topic,
+                        cloudevent(self.unit.id, "cn.antifraud.unit.status", {"state": "online"}),
+                        qos=1,
+                        retain=True,
+                    )
+                    self.client = client
+                    self.connected.set()
+                    backoff.reset()
+                    await self._receive(client, stop)
+                    if stop.is_set():  # a clean goodbye: say offline before disconnecting
+                        await client.publish(
+                            self.status_topic,
+                            cloudevent(
+                                self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}
+                            ),
+                            qos=1,
+                            retain=True,
+                        )
+            except (BrokerError, aiomqtt.MqttError) as exc:
+                log.warning("handset_disconnected", unit=self.unit.id, error=str(exc))
+            finally:
+                self.client = None
+                self.connected.clear()
+            if not stop.is_set():
+                await asyncio.sleep(backoff.next_delay())
+        for task in self._tasks:
+            task.cancel()
+
+    async def _receive(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
+        messages = client.messages.__aiter__()
+        while True:
+            waiter = asyncio.ensure_future(messages.__anext__())
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if waiter not in done:
+                waiter.cancel()
+                return
+            self.on_message(waiter.result())
+
+    def on_message(self, message: aiomqtt.Message) -> None:
+        try:
+            event = json.loads(bytes(message.payload))
+        except (TypeError, ValueError):
+            return
+        key = (str(event.get("source")), str(event.get("id")))
+        if key in self._seen:
+            return  # a redelivery: already shown and handled
+        self._seen.append(key)
+        self.received.append(event)
+        for line in render(self.unit, event):
+            self.show(line)
+        data = event.get("data", {})
+        if event.get("type") == "cn.antifraud.dispatch.offered":
+            self.current = data.get("dispatch_id")
+            if self.script:
+                task = asyncio.create_task(self._play(str(self.current), self.script))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    # ---- replies ---------------------------------------------------------------------------
+
+    async def reply(self, dispatch_id: str, verb: str, outcome: str | None = None) -> None:
+        data: dict[str, Any] = {"dispatch_id": dispatch_id}
+        if outcome:
+            data["outcome"] = outcome
+        await self.connected.wait()
+        assert self.client is not None
+        await self.client.publish(
+            self.topics.replies(self.unit.id),
+            cloudevent(self.unit.id, f"cn.antifraud.unit.{verb}", data),
+            qos=1,
+        )
+        self.show(
+            f"{'📻' if self.unit.channel == 'radio' else '📱'} {self.unit.id} ▶ {verb}"
+            + (f" {outcome}" if outcome else "")
+        )
+
+    async def _play(self, dispatch_id: str, script: list[Step]) -> None:
+        start = asyncio.get_running_loop().time()
+        for step in script:
+            delay = start + step.after_s / self.speed - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self.reply(dispatch_id, step.verb, step.outcome)
+
+    async def keys(self, stop: asyncio.Event) -> None:
+        """Single-key replies from the terminal: 1 accept, 2 decline, 3 arrived, 4 report, q."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        fd = sys.stdin.fileno()
+        restore = None
+        if sys.stdin.isatty():
+            import termios
+            import tty
+
+            restore = termios.tcgetattr(fd)
+            tty.setcbreak(fd)
+        loop.add_reader(fd, lambda: queue.put_nowait(sys.stdin.read(1)))
+        try:
+            while not stop.is_set():
+                key = (await queue.get()).strip().lower()
+                if key == "q":
+                    stop.set()
+                elif key:
+                    await self.on_key(key)
+        finally:
+            loop.remove_reader(fd)
+            if restore is not None:
+                import termios
+
+                termios.tcsetattr(fd, termios.TCSADRAIN, restore)
+
+    async def on_key(self, key: str) -> None:
+        if self._outcome_pending:
+            outcome = OUTCOME_KEYS.get(key)
+            if outcome is None:
+                self.show("    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报")
+                return
+            self._outcome_pending = False
+            await self.reply(str(self.current), "reported", outcome)
+            return
+        verb = VERB_KEYS.get(key)
+        if verb is None or self.current is None:
+            self.show("    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果  [q] 退出")
+            return
+        if verb == "reported":
+            self._outcome_pending = True
+            self.show("    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报")
+            return
+        await self.reply(self.current, verb)
+
+
+async def run_handset(handset: Handset, interactive: bool) -> None:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(handset.run(stop))]
+    if interactive:
+        tasks.append(asyncio.create_task(handset.keys(stop)))
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

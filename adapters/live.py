@@ -1,0 +1,210 @@
+"""The live service: the same runtime as replay, on a real broker and the system clock.
+
+Three tasks share one runtime:
+
+- **connection**: connects with a fixed client id and a persistent session, subscribes to the
+  inbound topics (QoS 1) and queues every message; when the broker is unreachable or lost it
+  reconnects with capped exponential backoff and jitter, logging each attempt;
+- **processor**: fires due timers, handles queued messages in batches, commits the batch to the
+  store and only then acknowledges the messages (PUBACK), so a crash at any moment loses
+  nothing (unacknowledged messages are redelivered to the persistent session) and processes
+  nothing twice (redeliveries are dropped as duplicates). Timers keep firing while the broker
+  is away;
+- **publisher**: sends the store's outbox in order (QoS 1, incident state retained) and marks
+  each message sent once the broker acknowledged it; what was produced while disconnected goes
+  out after the reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import aiomqtt
+import structlog
+
+from adapters.mqtt import Backoff, BrokerURL, ack, open_client, protocol_of
+from adapters.store import Store
+from dispatcher.errors import BrokerError, StoreError
+from dispatcher.outbound import Topics
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+log = structlog.get_logger("live")
+
+BATCH = 1000  # inbound messages handled per commit at most
+PUBLISH_CHUNK = 200
+
+
+class Clock:
+    """The runtime's seconds: wall-clock time, or time running ``speed`` times faster from
+    ``start`` (the demo plays a 25-minute case in under a minute, timers included)."""
+
+    def __init__(self, speed: float = 1.0, start: float | None = None) -> None:
+        self.speed = speed
+        self.start = time.time() if start is None else start
+
+    def now(self) -> float:
+        return self.start + (time.time() - self.start) * self.speed
+
+    def real_seconds(self, clock_seconds: float) -> float:
+        return clock_seconds / self.speed
+
+
+def _payload_bytes(payload: object) -> bytes:
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if payload is None:
+        return b""
+    return str(payload).encode("utf-8")
+
+
+class LiveService:
+    def __init__(
+        self,
+        settings: Settings,
+        broker: BrokerURL,
+        store_path: Path,
+        clock: Clock | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.store_path = store_path
+        self.clock = clock or Clock()
+        self.client_id = client_id or settings.service.client_id
+        self.topics = Topics(settings.service.prefix)
+        self.client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.ready = asyncio.Event()  # subscribed at least once
+        self.runtime: Runtime | None = None
+        self._inbox: asyncio.Queue[tuple[aiomqtt.Client, aiomqtt.Message]] = asyncio.Queue()
+        self._outbox_changed = asyncio.Event()
+        self.stats = {"connects": 0, "received": 0, "published": 0}
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        async with Store(self.store_path) as store:
+            runtime = self.runtime = Runtime(self.settings, store, outbox=True)
+            await runtime.start()
+            if runtime.meta.get("mode", "live") != "live":
+                raise StoreError(
+                    f"{self.store_path}: this store holds a replay, not a live "
+                    "dispatcher's state; use another --store"
+                )
+            store.set_meta("mode", "live")
+            await runtime.commit()
+            self._outbox_changed.set()  # anything left unsent by the last process goes first
+            tasks = [
+                asyncio.create_task(coro, name=name)
+                for name, coro in (
+                    ("connection", self._connection()),
+                    ("processor", self._processor(runtime)),
+                    ("publisher", self._publisher(store)),
+                )
+            ]
+            stopper = asyncio.create_task(stop.wait(), name="stop")
+            try:
+                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not stopper and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+            finally:
+                for task in [*tasks, stopper]:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                await runtime.commit()
+                log.info("stopped", **runtime.counts)
+
+    # ---- connection ------------------------------------------------------------------------
+
+    async def _connection(self) -> None:
+        backoff = Backoff()
+        filters = self.topics.inbound_filters(self.settings.service.region)
+        while True:
+            log.info("broker_connecting", broker=str(self.broker), attempt=backoff.attempt + 1)
+            try:
+                async with open_client(
+                    self.broker, self.client_id, persistent=True, manual_acks=True
+                ) as client:
+                    await client.subscribe([(f, 1) for f in filters])
+                    self.client = client
+                    self.stats["connects"] += 1
+                    self.connected.set()
+                    self.ready.set()
+                    self._outbox_changed.set()
+                    backoff.reset()
+                    log.info(
+                        "broker_connected",
+                        broker=str(self.broker),
+                        protocol=protocol_of(client),
+                        client_id=self.client_id,
+                    )
+                    async for message in client.messages:
+                        self.stats["received"] += 1
+                        self._inbox.put_nowait((client, message))
+            except (BrokerError, aiomqtt.MqttError) as exc:
+                log.warning("broker_unavailable", broker=str(self.broker), error=str(exc))
+            finally:
+                self.client = None
+                self.connected.clear()
+            delay = backoff.next_delay()
+            log.info("broker_reconnect_wait", seconds=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    # ---- processing ------------------------------------------------------------------------
+
+    async def _processor(self, runtime: Runtime) -> None:
+        clock = self.clock
+        while True:
+            due = runtime.next_due()
+            timeout = None if due is None else max(0.0, clock.real_seconds(due - clock.now()))
+            batch: list[tuple[aiomqtt.Client, aiomqtt.Message]] = []
+            with contextlib.suppress(TimeoutError):
+                batch.append(await asyncio.wait_for(self._inbox.get(), timeout))
+            while batch and len(batch) < BATCH and not self._inbox.empty():
+                batch.append(self._inbox.get_nowait())
+            now = max(clock.now(), runtime.clock)
+            runtime.advance(now)
+            if batch and "first_inbound_at" not in runtime.meta:
+                runtime.meta["first_inbound_at"] = repr(now)
+                runtime.store.set_meta("first_inbound_at", repr(now))
+            for _client, message in batch:
+                runtime.handle(str(message.topic), _payload_bytes(message.payload), now)
+            await runtime.commit()
+            for client, message in batch:
+                if client is self.client:  # else: redelivered to the new session, then dropped
+                    ack(client, message)
+            self._outbox_changed.set()
+
+    # ---- publishing ------------------------------------------------------------------------
+
+    async def _publisher(self, store: Store) -> None:
+        while True:
+            await self._outbox_changed.wait()
+            self._outbox_changed.clear()
+            while True:
+                client = self.client
+                if client is None:
+                    await self.connected.wait()
+                    continue
+                rows = await store.unsent(PUBLISH_CHUNK)
+                if not rows:
+                    break
+                try:
+                    await asyncio.gather(
+                        *(
+                            client.publish(topic, payload or b"", qos=qos, retain=retain)
+                            for _, topic, qos, retain, payload in rows
+                        )
+                    )
+                except aiomqtt.MqttError as exc:
+                    log.warning("publish_failed", error=str(exc), pending=len(rows))
+                    await asyncio.sleep(0.1)  # the connection task notices and reconnects
+                    continue
+                await store.mark_sent([row[0] for row in rows])
+                self.stats["published"] += len(rows)

@@ -1,0 +1,166 @@
+"""MQTT connections (aiomqtt): broker URLs, protocol fallback, persistent sessions, acks.
+
+Every client of the project connects through ``open_client``: MQTT 5 where the broker speaks
+it, else 3.1.1 (the choice is remembered per broker). Persistent clients (the dispatcher, the
+handsets) keep a fixed client id and a session that survives disconnects, so messages published
+while they were away are delivered when they come back.
+
+aiomqtt acknowledges QoS 1 messages as soon as they arrive. The dispatcher must acknowledge a
+message only once its effects are committed, so ``manual_acks`` switches the underlying
+paho-mqtt client to application-controlled acknowledgements (aiomqtt has no option for it yet;
+this is the workaround its maintainers point to) and ``ack`` sends the PUBACK.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from dispatcher.errors import BrokerError, ConfigError
+
+SESSION_EXPIRY_S = 7 * 24 * 3600
+UNSUPPORTED_PROTOCOL = {1, 132}  # 3.1.1 "unacceptable protocol version", 5.0 0x84
+PASSWORD_ENV = "ANTIFRAUD_BROKER_PASSWORD"
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    """``mqtt://[user@]host[:port]`` or ``mqtts://…`` (TLS). The password never comes from the
+    URL's text on a command line: it is read from ``ANTIFRAUD_BROKER_PASSWORD`` or the config."""
+
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def parse(cls, url: str, password: str | None = None) -> BrokerURL:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError([f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://…"])
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError:
+            raise ConfigError([f"broker URL {url!r}: the port is not a number"]) from None
+        username = unquote(parts.username) if parts.username else None
+        secret = (
+            password
+            or os.environ.get(PASSWORD_ENV)
+            or (unquote(parts.password) if parts.password else None)
+        )
+        return cls(parts.hostname, port, parts.scheme == "mqtts", username, secret)
+
+    def __str__(self) -> str:
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+_protocols: dict[tuple[str, int], aiomqtt.ProtocolVersion] = {}
+
+
+def _client(
+    broker: BrokerURL,
+    protocol: aiomqtt.ProtocolVersion,
+    identifier: str | None,
+    persistent: bool,
+    will: aiomqtt.Will | None,
+    timeout: float,
+) -> aiomqtt.Client:
+    properties = None
+    kwargs: dict[str, object] = {}
+    if protocol == aiomqtt.ProtocolVersion.V5:
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S if persistent else 0
+        kwargs["clean_start"] = not persistent
+    else:
+        kwargs["clean_session"] = not persistent
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        identifier=identifier,
+        protocol=protocol,
+        username=broker.username,
+        password=broker.password,
+        will=will,
+        timeout=timeout,
+        keepalive=30,
+        properties=properties,
+        tls_context=ssl.create_default_context() if broker.tls else None,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+@asynccontextmanager
+async def open_client(
+    broker: BrokerURL,
+    identifier: str | None = None,
+    *,
+    persistent: bool = False,
+    will: aiomqtt.Will | None = None,
+    manual_acks: bool = False,
+    operation_timeout: float = 10.0,
+) -> AsyncIterator[aiomqtt.Client]:
+    """Connect (MQTT 5, or 3.1.1 when the broker refuses 5); ``BrokerError`` if unreachable."""
+    key = (broker.host, broker.port)
+    first = _protocols.get(key, aiomqtt.ProtocolVersion.V5)
+    candidates = (
+        [first] if first == aiomqtt.ProtocolVersion.V311 else [first, aiomqtt.ProtocolVersion.V311]
+    )
+    for protocol in candidates:
+        client = _client(broker, protocol, identifier, persistent, will, operation_timeout)
+        if manual_acks:
+            client._client.manual_ack_set(True)
+        try:
+            await client.__aenter__()
+            break
+        except aiomqtt.MqttCodeError as exc:
+            code = getattr(exc.rc, "value", exc.rc)
+            if protocol == aiomqtt.ProtocolVersion.V5 and code in UNSUPPORTED_PROTOCOL:
+                continue  # the broker speaks 3.1.1 only: try again with it
+            raise BrokerError(f"{broker}: connection refused: {exc}") from None
+        except aiomqtt.MqttError as exc:
+            raise BrokerError(f"{broker}: cannot connect: {exc}") from None
+    _protocols[key] = protocol
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
+
+
+def protocol_of(client: aiomqtt.Client) -> str:
+    return "5" if client._client.protocol == aiomqtt.ProtocolVersion.V5.value else "3.1.1"
+
+
+def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    """Acknowledge a QoS 1/2 message received with ``manual_acks`` (a no-op for QoS 0)."""
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter: 0.5 s, 1 s, 2 s … up to ``cap`` s."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0, rng: random.Random | None = None):
+        self.base, self.cap = base, cap
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.base * (2**self.attempt))
+        self.attempt += 1
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0

@@ -1,0 +1,96 @@
+"""Recording live inbound traffic, and playing a recording onto a live broker (SPEC §6)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import aiomqtt
+import structlog
+
+from adapters.mqtt import BrokerURL, open_client
+from adapters.recording import read_lines, write_line
+from dispatcher.outbound import Topics
+from dispatcher.settings import Settings
+
+log = structlog.get_logger("recorder")
+
+
+async def record(
+    settings: Settings,
+    broker: BrokerURL,
+    out: Path,
+    stop: asyncio.Event,
+    duration: float | None = None,
+) -> int:
+    """Append every inbound message to ``out`` as a recording line until ``stop`` is set.
+
+    ``at`` counts seconds from the first message recorded. Lines are flushed one by one, so a
+    recording cut short is still a valid recording up to its last line.
+    """
+    filters = Topics(settings.service.prefix).inbound_filters(settings.service.region)
+    count = 0
+    start: float | None = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    async with open_client(broker) as client:
+        await client.subscribe([(f, 1) for f in filters])
+        log.info("recording", broker=str(broker), out=str(out), topics=filters)
+        with out.open("a", encoding="utf-8") as handle:
+            deadline = None if duration is None else time.monotonic() + duration
+            messages = client.messages.__aiter__()
+            while not stop.is_set():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                waiter = asyncio.ensure_future(messages.__anext__())
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait(
+                    {waiter, stopper}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                stopper.cancel()
+                if waiter not in done:
+                    waiter.cancel()
+                    continue
+                message: aiomqtt.Message = waiter.result()
+                now = time.monotonic()
+                start = now if start is None else start
+                payload = message.payload
+                raw = (
+                    payload
+                    if isinstance(payload, bytes | bytearray)
+                    else str(payload or "").encode()
+                )
+                handle.write(
+                    write_line(round(now - start, 3), str(message.topic), bytes(raw)) + "\n"
+                )
+                handle.flush()
+                count += 1
+    return count
+
+
+async def publish_recording(
+    recording: Path, broker: BrokerURL, speed: float = 1.0, status_suffix: str = "/status"
+) -> int:
+    """Publish every line of ``recording`` at its own pace divided by ``speed`` (QoS 1).
+
+    Unit presence (``…/status``) is published retained, as handsets do.
+    """
+    count = 0
+    async with open_client(broker, persistent=False) as client:
+        start = time.monotonic()
+        for line in read_lines(recording):
+            delay = start + line.at / speed - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            payload = (
+                line.payload
+                if isinstance(line.payload, bytes)
+                else json.dumps(line.payload, ensure_ascii=False).encode("utf-8")
+            )
+            await client.publish(
+                line.topic, payload, qos=1, retain=line.topic.endswith(status_suffix)
+            )
+            count += 1
+    return count
