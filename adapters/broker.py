@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from adapters.mqtt import BrokerURL, remember_protocol
 from dispatcher.errors import BrokerError
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "mosquitto" / "local.conf"
@@ -134,6 +135,8 @@ async def local_broker(prefer: str = "auto") -> AsyncIterator[tuple[str, str]]:
     await broker.start()
     try:
         await asyncio.to_thread(wait_for_port, port)
-        yield f"mqtt://127.0.0.1:{port}", "amqtt"
+        url = f"mqtt://127.0.0.1:{port}"
+        remember_protocol(BrokerURL.parse(url), "3.1.1")  # amqtt speaks MQTT 3.1.1 only
+        yield url, "amqtt"
     finally:
         await broker.shutdown()

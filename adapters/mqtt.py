@@ -80,8 +80,9 @@ def _client(
     properties = None
     kwargs: dict[str, object] = {}
     if protocol == aiomqtt.ProtocolVersion.V5:
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S if persistent else 0
+        if persistent:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
         kwargs["clean_start"] = not persistent
     else:
         kwargs["clean_session"] = not persistent
@@ -130,6 +131,8 @@ async def open_client(
                 continue  # the broker speaks 3.1.1 only: try again with it
             raise BrokerError(f"{broker}: connection refused: {exc}") from None
         except aiomqtt.MqttError as exc:
+            if protocol == aiomqtt.ProtocolVersion.V5 and "timed out" in str(exc):
+                continue  # some 3.1.1-only brokers ignore a 5.0 CONNECT instead of refusing it
             raise BrokerError(f"{broker}: cannot connect: {exc}") from None
     _protocols[key] = protocol
     try:
@@ -137,6 +140,13 @@ async def open_client(
     finally:
         with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
+
+
+def remember_protocol(broker: BrokerURL, version: str) -> None:
+    """Tell ``open_client`` which protocol a broker speaks, saving the 5.0 attempt."""
+    _protocols[(broker.host, broker.port)] = (
+        aiomqtt.ProtocolVersion.V5 if version == "5" else aiomqtt.ProtocolVersion.V311
+    )
 
 
 def protocol_of(client: aiomqtt.Client) -> str:

@@ -88,6 +88,14 @@ class _Batch:
     contacts: list[tuple[str, float, str]] = field(default_factory=list)
     presence: dict[str, tuple[str, float]] = field(default_factory=dict)
 
+    def absorb(self, newer: _Batch) -> None:
+        """Append a newer batch to this one (its values win where both set one)."""
+        self.meta.update(newer.meta)
+        self.incidents.update(newer.incidents)
+        self.presence.update(newer.presence)
+        for name in ("timeline", "outbox", "inbound", "rejected", "contacts"):
+            getattr(self, name).extend(getattr(newer, name))
+
     def __len__(self) -> int:
         return (
             len(self.incidents)
@@ -239,8 +247,15 @@ class Store:
     async def commit(self) -> None:
         """Write everything queued in one transaction (all or nothing)."""
         batch, self._batch = self._batch, _Batch()
-        async with self._writing:
-            await self._commit(batch)
+        try:
+            async with self._writing:
+                await self._commit(batch)
+        except BaseException:
+            # Nothing queued is ever dropped: a failed or interrupted commit puts its batch
+            # back in front of whatever was queued since, for the next commit to write.
+            batch.absorb(self._batch)
+            self._batch = batch
+            raise
 
     async def _commit(self, batch: _Batch) -> None:
         if not len(batch):

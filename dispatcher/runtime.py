@@ -289,6 +289,10 @@ class Runtime:
         self._committing = asyncio.ensure_future(self.store.commit())
 
     async def wait_committed(self) -> None:
-        if self._committing is not None:
-            task, self._committing = self._committing, None
-            await task
+        """Wait for the commit in flight. It is shielded: a caller being cancelled (a
+        shutdown) never cancels a commit half-way; the next ``commit()`` waits for it."""
+        task = self._committing
+        if task is not None:
+            await asyncio.shield(task)
+            if self._committing is task:
+                self._committing = None

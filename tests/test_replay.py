@@ -210,3 +210,28 @@ async def test_work_before_a_malformed_line_is_kept_and_resumable(
     with sqlite3.connect(store) as db:
         cursor = db.execute("SELECT value FROM meta WHERE key='replay.cursor'").fetchone()
     assert cursor == ("3",)
+
+
+async def test_a_failed_commit_keeps_its_writes_for_the_next_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / "store.sqlite3"
+    async with Store(path) as store:
+        store.set_meta("first", "1")
+        store.add_rejected(1.0, "t", "r1", "p")
+        real = store._commit
+
+        async def broken(batch: object) -> None:
+            raise OSError("disk full")
+
+        store._commit = broken  # type: ignore[method-assign,assignment]
+        with pytest.raises(OSError, match="disk full"):
+            await store.commit()
+        store._commit = real  # type: ignore[method-assign]
+        store.add_rejected(2.0, "t", "r2", "p")
+        await store.commit()
+        assert await store.fetchall("SELECT reason FROM rejected ORDER BY seq") == [
+            ("r1",),
+            ("r2",),
+        ]
+        assert await store.fetchall("SELECT value FROM meta WHERE key='first'") == [("1",)]

@@ -1,0 +1,374 @@
+"""The live service on a real broker: a private Mosquitto on a free port for each test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scenario import CHEN, INVESTMENT, Script
+
+from adapters.broker import Mosquitto, local_broker, mosquitto_binary
+from adapters.handset import Handset, Step
+from adapters.live import Clock, LiveService
+from adapters.mqtt import BrokerURL, open_client, protocol_of
+from adapters.recorder import publish_recording, record
+from adapters.replay import replay
+from adapters.report import live_report
+from adapters.store import Store
+from dispatcher.settings import Settings
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed"),
+]
+
+SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
+SPEED = 100.0  # clock speed of these tests: the 25-minute seed case plays in 15 s
+P = "antifraud/v1"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    mosquitto = Mosquitto(tmp_path / "broker")
+    mosquitto.start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.kill()
+
+
+class Running:
+    """A live dispatcher in the background of a test."""
+
+    def __init__(
+        self, settings: Settings, broker: Mosquitto, store: Path, speed: float = SPEED
+    ) -> None:
+        self.stop = asyncio.Event()
+        self.service = LiveService(
+            settings,
+            BrokerURL.parse(broker.url),
+            store,
+            Clock(speed=speed),
+            client_id="dispatcher-under-test",
+        )
+        self.task = asyncio.create_task(self.service.run(self.stop))
+
+    async def ready(self) -> None:
+        await asyncio.wait_for(self.service.ready.wait(), 10)
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 10)
+
+
+@contextlib.asynccontextmanager
+async def dispatcher(
+    settings: Settings, broker: Mosquitto, store: Path, speed: float = SPEED
+) -> AsyncIterator[Running]:
+    running = Running(settings, broker, store, speed)
+    await running.ready()
+    try:
+        yield running
+    finally:
+        if not running.task.done():
+            await running.finish()
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def statuses(report: dict[str, Any]) -> list[Any]:
+    return [
+        (
+            i["id"],
+            i["status"],
+            i["outcome"],
+            i["severity"],
+            i["rule"],
+            [(d["unit"], d["status"], d["outcome"]) for d in i["dispatches"]],
+        )
+        for i in report["incidents"]
+    ]
+
+
+async def test_the_seed_case_published_live_ends_as_its_replay(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    store = tmp_path / "live.sqlite3"
+    async with dispatcher(settings, broker, store):
+        await publish_recording(SEED, BrokerURL.parse(broker.url), speed=SPEED)
+        await asyncio.sleep(0.5)
+    live = await live_report(store, settings)
+    expected = await replay(SEED, settings)
+    assert statuses(live) == statuses(expected)
+    for key in ("opened_at", "critical_at", "escalated_at", "closed_at"):
+        assert live["incidents"][0][key] == pytest.approx(expected["incidents"][0][key], abs=3)
+    async with Store(store) as opened:
+        assert await opened.unsent(10) == []  # everything reached the broker
+
+
+async def test_outbound_messages_reach_subscribers_with_qos_1_and_retained_state(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    async with dispatcher(settings, broker, tmp_path / "live.sqlite3"):
+        await publish_recording(SEED, BrokerURL.parse(broker.url), speed=SPEED)
+        await asyncio.sleep(0.5)
+    # a console connecting afterwards still finds the incident's state, retained
+    async with open_client(BrokerURL.parse(broker.url)) as late:
+        await late.subscribe(f"{P}/incidents/+", qos=1)
+        message = await asyncio.wait_for(anext(late.messages.__aiter__()), 5)
+    assert message.retain
+    state = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+    assert (state["type"], state["data"]["outcome"]) == (
+        "cn.antifraud.incident.closed",
+        "prevented",
+    )
+
+
+async def test_a_handset_offline_during_the_offer_receives_it_when_it_returns(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    # the radio registers its session once, then goes out of coverage without a will
+    async with open_client(url, "handset-G-YJ-CH-01", persistent=True) as radio:
+        await radio.subscribe(f"{P}/units/G-YJ-CH-01/dispatches", qos=1)
+    script = Script()
+    script.escalated(0, "C1")
+    recording = script.write(tmp_path / "escalate.jsonl")
+    async with dispatcher(settings, broker, tmp_path / "live.sqlite3") as running:
+        await publish_recording(recording, url, speed=SPEED)
+        await wait_until(lambda: running.service.stats["published"] >= 10)
+        shown: list[str] = []
+        handset = Handset(settings, "G-YJ-CH-01", url, show=shown.append)
+        stop = asyncio.Event()
+        task = asyncio.create_task(handset.run(stop))
+        await wait_until(
+            lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received)
+        )
+        stop.set()
+        await task
+    offer = next(e for e in handset.received if e["type"] == "cn.antifraud.dispatch.offered")
+    assert offer["data"]["dispatch_id"] == "INC-C1:G-YJ-CH-01"
+    assert any("陈女士" in line for line in shown)
+
+
+async def test_a_unit_whose_handset_dropped_out_is_skipped(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    async with dispatcher(settings, broker, tmp_path / "live.sqlite3") as running:
+        runtime = running.service.runtime
+        assert runtime is not None
+        # a real handset process announces itself online, then dies without a goodbye:
+        # the broker publishes its will, a retained offline
+        radio = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "handset",
+            "--unit",
+            "G-YJ-CH-01",
+            "--broker",
+            broker.url,
+            "--auto",
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            await wait_until(lambda: runtime.state.presence.get("G-YJ-CH-01") == "online")
+        finally:
+            radio.kill()
+            await radio.wait()
+        await wait_until(lambda: runtime.state.presence.get("G-YJ-CH-01") == "offline")
+        script = Script()
+        script.escalated(0, "C1")
+        await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=SPEED)
+        await wait_until(
+            lambda: (
+                "INC-C1" in runtime.state.incidents
+                and runtime.state.incidents["INC-C1"].status == "escalated"
+            )
+        )
+    report = await live_report(tmp_path / "live.sqlite3", settings)
+    units = {d["unit"]: d["status"] for d in report["incidents"][0]["dispatches"]}
+    assert "G-YJ-CH-01" not in units, units
+    assert units["G-YJ-CH-02"] == "offered", units
+
+
+async def test_a_broker_restart_mid_incident_loses_nothing(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    lines = SEED.read_text(encoding="utf-8").splitlines()
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("\n".join(lines[:14]) + "\n", encoding="utf-8")  # up to P-YJ-01 accepting
+    rest = [json.loads(line) for line in lines[14:]]
+    offset = rest[0]["at"] - 1
+    second.write_text(
+        "\n".join(json.dumps(r | {"at": r["at"] - offset}) for r in rest) + "\n", encoding="utf-8"
+    )
+    store = tmp_path / "live.sqlite3"
+    async with dispatcher(settings, broker, store, speed=1.0) as running:
+        await publish_recording(first, url, speed=1000)
+        await wait_until(lambda: running.service.stats["published"] >= 30)
+        broker.stop()
+        await wait_until(lambda: not running.service.connected.is_set())
+        await asyncio.sleep(1.0)
+        broker.start()
+        await wait_until(lambda: running.service.connected.is_set(), timeout=20)
+        await publish_recording(second, url, speed=1000)
+        await wait_until(
+            lambda: (
+                running.service.runtime is not None
+                and running.service.runtime.state.incidents["INC-C-20211015-0001"].status
+                == "closed"
+            )
+        )
+        await asyncio.sleep(0.3)
+    assert running.service.stats["connects"] >= 2
+    live = await live_report(store, settings)
+    assert statuses(live) == statuses(await replay(SEED, settings))
+    async with Store(store) as opened:
+        assert await opened.unsent(10) == []
+
+
+async def test_timers_fire_while_the_broker_is_away_and_their_offers_go_out_after(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    async with open_client(url, "handset-Q-YJ-YL", persistent=True) as platform:
+        await platform.subscribe(f"{P}/units/Q-YJ-YL/dispatches", qos=1)  # a session to fill
+    script = Script()
+    incident = script.escalated(0, "C1")
+    script.reply(260, "P-YJ-01", "accepted", incident)
+    async with dispatcher(settings, broker, tmp_path / "live.sqlite3") as running:
+        await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=SPEED)
+        runtime = running.service.runtime
+        assert runtime is not None
+        await wait_until(
+            lambda: (
+                runtime.state.incidents.get("INC-C1") is not None
+                and "INC-C1:P-YJ-01" in runtime.state.incidents["INC-C1"].dispatches
+                and runtime.state.incidents["INC-C1"].dispatches["INC-C1:P-YJ-01"].status
+                == "accepted"
+            )
+        )
+        broker.stop()
+        # the guards' 30 s run out (0.3 s at this speed) with the broker away
+        await wait_until(lambda: "INC-C1:Q-YJ-YL" in runtime.state.incidents["INC-C1"].dispatches)
+        broker.start()
+        handset = Handset(settings, "Q-YJ-YL", url, show=lambda _: None)
+        stop = asyncio.Event()
+        task = asyncio.create_task(handset.run(stop))
+        await wait_until(
+            lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received),
+            timeout=20,
+        )
+        stop.set()
+        await task
+    offer = next(e for e in handset.received if e["type"] == "cn.antifraud.dispatch.offered")
+    assert offer["data"]["dispatch_id"] == "INC-C1:Q-YJ-YL"
+
+
+async def test_a_message_is_handled_once_even_when_the_process_dies_before_committing(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """No PUBACK before the commit: the broker redelivers to the persistent session."""
+    url = BrokerURL.parse(broker.url)
+    store = tmp_path / "live.sqlite3"
+    script = Script()
+    script.call(0, "C1", CHEN, INVESTMENT, until_s=60)
+    recording = script.write(tmp_path / "call.jsonl")
+
+    running = Running(settings, broker, store)
+    await running.ready()
+    runtime = running.service.runtime
+    assert runtime is not None
+
+    async def dies(*_: object) -> None:
+        raise RuntimeError("killed before committing")
+
+    runtime.store.commit = dies  # type: ignore[method-assign]
+    await publish_recording(recording, url, speed=SPEED)
+    with pytest.raises(RuntimeError, match="killed before committing"):
+        await asyncio.wait_for(running.task, 10)
+
+    async with dispatcher(settings, broker, store) as again:
+        await wait_until(
+            lambda: (
+                again.service.runtime is not None
+                and "INC-C1" in again.service.runtime.state.incidents
+            )
+        )
+        await asyncio.sleep(0.3)
+    report = await live_report(store, settings)
+    assert [i["id"] for i in report["incidents"]] == ["INC-C1"]
+    assert report["incidents"][0]["opened_at"] is not None
+
+
+async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    out = tmp_path / "recorded.jsonl"
+    stop = asyncio.Event()
+    recorder = asyncio.create_task(record(settings, url, out, stop))
+    await asyncio.sleep(0.3)
+    await publish_recording(SEED, url, speed=SPEED)
+    await asyncio.sleep(0.3)
+    stop.set()
+    assert await recorder == 25
+    assert statuses(await replay(out, settings)) == statuses(await replay(SEED, settings))
+
+
+async def test_mqtt_5_where_the_broker_speaks_it_else_3_1_1() -> None:
+    async with local_broker("mosquitto") as (url, _):
+        async with open_client(BrokerURL.parse(url)) as client:
+            assert protocol_of(client) == "5"
+    async with local_broker("amqtt") as (url, _):
+        from adapters import mqtt
+
+        mqtt._protocols.clear()  # forget what the launcher noted: find out by trying 5.0
+        async with open_client(BrokerURL.parse(url)) as client:
+            assert protocol_of(client) == "3.1.1"
+        mqtt._protocols.clear()
+        async with open_client(
+            BrokerURL.parse(url), "persistent-one", persistent=True, operation_timeout=2
+        ) as c:
+            assert protocol_of(c) == "3.1.1"
+
+
+@pytest.mark.parametrize("kind", ["mosquitto", "amqtt"])
+async def test_the_demo_runs_to_the_end(settings: Settings, kind: str, tmp_path: Path) -> None:
+    import io
+
+    from adapters.demo import DEFAULT_RECORDING, run_demo
+
+    out = io.StringIO()
+    async with local_broker(kind) as (url, _):
+        code = await run_demo(settings, DEFAULT_RECORDING, url, speed=200.0, out=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert "the live run ends as its replay does" in text
+    assert "G-YJ-CH-01 ▶ accepted" in text and "事件结案：prevented" in text
+
+
+def test_handset_scripts_count_each_delay_from_the_previous_step() -> None:
+    from adapters.handset import auto_script
+
+    assert auto_script(5, 60, 30, "dissuaded") == [
+        Step("accepted", 5),
+        Step("arrived", 65),
+        Step("reported", 95, "dissuaded"),
+    ]
+    assert auto_script(3, None, None, "x", decline=True) == [Step("declined", 3)]
