@@ -80,8 +80,8 @@ async def dispatcher(
             await running.finish()
 
 
-async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_until(predicate: Any, within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
@@ -225,7 +225,7 @@ async def test_a_broker_restart_mid_incident_loses_nothing(
         await wait_until(lambda: not running.service.connected.is_set())
         await asyncio.sleep(1.0)
         broker.start()
-        await wait_until(lambda: running.service.connected.is_set(), timeout=20)
+        await wait_until(lambda: running.service.connected.is_set(), within=20)
         await publish_recording(second, url, speed=1000)
         await wait_until(
             lambda: (
@@ -332,9 +332,8 @@ async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
 
 
 async def test_mqtt_5_where_the_broker_speaks_it_else_3_1_1() -> None:
-    async with local_broker("mosquitto") as (url, _):
-        async with open_client(BrokerURL.parse(url)) as client:
-            assert protocol_of(client) == "5"
+    async with local_broker("mosquitto") as (url, _), open_client(BrokerURL.parse(url)) as c5:
+        assert protocol_of(c5) == "5"
     async with local_broker("amqtt") as (url, _):
         from adapters import mqtt
 
