@@ -272,7 +272,7 @@ async def test_timers_fire_while_the_broker_is_away_and_their_offers_go_out_afte
         task = asyncio.create_task(handset.run(stop))
         await wait_until(
             lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received),
-            timeout=20,
+            within=20,
         )
         stop.set()
         await task
