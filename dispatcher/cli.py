@@ -138,6 +138,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, recording, args.broker, args.speed, sys.stdout))
 
 
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from dispatcher.protocol import write_documents
+
+    for path in write_documents(Path(args.out)):
+        print(path)
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from adapters.replay import replay
     from adapters.report import dump_report
@@ -252,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=60.0, help="clock speed (default 60x)")
     p.add_argument("--recording", help="another recording to play (default: the seed case)")
     p.set_defaults(func=cmd_demo, quiet=True)
+
+    p = sub.add_parser("schemas", help="write the JSON Schemas and AsyncAPI document")
+    p.add_argument("--out", default="docs", help="folder (default: docs)")
+    p.set_defaults(func=cmd_schemas, quiet=True)
 
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="bench", required=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.replay import replay
+from dispatcher.protocol import validate_outbound
 from dispatcher.settings import Settings
 
 PREFIX = "antifraud/v1"
@@ -255,4 +256,8 @@ class Player:
         recording = script.write(self.tmp_path / f"recording-{self.runs}.jsonl")
         store = store or self.tmp_path / f"store-{self.runs}.sqlite3"
         report = await replay(recording, settings or self.settings, store, until)
-        return Result(report, store)
+        result = Result(report, store)
+        for message in result.outbox():  # every message published matches the protocol
+            if message["payload"] is not None:
+                validate_outbound(message["payload"])
+        return result
