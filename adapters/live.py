@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import time
+from collections import deque
 from pathlib import Path
 
 import aiomqtt
 import structlog
 
 from adapters.mqtt import Backoff, BrokerURL, ack, open_client, protocol_of
-from adapters.store import Store
+from adapters.store import OutboxRow, Store
 from dispatcher.errors import BrokerError, StoreError
 from dispatcher.outbound import Topics
 from dispatcher.runtime import Runtime
@@ -36,6 +38,8 @@ log = structlog.get_logger("live")
 
 BATCH = 1000  # inbound messages handled per commit at most
 PUBLISH_CHUNK = 200
+MARK_EVERY = 500  # published messages marked sent in the store at once …
+MARK_INTERVAL_S = 0.25  # … or this often
 
 
 class Clock:
@@ -82,12 +86,15 @@ class LiveService:
         self.runtime: Runtime | None = None
         self._inbox: asyncio.Queue[tuple[aiomqtt.Client, aiomqtt.Message]] = asyncio.Queue()
         self._outbox_changed = asyncio.Event()
+        self._ready: deque[OutboxRow] = deque()  # committed, not yet published
+        self._sent: list[int] = []  # published, not yet marked in the store
         self.stats = {"connects": 0, "received": 0, "published": 0}
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         async with Store(self.store_path) as store:
             runtime = self.runtime = Runtime(self.settings, store, outbox=True)
+            runtime.on_committed = self._committed
             await runtime.start()
             if runtime.meta.get("mode", "live") != "live":
                 raise StoreError(
@@ -96,6 +103,10 @@ class LiveService:
                 )
             store.set_meta("mode", "live")
             await runtime.commit()
+            # Everything loaded so far lives as long as the process: keep it out of every
+            # garbage collection, or a full collection stalls the loop for tens of ms.
+            gc.collect()
+            gc.freeze()
             self._outbox_changed.set()  # anything left unsent by the last process goes first
             tasks = [
                 asyncio.create_task(coro, name=name)
@@ -103,6 +114,7 @@ class LiveService:
                     ("connection", self._connection()),
                     ("processor", self._processor(runtime)),
                     ("publisher", self._publisher(store)),
+                    ("marker", self._marker(store)),
                 )
             ]
             stopper = asyncio.create_task(stop.wait(), name="stop")
@@ -118,6 +130,8 @@ class LiveService:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
                 await runtime.commit()
+                if self._sent:
+                    await self._mark_sent(store)
                 log.info("stopped", **runtime.counts)
 
     # ---- connection ------------------------------------------------------------------------
@@ -165,7 +179,8 @@ class LiveService:
             timeout = None if due is None else max(0.0, clock.real_seconds(due - clock.now()))
             batch: list[tuple[aiomqtt.Client, aiomqtt.Message]] = []
             with contextlib.suppress(TimeoutError):
-                batch.append(await asyncio.wait_for(self._inbox.get(), timeout))
+                async with asyncio.timeout(timeout):
+                    batch.append(await self._inbox.get())
             while batch and len(batch) < BATCH and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
             now = max(clock.now(), runtime.clock)
@@ -183,18 +198,38 @@ class LiveService:
 
     # ---- publishing ------------------------------------------------------------------------
 
+    def _committed(self, rows: list[OutboxRow]) -> None:
+        """Called after each commit with its outbound messages, in order."""
+        self._ready.extend(rows)
+        self._outbox_changed.set()
+
     async def _publisher(self, store: Store) -> None:
+        """Send the outbox in order: fresh commits straight from memory; after a (re)connect
+        or a failed publish, first everything the store still holds unsent."""
+        last_sent = 0  # messages go out in strictly increasing outbox order
+        resync = True
         while True:
             await self._outbox_changed.wait()
             self._outbox_changed.clear()
             while True:
                 client = self.client
                 if client is None:
+                    resync = True
                     await self.connected.wait()
                     continue
-                rows = await store.unsent(PUBLISH_CHUNK)
-                if not rows:
-                    break
+                if resync:
+                    rows = await store.unsent(PUBLISH_CHUNK, after=last_sent)
+                    if not rows:
+                        resync = False
+                        continue
+                else:
+                    rows = []
+                    while self._ready and len(rows) < PUBLISH_CHUNK:
+                        row = self._ready.popleft()
+                        if row[0] > last_sent:
+                            rows.append(row)
+                    if not rows:
+                        break
                 try:
                     await asyncio.gather(
                         *(
@@ -204,7 +239,24 @@ class LiveService:
                     )
                 except aiomqtt.MqttError as exc:
                     log.warning("publish_failed", error=str(exc), pending=len(rows))
+                    resync = True
                     await asyncio.sleep(0.1)  # the connection task notices and reconnects
                     continue
-                await store.mark_sent([row[0] for row in rows])
+                last_sent = rows[-1][0]
+                self._sent.extend(row[0] for row in rows)
                 self.stats["published"] += len(rows)
+                if len(self._sent) >= MARK_EVERY:
+                    await self._mark_sent(store)
+
+    async def _mark_sent(self, store: Store) -> None:
+        seqs, self._sent = self._sent, []
+        await store.mark_sent(seqs)
+
+    async def _marker(self, store: Store) -> None:
+        """Records in the store, a few times a second, what the broker acknowledged. A message
+        sent but not yet marked when the process dies is sent again (same id: dropped as a
+        duplicate by receivers)."""
+        while True:
+            await asyncio.sleep(MARK_INTERVAL_S)
+            if self._sent:
+                await self._mark_sent(store)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -98,6 +99,9 @@ def _client(
         keepalive=30,
         properties=properties,
         tls_context=ssl.create_default_context() if broker.tls else None,
+        # paho leaves Nagle's algorithm on: small QoS 1 packets then wait for delayed ACKs
+        # (~40 ms on Linux). Alerts must not.
+        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         **kwargs,  # type: ignore[arg-type]
     )
 

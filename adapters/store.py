@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -26,6 +27,8 @@ from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 
 SCHEMA_VERSION = 1
+T = TypeVar("T")
+OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -117,6 +120,7 @@ class Store:
         self._db: aiosqlite.Connection | None = None
         self._batch = _Batch()
         self._writing = asyncio.Lock()  # one write transaction at a time
+        self._next_seq = 1  # of the outbox, assigned when queued
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -154,6 +158,10 @@ class Store:
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.executescript(SCHEMA)
             await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            row = await (
+                await self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox")
+            ).fetchone()
+            self._next_seq = int(row[0] if row else 0) + 1
         except aiosqlite.Error as exc:
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
 
@@ -217,14 +225,21 @@ class Store:
         )
 
     def add_outbox(self, at: float, message: Publish, sent: bool) -> None:
-        payload = (
-            None
-            if message.payload is None
-            else json.dumps(message.payload, ensure_ascii=False, separators=(",", ":"))
-        )
+        """Queue an outbound message; it is serialised when committed (``payload`` is not
+        changed after it was built)."""
         self._batch.outbox.append(
-            (at, message.topic, message.qos, int(message.retain), message.type, payload, int(sent))
+            (
+                self._next_seq,
+                at,
+                message.topic,
+                message.qos,
+                message.retain,
+                message.type,
+                message.payload,
+                sent,
+            )
         )
+        self._next_seq += 1
 
     def add_inbound(self, source: str, event_id: str, at: float) -> None:
         self._batch.inbound.append((source, event_id, at))
@@ -244,107 +259,35 @@ class Store:
 
     # ---- committing ------------------------------------------------------------------------
 
-    async def commit(self) -> None:
-        """Write everything queued in one transaction (all or nothing)."""
+    async def commit(self) -> list[OutboxRow]:
+        """Write everything queued in one transaction (all or nothing).
+
+        Returns the outbound messages it committed that still wait for a publisher, in order.
+        """
         batch, self._batch = self._batch, _Batch()
         try:
+            if not len(batch):
+                return []
+            rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                await self._commit(batch)
+                written = await self._in_thread(_write, rows, self.path)
         except BaseException:
             # Nothing queued is ever dropped: a failed or interrupted commit puts its batch
             # back in front of whatever was queued since, for the next commit to write.
             batch.absorb(self._batch)
             self._batch = batch
             raise
+        return written
 
-    async def _commit(self, batch: _Batch) -> None:
-        if not len(batch):
-            return
-        incident_rows = []
-        dispatch_rows: list[tuple[Any, ...]] = []
-        for inc in batch.incidents.values():
-            doc = json.dumps(inc.to_doc(), ensure_ascii=False, separators=(",", ":"))
-            incident_rows.append(
-                (
-                    inc.id,
-                    inc.subscriber,
-                    inc.status,
-                    inc.severity,
-                    inc.rule,
-                    inc.opened_at,
-                    inc.closed_at,
-                    inc.outcome,
-                    doc,
-                )
-            )
-            dispatch_rows.extend(
-                (
-                    d.id,
-                    inc.id,
-                    d.unit,
-                    d.role,
-                    d.status,
-                    d.offered_at,
-                    d.accepted_at,
-                    d.arrived_at,
-                    d.reported_at,
-                    d.outcome,
-                )
-                for d in inc.dispatches.values()
-            )
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(connection, *args)`` on aiosqlite's connection thread, in one hop.
+
+        aiosqlite runs each statement as one round trip to its thread; a commit of a dozen
+        statements would pay a dozen. Every public aiosqlite method is built on this same
+        queueing primitive (``Connection._execute``), used here for a whole transaction.
+        """
         db = self.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                if incident_rows:
-                    await db.executemany(
-                        "INSERT OR REPLACE INTO incidents VALUES (?,?,?,?,?,?,?,?,?)", incident_rows
-                    )
-                if dispatch_rows:
-                    await db.executemany(
-                        "INSERT OR REPLACE INTO dispatches VALUES (?,?,?,?,?,?,?,?,?,?)",
-                        dispatch_rows,
-                    )
-                if batch.timeline:
-                    await db.executemany(
-                        "INSERT INTO timeline (incident_id, at, kind, by, text, dispatch_id) "
-                        "VALUES (?,?,?,?,?,?)",
-                        batch.timeline,
-                    )
-                if batch.outbox:
-                    await db.executemany(
-                        "INSERT INTO outbox (at, topic, qos, retain, type, payload, sent) "
-                        "VALUES (?,?,?,?,?,?,?)",
-                        batch.outbox,
-                    )
-                if batch.inbound:
-                    pairs = json.dumps(batch.inbound, ensure_ascii=False, separators=(",", ":"))
-                    await db.execute(
-                        "INSERT INTO inbound (first_at, last_at, pairs) VALUES (?,?,?)",
-                        (batch.inbound[0][2], batch.inbound[-1][2], pairs),
-                    )
-                if batch.rejected:
-                    await db.executemany(
-                        "INSERT INTO rejected (at, topic, reason, payload) VALUES (?,?,?,?)",
-                        batch.rejected,
-                    )
-                if batch.contacts:
-                    await db.executemany("INSERT INTO contacts VALUES (?,?,?)", batch.contacts)
-                if batch.presence:
-                    await db.executemany(
-                        "INSERT OR REPLACE INTO presence VALUES (?,?,?)",
-                        [(u, s, at) for u, (s, at) in batch.presence.items()],
-                    )
-                if batch.meta:
-                    await db.executemany(
-                        "INSERT OR REPLACE INTO meta VALUES (?,?)", list(batch.meta.items())
-                    )
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        except aiosqlite.Error as exc:
-            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+        return await db._execute(lambda: fn(db._conn, *args))  # type: ignore[no-untyped-call,no-any-return]
 
     async def prune(self, before_inbound: float, before_contacts: float) -> None:
         """Forget dedupe pairs and contacts too old to matter (they are bounded by time)."""
@@ -354,12 +297,12 @@ class Store:
 
     # ---- the outbox ------------------------------------------------------------------------
 
-    async def unsent(self, limit: int) -> list[tuple[int, str, int, bool, bytes | None]]:
+    async def unsent(self, limit: int, after: int = 0) -> list[OutboxRow]:
         """The oldest outbound messages not yet acknowledged by the broker, in order."""
         rows = await self.db.execute_fetchall(
-            "SELECT seq, topic, qos, retain, payload FROM outbox WHERE sent = 0 "
+            "SELECT seq, topic, qos, retain, payload FROM outbox WHERE sent = 0 AND seq > ? "
             "ORDER BY seq LIMIT ?",
-            (limit,),
+            (after, limit),
         )
         return [
             (seq, topic, qos, bool(retain), None if p is None else p.encode("utf-8"))
@@ -377,3 +320,132 @@ class Store:
     async def integrity_check(self) -> str:
         row = await (await self.db.execute("PRAGMA integrity_check")).fetchone()
         return str(row[0]) if row else "no answer"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class _Rows:
+    """A batch turned into rows. ``snapshot`` runs on the event loop (it copies the incidents
+    as they are now); ``_write`` serialises and writes them on the store's thread."""
+
+    meta: list[tuple[str, str]]
+    incidents: list[tuple[Any, ...]]
+    dispatches: list[tuple[Any, ...]]
+    timeline: list[tuple[Any, ...]]
+    outbox: list[tuple[Any, ...]]
+    inbound: list[tuple[str, str, float]]
+    rejected: list[tuple[Any, ...]]
+    contacts: list[tuple[str, float, str]]
+    presence: list[tuple[str, str, float]]
+
+    @classmethod
+    def snapshot(cls, batch: _Batch) -> _Rows:
+        incidents: list[tuple[Any, ...]] = []
+        dispatches: list[tuple[Any, ...]] = []
+        for inc in batch.incidents.values():
+            incidents.append(
+                (
+                    inc.id,
+                    inc.subscriber,
+                    inc.status,
+                    inc.severity,
+                    inc.rule,
+                    inc.opened_at,
+                    inc.closed_at,
+                    inc.outcome,
+                    inc.to_doc(),
+                )
+            )
+            dispatches.extend(
+                (
+                    d.id,
+                    inc.id,
+                    d.unit,
+                    d.role,
+                    d.status,
+                    d.offered_at,
+                    d.accepted_at,
+                    d.arrived_at,
+                    d.reported_at,
+                    d.outcome,
+                )
+                for d in inc.dispatches.values()
+            )
+        return cls(
+            list(batch.meta.items()),
+            incidents,
+            dispatches,
+            batch.timeline,
+            batch.outbox,
+            batch.inbound,
+            batch.rejected,
+            batch.contacts,
+            [(u, st, at) for u, (st, at) in batch.presence.items()],
+        )
+
+
+def _write(db: sqlite3.Connection, rows: _Rows, path: Path) -> list[OutboxRow]:
+    """One transaction, on the store's thread. Returns the unsent outbox rows written."""
+    texts: dict[int, str] = {}  # one serialisation per payload (an event sent to two topics)
+    outbox = []
+    pending: list[OutboxRow] = []
+    for seq, at, topic, qos, retain, type_, payload, sent in rows.outbox:
+        text = None
+        if payload is not None:
+            text = texts.get(id(payload))
+            if text is None:
+                text = texts[id(payload)] = _dumps(payload)
+        outbox.append((seq, at, topic, qos, int(retain), type_, text, int(sent)))
+        if not sent:
+            pending.append((seq, topic, qos, retain, None if text is None else text.encode()))
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if rows.incidents:
+                db.executemany(
+                    "INSERT OR REPLACE INTO incidents VALUES (?,?,?,?,?,?,?,?,?)",
+                    [(*r[:8], _dumps(r[8])) for r in rows.incidents],
+                )
+            if rows.dispatches:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dispatches VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    rows.dispatches,
+                )
+            if rows.timeline:
+                db.executemany(
+                    "INSERT INTO timeline (incident_id, at, kind, by, text, "
+                    "dispatch_id) VALUES (?,?,?,?,?,?)",
+                    rows.timeline,
+                )
+            if outbox:
+                db.executemany(
+                    "INSERT INTO outbox (seq, at, topic, qos, retain, type, payload, "
+                    "sent) VALUES (?,?,?,?,?,?,?,?)",
+                    outbox,
+                )
+            if rows.inbound:
+                db.execute(
+                    "INSERT INTO inbound (first_at, last_at, pairs) VALUES (?,?,?)",
+                    (rows.inbound[0][2], rows.inbound[-1][2], _dumps(rows.inbound)),
+                )
+            if rows.rejected:
+                db.executemany(
+                    "INSERT INTO rejected (at, topic, reason, payload) VALUES (?,?,?,?)",
+                    rows.rejected,
+                )
+            if rows.contacts:
+                db.executemany("INSERT INTO contacts VALUES (?,?,?)", rows.contacts)
+            if rows.presence:
+                db.executemany("INSERT OR REPLACE INTO presence VALUES (?,?,?)", rows.presence)
+            if rows.meta:
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", rows.meta)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: commit failed: {exc}") from exc
+    return pending

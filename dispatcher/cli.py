@@ -177,6 +177,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_replay_bench(_settings(args.config), events=args.events, active=args.active)
 
 
+def cmd_bench_live(args: argparse.Namespace) -> int:
+    from adapters.bench_live import run_live_bench
+
+    return asyncio.run(run_live_bench(_settings(args.config), args.events, args.samples, args.rate))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="antifraud", description="Real-time anti-fraud alert dispatcher."
@@ -277,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrently active calls for the memory figure",
     )
     b.set_defaults(func=cmd_bench, quiet=True)
+    b = bench.add_parser("live", help="the dispatcher on a private Mosquitto: rate and latency")
+    b.add_argument("--config", default=DEFAULT_CONFIG)
+    b.add_argument("--events", type=int, default=20_000)
+    b.add_argument("--samples", type=int, default=200, help="latency samples")
+    b.add_argument("--rate", type=float, default=500.0, help="background events/s")
+    b.set_defaults(func=cmd_bench_live, quiet=True)
     return parser
 
 

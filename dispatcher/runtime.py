@@ -13,11 +13,12 @@ import asyncio
 import hashlib
 import heapq
 import json
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from adapters.store import Store
+from adapters.store import OutboxRow, Store
 from dispatcher.errors import InputError
 from dispatcher.inbound import TopicRouter, parse_message
 from dispatcher.model import (
@@ -96,11 +97,15 @@ class Runtime:
         self.clock = 0.0
         self._timers: list[tuple[tuple[float, str, int, str], TimerSet]] = []
         self._scheduled: set[TimerSet] = set()
-        self._seen: dict[tuple[str, str], float] = {}
+        # processed (source, id) pairs as "source\0id" -> time: plain strings keep this large
+        # dict out of the garbage collector's way (ids never contain control characters)
+        self._seen: dict[str, float] = {}
         self._expire_countdown = 0
         self._committing: asyncio.Future[None] | None = None
         self._pruned_at = 0.0
         self.outbox = outbox
+        # called with the outbound messages of each commit that wait for a publisher
+        self.on_committed: Callable[[list[OutboxRow]], None] | None = None
         self.counts = {"handled": 0, "rejected": 0, "duplicates": 0, "timers": 0, "published": 0}
 
     # ---- start-up --------------------------------------------------------------------------
@@ -125,7 +130,7 @@ class Runtime:
             self.state.contacts.record(subscriber, counterpart, at)
         self.state.presence.update(snap.presence)
         for source, event_id, at in snap.inbound:
-            self._seen[(source, event_id)] = at
+            self._seen[f"{source}\0{event_id}"] = at
         self.meta = snap.meta
         log.info(
             "state_loaded",
@@ -194,11 +199,12 @@ class Runtime:
         self._apply(effects, now)
 
     def _duplicate(self, key: tuple[str, str], now: float) -> bool:
-        if key in self._seen:
+        seen_key = f"{key[0]}\0{key[1]}"
+        if seen_key in self._seen:
             self.counts["duplicates"] += 1
             log.info("duplicate_dropped", source=key[0], event_id=key[1])
             return True
-        self._seen[key] = now
+        self._seen[seen_key] = now
         self.store.add_inbound(key[0], key[1], now)
         return False
 
@@ -286,7 +292,12 @@ class Runtime:
                 self.clock - self.state.contacts.horizon_s,
             )
         self.store.set_meta("clock", repr(self.clock))
-        self._committing = asyncio.ensure_future(self.store.commit())
+        self._committing = asyncio.ensure_future(self._commit_and_hand_over())
+
+    async def _commit_and_hand_over(self) -> None:
+        rows = await self.store.commit()
+        if rows and self.on_committed is not None:
+            self.on_committed(rows)
 
     async def wait_committed(self) -> None:
         """Wait for the commit in flight. It is shielded: a caller being cancelled (a

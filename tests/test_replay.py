@@ -219,15 +219,15 @@ async def test_a_failed_commit_keeps_its_writes_for_the_next_one(
     async with Store(path) as store:
         store.set_meta("first", "1")
         store.add_rejected(1.0, "t", "r1", "p")
-        real = store._commit
+        real = store._in_thread
 
-        async def broken(batch: object) -> None:
+        async def broken(*args: object) -> None:
             raise OSError("disk full")
 
-        store._commit = broken  # type: ignore[method-assign,assignment]
+        store._in_thread = broken  # type: ignore[method-assign,assignment]
         with pytest.raises(OSError, match="disk full"):
             await store.commit()
-        store._commit = real  # type: ignore[method-assign]
+        store._in_thread = real  # type: ignore[method-assign]
         store.add_rejected(2.0, "t", "r2", "p")
         await store.commit()
         assert await store.fetchall("SELECT reason FROM rejected ORDER BY seq") == [

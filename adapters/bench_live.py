@@ -1,0 +1,330 @@
+"""``antifraud bench live``: the dispatcher on a real broker, against that broker's ceiling.
+
+All figures come from one run against one private Mosquitto:
+
+(a) **ceiling**: N messages queued for a bare aiomqtt subscriber's persistent session while it
+    is away; then it connects and drains them. Messages per second from CONNACK to the last.
+(b) **dispatcher**: the same N call events queued for the dispatcher's session while it is
+    stopped; then ``antifraud run`` starts as its own process and drains them: each received,
+    committed to its store, acknowledged, and its outputs published. Events per second from
+    its "broker_connected" log line to the output of the last event (a flagged call that
+    opens an incident) arriving at a subscriber.
+(c) **latency** under background traffic (clean call events at a steady rate): from the
+    ``operator.escalate`` that starts a door-knock to the offer arriving at the guard's
+    subscribed handset, next to the bare publish → subscribe latency of the same broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from adapters.broker import local_broker
+from adapters.mqtt import BrokerURL, open_client
+from dispatcher.settings import Settings
+
+CHEN = "+8613800000001"
+FLAGGED = "+85251230002"
+
+
+def _event(type_: str, data: dict[str, Any], source: str = "bench") -> bytes:
+    return json.dumps(
+        {
+            "specversion": "1.0",
+            "id": uuid.uuid4().hex,
+            "source": source,
+            "type": f"cn.antifraud.{type_}",
+            "time": "2026-01-01T00:00:00Z",
+            "datacontenttype": "application/json",
+            "data": data,
+        }
+    ).encode()
+
+
+def _call(verb: str, call_id: str, sub: str, other: str, duration: float = 0) -> bytes:
+    data: dict[str, Any] = {"call_id": call_id, "subscriber": sub, "counterpart": other}
+    if verb == "started":
+        data["direction"] = "inbound"
+    else:
+        data["duration_s"] = duration
+    return _event(f"call.{verb}", data, "bench/carrier")
+
+
+async def _publish_all(broker: BrokerURL, messages: list[tuple[str, bytes]]) -> None:
+    async with open_client(broker, f"bench-pub-{uuid.uuid4().hex[:6]}") as client:
+        client.pending_calls_threshold = 1000  # a bulk load: many publishes in flight is normal
+        for start in range(0, len(messages), 500):
+            await asyncio.gather(
+                *(client.publish(t, p, qos=1) for t, p in messages[start : start + 500])
+            )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ---- (a) ------------------------------------------------------------------------------------
+
+
+async def ceiling(broker: BrokerURL, count: int) -> float:
+    topic, client_id = "bench/ceiling", f"bench-ceiling-{uuid.uuid4().hex[:6]}"
+    async with open_client(broker, client_id, persistent=True) as sub:
+        await sub.subscribe(topic, qos=1)
+    await _publish_all(broker, [(topic, b"x" * 300)] * count)
+    async with open_client(broker, client_id, persistent=True) as sub:
+        start, received = time.perf_counter(), 0
+        async for _ in sub.messages:
+            received += 1
+            if received == count:
+                break
+        return count / (time.perf_counter() - start)
+
+
+# ---- the dispatcher as its own process -------------------------------------------------------
+
+
+class DispatcherProcess:
+    def __init__(self, config: Path, broker: BrokerURL, store: Path) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "--log-level",
+            "info",
+            "run",
+            "--config",
+            str(config),
+            "--broker",
+            str(broker),
+            "--store",
+            str(store),
+        ]
+        self.process: asyncio.subprocess.Process | None = None
+        self.connected_at: float | None = None
+        self.connected = asyncio.Event()
+        self.last_counts: dict[str, Any] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.connected.clear()
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+        )
+        self._reader = asyncio.create_task(self._read())
+        await asyncio.wait_for(self.connected.wait(), 30)
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        async for raw in self.process.stderr:
+            with contextlib.suppress(ValueError):
+                line = json.loads(raw)
+                if line.get("event") == "broker_connected":
+                    self.connected_at = time.perf_counter()
+                    self.connected.set()
+                elif line.get("event") == "stopped":
+                    self.last_counts = line
+
+    async def stop(self) -> None:
+        if self.process and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.process.wait(), 30)
+        if self._reader:
+            await self._reader
+
+
+# ---- (b) ------------------------------------------------------------------------------------
+
+
+async def dispatcher_rate(
+    settings: Settings, broker: BrokerURL, tmp: Path, count: int
+) -> tuple[float, dict[str, Any], DispatcherProcess]:
+    prefix, region = settings.service.prefix, settings.service.region
+    calls = f"{prefix}/events/{region}/calls"
+    dispatcher = DispatcherProcess(settings.path, broker, tmp / "bench.sqlite3")
+    await dispatcher.start()  # creates its persistent session
+    await dispatcher.stop()
+    messages: list[tuple[str, bytes]] = []
+    for i in range(count - 1):
+        sub = f"+8613{i % 900_000_000 + 100_000_000:09d}"
+        if i % 20 == 0:  # a flagged call reaching 30 s: a warning incident, with outputs
+            messages.append((calls, _call("progress", f"BF-{i}", sub, FLAGGED, 30)))
+        else:
+            messages.append((calls, _call("started", f"BC-{i}", sub, "+8613712345678")))
+    marker = "BENCH-LAST"
+    messages.append((calls, _call("progress", marker, "+8613999999999", FLAGGED, 30)))
+    await _publish_all(broker, messages)
+
+    done = asyncio.Event()
+    async with open_client(broker, f"bench-console-{uuid.uuid4().hex[:6]}") as console:
+        await console.subscribe(f"{prefix}/operators/incidents", qos=1)
+
+        async def watch() -> None:
+            async for message in console.messages:
+                if json.loads(bytes(message.payload))["subject"] == f"INC-{marker}":
+                    done.set()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        await dispatcher.start()
+        await asyncio.wait_for(done.wait(), 300)
+        finished = time.perf_counter()
+        watcher.cancel()
+    assert dispatcher.connected_at is not None
+    return count / (finished - dispatcher.connected_at), dispatcher.last_counts, dispatcher
+
+
+# ---- (c) ------------------------------------------------------------------------------------
+
+
+async def background(broker: BrokerURL, topic: str, rate: float, stop: asyncio.Event) -> int:
+    sent = 0
+    async with open_client(broker, f"bench-background-{uuid.uuid4().hex[:6]}") as client:
+        start = time.perf_counter()
+        while not stop.is_set():
+            due = start + sent / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sub = f"+8614{sent % 900_000_000 + 100_000_000:09d}"
+            await client.publish(
+                topic, _call("started", f"BG-{sent}", sub, "+8613712345678"), qos=1
+            )
+            sent += 1
+    return sent
+
+
+async def latencies(
+    settings: Settings, broker: BrokerURL, samples: int, rate: float
+) -> tuple[list[float], list[float], int]:
+    prefix, region = settings.service.prefix, settings.service.region
+    calls = f"{prefix}/events/{region}/calls"
+    actions = f"{prefix}/operators/bench/actions"
+    stop = asyncio.Event()
+    load = asyncio.create_task(background(broker, calls, rate, stop))
+    offer_times: dict[str, float] = {}
+    states: dict[str, str] = {}
+    arrived = asyncio.Event()
+    changed = asyncio.Event()
+    dispatcher_ms: list[float] = []
+    bare_ms: list[float] = []
+    async with (
+        open_client(broker, f"bench-guard-{uuid.uuid4().hex[:6]}") as guard,
+        open_client(broker, f"bench-ops-{uuid.uuid4().hex[:6]}") as ops,
+    ):
+        await guard.subscribe([(f"{prefix}/units/G-YJ-CH-01/dispatches", 1), ("bench/ping", 1)])
+        await ops.subscribe(f"{prefix}/operators/incidents", qos=1)
+
+        async def listen_guard() -> None:
+            async for message in guard.messages:
+                now = time.perf_counter()
+                if str(message.topic) == "bench/ping":
+                    bare_ms.append((now - float(bytes(message.payload))) * 1000)
+                    continue
+                event = json.loads(bytes(message.payload))
+                if event["type"] == "cn.antifraud.dispatch.offered":
+                    offer_times[event["data"]["incident_id"]] = now
+                    arrived.set()
+
+        async def listen_ops() -> None:
+            async for message in ops.messages:
+                event = json.loads(bytes(message.payload))
+                states[event["data"]["incident_id"]] = event["data"]["status"]
+                changed.set()
+
+        async def until(predicate: Any) -> None:
+            while not predicate():
+                changed.clear()
+                await asyncio.wait_for(changed.wait(), 10)
+
+        listeners = [asyncio.create_task(listen_guard()), asyncio.create_task(listen_ops())]
+        await asyncio.sleep(0.5)  # the background load settles
+        for _ in range(samples):
+            call = f"LAT-{uuid.uuid4().hex[:8]}"
+            incident = f"INC-{call}"
+            await ops.publish(calls, _call("progress", call, CHEN, FLAGGED, 30), qos=1)
+            await until(lambda incident=incident: states.get(incident) == "open")
+            arrived.clear()
+            sent = time.perf_counter()
+            await ops.publish(
+                actions,
+                _event("operator.escalate", {"incident_id": incident}, "console/bench"),
+                qos=1,
+            )
+            await asyncio.wait_for(arrived.wait(), 10)
+            dispatcher_ms.append((offer_times[incident] - sent) * 1000)
+            await ops.publish(
+                actions,
+                _event(
+                    "operator.close",
+                    {"incident_id": incident, "outcome": "false_alarm"},
+                    "console/bench",
+                ),
+                qos=1,
+            )
+            await until(lambda incident=incident: states.get(incident) == "closed")
+            for _ in range(2):  # the bare broker, under the same load, in the same run
+                await ops.publish("bench/ping", repr(time.perf_counter()).encode(), qos=1)
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+        stop.set()
+        sent_background = await load
+        for task in listeners:
+            task.cancel()
+    return dispatcher_ms, bare_ms, sent_background
+
+
+async def run_live_bench(settings: Settings, events: int, samples: int, rate: float) -> int:
+    # the measuring clients live in this process: keep its start-up objects out of garbage
+    # collections too, so a collection here does not pass for the dispatcher's latency
+    gc.collect()
+    gc.freeze()
+    async with local_broker("mosquitto") as (url, kind):
+        broker = BrokerURL.parse(url)
+        print(f"broker: a private {kind} at {url} (config/mosquitto/local.conf)")
+        with tempfile.TemporaryDirectory(prefix="antifraud-bench-live-") as tmp:
+            a = await ceiling(broker, events)
+            print(
+                f"(a) bare aiomqtt subscriber, draining {events:,} queued QoS 1 messages: "
+                f"{a:,.0f} msgs/s"
+            )
+            b, _, dispatcher = await dispatcher_rate(settings, broker, Path(tmp), events)
+            print(
+                f"(b) dispatcher (own process), draining {events:,} queued call events, each "
+                f"committed, acknowledged and its outputs published: {b:,.0f} events/s"
+            )
+            print(f"    (b)/(a) = {b / a:.2f}  (target >= 0.7)")
+            try:
+                d_ms, bare_ms, bg = await latencies(settings, broker, samples, rate)
+            finally:
+                await dispatcher.stop()
+            print(
+                f"(c) escalate → offer at the guard's handset, {len(d_ms)} samples under "
+                f"{rate:g} events/s of background calls ({bg:,} sent):"
+            )
+            print(
+                f"    dispatcher p50 {percentile(d_ms, 0.5):.2f} ms, "
+                f"p99 {percentile(d_ms, 0.99):.2f} ms, max {max(d_ms):.2f} ms"
+            )
+            print(
+                f"    bare publish → subscribe p50 {percentile(bare_ms, 0.5):.2f} ms, "
+                f"p99 {percentile(bare_ms, 0.99):.2f} ms"
+            )
+            ratio = percentile(d_ms, 0.99) / percentile(bare_ms, 0.99)
+            print(f"    p99 dispatcher / p99 bare = {ratio:.2f}  (target <= 3)")
+            print(
+                f"    mean dispatcher {statistics.mean(d_ms):.2f} ms; "
+                f"dispatcher counts at stop: {dispatcher.last_counts.get('handled')} handled, "
+                f"{dispatcher.last_counts.get('rejected')} rejected"
+            )
+    return 0
