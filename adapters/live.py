@@ -92,7 +92,7 @@ class LiveService:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
-        async with Store(self.store_path) as store:
+        async with Store(self.store_path, self.settings.service.store_sync) as store:
             runtime = self.runtime = Runtime(self.settings, store, outbox=True)
             runtime.on_committed = self._committed
             await runtime.start()

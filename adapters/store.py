@@ -115,8 +115,9 @@ class _Batch:
 class Store:
     """Async context manager over one SQLite file."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, sync: str = "full") -> None:
         self.path = Path(path)
+        self.sync = {"full": "FULL", "normal": "NORMAL"}[sync]
         self._db: aiosqlite.Connection | None = None
         self._batch = _Batch()
         self._writing = asyncio.Lock()  # one write transaction at a time
@@ -154,7 +155,7 @@ class Store:
                     f"understands ({SCHEMA_VERSION}); upgrade the dispatcher or use another store"
                 )
             await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=FULL")
+            await self._db.execute(f"PRAGMA synchronous={self.sync}")
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._db.executescript(SCHEMA)
             await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

@@ -45,6 +45,9 @@ class ServiceSettings(_Strict):
     source: str = "antifraud/dispatcher"
     default_station: Ident
     store: str = "var/dispatcher.sqlite3"
+    # full: every commit is on disk before its messages are acknowledged (survives a power
+    # cut); normal: on the OS (survives the process being killed), ~0.5 ms faster per commit
+    store_sync: Literal["full", "normal"] = "full"
     broker: str = "mqtt://127.0.0.1:1883"
     broker_username: str | None = None
     broker_password: SecretStr | None = None

@@ -235,3 +235,9 @@ async def test_a_failed_commit_keeps_its_writes_for_the_next_one(
             ("r2",),
         ]
         assert await store.fetchall("SELECT value FROM meta WHERE key='first'") == [("1",)]
+
+
+@pytest.mark.parametrize(("sync", "pragma"), [("full", 2), ("normal", 1)])
+async def test_the_store_syncs_as_configured(tmp_path: Path, sync: str, pragma: int) -> None:
+    async with Store(tmp_path / "s.sqlite3", sync) as store:
+        assert await store.fetchall("PRAGMA synchronous") == [(pragma,)]
