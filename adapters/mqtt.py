@@ -44,9 +44,16 @@ class BrokerURL:
     tls: bool = False
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
 
     @classmethod
-    def parse(cls, url: str, password: str | None = None) -> BrokerURL:
+    def parse(
+        cls,
+        url: str,
+        password: str | None = None,
+        username: str | None = None,
+        ca_file: str | None = None,
+    ) -> BrokerURL:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ConfigError([f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://…"])
@@ -54,13 +61,13 @@ class BrokerURL:
             port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         except ValueError:
             raise ConfigError([f"broker URL {url!r}: the port is not a number"]) from None
-        username = unquote(parts.username) if parts.username else None
+        username = unquote(parts.username) if parts.username else username
         secret = (
-            password
-            or os.environ.get(PASSWORD_ENV)
+            os.environ.get(PASSWORD_ENV)
+            or password
             or (unquote(parts.password) if parts.password else None)
         )
-        return cls(parts.hostname, port, parts.scheme == "mqtts", username, secret)
+        return cls(parts.hostname, port, parts.scheme == "mqtts", username, secret, ca_file)
 
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""
@@ -98,7 +105,7 @@ def _client(
         timeout=timeout,
         keepalive=30,
         properties=properties,
-        tls_context=ssl.create_default_context() if broker.tls else None,
+        tls_context=ssl.create_default_context(cafile=broker.ca_file) if broker.tls else None,
         # paho leaves Nagle's algorithm on: small QoS 1 packets then wait for delayed ACKs
         # (~40 ms on Linux). Alerts must not.
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -48,10 +49,36 @@ def _write(text: str, target: str) -> None:
 def _broker(args: argparse.Namespace, settings: Settings) -> BrokerURL:
     from adapters.mqtt import BrokerURL
 
-    password = settings.service.broker_password
+    service = settings.service
+    password = service.broker_password.get_secret_value() if service.broker_password else None
+    if service.broker_password_file:
+        try:
+            password = Path(service.broker_password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(
+                [
+                    f"{settings.path}: service.broker_password_file: cannot read "
+                    f"{service.broker_password_file}: {exc.strerror}"
+                ]
+            ) from None
     return BrokerURL.parse(
-        args.broker or settings.service.broker, password.get_secret_value() if password else None
+        args.broker or service.broker, password, service.broker_username, service.broker_ca_file
     )
+
+
+def cmd_broker_credentials(args: argparse.Namespace) -> int:
+    from adapters.access import write_broker_files
+
+    settings = _settings(args.config)
+    accounts = write_broker_files(settings, Path(args.out))
+    roles: dict[str, int] = {}
+    for account in accounts:
+        roles[account.role] = roles.get(account.role, 0) + 1
+    print(
+        f"{args.out}: credentials.csv (mode 0600), mosquitto.passwd (mode 0600), acl — "
+        + ", ".join(f"{n} {role}" for role, n in roles.items())
+    )
+    return 0
 
 
 def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[object]]) -> None:
@@ -94,7 +121,19 @@ def cmd_handset(args: argparse.Namespace) -> int:
             args.outcome,
             decline=args.decline,
         )
-    handset = Handset(settings, args.unit, _broker(args, settings), script)
+    url = args.broker or settings.service.broker
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"antifraud: cannot read {args.password_file}: {exc.strerror}", file=sys.stderr)
+            return 1
+    from adapters.mqtt import PASSWORD_ENV, BrokerURL
+
+    secret = os.environ.get(PASSWORD_ENV) or password
+    broker = BrokerURL.parse(url, secret, args.unit if secret else None, args.ca_file)
+    handset = Handset(settings, args.unit, broker, script)
     print(
         f"{args.unit} ({settings.units[args.unit].name}) on {handset.broker}; "
         + (
@@ -245,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--outcome", default="dissuaded", choices=["dissuaded", "not_home", "loss", "false_alarm"]
     )
     p.add_argument("--decline", action="store_true", help="with --auto: decline every offer")
+    p.add_argument(
+        "--password-file",
+        help="the unit's broker password (the username is the "
+        "unit id); or set ANTIFRAUD_BROKER_PASSWORD",
+    )
+    p.add_argument("--ca-file", help="CA certificate for an mqtts:// broker")
     p.set_defaults(func=cmd_handset, quiet=True)
 
     p = sub.add_parser("record", help="record live inbound traffic as a replayable recording")
@@ -266,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=60.0, help="clock speed (default 60x)")
     p.add_argument("--recording", help="another recording to play (default: the seed case)")
     p.set_defaults(func=cmd_demo, quiet=True)
+
+    p = sub.add_parser(
+        "broker-credentials", help="passwords, a Mosquitto password file and ACL for the deployment"
+    )
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--out", required=True, help="folder for credentials.csv, mosquitto.passwd, acl")
+    p.set_defaults(func=cmd_broker_credentials, quiet=True)
 
     p = sub.add_parser("schemas", help="write the JSON Schemas and AsyncAPI document")
     p.add_argument("--out", default="docs", help="folder (default: docs)")

@@ -50,7 +50,10 @@ class ServiceSettings(_Strict):
     store_sync: Literal["full", "normal"] = "full"
     broker: str = "mqtt://127.0.0.1:1883"
     broker_username: str | None = None
+    # the password: from ANTIFRAUD_BROKER_PASSWORD, else this file, else broker_password
+    broker_password_file: str | None = None
     broker_password: SecretStr | None = None
+    broker_ca_file: str | None = None  # for mqtts:// when the broker's CA is not a public one
     client_id: Ident = "antifraud-dispatcher"
 
     @field_validator("prefix")
@@ -85,6 +88,14 @@ class LimitSettings(_Strict):
     max_json_depth: int = Field(16, ge=4, le=200)
     dedupe_window_s: float = Field(86400, gt=0)
     contacts_per_subscriber: int = Field(256, ge=8)
+
+
+class AccessSettings(_Strict):
+    """Broker usernames by role, for `antifraud broker-credentials` and the ACL."""
+
+    dispatcher_user: Ident = "dispatcher"
+    sources: list[Ident] = []
+    operators: list[Ident] = []
 
 
 class RegistryPaths(_Strict):
@@ -128,6 +139,7 @@ class FileSettings(_Strict):
     dispatch: DispatchSettings = DispatchSettings()
     incident: IncidentSettings = IncidentSettings()
     limits: LimitSettings = LimitSettings()
+    access: AccessSettings = AccessSettings()
     rules: list[RuleSettings]
 
 
@@ -189,6 +201,7 @@ class Settings:
     units: dict[str, Unit]
     subscribers: dict[str, Subscriber]
     flagged: list[FlaggedPattern]
+    access: AccessSettings = field(default_factory=AccessSettings)
     guards_by_estate: dict[str, list[Unit]] = field(default_factory=dict)
     grid_workers_by_grid: dict[str, list[Unit]] = field(default_factory=dict)
     police_by_station: dict[str, list[Unit]] = field(default_factory=dict)
@@ -383,6 +396,7 @@ def load_settings(path: str | Path) -> Settings:
         units=units,
         subscribers=subscribers,
         flagged=flagged,
+        access=doc.access,
     )
     for unit in sorted(units.values(), key=lambda u: u.order):
         if unit.kind == "guard" and unit.estate:

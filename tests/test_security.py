@@ -1,0 +1,389 @@
+"""Broker security: the shipped production config on a real Mosquitto, every denial proven.
+
+Mosquitto 2 grants every SUBSCRIBE and filters each message, and with MQTT 3.1.1 acknowledges
+a denied PUBLISH and drops it, so a denial is proven by what does not arrive: the forbidden
+message is published first, then an allowed one on the same connection; when the allowed one
+has arrived, the forbidden one would have arrived before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from adapters.access import read_credentials, write_broker_files
+from adapters.broker import CONFIG as LOCAL_CONFIG
+from adapters.broker import Mosquitto, free_port, mosquitto_binary
+from adapters.live import Clock, LiveService
+from adapters.mqtt import BrokerURL, open_client
+from adapters.replay import replay
+from adapters.report import live_report
+from dispatcher.errors import BrokerError
+from dispatcher.settings import Settings
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(
+        mosquitto_binary() is None or shutil.which("openssl") is None,
+        reason="mosquitto and openssl are needed",
+    ),
+]
+
+PRODUCTION = LOCAL_CONFIG.parent / "production.conf"
+SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
+P = "antifraud/v1"
+
+
+def make_certificates(tls: Path) -> None:
+    """A private CA and a server certificate for 127.0.0.1, as docs/RELIABILITY.md shows."""
+    tls.mkdir(parents=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tls, check=True, capture_output=True)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=antifraud test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    run(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    )
+    (tls / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    )
+
+
+def give_to_broker_user(root: Path) -> None:
+    """Started as root, Mosquitto drops to the ``mosquitto`` user: like a real installation,
+    its files must belong to that user (the private ones stay mode 0600)."""
+    import os
+    import pwd
+
+    if os.geteuid() != 0:
+        return
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    for path in [root, *root.rglob("*")]:
+        shutil.chown(path, "mosquitto", "mosquitto")
+
+
+class SecureBroker:
+    def __init__(self, settings: Settings, root: Path) -> None:
+        conf = root / "conf"
+        write_broker_files(settings, conf)
+        make_certificates(conf / "tls")
+        self.passwords = read_credentials(conf / "credentials.csv")
+        self.ca = str(conf / "tls" / "ca.crt")
+        self.tls_port, self.local_port = free_port(), free_port()
+        text = PRODUCTION.read_text(encoding="utf-8")
+        for key, value in {
+            "@CONF_DIR@": str(conf),
+            "@DATA_DIR@": str(root / "data"),
+            "@TLS_PORT@": str(self.tls_port),
+            "@LOCAL_PORT@": str(self.local_port),
+        }.items():
+            text = text.replace(key, value)
+        (root / "data").mkdir()
+        template = root / "production.conf"
+        template.write_text(text.replace("@PORT@", "unused"), encoding="utf-8")
+        self.broker = Mosquitto(root / "broker", port=self.local_port, config=template)
+        give_to_broker_user(root)
+
+    def url(self, user: str | None, tls: bool = True, password: str | None = None) -> BrokerURL:
+        scheme, port = ("mqtts", self.tls_port) if tls else ("mqtt", self.local_port)
+        secret = password if password is not None else (self.passwords.get(user or "") or None)
+        return BrokerURL(
+            host="127.0.0.1",
+            port=port,
+            tls=tls,
+            username=user,
+            password=secret,
+            ca_file=self.ca if tls else None,
+        )
+
+
+@pytest.fixture
+def secure(settings: Settings) -> Iterator[SecureBroker]:
+    # a folder of its own under /tmp: pytest's are private to root, and Mosquitto runs as
+    # its own user once started
+    root = Path(tempfile.mkdtemp(prefix="antifraud-secure-"))
+    root.chmod(0o755)
+    broker = SecureBroker(settings, root)
+    broker.broker.start()
+    try:
+        yield broker
+    finally:
+        broker.broker.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def listening(url: BrokerURL, *topics: str) -> AsyncIterator[list[tuple[str, bytes]]]:
+    """A client subscribed to ``topics``; yields the list its messages are appended to."""
+    got: list[tuple[str, bytes]] = []
+    async with open_client(url) as client:
+        await client.subscribe([(t, 1) for t in topics])
+
+        async def collect() -> None:
+            async for message in client.messages:
+                got.append((str(message.topic), bytes(message.payload)))  # type: ignore[arg-type]
+
+        task = asyncio.create_task(collect())
+        try:
+            yield got
+        finally:
+            task.cancel()
+
+
+async def arrives(got: list[tuple[str, bytes]], marker: bytes, within: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
+    while not any(payload == marker for _, payload in got):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{marker!r} never arrived; got {got}")
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)  # and a little more, for good measure
+
+
+async def publish_denied_then_allowed(
+    url: BrokerURL, denied: str, allowed: str, observer: list[tuple[str, bytes]]
+) -> None:
+    async with open_client(url) as client:
+        with contextlib.suppress(aiomqtt.MqttError):  # MQTT 5 may answer "not authorized"
+            await client.publish(denied, b"forbidden", qos=1)
+        await client.publish(allowed, b"control", qos=1)
+    await arrives(observer, b"control")
+    assert not any(p == b"forbidden" for _, p in observer), observer
+
+
+# ---- who may connect -----------------------------------------------------------------------
+
+
+async def test_anonymous_clients_are_refused(secure: SecureBroker) -> None:
+    with pytest.raises(BrokerError, match="refused|not authori"):
+        async with open_client(secure.url(None)):
+            pass
+
+
+async def test_a_wrong_password_is_refused(secure: SecureBroker) -> None:
+    with pytest.raises(BrokerError):
+        async with open_client(secure.url("G-YJ-CH-01", password="guess")):
+            pass
+
+
+async def test_a_plain_connection_to_the_tls_listener_fails(secure: SecureBroker) -> None:
+    plain = BrokerURL(
+        "127.0.0.1", secure.tls_port, False, "G-YJ-CH-01", secure.passwords["G-YJ-CH-01"]
+    )
+    with pytest.raises(BrokerError):
+        async with open_client(plain, operation_timeout=3):
+            pass
+
+
+async def test_tls_with_the_deployment_ca_and_a_password_connects(secure: SecureBroker) -> None:
+    async with open_client(secure.url("G-YJ-CH-01")):
+        pass
+
+
+# ---- handsets ------------------------------------------------------------------------------
+
+
+async def test_a_handset_reads_only_its_own_dispatches(secure: SecureBroker) -> None:
+    async with listening(
+        secure.url("G-YJ-CH-01"),
+        f"{P}/units/G-YJ-CH-02/dispatches",
+        f"{P}/units/G-YJ-CH-01/dispatches",
+        f"{P}/operators/incidents",
+    ) as got:
+        async with open_client(secure.url("dispatcher", tls=False)) as dispatcher:
+            await dispatcher.publish(f"{P}/units/G-YJ-CH-02/dispatches", b"forbidden", qos=1)
+            await dispatcher.publish(f"{P}/operators/incidents", b"forbidden", qos=1)
+            await dispatcher.publish(f"{P}/units/G-YJ-CH-01/dispatches", b"control", qos=1)
+        await arrives(got, b"control")
+    assert [t for t, _ in got] == [f"{P}/units/G-YJ-CH-01/dispatches"]
+
+
+@pytest.mark.parametrize(
+    "denied",
+    [
+        f"{P}/units/G-YJ-CH-02/replies",  # another unit's replies: a forged reply
+        f"{P}/units/G-YJ-CH-02/status",  # another unit's presence
+        f"{P}/operators/op-01/actions",  # an operator's action
+        f"{P}/events/hengnan/calls",  # a call event
+        f"{P}/units/G-YJ-CH-02/dispatches",  # an offer to someone else
+        f"{P}/incidents/INC-X",  # incident state
+    ],
+)
+async def test_a_handset_writes_only_its_own_replies_and_status(
+    secure: SecureBroker, denied: str
+) -> None:
+    async with listening(secure.url("dispatcher", tls=False), f"{P}/#") as observer:
+        await publish_denied_then_allowed(
+            secure.url("G-YJ-CH-01"), denied, f"{P}/units/G-YJ-CH-01/replies", observer
+        )
+
+
+# ---- call-warning sources and consoles ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "denied",
+    [
+        f"{P}/operators/op-01/actions",
+        f"{P}/units/G-YJ-CH-01/replies",
+        f"{P}/events/elsewhere/calls",
+        f"{P}/units/G-YJ-CH-01/dispatches",
+    ],
+)
+async def test_a_call_warning_source_only_publishes_call_events(
+    secure: SecureBroker, denied: str
+) -> None:
+    async with listening(secure.url("dispatcher", tls=False), f"{P}/#") as observer:
+        await publish_denied_then_allowed(
+            secure.url("app-warning-hengnan"), denied, f"{P}/events/hengnan/calls", observer
+        )
+
+
+@pytest.mark.parametrize(
+    "denied",
+    [
+        f"{P}/operators/op-02/actions",  # another operator's actions
+        f"{P}/units/G-YJ-CH-01/replies",
+        f"{P}/events/hengnan/calls",
+        f"{P}/units/G-YJ-CH-01/dispatches",
+        f"{P}/operators/incidents",
+    ],
+)
+async def test_an_operator_console_only_publishes_its_own_actions(
+    secure: SecureBroker, denied: str
+) -> None:
+    async with listening(secure.url("dispatcher", tls=False), f"{P}/#") as observer:
+        await publish_denied_then_allowed(
+            secure.url("op-01"), denied, f"{P}/operators/op-01/actions", observer
+        )
+
+
+async def test_an_operator_console_reads_incidents_and_presence_not_dispatches(
+    secure: SecureBroker,
+) -> None:
+    async with listening(secure.url("op-01"), f"{P}/#") as got:
+        async with open_client(secure.url("dispatcher", tls=False)) as dispatcher:
+            await dispatcher.publish(f"{P}/units/G-YJ-CH-01/dispatches", b"forbidden", qos=1)
+            await dispatcher.publish(f"{P}/units/G-YJ-CH-01/replies", b"forbidden", qos=1)
+            await dispatcher.publish(f"{P}/incidents/INC-X", b"state", qos=1)
+            await dispatcher.publish(f"{P}/units/G-YJ-CH-01/status", b"presence", qos=1)
+            await dispatcher.publish(f"{P}/operators/incidents", b"control", qos=1)
+        await arrives(got, b"control")
+    assert sorted(p for _, p in got) == [b"control", b"presence", b"state"]
+
+
+# ---- everything together -------------------------------------------------------------------
+
+
+async def test_the_seed_case_runs_with_each_party_on_its_own_credentials(
+    settings: Settings, secure: SecureBroker, tmp_path: Path
+) -> None:
+    store = tmp_path / "live.sqlite3"
+    service = LiveService(settings, secure.url("dispatcher", tls=False), store, Clock(100.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    lines = [json.loads(line) for line in SEED.read_text(encoding="utf-8").splitlines()]
+    clients: dict[str, Any] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for line in lines:
+            parts = line["topic"].split("/")
+            user = {"events": "app-warning-hengnan", "operators": parts[3], "units": parts[3]}[
+                parts[2]
+            ]
+            if user not in clients:
+                clients[user] = await stack.enter_async_context(open_client(secure.url(user)))
+        start = asyncio.get_running_loop().time()
+        for line in lines:
+            delay = start + line["at"] / 100.0 - asyncio.get_running_loop().time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            parts = line["topic"].split("/")
+            user = {"events": "app-warning-hengnan", "operators": parts[3], "units": parts[3]}[
+                parts[2]
+            ]
+            await clients[user].publish(line["topic"], json.dumps(line["payload"]), qos=1)
+        await asyncio.sleep(0.5)
+    stop.set()
+    await task
+    live = await live_report(store, settings)
+    expected = await replay(SEED, settings)
+    assert [(i["status"], i["outcome"]) for i in live["incidents"]] == [("closed", "prevented")]
+    assert [d["status"] for d in live["incidents"][0]["dispatches"]] == [
+        d["status"] for d in expected["incidents"][0]["dispatches"]
+    ]
+    assert live["rejected"] == []
+
+
+def test_usernames_must_be_unique_across_roles(settings: Settings, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from adapters.access import accounts_for
+    from dispatcher.errors import ConfigError
+
+    clash = replace(
+        settings, access=settings.access.model_copy(update={"operators": ["G-YJ-CH-01"]})
+    )
+    with pytest.raises(ConfigError, match="both a operator and a unit|both a unit"):
+        accounts_for(clash, {})
+
+
+def test_credentials_are_private_and_kept_across_runs(settings: Settings, tmp_path: Path) -> None:
+    first = {a.username: a.password for a in write_broker_files(settings, tmp_path)}
+    second = {a.username: a.password for a in write_broker_files(settings, tmp_path)}
+    assert first == second
+    assert (tmp_path / "credentials.csv").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "mosquitto.passwd").stat().st_mode & 0o777 == 0o600
+    text = (tmp_path / "mosquitto.passwd").read_text(encoding="utf-8")
+    assert all(password not in text for password in first.values())
