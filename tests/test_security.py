@@ -137,7 +137,7 @@ class SecureBroker:
         give_to_broker_user(root)
 
     def url(self, user: str | None, tls: bool = True, password: str | None = None) -> BrokerURL:
-        scheme, port = ("mqtts", self.tls_port) if tls else ("mqtt", self.local_port)
+        port = self.tls_port if tls else self.local_port
         secret = password if password is not None else (self.passwords.get(user or "") or None)
         return BrokerURL(
             host="127.0.0.1",
@@ -206,7 +206,7 @@ async def publish_denied_then_allowed(
 
 
 async def test_anonymous_clients_are_refused(secure: SecureBroker) -> None:
-    with pytest.raises(BrokerError, match="refused|not authori"):
+    with pytest.raises(BrokerError, match=r"refused|not authori"):
         async with open_client(secure.url(None)):
             pass
 
@@ -375,7 +375,7 @@ def test_usernames_must_be_unique_across_roles(settings: Settings, tmp_path: Pat
     clash = replace(
         settings, access=settings.access.model_copy(update={"operators": ["G-YJ-CH-01"]})
     )
-    with pytest.raises(ConfigError, match="both a operator and a unit|both a unit"):
+    with pytest.raises(ConfigError, match=r"both a operator and a unit|both a unit"):
         accounts_for(clash, {})
 
 
