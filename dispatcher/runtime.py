@@ -21,6 +21,7 @@ import structlog
 from adapters.store import OutboxRow, Store
 from dispatcher.errors import InputError
 from dispatcher.inbound import TopicRouter, parse_message
+from dispatcher.limits import RateLimiter
 from dispatcher.model import (
     ContactSeen,
     Effect,
@@ -90,7 +91,11 @@ class Runtime:
         self.router = TopicRouter(settings)
         rules = RuleSet(settings.rules)
         self.state = State(
-            contacts=ContactLog(rules.contact_horizon_s, settings.limits.contacts_per_subscriber)
+            contacts=ContactLog(
+                rules.contact_horizon_s,
+                settings.limits.contacts_per_subscriber,
+                settings.limits.max_contact_subscribers,
+            )
         )
         self.workflow = Workflow(settings, self.state)
         self.messages = self.workflow.messages
@@ -101,6 +106,10 @@ class Runtime:
         # dict out of the garbage collector's way (ids never contain control characters)
         self._seen: dict[str, float] = {}
         self._expire_countdown = 0
+        limits = settings.limits
+        self.limiter = RateLimiter(
+            limits.rate_per_source, limits.burst_per_source, limits.max_sources
+        )
         self._committing: asyncio.Future[None] | None = None
         self._pruned_at = 0.0
         self.outbox = outbox
@@ -184,6 +193,19 @@ class Runtime:
             self._reject(topic, exc.reason, payload, key, now)
             return
         key = (msg.source, msg.id)
+        if not self.limiter.allow(msg.source, now):
+            # not remembered as seen: the sender may try the same message again later
+            limits = self.settings.limits
+            self._reject(
+                topic,
+                f"rate limit: source {msg.source!r} sent more than "
+                f"{limits.rate_per_source:g} messages/s (bursts of "
+                f"{limits.burst_per_source})",
+                payload,
+                key,
+                now,
+            )
+            return
         if self._duplicate(key, now):
             return
         try:
@@ -205,6 +227,8 @@ class Runtime:
             log.info("duplicate_dropped", source=key[0], event_id=key[1])
             return True
         self._seen[seen_key] = now
+        if len(self._seen) > self.settings.limits.max_dedupe_entries:
+            del self._seen[next(iter(self._seen))]  # under a flood: forget the oldest first
         self.store.add_inbound(key[0], key[1], now)
         return False
 

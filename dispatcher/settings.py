@@ -87,7 +87,12 @@ class LimitSettings(_Strict):
     max_payload_bytes: int = Field(65536, ge=256)
     max_json_depth: int = Field(16, ge=4, le=200)
     dedupe_window_s: float = Field(86400, gt=0)
+    max_dedupe_entries: int = Field(2_000_000, ge=1000)
     contacts_per_subscriber: int = Field(256, ge=8)
+    max_contact_subscribers: int = Field(500_000, ge=100)
+    rate_per_source: float = Field(2000, gt=0)  # messages a second per CloudEvent source …
+    burst_per_source: int = Field(10_000, ge=1)  # … with bursts of up to this many
+    max_sources: int = Field(10_000, ge=10)  # sources remembered by the rate limiter
 
 
 class AccessSettings(_Strict):

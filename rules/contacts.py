@@ -9,18 +9,24 @@ class ContactLog:
     """Per subscriber, the recent contacts by flagged numbers as ``(at, counterpart)``.
 
     A contact counts from its ``call.started``. Entries older than ``horizon_s`` are dropped as
-    new ones arrive, each subscriber keeps at most ``per_subscriber`` entries (the newest), and a
-    subscriber whose history has expired is forgotten, so memory follows recent traffic only.
+    new ones arrive, each subscriber keeps at most ``per_subscriber`` entries (the newest), a
+    subscriber whose history has expired is forgotten, and at most ``max_subscribers`` are
+    kept (the longest-known is forgotten first), so memory stays bounded even under a flood.
     """
 
-    def __init__(self, horizon_s: float, per_subscriber: int) -> None:
+    def __init__(
+        self, horizon_s: float, per_subscriber: int, max_subscribers: int = 500_000
+    ) -> None:
         self.horizon_s = horizon_s
         self.per_subscriber = per_subscriber
+        self.max_subscribers = max_subscribers
         self._log: dict[str, deque[tuple[float, str]]] = {}
 
     def record(self, subscriber: str, counterpart: str, at: float) -> None:
         entries = self._log.get(subscriber)
         if entries is None:
+            if len(self._log) >= self.max_subscribers:  # forget the longest-known subscriber
+                del self._log[next(iter(self._log))]
             entries = self._log[subscriber] = deque(maxlen=self.per_subscriber)
         entries.append((at, counterpart))
         self._expire(subscriber, entries, at)

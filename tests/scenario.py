@@ -7,13 +7,16 @@ not carry) comes out.
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from adapters.replay import replay
+from dispatcher import logs
 from dispatcher.protocol import validate_outbound
 from dispatcher.settings import Settings
 
@@ -180,8 +183,9 @@ class Script:
         return incident
 
     def write(self, path: Path) -> Path:
+        """The recording, in time order (lines at the same time keep the order written)."""
         with path.open("w", encoding="utf-8") as handle:
-            for line in self.lines:
+            for line in sorted(self.lines, key=lambda line: line["at"]):
                 handle.write(json.dumps(line, ensure_ascii=False) + "\n")
         return path
 
@@ -255,9 +259,33 @@ class Player:
         self.runs += 1
         recording = script.write(self.tmp_path / f"recording-{self.runs}.jsonl")
         store = store or self.tmp_path / f"store-{self.runs}.sqlite3"
-        report = await replay(recording, settings or self.settings, store, until)
+        log = io.StringIO()
+        logs.configure("info", log)
+        try:
+            report = await replay(recording, settings or self.settings, store, until)
+        finally:
+            logs.configure("warning")
         result = Result(report, store)
         for message in result.outbox():  # every message published matches the protocol
             if message["payload"] is not None:
                 validate_outbound(message["payload"])
+        check_privacy(settings or self.settings, result, log.getvalue())
         return result
+
+
+RADIO_TOPIC = re.compile(r"/units/(G|W)-[^/]+/dispatches$")  # guards' radios, grid workers
+
+
+def check_privacy(settings: Settings, result: Result, log_text: str) -> None:
+    """No radio payload and no log line carries a resident's full number or full name."""
+    secrets = [(s.msisdn, s.name) for s in settings.subscribers.values()]
+    radio = " ".join(
+        json.dumps(m["payload"], ensure_ascii=False)
+        for m in result.outbox()
+        if RADIO_TOPIC.search(m["topic"]) and m["payload"] is not None
+    )
+    for msisdn, name in secrets:
+        assert msisdn not in radio and msisdn[1:] not in radio, f"{msisdn} on a radio"
+        assert name not in radio, f"{name} on a radio"
+        assert msisdn not in log_text and msisdn[1:] not in log_text, f"{msisdn} in the log"
+        assert name not in log_text, f"{name} in the log"
