@@ -26,7 +26,7 @@ import aiosqlite
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 T = TypeVar("T")
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 
@@ -66,6 +66,16 @@ CREATE TABLE IF NOT EXISTS contacts (subscriber TEXT NOT NULL, at REAL NOT NULL,
 CREATE INDEX IF NOT EXISTS contacts_at ON contacts (at);
 CREATE TABLE IF NOT EXISTS presence (unit TEXT PRIMARY KEY, state TEXT NOT NULL, at REAL NOT NULL);
 """
+
+# Forward migrations: MIGRATIONS[v] takes a store from version v to v + 1, in one transaction.
+# A new store is created at version 1 (SCHEMA) and migrated like any other.
+MIGRATIONS: dict[int, str] = {
+    # 2: look up a unit's dispatches and an incident's timeline without scanning
+    1: """
+CREATE INDEX IF NOT EXISTS dispatches_unit ON dispatches (unit, status);
+CREATE INDEX IF NOT EXISTS timeline_incident ON timeline (incident_id, seq);
+""",
+}
 
 
 @dataclass
@@ -122,6 +132,7 @@ class Store:
         self._batch = _Batch()
         self._writing = asyncio.Lock()  # one write transaction at a time
         self._next_seq = 1  # of the outbox, assigned when queued
+        self.migrated_from = SCHEMA_VERSION
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -157,8 +168,16 @@ class Store:
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute(f"PRAGMA synchronous={self.sync}")
             await self._db.execute("PRAGMA busy_timeout=5000")
-            await self._db.executescript(SCHEMA)
-            await self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version == 0:
+                await self._db.executescript(SCHEMA)
+                await self._db.execute("PRAGMA user_version=1")
+                version = 1
+            for step in range(version, SCHEMA_VERSION):
+                await self._db.executescript(
+                    f"BEGIN IMMEDIATE;\n{MIGRATIONS[step]}\nPRAGMA user_version={step + 1};\n"
+                    "COMMIT;"
+                )
+            self.migrated_from = version
             row = await (
                 await self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox")
             ).fetchone()
@@ -317,6 +336,18 @@ class Store:
             await self.db.executemany(
                 "UPDATE outbox SET sent = 1 WHERE seq = ?", [(s,) for s in seqs]
             )
+
+    async def backup(self, target: Path) -> None:
+        """A consistent copy of the store while it is in use (SQLite's online backup), written
+        next to ``target`` and renamed into place only once it is complete and checked."""
+        partial = target.with_name(target.name + ".partial")
+        partial.unlink(missing_ok=True)
+        async with aiosqlite.connect(partial) as copy:
+            await self.db.backup(copy)
+            row = await (await copy.execute("PRAGMA integrity_check")).fetchone()
+            if not row or row[0] != "ok":
+                raise StoreError(f"{target}: the backup failed its integrity check: {row}")
+        partial.replace(target)
 
     async def integrity_check(self) -> str:
         row = await (await self.db.execute("PRAGMA integrity_check")).fetchone()

@@ -177,6 +177,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, recording, args.broker, args.speed, sys.stdout))
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from adapters.store import Store
+
+    source, target = Path(args.store), Path(args.out)
+    if not source.is_file():
+        print(f"antifraud: {source}: no such store", file=sys.stderr)
+        return 1
+    if target.exists() and not args.force:
+        print(f"antifraud: {target} exists (use --force to replace it)", file=sys.stderr)
+        return 1
+
+    async def main() -> None:
+        async with Store(source) as store:
+            await store.backup(target)
+
+    asyncio.run(main())
+    print(f"{source} -> {target}: a consistent copy, integrity checked")
+    return 0
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from dispatcher.protocol import write_documents
 
@@ -311,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=60.0, help="clock speed (default 60x)")
     p.add_argument("--recording", help="another recording to play (default: the seed case)")
     p.set_defaults(func=cmd_demo, quiet=True)
+
+    p = sub.add_parser("backup", help="a consistent copy of a store, even while it is in use")
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_backup, quiet=True)
 
     p = sub.add_parser(
         "broker-credentials", help="passwords, a Mosquitto password file and ACL for the deployment"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -241,3 +242,55 @@ async def test_a_failed_commit_keeps_its_writes_for_the_next_one(
 async def test_the_store_syncs_as_configured(tmp_path: Path, sync: str, pragma: int) -> None:
     async with Store(tmp_path / "s.sqlite3", sync) as store:
         assert await store.fetchall("PRAGMA synchronous") == [(pragma,)]
+
+
+V1_SCHEMA_STORE_TABLES = ("meta", "incidents", "dispatches", "timeline", "outbox", "inbound",
+                          "rejected", "contacts", "presence")
+
+
+async def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from adapters import store as store_module
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:  # a store as version 1 of the dispatcher wrote it
+        db.executescript(store_module.SCHEMA)
+        db.execute("PRAGMA user_version=1")
+    await replay(SEED, settings, path, until=300)
+    async with Store(path) as store:
+        assert store.migrated_from == SCHEMA_VERSION  # already migrated by the replay
+        indexes = {n for (n,) in await store.fetchall(
+            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"dispatches_unit", "timeline_incident"} <= indexes
+        assert await store.fetchall("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert (await replay(SEED, settings, path))["incidents"] == EXPECTED["incidents"]
+
+
+async def test_backup_makes_a_consistent_copy_while_the_store_is_written(
+    settings: Settings, tmp_path: Path
+) -> None:
+    path, copy = tmp_path / "live.sqlite3", tmp_path / "copy.sqlite3"
+    await replay(SEED, settings, path, until=262)
+    async with Store(path) as store:
+        store.add_rejected(1.0, "t", "written while the backup runs", "p")
+        writing = asyncio.create_task(store.commit())
+        await store.backup(copy)
+        await writing
+    async with Store(copy) as backup:
+        assert await backup.integrity_check() == "ok"
+    report = await replay(SEED, settings, copy)  # the copy resumes like the original
+    assert report["incidents"] == EXPECTED["incidents"]
+
+
+def test_the_backup_command_refuses_to_overwrite(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from dispatcher.cli import main
+
+    store, out = tmp_path / "s.sqlite3", tmp_path / "b.sqlite3"
+    assert main(["replay", str(SEED), "--store", str(store), "--report",
+                 str(tmp_path / "r.json")]) == 0
+    assert main(["backup", "--store", str(store), "--out", str(out)]) == 0
+    assert main(["backup", "--store", str(store), "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert main(["backup", "--store", str(store), "--out", str(out), "--force"]) == 0

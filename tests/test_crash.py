@@ -1,0 +1,181 @@
+"""Crash safety: the live dispatcher killed with SIGKILL at random moments, again and again.
+
+Two cases are published onto a private Mosquitto (the seed case, and a case whose guards
+decline so the quick-police platforms take it), their pace compressed 50 times; the timers
+keep their real lengths, so a restart's downtime never changes what happens. A real
+``antifraud run`` process is killed at random moments at least 20 times and restarted on the
+same store each time. Then: the final report says what the uninterrupted replay says, every
+offer and notice reached its unit, no unit saw an offer that does not exist, and the store
+passes ``PRAGMA integrity_check`` after every kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sqlite3
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.broker import Mosquitto, mosquitto_binary
+from adapters.mqtt import BrokerURL, open_client
+from adapters.recorder import publish_recording
+from adapters.replay import replay
+from adapters.report import live_report
+from dispatcher.settings import Settings
+from scenario import LI, Script
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed"),
+]
+
+SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
+KILLS = int(os.environ.get("ANTIFRAUD_CRASH_KILLS", "20"))
+COMPRESS = 50.0
+
+
+def recording(tmp: Path) -> Path:
+    """The seed case and a second case at another station, merged and compressed."""
+    second = Script()
+    incident = second.escalated(60, "C-ST-1", sub=LI, other="+85251230001")
+    second.reply(320, "G-ST-XH-01", "declined", incident)
+    second.reply(322, "G-ST-XH-02", "declined", incident)  # now the quick-police platform
+    second.reply(340, "Q-ST-XH", "accepted", incident)
+    second.reply(345, "P-ST-01", "accepted", incident)
+    second.reply(600, "Q-ST-XH", "reported", incident, outcome="dissuaded")
+    second.reply(900, "P-ST-01", "reported", incident, outcome="not_home")
+    lines = [json.loads(line) for line in SEED.read_text(encoding="utf-8").splitlines()]
+    lines += second.lines
+    lines.sort(key=lambda line: line["at"])
+    path = tmp / "two-cases.jsonl"
+    path.write_text("".join(json.dumps(line | {"at": round(line["at"] / COMPRESS, 3)},
+                                       ensure_ascii=False) + "\n" for line in lines),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    mosquitto = Mosquitto(tmp_path / "broker")
+    mosquitto.start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.kill()
+
+
+class Dispatcher:
+    """``antifraud run`` as a process of its own."""
+
+    def __init__(self, config: Path, broker: str, store: Path) -> None:
+        self.args = [sys.executable, "-m", "dispatcher.cli", "--log-level", "warning", "run",
+                     "--config", str(config), "--broker", broker, "--store", str(store)]
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(self.process.wait(), 30)
+
+
+def integrity(store: Path) -> str:
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+def statuses(report: dict[str, Any]) -> list[Any]:
+    return [(i["id"], i["status"], i["outcome"],
+             sorted((d["unit"], d["status"], d["outcome"]) for d in i["dispatches"]))
+            for i in report["incidents"]]
+
+
+async def test_sigkill_at_random_moments_loses_nothing(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    rng = random.Random(20261129)
+    path = recording(tmp_path)
+    expected = await replay(path, settings)
+    url = BrokerURL.parse(broker.url)
+    store = tmp_path / "crash.sqlite3"
+    units = sorted({d["unit"] for i in expected["incidents"] for d in i["dispatches"]})
+    received: dict[str, list[dict[str, Any]]] = {u: [] for u in units}
+
+    async with contextlib.AsyncExitStack() as stack:
+        for unit in units:  # each handset keeps a persistent session
+            client = await stack.enter_async_context(
+                open_client(url, f"handset-{unit}", persistent=True))
+            await client.subscribe(f"antifraud/v1/units/{unit}/dispatches", qos=1)
+
+            async def collect(client: Any = client, unit: str = unit) -> None:
+                async for message in client.messages:
+                    received[unit].append(json.loads(bytes(message.payload)))
+
+            stack.push_async_callback(_cancel, asyncio.create_task(collect()))
+
+        dispatcher = Dispatcher(settings.path, broker.url, store)
+        await dispatcher.start()
+        await asyncio.sleep(1.0)  # its persistent session exists before anything is published
+        publishing = asyncio.create_task(publish_recording(path, url, speed=1.0))
+        kills = 0
+        while kills < KILLS or not publishing.done():
+            await asyncio.sleep(rng.uniform(0.2, 1.2))
+            await dispatcher.kill()
+            kills += 1
+            assert integrity(store) == "ok", f"store damaged after kill {kills}"
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
+            await dispatcher.start()
+        await publishing
+        deadline = asyncio.get_running_loop().time() + 30
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.5)
+            with contextlib.closing(sqlite3.connect(store)) as db:
+                open_ = db.execute("SELECT count(*) FROM incidents WHERE status != 'closed'")
+                unsent = db.execute("SELECT count(*) FROM outbox WHERE sent = 0")
+                if open_.fetchone()[0] == 0 and unsent.fetchone()[0] == 0:
+                    break
+        await asyncio.sleep(0.5)
+        await dispatcher.stop()
+
+    assert kills >= KILLS
+    assert integrity(store) == "ok"
+    live = await live_report(store, settings)
+    assert statuses(live) == statuses(expected)
+    assert live["rejected"] == []  # a message handled twice would be refused as out of order
+    for incident in live["incidents"]:
+        for d in incident["dispatches"]:
+            kind = "notice" if d["status"] == "notified" else "offered"
+            got = [m for m in received[d["unit"]]
+                   if m["type"] == f"cn.antifraud.dispatch.{kind}"
+                   and m["data"]["dispatch_id"] == f"{incident['id']}:{d['unit']}"]
+            assert got, f"the {kind} for {d['unit']} in {incident['id']} never arrived"
+    real = {f"{i['id']}:{d['unit']}" for i in live["incidents"] for d in i["dispatches"]}
+    for unit, messages in received.items():
+        for message in messages:
+            assert message["data"]["dispatch_id"] in real, (unit, message)
+        offers = [m for m in messages if m["type"] == "cn.antifraud.dispatch.offered"]
+        assert len({m["data"]["dispatch_id"] for m in offers}) == len(
+            {m["id"] for m in offers}), f"{unit} saw one dispatch under different event ids"
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
