@@ -57,9 +57,13 @@ def recording(tmp: Path) -> Path:
     lines += second.lines
     lines.sort(key=lambda line: line["at"])
     path = tmp / "two-cases.jsonl"
-    path.write_text("".join(json.dumps(line | {"at": round(line["at"] / COMPRESS, 3)},
-                                       ensure_ascii=False) + "\n" for line in lines),
-                    encoding="utf-8")
+    path.write_text(
+        "".join(
+            json.dumps(line | {"at": round(line["at"] / COMPRESS, 3)}, ensure_ascii=False) + "\n"
+            for line in lines
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -77,13 +81,26 @@ class Dispatcher:
     """``antifraud run`` as a process of its own."""
 
     def __init__(self, config: Path, broker: str, store: Path) -> None:
-        self.args = [sys.executable, "-m", "dispatcher.cli", "--log-level", "warning", "run",
-                     "--config", str(config), "--broker", broker, "--store", str(store)]
+        self.args = [
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "--log-level",
+            "warning",
+            "run",
+            "--config",
+            str(config),
+            "--broker",
+            broker,
+            "--store",
+            str(store),
+        ]
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
 
     async def kill(self) -> None:
         assert self.process is not None
@@ -102,9 +119,15 @@ def integrity(store: Path) -> str:
 
 
 def statuses(report: dict[str, Any]) -> list[Any]:
-    return [(i["id"], i["status"], i["outcome"],
-             sorted((d["unit"], d["status"], d["outcome"]) for d in i["dispatches"]))
-            for i in report["incidents"]]
+    return [
+        (
+            i["id"],
+            i["status"],
+            i["outcome"],
+            sorted((d["unit"], d["status"], d["outcome"]) for d in i["dispatches"]),
+        )
+        for i in report["incidents"]
+    ]
 
 
 async def test_sigkill_at_random_moments_loses_nothing(
@@ -121,7 +144,8 @@ async def test_sigkill_at_random_moments_loses_nothing(
     async with contextlib.AsyncExitStack() as stack:
         for unit in units:  # each handset keeps a persistent session
             client = await stack.enter_async_context(
-                open_client(url, f"handset-{unit}", persistent=True))
+                open_client(url, f"handset-{unit}", persistent=True)
+            )
             await client.subscribe(f"antifraud/v1/units/{unit}/dispatches", qos=1)
 
             async def collect(client: Any = client, unit: str = unit) -> None:
@@ -162,17 +186,21 @@ async def test_sigkill_at_random_moments_loses_nothing(
     for incident in live["incidents"]:
         for d in incident["dispatches"]:
             kind = "notice" if d["status"] == "notified" else "offered"
-            got = [m for m in received[d["unit"]]
-                   if m["type"] == f"cn.antifraud.dispatch.{kind}"
-                   and m["data"]["dispatch_id"] == f"{incident['id']}:{d['unit']}"]
+            got = [
+                m
+                for m in received[d["unit"]]
+                if m["type"] == f"cn.antifraud.dispatch.{kind}"
+                and m["data"]["dispatch_id"] == f"{incident['id']}:{d['unit']}"
+            ]
             assert got, f"the {kind} for {d['unit']} in {incident['id']} never arrived"
     real = {f"{i['id']}:{d['unit']}" for i in live["incidents"] for d in i["dispatches"]}
     for unit, messages in received.items():
         for message in messages:
             assert message["data"]["dispatch_id"] in real, (unit, message)
         offers = [m for m in messages if m["type"] == "cn.antifraud.dispatch.offered"]
-        assert len({m["data"]["dispatch_id"] for m in offers}) == len(
-            {m["id"] for m in offers}), f"{unit} saw one dispatch under different event ids"
+        assert len({m["data"]["dispatch_id"] for m in offers}) == len({m["id"] for m in offers}), (
+            f"{unit} saw one dispatch under different event ids"
+        )
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -371,3 +371,72 @@ def test_handset_scripts_count_each_delay_from_the_previous_step() -> None:
         Step("reported", 95, "dissuaded"),
     ]
     assert auto_script(3, None, None, "x", decline=True) == [Step("declined", 3)]
+
+
+async def test_a_broker_restart_without_persistence_loses_nothing_the_dispatcher_holds(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The broker forgets every session; the dispatcher subscribes again and its outbox,
+    filled by timers while the broker was away, goes out to a handset that is back."""
+    broker = Mosquitto(tmp_path / "forgetful", persistence=False)
+    broker.start()
+    try:
+        url = BrokerURL.parse(broker.url)
+        script = Script()
+        incident = script.escalated(0, "C1")
+        script.reply(260, "P-YJ-01", "accepted", incident)
+        async with dispatcher(settings, broker, tmp_path / "live.sqlite3") as running:
+            runtime = running.service.runtime
+            assert runtime is not None
+            await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=SPEED)
+            await wait_until(
+                lambda: (
+                    "INC-C1" in runtime.state.incidents
+                    and runtime.state.incidents["INC-C1"].dispatches.get("INC-C1:P-YJ-01")
+                    is not None
+                    and runtime.state.incidents["INC-C1"].dispatches["INC-C1:P-YJ-01"].status
+                    == "accepted"
+                )
+            )
+            broker.stop()
+            await wait_until(
+                lambda: "INC-C1:Q-YJ-YL" in runtime.state.incidents["INC-C1"].dispatches
+            )  # the guards' offers expired with the broker away
+            broker.start()
+            handset = Handset(settings, "Q-YJ-YL", url, show=lambda _: None)
+            stop = asyncio.Event()
+            task = asyncio.create_task(handset.run(stop))
+            await wait_until(
+                lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received),
+                within=20,
+            )
+            # and the dispatcher hears again: the platform's acceptance is handled
+            await handset.reply("INC-C1:Q-YJ-YL", "accepted")
+            await wait_until(
+                lambda: (
+                    runtime.state.incidents["INC-C1"].dispatches["INC-C1:Q-YJ-YL"].status
+                    == "accepted"
+                ),
+                within=20,
+            )
+            stop.set()
+            await task
+    finally:
+        broker.kill()
+
+
+async def test_a_dispatcher_started_before_its_broker_connects_when_it_appears(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from adapters.broker import free_port
+
+    broker = Mosquitto(tmp_path / "late", port=free_port())
+    running = Running(settings, broker, tmp_path / "live.sqlite3")
+    try:
+        await asyncio.sleep(1.5)  # several attempts fail meanwhile, each logged
+        assert not running.service.connected.is_set()
+        broker.start()
+        await asyncio.wait_for(running.service.ready.wait(), 40)
+        await running.finish()
+    finally:
+        broker.kill()

@@ -244,8 +244,17 @@ async def test_the_store_syncs_as_configured(tmp_path: Path, sync: str, pragma: 
         assert await store.fetchall("PRAGMA synchronous") == [(pragma,)]
 
 
-V1_SCHEMA_STORE_TABLES = ("meta", "incidents", "dispatches", "timeline", "outbox", "inbound",
-                          "rejected", "contacts", "presence")
+V1_SCHEMA_STORE_TABLES = (
+    "meta",
+    "incidents",
+    "dispatches",
+    "timeline",
+    "outbox",
+    "inbound",
+    "rejected",
+    "contacts",
+    "presence",
+)
 
 
 async def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(
@@ -260,8 +269,10 @@ async def test_a_version_1_store_is_migrated_forward_and_keeps_its_data(
     await replay(SEED, settings, path, until=300)
     async with Store(path) as store:
         assert store.migrated_from == SCHEMA_VERSION  # already migrated by the replay
-        indexes = {n for (n,) in await store.fetchall(
-            "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        indexes = {
+            n
+            for (n,) in await store.fetchall("SELECT name FROM sqlite_master WHERE type = 'index'")
+        }
         assert {"dispatches_unit", "timeline_incident"} <= indexes
         assert await store.fetchall("PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert (await replay(SEED, settings, path))["incidents"] == EXPECTED["incidents"]
@@ -283,13 +294,16 @@ async def test_backup_makes_a_consistent_copy_while_the_store_is_written(
     assert report["incidents"] == EXPECTED["incidents"]
 
 
-def test_the_backup_command_refuses_to_overwrite(tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_backup_command_refuses_to_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from dispatcher.cli import main
 
     store, out = tmp_path / "s.sqlite3", tmp_path / "b.sqlite3"
-    assert main(["replay", str(SEED), "--store", str(store), "--report",
-                 str(tmp_path / "r.json")]) == 0
+    assert (
+        main(["replay", str(SEED), "--store", str(store), "--report", str(tmp_path / "r.json")])
+        == 0
+    )
     assert main(["backup", "--store", str(store), "--out", str(out)]) == 0
     assert main(["backup", "--store", str(store), "--out", str(out)]) == 1
     assert "exists" in capsys.readouterr().err
