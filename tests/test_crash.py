@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scenario import LI, Script
 
 from adapters.broker import Mosquitto, mosquitto_binary
 from adapters.mqtt import BrokerURL, open_client
@@ -31,7 +32,6 @@ from adapters.recorder import publish_recording
 from adapters.replay import replay
 from adapters.report import live_report
 from dispatcher.settings import Settings
-from scenario import LI, Script
 
 pytestmark = [
     pytest.mark.broker,
