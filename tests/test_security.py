@@ -387,3 +387,33 @@ def test_credentials_are_private_and_kept_across_runs(settings: Settings, tmp_pa
     assert (tmp_path / "mosquitto.passwd").stat().st_mode & 0o777 == 0o600
     text = (tmp_path / "mosquitto.passwd").read_text(encoding="utf-8")
     assert all(password not in text for password in first.values())
+
+
+async def test_the_dispatchers_password_is_never_printed_or_logged(
+    settings: Settings, secure: SecureBroker, tmp_path: Path
+) -> None:
+    import io
+
+    from dispatcher import logs
+
+    password = secure.passwords["dispatcher"]
+    url = secure.url("dispatcher", tls=False)
+    assert password not in str(url) and password not in repr(url)
+    log = io.StringIO()
+    logs.configure("debug", log)
+    try:
+        service = LiveService(settings, url, tmp_path / "live.sqlite3", Clock(1.0))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        await asyncio.wait_for(service.ready.wait(), 10)
+        stop.set()
+        await task
+        wrong = BrokerURL("127.0.0.1", secure.local_port, False, "dispatcher", password[::-1])
+        with pytest.raises(BrokerError) as refused:
+            async with open_client(wrong):
+                pass
+    finally:
+        logs.configure("warning")
+    assert "broker_connected" in log.getvalue()
+    for text in (log.getvalue(), str(refused.value)):
+        assert password not in text and password[::-1] not in text
