@@ -51,7 +51,10 @@ def mosquitto_hash(
 def accounts_for(settings: Settings, existing: dict[str, str]) -> list[Account]:
     """Every account of the deployment, with existing passwords kept."""
     access = settings.access
-    wanted: list[tuple[str, str]] = [(access.dispatcher_user, "dispatcher")]
+    wanted: list[tuple[str, str]] = [
+        (access.dispatcher_user, "dispatcher"),
+        (access.console_user, "console"),
+    ]
     wanted += [(s, "source") for s in access.sources]
     wanted += [(o, "operator") for o in access.operators]
     wanted += [(u, "unit") for u in settings.units]
@@ -79,6 +82,18 @@ def acl_text(settings: Settings) -> str:
         "# The dispatcher: everything under the prefix.",
         f"user {access.dispatcher_user}",
         f"topic readwrite {prefix}/#",
+        "",
+    ]
+    lines += [
+        "# The console server: actions of the operators logged in to it; what they read.",
+        f"user {access.console_user}",
+    ]
+    lines += [f"topic write {prefix}/operators/{o}/actions" for o in access.operators]
+    lines += [
+        f"topic read {prefix}/operators/incidents",
+        f"topic read {prefix}/incidents/#",
+        f"topic read {prefix}/units/+/status",
+        f"topic read {prefix}/deadletter",
         "",
     ]
     for source in access.sources:

@@ -179,6 +179,33 @@ class Console:
             )
 
 
+async def _serve_console(
+    settings: Settings, broker: BrokerURL, store: Path, port: int, folder: Path, out: TextIO
+) -> Any:
+    """The operator console beside the demo, with a one-off password for the first operator."""
+    import secrets
+
+    from aiohttp import web
+
+    from adapters.console import Console as WebConsole
+    from adapters.console import Users
+
+    users = Users(folder / "console-users.json")
+    password = secrets.token_urlsafe(9)
+    operator = settings.access.operators[0] if settings.access.operators else "op-01"
+    users.set_password(operator, password)
+    console = WebConsole(settings, broker, store, users)
+    runner = web.AppRunner(console.app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.wait_for(console.connected.wait(), 10)
+    out.write(
+        f"operator console: http://127.0.0.1:{port}/  (log in as {operator}, password "
+        f"{password}, valid for this demo only)\n"
+    )
+    return runner
+
+
 async def run_demo(
     settings: Settings,
     recording: Path,
@@ -186,6 +213,8 @@ async def run_demo(
     speed: float,
     out: TextIO,
     store_path: Path | None = None,
+    console_port: int | None = None,
+    linger_s: float = 0.0,
 ) -> int:
     lines = list(read_lines(recording))
     expected = await replay(recording, settings)
@@ -200,6 +229,7 @@ async def run_demo(
         broker = BrokerURL.parse(url)
         if store_path is None:
             store_path = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "demo.sqlite3"
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         clock = Clock(speed=speed)
         timeline = Timeline(clock, out)
         stop = asyncio.Event()
@@ -222,6 +252,13 @@ async def run_demo(
                 ),
                 20,
             )
+            if console_port is not None:
+                runner = await _serve_console(
+                    settings, broker, store_path, console_port, folder, out
+                )
+                stack.push_async_callback(runner.cleanup)
+                out.write("the case starts in 10 s: open the console now\n")
+                await asyncio.sleep(10)
             out.write(
                 f"dispatcher, operator console and {len(handsets)} handsets connected; "
                 f"playing {recording.name} at {speed:g}x\n\n"
@@ -241,6 +278,9 @@ async def run_demo(
                         console.all_closed.wait(), (lines[-1].at - calls[-1].at) / speed + 15
                     )
             await asyncio.sleep(0.3)
+            if linger_s:
+                out.write(f"the console stays up {linger_s:g} s more\n")
+                await asyncio.sleep(linger_s)
         finally:
             stop.set()
             for task in tasks:

@@ -174,7 +174,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     recording = Path(args.recording) if args.recording else DEFAULT_RECORDING
-    return asyncio.run(run_demo(settings, recording, args.broker, args.speed, sys.stdout))
+    return asyncio.run(
+        run_demo(
+            settings,
+            recording,
+            args.broker,
+            args.speed,
+            sys.stdout,
+            console_port=args.console,
+            linger_s=args.linger if args.console else 0.0,
+        )
+    )
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -194,6 +204,72 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     print(f"{source} -> {target}: a consistent copy, integrity checked")
+    return 0
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from adapters.console import Console, Users
+    from adapters.mqtt import PASSWORD_ENV, BrokerURL
+
+    settings = _settings(args.config)
+    password = None
+    if args.password_file:
+        password = Path(args.password_file).read_text(encoding="utf-8").strip()
+    secret = os.environ.get(PASSWORD_ENV) or password
+    broker = BrokerURL.parse(
+        args.broker or settings.service.broker,
+        secret,
+        settings.access.console_user if secret else None,
+        args.ca_file,
+    )
+    users = Users(Path(settings.console.users_file))
+    if not users.load():
+        first = settings.access.operators[0] if settings.access.operators else "ID"
+        print(
+            f"antifraud: no operator can log in yet: set a password with "
+            f"`antifraud console-user --operator {first}`",
+            file=sys.stderr,
+        )
+    console = Console(
+        settings,
+        broker,
+        Path(args.store or settings.service.store),
+        users,
+        secure_cookies=settings.console.secure_cookies,
+        session_hours=settings.console.session_hours,
+    )
+    print(f"operator console on http://{args.host}:{args.port}/ (broker {broker})")
+    web.run_app(console.app, host=args.host, port=args.port, print=None)
+    return 0
+
+
+def cmd_console_user(args: argparse.Namespace) -> int:
+    import getpass
+
+    from adapters.console import Users
+
+    settings = _settings(args.config)
+    if args.operator not in settings.access.operators:
+        print(
+            f"antifraud: {args.operator!r} is not an operator of {settings.path} "
+            f"([access] operators: {', '.join(settings.access.operators)})",
+            file=sys.stderr,
+        )
+        return 1
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.operator}: ")
+        if getpass.getpass("again: ") != password:
+            print("antifraud: the two passwords differ", file=sys.stderr)
+            return 1
+    if len(password) < 8:
+        print("antifraud: a password needs at least 8 characters", file=sys.stderr)
+        return 1
+    Users(Path(settings.console.users_file)).set_password(args.operator, password)
+    print(f"{args.operator}: password set in {settings.console.users_file}")
     return 0
 
 
@@ -330,7 +406,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", help="use this broker instead of starting a private one")
     p.add_argument("--speed", type=float, default=60.0, help="clock speed (default 60x)")
     p.add_argument("--recording", help="another recording to play (default: the seed case)")
+    p.add_argument(
+        "--console",
+        type=int,
+        metavar="PORT",
+        help="also serve the operator console on 127.0.0.1:PORT to watch the case",
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="with --console: keep it up this long after the case ends",
+    )
     p.set_defaults(func=cmd_demo, quiet=True)
+
+    p = sub.add_parser("console", help="the operator console (a web page)")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--broker")
+    p.add_argument("--store", help="the dispatcher's store, read for history")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--password-file", help="the console's broker password")
+    p.add_argument("--ca-file")
+    p.set_defaults(func=cmd_console)
+
+    p = sub.add_parser("console-user", help="set an operator's console password")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--operator", required=True)
+    p.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input instead of asking",
+    )
+    p.set_defaults(func=cmd_console_user, quiet=True)
 
     p = sub.add_parser("backup", help="a consistent copy of a store, even while it is in use")
     p.add_argument("--store", required=True)

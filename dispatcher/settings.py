@@ -99,8 +99,15 @@ class AccessSettings(_Strict):
     """Broker usernames by role, for `antifraud broker-credentials` and the ACL."""
 
     dispatcher_user: Ident = "dispatcher"
+    console_user: Ident = "console"  # the console server, publishing for logged-in operators
     sources: list[Ident] = []
     operators: list[Ident] = []
+
+
+class ConsoleSettings(_Strict):
+    users_file: str = "var/console-users.json"  # operator -> scrypt hash, mode 0600
+    session_hours: float = Field(12, gt=0)
+    secure_cookies: bool = False  # true when the console is served over HTTPS
 
 
 class RegistryPaths(_Strict):
@@ -145,6 +152,7 @@ class FileSettings(_Strict):
     incident: IncidentSettings = IncidentSettings()
     limits: LimitSettings = LimitSettings()
     access: AccessSettings = AccessSettings()
+    console: ConsoleSettings = ConsoleSettings()
     rules: list[RuleSettings]
 
 
@@ -207,6 +215,7 @@ class Settings:
     subscribers: dict[str, Subscriber]
     flagged: list[FlaggedPattern]
     access: AccessSettings = field(default_factory=AccessSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     guards_by_estate: dict[str, list[Unit]] = field(default_factory=dict)
     grid_workers_by_grid: dict[str, list[Unit]] = field(default_factory=dict)
     police_by_station: dict[str, list[Unit]] = field(default_factory=dict)
@@ -402,6 +411,7 @@ def load_settings(path: str | Path) -> Settings:
         subscribers=subscribers,
         flagged=flagged,
         access=doc.access,
+        console=doc.console,
     )
     for unit in sorted(units.values(), key=lambda u: u.order):
         if unit.kind == "guard" and unit.estate:

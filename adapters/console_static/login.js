@@ -1,0 +1,3 @@
+if (new URLSearchParams(location.search).has("failed")) {
+  document.getElementById("failed").hidden = false;
+}

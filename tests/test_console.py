@@ -1,0 +1,270 @@
+"""The operator console over HTTP: login, sessions, CSRF, actions, refusals, history, CSV."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, CookieJar, web
+
+from adapters.broker import Mosquitto, free_port, mosquitto_binary
+from adapters.console import Console, Users, check_password, hash_password
+from adapters.live import Clock, LiveService
+from adapters.mqtt import BrokerURL, open_client
+from adapters.replay import replay
+from dispatcher.settings import Settings
+
+pytestmark = [
+    pytest.mark.broker,
+    pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed"),
+]
+SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    mosquitto = Mosquitto(tmp_path / "broker")
+    mosquitto.start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.kill()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, store: Path | None = None
+) -> AsyncIterator[tuple[str, Console]]:
+    users = Users(tmp_path / "users.json")
+    users.set_password("op-01", PASSWORD)
+    console = Console(settings, BrokerURL.parse(broker.url), store, users)
+    runner = web.AppRunner(console.app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.wait_for(console.connected.wait(), 10)
+    try:
+        yield f"http://127.0.0.1:{port}", console
+    finally:
+        await runner.cleanup()
+
+
+async def login(
+    http: ClientSession, base: str, operator: str = "op-01", password: str = PASSWORD
+) -> dict[str, Any]:
+    async with http.post(
+        f"{base}/login", data={"operator": operator, "password": password}, allow_redirects=False
+    ) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == "/"
+        cookie = response.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+    async with http.get(f"{base}/api/state") as response:
+        assert response.status == 200
+        return await response.json()  # type: ignore[no-any-return]
+
+
+def test_passwords_are_hashed_with_scrypt_and_checked(tmp_path: Path) -> None:
+    stored = hash_password("s3cret-words")
+    assert stored.startswith("scrypt$") and "s3cret-words" not in stored
+    assert check_password("s3cret-words", stored)
+    assert not check_password("s3cret-word", stored)
+    users = Users(tmp_path / "u.json")
+    users.set_password("op-01", "s3cret-words")
+    assert (tmp_path / "u.json").stat().st_mode & 0o777 == 0o600
+    assert users.check("op-01", "s3cret-words") and not users.check("op-02", "s3cret-words")
+
+
+async def test_pages_need_a_login_and_a_wrong_password_is_refused(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    async with (
+        serving(settings, broker, tmp_path) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        async with http.get(f"{base}/", allow_redirects=False) as response:
+            assert (response.status, response.headers["Location"]) == (302, "/login")
+        async with http.get(f"{base}/api/state") as response:
+            assert response.status == 401
+        for operator, password in [("op-01", "wrong"), ("op-99", PASSWORD), ("op-02", PASSWORD)]:
+            async with http.post(
+                f"{base}/login",
+                data={"operator": operator, "password": password},
+                allow_redirects=False,
+            ) as response:
+                assert response.headers["Location"] == "/login?failed=1"
+        async with http.get(f"{base}/api/state") as response:
+            assert response.status == 401
+        state = await login(http, base)
+        assert state["operator"] == "op-01" and len(state["csrf"]) > 20
+        async with http.get(f"{base}/static/console.js") as response:
+            assert response.status == 200  # every asset is served locally
+
+
+async def test_an_action_needs_the_csrf_token_and_is_published_as_the_operator(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    async with (
+        serving(settings, broker, tmp_path) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+        open_client(url) as spy,
+    ):
+        await spy.subscribe("antifraud/v1/operators/+/actions", qos=1)
+        state = await login(http, base)
+        target = f"{base}/api/incidents/INC-C1/callback"
+        async with http.post(target, json={"result": "no_answer"}) as response:
+            assert response.status == 403
+        async with http.post(
+            target, json={"result": "no_answer"}, headers={"X-CSRF-Token": "forged"}
+        ) as response:
+            assert response.status == 403
+        async with http.post(
+            target, json={"result": "maybe"}, headers={"X-CSRF-Token": state["csrf"]}
+        ) as response:
+            assert response.status == 400
+        async with http.post(
+            target, json={"result": "no_answer"}, headers={"X-CSRF-Token": state["csrf"]}
+        ) as response:
+            assert response.status == 200
+            action_id = (await response.json())["action_id"]
+        message = await asyncio.wait_for(anext(spy.messages.__aiter__()), 5)
+    event = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+    assert str(message.topic) == "antifraud/v1/operators/op-01/actions"
+    assert (event["id"], event["source"], event["type"]) == (
+        action_id,
+        "console/op-01",
+        "cn.antifraud.operator.callback",
+    )
+    assert event["data"] == {"incident_id": "INC-C1", "result": "no_answer"}
+
+
+async def test_a_refused_action_comes_back_with_the_dispatchers_reason(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    service = LiveService(settings, BrokerURL.parse(broker.url), tmp_path / "live.sqlite3", Clock())
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    try:
+        async with (
+            serving(settings, broker, tmp_path) as (base, _),
+            ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+        ):
+            state = await login(http, base)
+            async with http.ws_connect(f"{base}/ws") as ws:
+                async with http.post(
+                    f"{base}/api/incidents/INC-NOPE/escalate",
+                    json={},
+                    headers={"X-CSRF-Token": state["csrf"]},
+                ) as response:
+                    action_id = (await response.json())["action_id"]
+                while True:
+                    frame = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+                    if frame["kind"] == "refused":
+                        break
+        assert frame["data"]["action_id"] == action_id
+        assert "unknown incident INC-NOPE" in frame["data"]["reason"]
+    finally:
+        stop.set()
+        await task
+
+
+async def test_history_is_searchable_and_exports_csv(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    store = tmp_path / "history.sqlite3"
+    await replay(SEED, settings, store)
+    async with (
+        serving(settings, broker, tmp_path, store) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        await login(http, base)
+        for query, found in [
+            ({"q": "陈某某"}, 1),
+            ({"q": "+85251230002"}, 1),
+            ({"q": "王阿姨"}, 0),
+            ({"outcome": "prevented"}, 1),
+            ({"outcome": "loss"}, 0),
+            ({"from": "1970-01-01", "to": "1970-01-02"}, 1),
+            ({"from": "2000-01-01"}, 0),
+        ]:
+            async with http.get(f"{base}/api/history", params=query) as response:
+                assert len((await response.json())["incidents"]) == found, query
+        async with http.get(f"{base}/api/history.csv", params={"q": "陈"}) as response:
+            body = (await response.read()).decode("utf-8-sig")
+            assert response.headers["Content-Type"].startswith("text/csv")
+    lines = body.strip().splitlines()
+    assert lines[0].startswith("incident_id,closed,subscriber,name")
+    assert "INC-C-20211015-0001" in lines[1] and "陈某某" in lines[1] and "prevented" in lines[1]
+
+
+async def test_the_board_lists_units_with_presence(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    async with open_client(url) as radio:
+        await radio.publish(
+            "antifraud/v1/units/G-YJ-CH-01/status",
+            json.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "s1",
+                    "source": "unit/G-YJ-CH-01",
+                    "type": "cn.antifraud.unit.status",
+                    "data": {"state": "offline"},
+                }
+            ),
+            qos=1,
+            retain=True,
+        )
+    async with (
+        serving(settings, broker, tmp_path) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        await login(http, base)
+        for _ in range(50):
+            async with http.get(f"{base}/api/state") as response:
+                units = {u["id"]: u for u in (await response.json())["units"]}
+            if units["G-YJ-CH-01"]["presence"] == "offline":
+                break
+            await asyncio.sleep(0.05)
+    assert units["G-YJ-CH-01"]["presence"] == "offline"
+    assert units["G-YJ-CH-02"]["presence"] == "unknown"
+    assert len(units) == len(settings.units)
+
+
+async def test_a_person_can_watch_the_demo_in_the_console(settings: Settings) -> None:
+    import io
+    import re
+
+    from adapters.broker import local_broker
+    from adapters.demo import DEFAULT_RECORDING, run_demo
+
+    out = io.StringIO()
+    port = free_port()
+    async with local_broker("mosquitto") as (url, _):
+        demo = asyncio.create_task(run_demo(settings, DEFAULT_RECORDING, url, speed=100.0,
+                                            out=out, console_port=port, linger_s=1.0))
+        for _ in range(200):
+            found = re.search(r"log in as (\S+), password (\S+),", out.getvalue())
+            if found:
+                break
+            await asyncio.sleep(0.05)
+        assert found, out.getvalue()
+        seen: set[str] = set()
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+            await login(http, f"http://127.0.0.1:{port}", found[1], found[2])
+            while not demo.done():
+                async with http.get(f"http://127.0.0.1:{port}/api/state") as response:
+                    if response.status == 200:
+                        seen |= {i["status"] for i in (await response.json())["incidents"]}
+                await asyncio.sleep(0.1)
+        assert await demo == 0
+    assert {"open", "escalated", "closed"} <= seen
