@@ -250,8 +250,17 @@ async def test_a_person_can_watch_the_demo_in_the_console(settings: Settings) ->
     out = io.StringIO()
     port = free_port()
     async with local_broker("mosquitto") as (url, _):
-        demo = asyncio.create_task(run_demo(settings, DEFAULT_RECORDING, url, speed=100.0,
-                                            out=out, console_port=port, linger_s=1.0))
+        demo = asyncio.create_task(
+            run_demo(
+                settings,
+                DEFAULT_RECORDING,
+                url,
+                speed=100.0,
+                out=out,
+                console_port=port,
+                linger_s=1.0,
+            )
+        )
         for _ in range(200):
             found = re.search(r"log in as (\S+), password (\S+),", out.getvalue())
             if found:
