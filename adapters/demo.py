@@ -30,7 +30,7 @@ import aiomqtt
 from adapters.broker import local_broker
 from adapters.handset import Handset, Step, cloudevent
 from adapters.live import Clock, LiveService
-from adapters.mqtt import BrokerURL, open_client
+from adapters.mqtt import BrokerURL, messages_until, open_client
 from adapters.recording import Line, read_lines
 from adapters.replay import replay
 from adapters.report import build_report
@@ -117,16 +117,8 @@ class Console:
         async with open_client(self.broker, "demo-console-op-01") as client:
             await client.subscribe(self.topics.operators, qos=1)
             self.ready.set()
-            messages = client.messages.__aiter__()
-            while not stop.is_set():
-                waiter = asyncio.ensure_future(messages.__anext__())
-                stopper = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if waiter not in done:
-                    waiter.cancel()
-                    break
-                self.on_incident(client, waiter.result())
+            async for message in messages_until(client, stop):
+                self.on_incident(client, message)
 
     def on_incident(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         data = json.loads(bytes(message.payload))["data"]

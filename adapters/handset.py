@@ -23,7 +23,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from adapters.mqtt import Backoff, BrokerURL, open_client
+from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client
 from dispatcher.errors import BrokerError
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings, Unit
@@ -180,16 +180,8 @@ class Handset:
             task.cancel()
 
     async def _receive(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
-        messages = client.messages.__aiter__()
-        while True:
-            waiter = asyncio.ensure_future(messages.__anext__())
-            stopper = asyncio.ensure_future(stop.wait())
-            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if waiter not in done:
-                waiter.cancel()
-                return
-            self.on_message(waiter.result())
+        async for message in messages_until(client, stop):
+            self.on_message(message)
 
     def on_message(self, message: aiomqtt.Message) -> None:
         try:

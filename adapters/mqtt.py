@@ -13,14 +13,17 @@ this is the workaround its maintainers point to) and ``ack`` sends the PUBACK.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import random
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -151,6 +154,37 @@ async def open_client(
     finally:
         with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
+
+
+async def messages_until(
+    client: aiomqtt.Client, stop: asyncio.Event, deadline: float | None = None
+) -> AsyncIterator[aiomqtt.Message]:
+    """The client's messages until ``stop`` is set or the ``time.monotonic()`` deadline passes.
+
+    One read stays pending across waits and is cancelled only at the end: cancelling a read
+    of aiomqtt's message generator closes the generator for good.
+    """
+    messages = client.messages.__aiter__()
+    stopper = asyncio.ensure_future(stop.wait())
+    waiter: asyncio.Future[aiomqtt.Message] | None = None
+    try:
+        while not stop.is_set():
+            if waiter is None:
+                waiter = asyncio.ensure_future(messages.__anext__())
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            either: set[asyncio.Future[Any]] = {waiter, stopper}
+            done, _ = await asyncio.wait(
+                either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if waiter in done:
+                message, waiter = waiter.result(), None
+                yield message
+            elif not done:
+                return  # the deadline passed
+    finally:
+        stopper.cancel()
+        if waiter is not None:
+            waiter.cancel()
 
 
 def remember_protocol(broker: BrokerURL, version: str) -> None:

@@ -7,10 +7,9 @@ import json
 import time
 from pathlib import Path
 
-import aiomqtt
 import structlog
 
-from adapters.mqtt import BrokerURL, open_client
+from adapters.mqtt import BrokerURL, messages_until, open_client
 from adapters.recording import read_lines, write_line
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
@@ -39,21 +38,7 @@ async def record(
         log.info("recording", broker=str(broker), out=str(out), topics=filters)
         with out.open("a", encoding="utf-8") as handle:
             deadline = None if duration is None else time.monotonic() + duration
-            messages = client.messages.__aiter__()
-            while not stop.is_set():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                waiter = asyncio.ensure_future(messages.__anext__())
-                stopper = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait(
-                    {waiter, stopper}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                stopper.cancel()
-                if waiter not in done:
-                    waiter.cancel()
-                    continue
-                message: aiomqtt.Message = waiter.result()
+            async for message in messages_until(client, stop, deadline):
                 now = time.monotonic()
                 start = now if start is None else start
                 payload = message.payload

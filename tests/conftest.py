@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from scenario import Player
 
+from adapters.broker import Mosquitto
 from dispatcher import logs
 from dispatcher.settings import Settings, load_settings
 
@@ -15,6 +16,17 @@ CONFIG = ROOT / "config" / "hengnan.toml"
 DATA = Path(__file__).resolve().parent / "data"
 
 logs.configure("warning")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A private Mosquitto on a free port (the shipped config/mosquitto/local.conf)."""
+    mosquitto = Mosquitto(tmp_path / "broker")
+    mosquitto.start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.kill()
 
 
 @pytest.fixture(scope="session")

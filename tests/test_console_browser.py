@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,16 +47,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path / "broker")
-    mosquitto.start()
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.kill()
 
 
 async def test_an_operator_handles_the_seed_case_in_the_browser(
@@ -121,6 +110,7 @@ async def test_an_operator_handles_the_seed_case_in_the_browser(
             card = page.locator(f'#critical [data-incident="{INCIDENT}"]')
             await expect(card).to_be_visible(timeout=20_000)
             await expect(card).to_contain_text("陈某某（陈女士）")
+            await expect(card).to_contain_text("春晖小区（E-YJ-CH）")
             await expect(card).to_contain_text("+85251230002（虚假投资理财）")
             await page.screenshot(path=ARTIFACTS / "2-critical.png")
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +31,6 @@ pytestmark = [
 SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
 SPEED = 100.0  # clock speed of these tests: the 25-minute seed case plays in 15 s
 P = "antifraud/v1"
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    mosquitto = Mosquitto(tmp_path / "broker")
-    mosquitto.start()
-    try:
-        yield mosquitto
-    finally:
-        mosquitto.kill()
 
 
 class Running:
@@ -440,3 +430,21 @@ async def test_a_dispatcher_started_before_its_broker_connects_when_it_appears(
         await running.finish()
     finally:
         broker.kill()
+
+
+async def test_recording_for_a_duration_keeps_receiving_across_quiet_gaps(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    out = tmp_path / "recorded.jsonl"
+    recorder = asyncio.create_task(record(settings, url, out, asyncio.Event(), duration=2.0))
+    await asyncio.sleep(0.3)
+    async with open_client(url) as source:
+        for gap in (0.0, 0.6, 0.6):  # quiet gaps longer than nothing, shorter than the duration
+            await asyncio.sleep(gap)
+            await source.publish(
+                f"{P}/events/hengnan/calls",
+                json.dumps(json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]),
+                qos=1,
+            )
+    assert await recorder == 3
