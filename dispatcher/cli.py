@@ -307,7 +307,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dispatcher.bench import run_replay_bench
+    from adapters.bench_replay import run_replay_bench
 
     return run_replay_bench(_settings(args.config), events=args.events, active=args.active)
 
