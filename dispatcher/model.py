@@ -17,7 +17,6 @@ DispatchStatus = Literal[
     "offered", "accepted", "declined", "expired", "cancelled", "arrived", "reported", "notified"
 ]
 SlotName = Literal["door", "police", "notice"]
-PENDING: frozenset[str] = frozenset({"offered"})
 ENGAGED: frozenset[str] = frozenset({"accepted", "arrived"})  # busy: accepted, not reported
 
 

@@ -17,12 +17,6 @@ from rules.flagged import FlaggedNumbers
 SPECVERSION = "1.0"
 RADIO_ROLES = frozenset({"guard", "grid_worker"})
 
-ROLE_LABEL = {
-    "guard": "保安",
-    "police": "巡逻民警",
-    "quick_police": "快警平台",
-    "grid_worker": "网格员",
-}
 CANCEL_TEXT = {
     "taken": "已由其他人员接警，您无需前往。",
     "expired": "接警超时，任务已转派，您无需前往。",

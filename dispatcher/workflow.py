@@ -34,7 +34,6 @@ from dispatcher.model import (
     IncidentSaved,
     Noted,
     PresenceSeen,
-    Publish,
     Slot,
     SlotName,
     State,
@@ -780,7 +779,3 @@ class Workflow:
             incident.alerts.append(code)
         self._note(incident, now, "alert", SYSTEM, text, changes)
         changes.mark(incident)
-
-
-def publishes(effects: Iterable[Effect]) -> list[Publish]:
-    return [e for e in effects if isinstance(e, Publish)]

@@ -50,8 +50,5 @@ class ContactLog:
         if not entries:
             del self._log[subscriber]
 
-    def entries(self) -> list[tuple[str, float, str]]:
-        return [(s, at, n) for s, e in self._log.items() for at, n in e]
-
     def __len__(self) -> int:
         return sum(len(e) for e in self._log.values())
