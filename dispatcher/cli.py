@@ -309,7 +309,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from adapters.bench_replay import run_replay_bench
 
-    return run_replay_bench(_settings(args.config), events=args.events, active=args.active)
+    return run_replay_bench(
+        _settings(args.config), events=args.events, active=args.active, repeat=args.repeat
+    )
 
 
 def cmd_bench_live(args: argparse.Namespace) -> int:
@@ -469,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=100_000,
         help="concurrently active calls for the memory figure",
     )
+    b.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is shown)")
     b.set_defaults(func=cmd_bench, quiet=True)
     b = bench.add_parser("live", help="the dispatcher on a private Mosquitto: rate and latency")
     b.add_argument("--config", default=DEFAULT_CONFIG)

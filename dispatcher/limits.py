@@ -2,31 +2,36 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 
 class RateLimiter:
     """At most ``rate`` messages a second per key, with bursts of up to ``burst``.
 
-    Keys are remembered least-recently-used first and at most ``max_keys`` of them, so a
-    flood of made-up sources cannot grow memory; a forgotten key starts again with a full
-    bucket. Time is whatever the caller says it is (virtual in a replay).
+    At most ``max_keys`` keys are remembered; past that the longest-known is forgotten, so a
+    flood of made-up sources cannot grow memory (a forgotten key starts again with a full
+    bucket, which only ever favours the sender). Time is whatever the caller says it is
+    (virtual in a replay). Buckets are updated in place: this runs for every message.
     """
 
     def __init__(self, rate: float, burst: int, max_keys: int) -> None:
         self.rate, self.burst, self.max_keys = rate, float(burst), max_keys
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self._buckets: dict[str, list[float]] = {}  # key -> [tokens, at]
 
     def allow(self, key: str, now: float) -> bool:
-        tokens, at = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
-        allowed = tokens >= 1.0
-        if allowed:
-            tokens -= 1.0
-        self._buckets[key] = (tokens, now)
-        if len(self._buckets) > self.max_keys:
-            self._buckets.popitem(last=False)
-        return allowed
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self.max_keys:
+                del self._buckets[next(iter(self._buckets))]
+            self._buckets[key] = [self.burst - 1.0, now]
+            return True
+        tokens = bucket[0] + (now - bucket[1]) * self.rate if now > bucket[1] else bucket[0]
+        if tokens > self.burst:
+            tokens = self.burst
+        bucket[1] = max(bucket[1], now)
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return True
+        bucket[0] = tokens
+        return False
 
     def __len__(self) -> int:
         return len(self._buckets)
