@@ -273,10 +273,6 @@ class Store:
     def set_presence(self, unit: str, state: str, at: float) -> None:
         self._batch.presence[unit] = (state, at)
 
-    @property
-    def pending(self) -> int:
-        return len(self._batch)
-
     # ---- committing ------------------------------------------------------------------------
 
     async def commit(self) -> list[OutboxRow]:

@@ -100,6 +100,7 @@ class Runtime:
         self.workflow = Workflow(settings, self.state)
         self.messages = self.workflow.messages
         self.clock = 0.0
+        self.meta: dict[str, str] = {}  # the store's meta, as loaded by start()
         self._timers: list[tuple[tuple[float, str, int, str], TimerSet]] = []
         self._scheduled: set[TimerSet] = set()
         # processed (source, id) pairs as "source\0id" -> time: plain strings keep this large

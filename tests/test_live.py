@@ -232,41 +232,57 @@ async def test_a_broker_restart_mid_incident_loses_nothing(
         assert await opened.unsent(10) == []
 
 
+def dispatch_status(running: Running, dispatch_id: str) -> str | None:
+    runtime = running.service.runtime
+    incident = (
+        None if runtime is None else runtime.state.incidents.get(dispatch_id.split(":", 1)[0])
+    )
+    dispatch = None if incident is None else incident.dispatches.get(dispatch_id)
+    return None if dispatch is None else dispatch.status
+
+
+@contextlib.asynccontextmanager
+async def offer_across_a_broker_restart(
+    settings: Settings, broker: Mosquitto, running: Running, tmp_path: Path
+) -> AsyncIterator[Handset]:
+    """Escalate C1 (the patrol accepts), stop the broker until the guards' offers expire and
+    the quick-police platform's offer is produced, start it again, and yield the platform's
+    handset once that offer has reached it."""
+    url = BrokerURL.parse(broker.url)
+    script = Script()
+    incident = script.escalated(0, "C1")
+    script.reply(260, "P-YJ-01", "accepted", incident)
+    await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=SPEED)
+    await wait_until(lambda: dispatch_status(running, "INC-C1:P-YJ-01") == "accepted")
+    broker.stop()
+    # the guards' 30 s run out (0.3 s at this speed) with the broker away
+    await wait_until(lambda: dispatch_status(running, "INC-C1:Q-YJ-YL") is not None)
+    broker.start()
+    handset = Handset(settings, "Q-YJ-YL", url, show=lambda _: None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(handset.run(stop))
+    try:
+        await wait_until(
+            lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received),
+            within=20,
+        )
+        yield handset
+    finally:
+        stop.set()
+        await task
+
+
 async def test_timers_fire_while_the_broker_is_away_and_their_offers_go_out_after(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
     url = BrokerURL.parse(broker.url)
     async with open_client(url, "handset-Q-YJ-YL", persistent=True) as platform:
         await platform.subscribe(f"{P}/units/Q-YJ-YL/dispatches", qos=1)  # a session to fill
-    script = Script()
-    incident = script.escalated(0, "C1")
-    script.reply(260, "P-YJ-01", "accepted", incident)
-    async with dispatcher(settings, broker, tmp_path / "live.sqlite3") as running:
-        await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=SPEED)
-        runtime = running.service.runtime
-        assert runtime is not None
-        await wait_until(
-            lambda: (
-                runtime.state.incidents.get("INC-C1") is not None
-                and "INC-C1:P-YJ-01" in runtime.state.incidents["INC-C1"].dispatches
-                and runtime.state.incidents["INC-C1"].dispatches["INC-C1:P-YJ-01"].status
-                == "accepted"
-            )
-        )
-        broker.stop()
-        # the guards' 30 s run out (0.3 s at this speed) with the broker away
-        await wait_until(lambda: "INC-C1:Q-YJ-YL" in runtime.state.incidents["INC-C1"].dispatches)
-        broker.start()
-        handset = Handset(settings, "Q-YJ-YL", url, show=lambda _: None)
-        stop = asyncio.Event()
-        task = asyncio.create_task(handset.run(stop))
-        await wait_until(
-            lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received),
-            within=20,
-        )
-        stop.set()
-        await task
-    offer = next(e for e in handset.received if e["type"] == "cn.antifraud.dispatch.offered")
+    async with (
+        dispatcher(settings, broker, tmp_path / "live.sqlite3") as running,
+        offer_across_a_broker_restart(settings, broker, running, tmp_path) as handset,
+    ):
+        offer = next(e for e in handset.received if e["type"] == "cn.antifraud.dispatch.offered")
     assert offer["data"]["dispatch_id"] == "INC-C1:Q-YJ-YL"
 
 
@@ -371,46 +387,15 @@ async def test_a_broker_restart_without_persistence_loses_nothing_the_dispatcher
     broker = Mosquitto(tmp_path / "forgetful", persistence=False)
     broker.start()
     try:
-        url = BrokerURL.parse(broker.url)
-        script = Script()
-        incident = script.escalated(0, "C1")
-        script.reply(260, "P-YJ-01", "accepted", incident)
-        async with dispatcher(settings, broker, tmp_path / "live.sqlite3") as running:
-            runtime = running.service.runtime
-            assert runtime is not None
-            await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=SPEED)
-            await wait_until(
-                lambda: (
-                    "INC-C1" in runtime.state.incidents
-                    and runtime.state.incidents["INC-C1"].dispatches.get("INC-C1:P-YJ-01")
-                    is not None
-                    and runtime.state.incidents["INC-C1"].dispatches["INC-C1:P-YJ-01"].status
-                    == "accepted"
-                )
-            )
-            broker.stop()
-            await wait_until(
-                lambda: "INC-C1:Q-YJ-YL" in runtime.state.incidents["INC-C1"].dispatches
-            )  # the guards' offers expired with the broker away
-            broker.start()
-            handset = Handset(settings, "Q-YJ-YL", url, show=lambda _: None)
-            stop = asyncio.Event()
-            task = asyncio.create_task(handset.run(stop))
-            await wait_until(
-                lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received),
-                within=20,
-            )
+        async with (
+            dispatcher(settings, broker, tmp_path / "live.sqlite3") as running,
+            offer_across_a_broker_restart(settings, broker, running, tmp_path) as handset,
+        ):
             # and the dispatcher hears again: the platform's acceptance is handled
             await handset.reply("INC-C1:Q-YJ-YL", "accepted")
             await wait_until(
-                lambda: (
-                    runtime.state.incidents["INC-C1"].dispatches["INC-C1:Q-YJ-YL"].status
-                    == "accepted"
-                ),
-                within=20,
+                lambda: dispatch_status(running, "INC-C1:Q-YJ-YL") == "accepted", within=20
             )
-            stop.set()
-            await task
     finally:
         broker.kill()
 
