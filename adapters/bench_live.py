@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,31 +34,41 @@ from adapters.broker import local_broker
 from adapters.mqtt import BrokerURL, open_client
 from dispatcher.settings import Settings
 
+BACKLOG_RATE = 1000.0  # events/s of the feed whose backlog (b) drains
 CHEN = "+8613800000001"
 FLAGGED = "+85251230002"
 
 
-def _event(type_: str, data: dict[str, Any], source: str = "bench") -> bytes:
+def _stamp(epoch: float | None = None) -> str:
+    moment = datetime.now(UTC) if epoch is None else datetime.fromtimestamp(epoch, UTC)
+    return moment.isoformat(timespec="microseconds")
+
+
+def _event(
+    type_: str, data: dict[str, Any], source: str = "bench", sent: float | None = None
+) -> bytes:
     return json.dumps(
         {
             "specversion": "1.0",
             "id": uuid.uuid4().hex,
             "source": source,
             "type": f"cn.antifraud.{type_}",
-            "time": "2026-01-01T00:00:00Z",
+            "time": _stamp(sent),
             "datacontenttype": "application/json",
             "data": data,
         }
     ).encode()
 
 
-def _call(verb: str, call_id: str, sub: str, other: str, duration: float = 0) -> bytes:
+def _call(
+    verb: str, call_id: str, sub: str, other: str, duration: float = 0, sent: float | None = None
+) -> bytes:
     data: dict[str, Any] = {"call_id": call_id, "subscriber": sub, "counterpart": other}
     if verb == "started":
         data["direction"] = "inbound"
     else:
         data["duration_s"] = duration
-    return _event(f"call.{verb}", data, "bench/carrier")
+    return _event(f"call.{verb}", data, "bench/carrier", sent)
 
 
 async def _publish_all(broker: BrokerURL, messages: list[tuple[str, bytes]]) -> None:
@@ -154,13 +165,16 @@ async def dispatcher_rate(
     dispatcher = DispatcherProcess(settings.path, broker, tmp / "bench.sqlite3")
     await dispatcher.start()  # creates its persistent session
     await dispatcher.stop()
+    # what a carrier feed sending BACKLOG_RATE events/s produced while the dispatcher was down:
+    # stamped with the times it sent them, as the per-source rate limit expects
     messages: list[tuple[str, bytes]] = []
+    first = time.time() - count / BACKLOG_RATE
     for i in range(count - 1):
-        sub = f"+8613{i % 900_000_000 + 100_000_000:09d}"
+        sub, sent = f"+8613{i % 900_000_000 + 100_000_000:09d}", first + i / BACKLOG_RATE
         if i % 20 == 0:  # a flagged call reaching 30 s: a warning incident, with outputs
-            messages.append((calls, _call("progress", f"BF-{i}", sub, FLAGGED, 30)))
+            messages.append((calls, _call("progress", f"BF-{i}", sub, FLAGGED, 30, sent)))
         else:
-            messages.append((calls, _call("started", f"BC-{i}", sub, "+8613712345678")))
+            messages.append((calls, _call("started", f"BC-{i}", sub, "+8613712345678", 0, sent)))
     marker = "BENCH-LAST"
     messages.append((calls, _call("progress", marker, "+8613999999999", FLAGGED, 30)))
     await _publish_all(broker, messages)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
@@ -113,6 +114,7 @@ class Inbound:
     id: str
     type: str
     data: Any
+    time: str | None = None  # the CloudEvent ``time``, as sent
 
     @property
     def verb(self) -> str:
@@ -314,4 +316,21 @@ def parse_message(
     event_type: str = model.type
     if INBOUND_TYPES[event_type][1] != kind:
         raise InputError(f"type {event_type} is not accepted on topic {_clip(topic)!r}")
-    return Inbound(topic, kind, party, model.source, model.id, event_type, model.data)
+    return Inbound(topic, kind, party, model.source, model.id, event_type, model.data, model.time)
+
+
+_EXCESS_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def event_epoch(time: str) -> float | None:
+    """Epoch seconds of a CloudEvent ``time`` that passed validation (RFC 3339), or ``None``
+    for the few RFC 3339 forms Python does not read (a leap second is read as :59.999999)."""
+    text = time.upper()
+    if "." in text:
+        text = _EXCESS_FRACTION.sub(r"\1", text)
+    if text[17:19] == "60":
+        text = text[:17] + "59.999999" + text[19:].lstrip(".0123456789")
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None

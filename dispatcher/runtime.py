@@ -20,7 +20,7 @@ import structlog
 
 from adapters.store import OutboxRow, Store
 from dispatcher.errors import InputError
-from dispatcher.inbound import TopicRouter, parse_message
+from dispatcher.inbound import Inbound, TopicRouter, event_epoch, parse_message
 from dispatcher.limits import RateLimiter
 from dispatcher.model import (
     ContactSeen,
@@ -194,7 +194,7 @@ class Runtime:
             self._reject(topic, exc.reason, payload, key, now)
             return
         key = (msg.source, msg.id)
-        if not self.limiter.allow(msg.source, now):
+        if not self.limiter.allow(msg.source, self._sent_at(msg, now)):
             # not remembered as seen: the sender may try the same message again later
             limits = self.settings.limits
             self._reject(
@@ -220,6 +220,16 @@ class Runtime:
             return
         self.counts["handled"] += 1
         self._apply(effects, now)
+
+    def _sent_at(self, msg: Inbound, now: float) -> float:
+        """When the source says it sent ``msg`` (its CloudEvent ``time``), never later than its
+        arrival: the rate limit measures how fast a source produces, so a backlog the broker
+        delivers in one burst after an outage is not taken for a flood."""
+        if msg.time is not None:
+            sent = event_epoch(msg.time)
+            if sent is not None and sent - self.state.clock_origin < now:
+                return sent - self.state.clock_origin
+        return now
 
     def _duplicate(self, key: tuple[str, str], now: float) -> bool:
         seen_key = f"{key[0]}\0{key[1]}"

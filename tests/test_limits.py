@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 from scenario import CHEN, CLEAN, Player, Script
@@ -62,6 +63,52 @@ async def test_a_flooding_source_is_dead_lettered_and_others_go_on(
             2.0,
         )
         assert runtime.counts["handled"] == limits.burst_per_source + 2
+
+
+def _stamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
+
+
+async def _rejected_for(settings: Settings, tmp_path: Path, stamps: list[float], at: float) -> int:
+    """How many of a source's call events, one per stamp, all arriving at ``at``, are refused."""
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
+        for i, stamp in enumerate(stamps):
+            event = json.loads(json.dumps(template)) | {
+                "id": f"b{i}",
+                "source": "carrier",
+                "time": _stamp(stamp),
+            }
+            event["data"] |= {"call_id": f"B{i}", "counterpart": CLEAN}
+            runtime.handle("antifraud/v1/events/hengnan/calls", event, at)
+        return runtime.counts["rejected"]
+
+
+async def test_a_backlog_delivered_at_once_is_not_taken_for_a_flood(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """After an outage the broker delivers what a source sent meanwhile in one burst: the
+    limit applies to the rate the source sent at (its events' ``time``), not to the burst."""
+    limits = settings.limits
+    count = limits.burst_per_source + 5_000
+    start = 1_800_000_000.0
+    steady = [start + i / (limits.rate_per_source / 2) for i in range(count)]  # half the limit
+    assert await _rejected_for(settings, tmp_path / "a", steady, steady[-1] + 30) == 0
+
+
+async def test_a_flood_is_refused_whatever_it_arrives_with(
+    settings: Settings, tmp_path: Path
+) -> None:
+    limits = settings.limits
+    count = limits.burst_per_source + 500
+    start = 1_800_000_000.0
+    # sent faster than the limit (all within one instant), arriving over a minute
+    assert await _rejected_for(settings, tmp_path / "a", [start] * count, start + 60) == 500
+    # stamped in the future to look spread out: a stamp is never taken as later than arrival
+    future = [start + 3600 + i for i in range(count)]
+    assert await _rejected_for(settings, tmp_path / "b", future, start) == 500
 
 
 def test_the_contact_log_keeps_at_most_max_subscribers() -> None:
