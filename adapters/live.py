@@ -8,7 +8,9 @@ Three tasks share one runtime:
 - **processor**: fires due timers, handles queued messages in batches, commits the batch to the
   store and only then acknowledges the messages (PUBACK), so a crash at any moment loses
   nothing (unacknowledged messages are redelivered to the persistent session) and processes
-  nothing twice (redeliveries are dropped as duplicates). Timers keep firing while the broker
+  nothing twice (redeliveries are dropped as duplicates). A batch that changed nothing but
+  bookkeeping (clean calls: only their processed pairs) is acknowledged at once and its pairs
+  ride with the next commit, at most a second later. Timers keep firing while the broker
   is away;
 - **publisher**: sends the store's outbox in order (QoS 1, incident state retained) and marks
   each message sent once the broker acknowledged it; what was produced while disconnected goes
@@ -40,6 +42,7 @@ BATCH = 1000  # inbound messages handled per commit at most
 PUBLISH_CHUNK = 200
 MARK_EVERY = 500  # published messages marked sent in the store at once …
 MARK_INTERVAL_S = 0.25  # … or this often
+DEFER_BOOKKEEPING_S = 1.0  # longest a batch of bookkeeping alone waits to be committed
 
 
 class Clock:
@@ -173,10 +176,14 @@ class LiveService:
     # ---- processing ------------------------------------------------------------------------
 
     async def _processor(self, runtime: Runtime) -> None:
-        clock = self.clock
+        clock, loop = self.clock, asyncio.get_running_loop()
+        deferred_since: float | None = None  # bookkeeping handled, not yet committed, since
         while True:
             due = runtime.next_due()
             timeout = None if due is None else max(0.0, clock.real_seconds(due - clock.now()))
+            if deferred_since is not None:
+                left = max(0.0, deferred_since + DEFER_BOOKKEEPING_S - loop.time())
+                timeout = left if timeout is None else min(timeout, left)
             batch: list[tuple[aiomqtt.Client, aiomqtt.Message]] = []
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -190,7 +197,17 @@ class LiveService:
                 runtime.store.set_meta("first_inbound_at", repr(now))
             for _client, message in batch:
                 runtime.handle(str(message.topic), _payload_bytes(message.payload), now)
-            await runtime.commit()
+            # A batch that changed nothing but bookkeeping (clean calls, duplicates: only their
+            # processed pairs) is acknowledged without waiting for a disk flush; the pairs go
+            # to disk with the next commit, at most DEFER_BOOKKEEPING_S later. Lost in a crash,
+            # they could only let a duplicate of a message without effects be handled again.
+            if runtime.store.holds_effects() or (
+                deferred_since is not None and loop.time() - deferred_since >= DEFER_BOOKKEEPING_S
+            ):
+                await runtime.commit()
+                deferred_since = None
+            elif batch and deferred_since is None:
+                deferred_since = loop.time()
             for client, message in batch:
                 if client is self.client:  # else: redelivered to the new session, then dropped
                     ack(client, message)

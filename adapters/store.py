@@ -109,6 +109,18 @@ class _Batch:
         for name in ("timeline", "outbox", "inbound", "rejected", "contacts"):
             getattr(self, name).extend(getattr(newer, name))
 
+    def holds_effects(self) -> bool:
+        """Whether this batch changes more than bookkeeping: processed pairs and the clock."""
+        return bool(
+            self.incidents
+            or self.timeline
+            or self.outbox
+            or self.rejected
+            or self.contacts
+            or self.presence
+            or self.meta.keys() - {"clock"}
+        )
+
     def __len__(self) -> int:
         return (
             len(self.incidents)
@@ -274,6 +286,11 @@ class Store:
         self._batch.presence[unit] = (state, at)
 
     # ---- committing ------------------------------------------------------------------------
+
+    def holds_effects(self) -> bool:
+        """Whether anything queued since the last commit is more than bookkeeping (processed
+        ``(source, id)`` pairs and the clock): what handling a message changed or produced."""
+        return self._batch.holds_effects()
 
     async def commit(self) -> list[OutboxRow]:
         """Write everything queued in one transaction (all or nothing).

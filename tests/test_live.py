@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from scenario import CHEN, INVESTMENT, Script
+from scenario import CHEN, CLEAN, INVESTMENT, Script
 
 from adapters.broker import Mosquitto, local_broker, mosquitto_binary
 from adapters.handset import Handset, Step
@@ -320,6 +320,46 @@ async def test_a_message_is_handled_once_even_when_the_process_dies_before_commi
     report = await live_report(store, settings)
     assert [i["id"] for i in report["incidents"]] == ["INC-C1"]
     assert report["incidents"][0]["opened_at"] is not None
+
+
+async def test_clean_calls_are_not_flushed_one_by_one_but_reach_the_store_within_a_second(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """Messages that change nothing but bookkeeping (a call with a clean number) are
+    acknowledged without a commit of their own; their processed pairs follow within a second."""
+    store = tmp_path / "live.sqlite3"
+    script = Script()
+    for i in range(40):
+        script.started(i * 0.02, f"CLEAN-{i}", CHEN, CLEAN)
+    events = [line["payload"] for line in script.lines]
+    async with dispatcher(settings, broker, store, speed=1.0) as running:
+        runtime = running.service.runtime
+        assert runtime is not None
+        commits = 0
+        real_commit = runtime.store.commit
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal commits
+            commits += 1
+            return await real_commit(*args, **kwargs)
+
+        runtime.store.commit = counted  # type: ignore[method-assign]
+        async with open_client(BrokerURL.parse(broker.url)) as source:
+            for event in events:  # 40 messages over about 0.8 s, each handled on its own
+                await source.publish(f"{P}/events/hengnan/calls", json.dumps(event), qos=1)
+                await asyncio.sleep(0.02)
+        await wait_until(lambda: runtime.counts["handled"] == 40)
+        assert commits <= 3  # at most one a second, not one per message
+        async with Store(store) as reader:
+
+            async def stored() -> int:
+                rows = await reader.fetchall("SELECT pairs FROM inbound")
+                return sum(len(json.loads(pairs)) for (pairs,) in rows)
+
+            deadline = asyncio.get_running_loop().time() + 3
+            while await stored() < 40:
+                assert asyncio.get_running_loop().time() < deadline, "pairs never stored"
+                await asyncio.sleep(0.05)
 
 
 async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
