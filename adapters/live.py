@@ -29,7 +29,7 @@ from pathlib import Path
 import aiomqtt
 import structlog
 
-from adapters.mqtt import Backoff, BrokerURL, ack, open_client, protocol_of
+from adapters.mqtt import Backoff, BrokerURL, ack, open_client, protocol_of, publish_in_order
 from adapters.store import OutboxRow, Store
 from dispatcher.errors import BrokerError, StoreError
 from dispatcher.outbound import Topics
@@ -89,6 +89,7 @@ class LiveService:
         self.runtime: Runtime | None = None
         self._inbox: asyncio.Queue[tuple[aiomqtt.Client, aiomqtt.Message]] = asyncio.Queue()
         self._outbox_changed = asyncio.Event()
+        self._session_over: asyncio.Future[None] | None = None  # of the current connection
         self._ready: deque[OutboxRow] = deque()  # committed, not yet published
         self._sent: list[int] = []  # published, not yet marked in the store
         self.stats = {"connects": 0, "received": 0, "published": 0}
@@ -97,7 +98,7 @@ class LiveService:
         stop = stop or asyncio.Event()
         async with Store(self.store_path, self.settings.service.store_sync) as store:
             runtime = self.runtime = Runtime(self.settings, store, outbox=True)
-            runtime.on_committed = self._committed
+            runtime.on_written = self._written
             await runtime.start()
             if runtime.meta.get("mode", "live") != "live":
                 raise StoreError(
@@ -149,6 +150,7 @@ class LiveService:
                     self.broker, self.client_id, persistent=True, manual_acks=True
                 ) as client:
                     await client.subscribe([(f, 1) for f in filters])
+                    self._session_over = asyncio.get_running_loop().create_future()
                     self.client = client
                     self.stats["connects"] += 1
                     self.connected.set()
@@ -169,6 +171,8 @@ class LiveService:
             finally:
                 self.client = None
                 self.connected.clear()
+                if self._session_over is not None and not self._session_over.done():
+                    self._session_over.set_result(None)
             delay = backoff.next_delay()
             log.info("broker_reconnect_wait", seconds=round(delay, 2))
             await asyncio.sleep(delay)
@@ -215,8 +219,8 @@ class LiveService:
 
     # ---- publishing ------------------------------------------------------------------------
 
-    def _committed(self, rows: list[OutboxRow]) -> None:
-        """Called after each commit with its outbound messages, in order."""
+    def _written(self, rows: list[OutboxRow]) -> None:
+        """Called as each commit is written with its outbound messages, in order."""
         self._ready.extend(rows)
         self._outbox_changed.set()
 
@@ -248,12 +252,7 @@ class LiveService:
                     if not rows:
                         break
                 try:
-                    await asyncio.gather(
-                        *(
-                            client.publish(topic, payload or b"", qos=qos, retain=retain)
-                            for _, topic, qos, retain, payload in rows
-                        )
-                    )
+                    await self._publish(client, rows)
                 except aiomqtt.MqttError as exc:
                     log.warning("publish_failed", error=str(exc), pending=len(rows))
                     resync = True
@@ -264,6 +263,22 @@ class LiveService:
                 self.stats["published"] += len(rows)
                 if len(self._sent) >= MARK_EVERY:
                     await self._mark_sent(store)
+
+    async def _publish(self, client: aiomqtt.Client, rows: list[OutboxRow]) -> None:
+        """Publish ``rows`` and wait for their acknowledgements, or for the connection to be
+        lost (``MqttError``): then those acknowledgements will never come, and the messages
+        go again over the next connection."""
+        session_over = self._session_over
+        assert session_over is not None  # there is a client
+        messages = [(topic, payload or b"", qos, retain) for _, topic, qos, retain, payload in rows]
+        publishing = asyncio.create_task(publish_in_order(client, messages))
+        await asyncio.wait({publishing, session_over}, return_when=asyncio.FIRST_COMPLETED)
+        if not publishing.done():
+            publishing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publishing
+            raise aiomqtt.MqttError("connection lost before the broker acknowledged")
+        publishing.result()
 
     async def _mark_sent(self, store: Store) -> None:
         seqs, self._sent = self._sent, []

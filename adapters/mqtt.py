@@ -20,7 +20,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -196,6 +196,37 @@ def remember_protocol(broker: BrokerURL, version: str) -> None:
 
 def protocol_of(client: aiomqtt.Client) -> str:
     return "5" if client._client.protocol == aiomqtt.ProtocolVersion.V5.value else "3.1.1"
+
+
+async def publish_in_order(
+    client: aiomqtt.Client, messages: Sequence[tuple[str, bytes | None, int, bool]]
+) -> None:
+    """Publish ``(topic, payload, qos, retain)`` messages in order; return once the broker has
+    acknowledged every one sent with QoS > 0.
+
+    aiomqtt's ``publish()`` is a coroutine per message: gathered, each becomes a task that
+    queues its packet on its own pass of the event loop. Here every packet is queued with paho
+    in one go, and aiomqtt's socket writer sends them together. Acknowledgements are awaited
+    the way aiomqtt's ``publish()`` awaits them: an event in its table of pending publishes,
+    set by its ``on_publish`` callback. (Writing to the socket directly from here, rather than
+    from aiomqtt's writer, would leave a writer registered for a socket paho may close, which
+    breaks the next connection's registration when the descriptor number is reused.)
+    """
+    paho, pending = client._client, client._pending_publishes
+    waiting: dict[int, asyncio.Event] = {}
+    try:
+        for topic, payload, qos, retain in messages:
+            info = paho.publish(topic, payload, qos, retain)
+            if info.rc != 0:
+                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+            if not info.is_published():
+                waiting[info.mid] = pending[info.mid] = asyncio.Event()
+        for event in waiting.values():
+            await event.wait()
+    finally:
+        for mid, event in waiting.items():
+            if pending.get(mid) is event:
+                del pending[mid]
 
 
 def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:

@@ -1,10 +1,22 @@
 """The SQLite store (aiosqlite, WAL): the dispatcher's source of truth.
 
 Writes are queued in memory as the workflow produces effects and committed together by
-``commit()`` in one transaction, so persistence costs one fsync per batch rather than one per
+``commit()`` in one transaction, so persistence costs one flush per batch rather than one per
 message. The runtime commits before it acknowledges anything as processed (the replay cursor
 and the processed ``(source, id)`` pairs are in the same transaction as the effects), so a crash
 loses only work that was never acknowledged and is therefore delivered again.
+
+A commit has two moments. **Written**: the transaction is in the write-ahead log, in the
+operating system's hands; a crash of the process can no longer lose it, and its outbound
+messages are handed to the publisher then. **Flushed**: the log is on the disk (``fdatasync``),
+so a power cut cannot lose it either; ``commit()`` returns then, and only then may the inbound
+messages be acknowledged. SQLite runs with ``synchronous=NORMAL`` (consistent, never flushes on
+commit) and the store flushes the log itself, after handing over, which keeps the disk's flush
+time (0.3–2 ms here) out of the time an offer takes to reach a unit.
+
+The log is copied back into the database (a checkpoint) by a second connection in the
+background, about once a second, never by a commit: a checkpoint flushes the database file and
+would otherwise stall whichever commit happened to trigger it for several milliseconds.
 
 The schema is versioned with ``PRAGMA user_version``; a store written by a newer version is
 refused rather than guessed at.
@@ -14,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,12 +35,15 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiosqlite
+import structlog
 
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 
 SCHEMA_VERSION = 2
 T = TypeVar("T")
+log = structlog.get_logger("store")
+CHECKPOINT_EVERY_S = 1.0  # the log is copied back into the database at most this often
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 
 SCHEMA = """
@@ -134,13 +150,50 @@ class _Batch:
         )
 
 
+class FlushError(StoreError):
+    """The transaction was written but flushing it to the disk failed: it must not be written
+    again, and nothing it covers may be acknowledged."""
+
+
+class _Log:
+    """The store's write-ahead log file, flushed to the disk on demand."""
+
+    def __init__(self, store_path: Path) -> None:
+        self.path = Path(f"{store_path}-wal")
+        self._fd: int | None = None
+        self._inode = 0
+
+    def flush(self) -> None:
+        """``fdatasync`` the log: every transaction written so far becomes durable."""
+        inode = os.stat(self.path).st_ino
+        if self._fd is None or inode != self._inode:  # opened once; again if SQLite replaced it
+            self.close()
+            self._fd = os.open(self.path, os.O_RDWR)
+            self._inode = os.fstat(self._fd).st_ino
+        getattr(os, "fdatasync", os.fsync)(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
-    """Async context manager over one SQLite file."""
+    """Async context manager over one SQLite file.
+
+    ``sync="full"`` (the default) flushes every commit to the disk before ``commit()`` returns;
+    ``sync="normal"`` does not (a commit survives the process dying, not a power cut).
+    """
 
     def __init__(self, path: str | Path, sync: str = "full") -> None:
         self.path = Path(path)
-        self.sync = {"full": "FULL", "normal": "NORMAL"}[sync]
+        if sync not in ("full", "normal"):
+            raise ValueError(f"sync must be 'full' or 'normal', not {sync!r}")
+        self._log: _Log | None = _Log(self.path) if sync == "full" else None
         self._db: aiosqlite.Connection | None = None
+        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._checkpointed_at = 0.0
         self._batch = _Batch()
         self._writing = asyncio.Lock()  # one write transaction at a time
         self._next_seq = 1  # of the outbox, assigned when queued
@@ -178,7 +231,8 @@ class Store:
                     f"understands ({SCHEMA_VERSION}); upgrade the dispatcher or use another store"
                 )
             await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute(f"PRAGMA synchronous={self.sync}")
+            await self._db.execute("PRAGMA synchronous=NORMAL")  # the store flushes the log
+            await self._db.execute("PRAGMA wal_autocheckpoint=0")  # and checkpoints it
             await self._db.execute("PRAGMA busy_timeout=5000")
             if version == 0:
                 await self._db.executescript(SCHEMA)
@@ -198,8 +252,16 @@ class Store:
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
 
     async def close(self) -> None:
+        if self._checkpointing is not None:
+            await asyncio.gather(self._checkpointing, return_exceptions=True)
+            self._checkpointing = None
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+            self._checkpointer = None
+        if self._log is not None:
+            self._log.close()
         if self._db is not None:
-            await self._db.close()
+            await self._db.close()  # the last connection: SQLite checkpoints and removes the log
             self._db = None
 
     # ---- reading ---------------------------------------------------------------------------
@@ -292,25 +354,55 @@ class Store:
         ``(source, id)`` pairs and the clock): what handling a message changed or produced."""
         return self._batch.holds_effects()
 
-    async def commit(self) -> list[OutboxRow]:
-        """Write everything queued in one transaction (all or nothing).
+    async def commit(
+        self, written: Callable[[list[OutboxRow]], None] | None = None
+    ) -> list[OutboxRow]:
+        """Write everything queued in one transaction (all or nothing), then flush it.
 
-        Returns the outbound messages it committed that still wait for a publisher, in order.
+        ``written`` is called on the event loop with the transaction's outbound messages that
+        wait for a publisher, in order, as soon as the transaction is written (before the
+        flush). Returns the same messages once the transaction is flushed.
         """
         batch, self._batch = self._batch, _Batch()
+        loop = asyncio.get_running_loop()
+
+        def hand_over(pending: list[OutboxRow]) -> None:  # on the store's thread
+            if written is not None and pending:
+                loop.call_soon_threadsafe(written, pending)
+
         try:
             if not len(batch):
                 return []
             rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                written = await self._in_thread(_write, rows, self.path)
+                pending = await self._in_thread(_write, rows, self.path, hand_over, self._log)
+        except FlushError:
+            raise  # written already: writing the batch again would duplicate it
         except BaseException:
             # Nothing queued is ever dropped: a failed or interrupted commit puts its batch
             # back in front of whatever was queued since, for the next commit to write.
             batch.absorb(self._batch)
             self._batch = batch
             raise
-        return written
+        self._checkpoint_soon(loop)
+        return pending
+
+    def _checkpoint_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Copy the log back into the database in the background, about once a second."""
+        running = self._checkpointing is not None and not self._checkpointing.done()
+        if running or loop.time() - self._checkpointed_at < CHECKPOINT_EVERY_S:
+            return
+        self._checkpointed_at = loop.time()
+        self._checkpointing = loop.create_task(self._checkpoint(), name="store-checkpoint")
+
+    async def _checkpoint(self) -> None:
+        try:
+            if self._checkpointer is None:
+                self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
+            # PASSIVE: copies what no reader still needs, never waits for the writer
+            await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except (aiosqlite.Error, sqlite3.Error) as exc:
+            log.warning("store_checkpoint_failed", store=str(self.path), error=str(exc))
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(connection, *args)`` on aiosqlite's connection thread, in one hop.
@@ -432,8 +524,15 @@ class _Rows:
         )
 
 
-def _write(db: sqlite3.Connection, rows: _Rows, path: Path) -> list[OutboxRow]:
-    """One transaction, on the store's thread. Returns the unsent outbox rows written."""
+def _write(
+    db: sqlite3.Connection,
+    rows: _Rows,
+    path: Path,
+    hand_over: Callable[[list[OutboxRow]], None],
+    wal: _Log | None,
+) -> list[OutboxRow]:
+    """One transaction, on the store's thread: written, its unsent outbox rows handed over,
+    then flushed. Returns the unsent outbox rows."""
     texts: dict[int, str] = {}  # one serialisation per payload (an event sent to two topics)
     outbox = []
     pending: list[OutboxRow] = []
@@ -493,4 +592,10 @@ def _write(db: sqlite3.Connection, rows: _Rows, path: Path) -> list[OutboxRow]:
             raise
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: commit failed: {exc}") from exc
+    hand_over(pending)
+    if wal is not None:
+        try:
+            wal.flush()
+        except OSError as exc:
+            raise FlushError(f"{path}: flushing the store to the disk failed: {exc}") from exc
     return pending

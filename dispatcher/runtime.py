@@ -114,8 +114,10 @@ class Runtime:
         self._committing: asyncio.Future[None] | None = None
         self._pruned_at = 0.0
         self.outbox = outbox
-        # called with the outbound messages of each commit that wait for a publisher
-        self.on_committed: Callable[[list[OutboxRow]], None] | None = None
+        # called with the outbound messages of each commit that wait for a publisher, as soon
+        # as the commit is written (a crash of the process can no longer lose it), before the
+        # commit is flushed to the disk and its inbound messages may be acknowledged
+        self.on_written: Callable[[list[OutboxRow]], None] | None = None
         self.counts = {"handled": 0, "rejected": 0, "duplicates": 0, "timers": 0, "published": 0}
 
     # ---- start-up --------------------------------------------------------------------------
@@ -330,9 +332,7 @@ class Runtime:
         self._committing = asyncio.ensure_future(self._commit_and_hand_over())
 
     async def _commit_and_hand_over(self) -> None:
-        rows = await self.store.commit()
-        if rows and self.on_committed is not None:
-            self.on_committed(rows)
+        await self.store.commit(self.on_written)
 
     async def wait_committed(self) -> None:
         """Wait for the commit in flight. It is shielded: a caller being cancelled (a

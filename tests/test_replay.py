@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,9 @@ import pytest
 from scenario import CHEN, INVESTMENT, Player, Script
 
 from adapters.replay import replay
-from adapters.store import SCHEMA_VERSION, Store
+from adapters.store import SCHEMA_VERSION, FlushError, Store
 from dispatcher.errors import RecordingError, StoreError
+from dispatcher.model import Publish
 from dispatcher.settings import Settings
 
 DATA = Path(__file__).parent / "data"
@@ -238,10 +241,58 @@ async def test_a_failed_commit_keeps_its_writes_for_the_next_one(
         assert await store.fetchall("SELECT value FROM meta WHERE key='first'") == [("1",)]
 
 
-@pytest.mark.parametrize(("sync", "pragma"), [("full", 2), ("normal", 1)])
-async def test_the_store_syncs_as_configured(tmp_path: Path, sync: str, pragma: int) -> None:
+@pytest.mark.parametrize("sync", ["full", "normal"])
+async def test_a_commit_hands_its_messages_over_when_written_and_returns_when_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
+) -> None:
+    """With sync="full" the log is flushed after the messages are handed to the publisher and
+    before commit() returns (only then may inbound messages be acknowledged); "normal" never
+    flushes. SQLite itself never flushes on commit."""
+    flushes: list[str] = []
+    handed = threading.Event()
+    real = os.fdatasync
+
+    def flush(fd: int) -> None:  # on the store's thread
+        flushes.append("handed over first" if handed.wait(5) else "flushed before hand-over")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", flush)
     async with Store(tmp_path / "s.sqlite3", sync) as store:
-        assert await store.fetchall("PRAGMA synchronous") == [(pragma,)]
+        assert await store.fetchall("PRAGMA synchronous") == [(1,)]
+        store.add_outbox(1.0, Publish("t/1", "cn.antifraud.x", {"n": 1}), sent=False)
+        got: list[Any] = []
+        rows = await store.commit(lambda pending: (got.extend(pending), handed.set()))
+        assert got == rows and [r[1] for r in rows] == ["t/1"]
+        assert flushes == (["handed over first"] if sync == "full" else [])
+        # a flush that fails: the transaction is written, so it is not queued again
+        monkeypatch.setattr(os, "fdatasync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+        store.add_outbox(2.0, Publish("t/2", "cn.antifraud.x", {"n": 2}), sent=False)
+        if sync == "full":
+            with pytest.raises(FlushError, match="flushing the store to the disk failed"):
+                await store.commit()
+        else:
+            await store.commit()
+        store.add_outbox(3.0, Publish("t/3", "cn.antifraud.x", {"n": 3}), sent=False)
+        monkeypatch.setattr(os, "fdatasync", real)
+        await store.commit()
+        assert await store.fetchall("SELECT topic FROM outbox ORDER BY seq") == [
+            ("t/1",),
+            ("t/2",),
+            ("t/3",),
+        ]
+
+
+async def test_the_log_is_checkpointed_in_the_background_not_by_commits(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    async with Store(path) as store:
+        assert await store.fetchall("PRAGMA wal_autocheckpoint") == [(0,)]
+        before = path.stat().st_size
+        store.add_rejected(1.0, "t", "r", "x" * 300_000)
+        await store.commit()
+        assert path.stat().st_size == before  # the commit only wrote the log
+        assert store._checkpointing is not None  # it started a checkpoint in the background
+        await store._checkpointing
+        assert path.stat().st_size >= before + 300_000  # which copied the log into the file
 
 
 V1_SCHEMA_STORE_TABLES = (
