@@ -108,7 +108,14 @@ class Runtime:
         self._seen: dict[str, float] = {}
         self._expire_countdown = 0
         limits = settings.limits
+        # a source is over its rate limit only when it is over on both clocks: as its
+        # messages arrive, and as it stamped them (a backlog delivered at once after an
+        # outage arrives fast but was sent at an ordinary pace; a source whose clock stands
+        # still stamps fast but arrives at an ordinary pace)
         self.limiter = RateLimiter(
+            limits.rate_per_source, limits.burst_per_source, limits.max_sources
+        )
+        self.sent_limiter = RateLimiter(
             limits.rate_per_source, limits.burst_per_source, limits.max_sources
         )
         self._committing: asyncio.Future[None] | None = None
@@ -196,7 +203,8 @@ class Runtime:
             self._reject(topic, exc.reason, payload, key, now)
             return
         key = (msg.source, msg.id)
-        if not self.limiter.allow(msg.source, self._sent_at(msg, now)):
+        arrived_ok = self.limiter.allow(msg.source, now)
+        if not self.sent_limiter.allow(msg.source, self._sent_at(msg, now)) and not arrived_ok:
             # not remembered as seen: the sender may try the same message again later
             limits = self.settings.limits
             self._reject(
@@ -225,8 +233,7 @@ class Runtime:
 
     def _sent_at(self, msg: Inbound, now: float) -> float:
         """When the source says it sent ``msg`` (its CloudEvent ``time``), never later than its
-        arrival: the rate limit measures how fast a source produces, so a backlog the broker
-        delivers in one burst after an outage is not taken for a flood."""
+        arrival: the rate limit's second clock."""
         if msg.time is not None:
             sent = event_epoch(msg.time)
             if sent is not None and sent - self.state.clock_origin < now:

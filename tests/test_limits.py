@@ -111,6 +111,30 @@ async def test_a_flood_is_refused_whatever_it_arrives_with(
     assert await _rejected_for(settings, tmp_path / "b", future, start) == 500
 
 
+async def test_a_source_whose_clock_stands_still_is_not_taken_for_a_flood(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Stamped all with one moment but arriving at an ordinary pace: under the limit as it
+    arrives, so it passes (only a source over the limit on both clocks is refused)."""
+    limits = settings.limits
+    count = limits.burst_per_source + 5_000
+    start = 1_800_000_000.0
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
+        for i in range(count):
+            event = json.loads(json.dumps(template)) | {
+                "id": f"s{i}",
+                "source": "carrier",
+                "time": _stamp(start),
+            }
+            event["data"] |= {"call_id": f"S{i}", "counterpart": CLEAN}
+            arrival = start + i / (limits.rate_per_source / 2)
+            runtime.handle("antifraud/v1/events/hengnan/calls", event, arrival)
+        assert runtime.counts["rejected"] == 0
+
+
 def test_the_contact_log_keeps_at_most_max_subscribers() -> None:
     log = ContactLog(horizon_s=86400, per_subscriber=8, max_subscribers=1000)
     for i in range(50_000):
