@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
+
 from dispatcher.errors import RecordingError
 
 MAX_LINE_CHARS = 4 << 20
@@ -38,13 +40,16 @@ def read_lines(path: Path, skip: int = 0) -> Iterator[Line]:
         handle = path.open("r", encoding="utf-8", errors="surrogateescape", newline="\n")
     except OSError as exc:
         raise RecordingError(f"{path}: cannot read the recording: {exc.strerror}") from None
-    loads = json.loads
+    loads, fast_loads = json.loads, orjson.loads
     with handle:
         for number, raw in enumerate(handle, start=1):
             if number <= skip:
                 continue
             try:
-                line = loads(raw)
+                try:
+                    line = fast_loads(raw)
+                except ValueError:  # what only Python's parser reads: a raw payload's escaped
+                    line = loads(raw)  # bytes (surrogates), integers beyond 64 bits
                 at = line["at"]
                 topic = line["topic"]
                 ok = (

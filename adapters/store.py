@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import aiosqlite
+import orjson
 import structlog
 
 from dispatcher.errors import StoreError
@@ -460,7 +461,7 @@ class Store:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(value).decode("utf-8")  # compact, UTF-8 as is
 
 
 @dataclass

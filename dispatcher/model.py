@@ -7,7 +7,7 @@ the runtime persists, publishes and logs them. An ``Incident`` round-trips throu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from rules.contacts import ContactLog
@@ -95,7 +95,25 @@ class Incident:
     seq: int = 0  # messages published for this incident: the tail of their CloudEvent ids
 
     def to_doc(self) -> dict[str, Any]:
-        return asdict(self)
+        """The incident as plain data (what ``dataclasses.asdict`` gives, several times faster:
+        this runs for every incident a commit writes)."""
+        doc = {name: getattr(self, name) for name in _INCIDENT_SCALARS}
+        doc["calls"] = {
+            key: {**{name: getattr(c, name) for name in _CALL_SCALARS}, "rules": list(c.rules)}
+            for key, c in self.calls.items()
+        }
+        doc["dispatches"] = {
+            key: {name: getattr(d, name) for name in _DISPATCH_FIELDS}
+            for key, d in self.dispatches.items()
+        }
+        doc["slots"] = {
+            key: {name: getattr(s, name) for name in _SLOT_FIELDS} for key, s in self.slots.items()
+        }
+        doc["alerts"] = list(self.alerts)
+        doc["timeline"] = [
+            {name: getattr(e, name) for name in _ENTRY_FIELDS} for e in self.timeline
+        ]
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Incident:
@@ -206,3 +224,11 @@ Effect = Publish | Noted | IncidentSaved | ContactSeen | PresenceSeen | TimerSet
 class TimerFired:
     key: tuple[str, str, str]
     due: float
+
+
+_CONTAINERS = ("calls", "dispatches", "slots", "alerts", "timeline")
+_INCIDENT_SCALARS = tuple(f.name for f in fields(Incident) if f.name not in _CONTAINERS)
+_CALL_SCALARS = tuple(f.name for f in fields(Call) if f.name != "rules")
+_DISPATCH_FIELDS = tuple(f.name for f in fields(Dispatch))
+_SLOT_FIELDS = tuple(f.name for f in fields(Slot))
+_ENTRY_FIELDS = tuple(f.name for f in fields(TimelineEntry))

@@ -24,11 +24,19 @@ CANCEL_TEXT = {
 }
 
 
+_STAMPS: dict[float, str] = {}  # the same few moments of an incident are formatted many times
+
+
 def rfc3339(origin: float, at: float) -> str:
     """Clock seconds to an RFC 3339 UTC timestamp (``origin`` is epoch seconds at clock 0)."""
-    stamp = datetime.fromtimestamp(origin + at, tz=UTC)
-    text = stamp.isoformat(timespec="milliseconds")
-    return text.replace("+00:00", "Z")
+    moment = origin + at
+    text = _STAMPS.get(moment)
+    if text is None:
+        if len(_STAMPS) >= 4096:
+            _STAMPS.clear()
+        stamp = datetime.fromtimestamp(moment, tz=UTC).isoformat(timespec="milliseconds")
+        text = _STAMPS[moment] = stamp.replace("+00:00", "Z")
+    return text
 
 
 class Topics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sqlite3
@@ -16,7 +17,7 @@ from scenario import CHEN, INVESTMENT, Player, Script
 from adapters.replay import replay
 from adapters.store import SCHEMA_VERSION, FlushError, Store
 from dispatcher.errors import RecordingError, StoreError
-from dispatcher.model import Publish
+from dispatcher.model import Incident, Publish
 from dispatcher.settings import Settings
 
 DATA = Path(__file__).parent / "data"
@@ -359,3 +360,27 @@ def test_the_backup_command_refuses_to_overwrite(
     assert main(["backup", "--store", str(store), "--out", str(out)]) == 1
     assert "exists" in capsys.readouterr().err
     assert main(["backup", "--store", str(store), "--out", str(out), "--force"]) == 0
+
+
+async def test_an_incident_document_is_exactly_its_dataclass_fields(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """``Incident.to_doc`` is hand-written for speed: it must say what ``asdict`` says."""
+    store_path = tmp_path / "s.sqlite3"
+    script = Script()
+    incident = script.escalated(0, "C1")
+    script.reply(260, "P-YJ-01", "accepted", incident).reply(
+        300, "G-YJ-CH-01", "accepted", incident
+    )
+    script.reply(400, "G-YJ-CH-01", "arrived", incident)
+    await replay(SEED, settings, store_path)
+    await replay(script.write(tmp_path / "c1.jsonl"), settings, tmp_path / "c1.sqlite3")
+    docs = []
+    for path in (store_path, tmp_path / "c1.sqlite3"):
+        async with Store(path) as store:
+            docs += [json.loads(d) for (d,) in await store.fetchall("SELECT doc FROM incidents")]
+    assert len(docs) >= 2
+    for doc in docs:
+        incident_ = Incident.from_doc(doc)
+        assert incident_.dispatches and incident_.timeline and incident_.calls
+        assert incident_.to_doc() == dataclasses.asdict(incident_) == doc
