@@ -1,20 +1,23 @@
 """The live service: the same runtime as replay, on a real broker and the system clock.
 
-Three tasks share one runtime:
+Five tasks share one runtime:
 
 - **connection**: connects with a fixed client id and a persistent session, subscribes to the
   inbound topics (QoS 1) and queues every message; when the broker is unreachable or lost it
   reconnects with capped exponential backoff and jitter, logging each attempt;
-- **processor**: fires due timers, handles queued messages in batches, commits the batch to the
-  store and only then acknowledges the messages (PUBACK), so a crash at any moment loses
-  nothing (unacknowledged messages are redelivered to the persistent session) and processes
-  nothing twice (redeliveries are dropped as duplicates). A batch that changed nothing but
-  bookkeeping (clean calls: only their processed pairs) is acknowledged at once and its pairs
-  ride with the next commit, at most a second later. Timers keep firing while the broker
-  is away;
+- **processor**: fires due timers, handles queued messages in batches and commits each batch
+  to the store; once written, the commit's outbound messages go to the publisher and the
+  next batch is handled while the commit is flushed to the disk. Timers keep firing while
+  the broker is away;
+- **acker**: acknowledges (PUBACK) each batch, in order, only once its commit is flushed, so a
+  crash at any moment loses nothing (unacknowledged messages are redelivered to the
+  persistent session) and processes nothing twice (redeliveries are dropped as duplicates).
+  A batch that changed nothing but bookkeeping (clean calls: only their processed pairs) is
+  acknowledged without waiting; its pairs ride with the next commit, at most a second later;
 - **publisher**: sends the store's outbox in order (QoS 1, incident state retained) and marks
   each message sent once the broker acknowledged it; what was produced while disconnected goes
-  out after the reconnect.
+  out after the reconnect;
+- **marker**: records in the store, a few times a second, which messages the broker took.
 """
 
 from __future__ import annotations
@@ -88,6 +91,10 @@ class LiveService:
         self.ready = asyncio.Event()  # subscribed at least once
         self.runtime: Runtime | None = None
         self._inbox: asyncio.Queue[tuple[aiomqtt.Client, aiomqtt.Message]] = asyncio.Queue()
+        # handled batches waiting for their commit's flush before they are acknowledged
+        self._to_ack: asyncio.Queue[
+            tuple[asyncio.Future[None] | None, list[tuple[aiomqtt.Client, aiomqtt.Message]]]
+        ] = asyncio.Queue()
         self._outbox_changed = asyncio.Event()
         self._session_over: asyncio.Future[None] | None = None  # of the current connection
         self._ready: deque[OutboxRow] = deque()  # committed, not yet published
@@ -117,6 +124,7 @@ class LiveService:
                 for name, coro in (
                     ("connection", self._connection()),
                     ("processor", self._processor(runtime)),
+                    ("acker", self._acker()),
                     ("publisher", self._publisher(store)),
                     ("marker", self._marker(store)),
                 )
@@ -205,17 +213,31 @@ class LiveService:
             # processed pairs) is acknowledged without waiting for a disk flush; the pairs go
             # to disk with the next commit, at most DEFER_BOOKKEEPING_S later. Lost in a crash,
             # they could only let a duplicate of a message without effects be handled again.
+            flushed: asyncio.Future[None] | None = None
             if runtime.store.holds_effects() or (
                 deferred_since is not None and loop.time() - deferred_since >= DEFER_BOOKKEEPING_S
             ):
-                await runtime.commit()
+                # written (its messages handed to the publisher), then flushed while the next
+                # batch is handled; the acker acknowledges this batch once it is flushed
+                await runtime.commit(flush=False)
+                flushed = asyncio.ensure_future(runtime.store.flush())
                 deferred_since = None
             elif batch and deferred_since is None:
                 deferred_since = loop.time()
+            if batch:
+                self._to_ack.put_nowait((flushed, batch))
+            self._outbox_changed.set()
+
+    async def _acker(self) -> None:
+        """Acknowledges handled batches in the order they were received, each once its commit
+        is on the disk. A failed flush stops the service: nothing it covers is acknowledged."""
+        while True:
+            flushed, batch = await self._to_ack.get()
+            if flushed is not None:
+                await flushed
             for client, message in batch:
                 if client is self.client:  # else: redelivered to the new session, then dropped
                     ack(client, message)
-            self._outbox_changed.set()
 
     # ---- publishing ------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -152,8 +153,8 @@ class _Batch:
 
 
 class FlushError(StoreError):
-    """The transaction was written but flushing it to the disk failed: it must not be written
-    again, and nothing it covers may be acknowledged."""
+    """Flushing written transactions to the disk failed: nothing they cover may be
+    acknowledged, and the store must not be used further."""
 
 
 class _Log:
@@ -191,6 +192,12 @@ class Store:
         if sync not in ("full", "normal"):
             raise ValueError(f"sync must be 'full' or 'normal', not {sync!r}")
         self._log: _Log | None = _Log(self.path) if sync == "full" else None
+        # flushes run on their own thread, so the next transaction is written meanwhile
+        self._flusher = ThreadPoolExecutor(1, "store-flush") if self._log is not None else None
+        self._flushing: asyncio.Future[None] | None = None
+        self._written = 0  # transactions written …
+        self._flushed = 0  # … and known to be on the disk
+        self._flush_failed: FlushError | None = None
         self._db: aiosqlite.Connection | None = None
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpointing: asyncio.Task[None] | None = None
@@ -259,6 +266,10 @@ class Store:
         if self._checkpointer is not None:
             await self._checkpointer.close()
             self._checkpointer = None
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)
         if self._log is not None:
             self._log.close()
         if self._db is not None:
@@ -356,13 +367,14 @@ class Store:
         return self._batch.holds_effects()
 
     async def commit(
-        self, written: Callable[[list[OutboxRow]], None] | None = None
+        self, written: Callable[[list[OutboxRow]], None] | None = None, flush: bool = True
     ) -> list[OutboxRow]:
-        """Write everything queued in one transaction (all or nothing), then flush it.
+        """Write everything queued in one transaction (all or nothing), then flush it (unless
+        ``flush`` is false: then ``flush()`` says when it is on the disk).
 
         ``written`` is called on the event loop with the transaction's outbound messages that
         wait for a publisher, in order, as soon as the transaction is written (before the
-        flush). Returns the same messages once the transaction is flushed.
+        flush). Returns the same messages.
         """
         batch, self._batch = self._batch, _Batch()
         loop = asyncio.get_running_loop()
@@ -376,17 +388,47 @@ class Store:
                 return []
             rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                pending = await self._in_thread(_write, rows, self.path, hand_over, self._log)
-        except FlushError:
-            raise  # written already: writing the batch again would duplicate it
+                pending = await self._in_thread(_write, rows, self.path, hand_over)
         except BaseException:
             # Nothing queued is ever dropped: a failed or interrupted commit puts its batch
             # back in front of whatever was queued since, for the next commit to write.
             batch.absorb(self._batch)
             self._batch = batch
             raise
+        self._written += 1
         self._checkpoint_soon(loop)
+        if flush:
+            await self.flush()
         return pending
+
+    async def flush(self) -> None:
+        """Return once every transaction written so far is on the disk. One ``fdatasync`` of
+        the log covers all those written before it started, so waiting callers share one.
+        Raises ``FlushError`` if the disk refused: for good (what it held may be lost, and a
+        second try could falsely succeed), so the process must stop."""
+        if self._log is None:
+            return
+        target = self._written
+        while self._flushed < target:
+            if self._flush_failed is not None:
+                raise self._flush_failed
+            if self._flushing is None:
+                self._flushing = asyncio.ensure_future(self._flush_once())
+            await asyncio.shield(self._flushing)
+
+    async def _flush_once(self) -> None:
+        assert self._log is not None
+        covers = self._written
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._flusher, self._log.flush)
+        except OSError as exc:
+            self._flush_failed = FlushError(
+                f"{self.path}: flushing the store to the disk failed: {exc}"
+            )
+            raise self._flush_failed from exc
+        finally:
+            self._flushing = None
+        self._flushed = max(self._flushed, covers)
 
     def _checkpoint_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         """Copy the log back into the database in the background, about once a second."""
@@ -530,10 +572,9 @@ def _write(
     rows: _Rows,
     path: Path,
     hand_over: Callable[[list[OutboxRow]], None],
-    wal: _Log | None,
 ) -> list[OutboxRow]:
-    """One transaction, on the store's thread: written, its unsent outbox rows handed over,
-    then flushed. Returns the unsent outbox rows."""
+    """One transaction, on the store's thread; its unsent outbox rows are handed over as soon
+    as it is written, and returned."""
     texts: dict[int, str] = {}  # one serialisation per payload (an event sent to two topics)
     outbox = []
     pending: list[OutboxRow] = []
@@ -594,9 +635,4 @@ def _write(
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: commit failed: {exc}") from exc
     hand_over(pending)
-    if wal is not None:
-        try:
-            wal.flush()
-        except OSError as exc:
-            raise FlushError(f"{path}: flushing the store to the disk failed: {exc}") from exc
     return pending

@@ -317,12 +317,14 @@ class Runtime:
                 store.set_presence(effect.unit, effect.state, effect.at)
                 log.info("presence", unit=effect.unit, state=effect.state, at=effect.at)
 
-    async def commit(self) -> None:
-        """Make everything handled so far durable, with the clock it was handled at."""
-        await self.commit_soon()
+    async def commit(self, flush: bool = True) -> None:
+        """Make everything handled so far durable, with the clock it was handled at (with
+        ``flush`` false: written, safe from a crash of the process; ``store.flush()`` then
+        says when it is safe from a power cut too)."""
+        await self.commit_soon(flush)
         await self.wait_committed()
 
-    async def commit_soon(self) -> None:
+    async def commit_soon(self, flush: bool = True) -> None:
         """Start committing what is queued and return; handling goes on meanwhile.
 
         Commits stay in order: this first waits for the previous one. Only what
@@ -336,10 +338,10 @@ class Runtime:
                 self.clock - self.state.contacts.horizon_s,
             )
         self.store.set_meta("clock", repr(self.clock))
-        self._committing = asyncio.ensure_future(self._commit_and_hand_over())
+        self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush))
 
-    async def _commit_and_hand_over(self) -> None:
-        await self.store.commit(self.on_written)
+    async def _commit_and_hand_over(self, flush: bool) -> None:
+        await self.store.commit(self.on_written, flush)
 
     async def wait_committed(self) -> None:
         """Wait for the commit in flight. It is shielded: a caller being cancelled (a

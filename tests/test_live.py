@@ -6,13 +6,15 @@ import asyncio
 import contextlib
 import json
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from scenario import CHEN, CLEAN, INVESTMENT, Script
+from scenario import CHEN, CLEAN, INVESTMENT, ZHAO, Script
 
+from adapters import live as live_module
 from adapters.broker import Mosquitto, local_broker, mosquitto_binary
 from adapters.handset import Handset, Step
 from adapters.live import Clock, LiveService
@@ -360,6 +362,49 @@ async def test_clean_calls_are_not_flushed_one_by_one_but_reach_the_store_within
             while await stored() < 40:
                 assert asyncio.get_running_loop().time() < deadline, "pairs never stored"
                 await asyncio.sleep(0.05)
+
+
+async def test_outputs_leave_once_written_and_the_input_is_acknowledged_once_flushed(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Incidents opened while the disk is slow to flush: the operators see each at once (the
+    next message is handled while the last commit is flushed), but the call events that
+    opened them are acknowledged only when the flush is done, in order."""
+    acked: list[int] = []
+    real_ack = live_module.ack
+    monkeypatch.setattr(
+        live_module,
+        "ack",
+        lambda client, message: (acked.append(message.mid), real_ack(client, message)),
+    )
+    script = Script()
+    script.progress(0, "C1", CHEN, INVESTMENT, 30).progress(0, "C2", ZHAO, INVESTMENT, 30)
+    events = [line["payload"] for line in script.lines]
+    async with (
+        dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running,
+        open_client(BrokerURL.parse(broker.url)) as client,
+    ):
+        runtime = running.service.runtime
+        assert runtime is not None and runtime.store._log is not None
+        release = threading.Event()
+        real_flush = runtime.store._log.flush
+
+        def slow_flush() -> None:  # on the store's flush thread
+            release.wait(10)
+            real_flush()
+
+        monkeypatch.setattr(runtime.store._log, "flush", slow_flush)
+        await client.subscribe(f"{P}/operators/incidents", qos=1)
+        received = client.messages.__aiter__()
+        for event in events:
+            await client.publish(f"{P}/events/hengnan/calls", json.dumps(event), qos=1)
+            opened = await asyncio.wait_for(anext(received), 5)
+            assert json.loads(bytes(opened.payload))["subject"] == f"INC-{event['data']['call_id']}"  # type: ignore[arg-type]
+        await asyncio.sleep(0.3)
+        assert acked == []  # written and published, not yet on the disk
+        release.set()
+        await wait_until(lambda: len(acked) == 2, within=5)
+        assert acked == sorted(acked)  # in the order received
 
 
 async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
