@@ -45,7 +45,7 @@ from dispatcher.model import Incident, Publish, TimelineEntry
 SCHEMA_VERSION = 2
 T = TypeVar("T")
 log = structlog.get_logger("store")
-CHECKPOINT_EVERY_S = 1.0  # the log is copied back into the database at most this often
+CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 
 SCHEMA = """
