@@ -22,7 +22,7 @@ from adapters.mqtt import BrokerURL, open_client, protocol_of
 from adapters.recorder import publish_recording, record
 from adapters.replay import replay
 from adapters.report import live_report
-from adapters.store import Store
+from adapters.store import FlushError, Store
 from dispatcher.settings import Settings
 
 pytestmark = [
@@ -405,6 +405,31 @@ async def test_outputs_leave_once_written_and_the_input_is_acknowledged_once_flu
         release.set()
         await wait_until(lambda: len(acked) == 2, within=5)
         assert acked == sorted(acked)  # in the order received
+
+
+async def test_a_flush_the_disk_refuses_stops_the_service_without_acknowledging(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acked: list[int] = []
+    monkeypatch.setattr(live_module, "ack", lambda client, message: acked.append(message.mid))
+    script = Script()
+    script.progress(0, "C1", CHEN, INVESTMENT, 30)
+    running = Running(settings, broker, tmp_path / "live.sqlite3", speed=1.0)
+    await running.ready()
+    runtime = running.service.runtime
+    assert runtime is not None and runtime.store._log is not None
+
+    def refused() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(runtime.store._log, "flush", refused)
+    async with open_client(BrokerURL.parse(broker.url)) as client:
+        await client.publish(
+            f"{P}/events/hengnan/calls", json.dumps(script.lines[0]["payload"]), qos=1
+        )
+        with pytest.raises(FlushError, match="flushing the store to the disk failed"):
+            await asyncio.wait_for(running.task, 10)
+    assert acked == []
 
 
 async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
