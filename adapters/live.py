@@ -224,8 +224,8 @@ class LiveService:
                 deferred_since = None
             elif batch and deferred_since is None:
                 deferred_since = loop.time()
-            if batch:
-                self._to_ack.put_nowait((flushed, batch))
+            if batch or flushed is not None:  # a failed flush stops the service even when
+                self._to_ack.put_nowait((flushed, batch))  # only timers made the commit
             self._outbox_changed.set()
 
     async def _acker(self) -> None:

@@ -432,6 +432,44 @@ async def test_a_flush_the_disk_refuses_stops_the_service_without_acknowledging(
     assert acked == []
 
 
+async def test_a_refused_flush_of_a_commit_made_by_a_timer_stops_the_service_too(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acked: list[int] = []
+    real_ack = live_module.ack
+    monkeypatch.setattr(
+        live_module,
+        "ack",
+        lambda client, message: (acked.append(message.mid), real_ack(client, message)),
+    )
+    script = Script()
+    script.call(0, "C1", CHEN, INVESTMENT, until_s=180)  # critical: the callback window runs
+    running = Running(settings, broker, tmp_path / "live.sqlite3")
+    await running.ready()
+    runtime = running.service.runtime
+    assert runtime is not None and runtime.store._log is not None
+    await publish_recording(
+        script.write(tmp_path / "c1.jsonl"), BrokerURL.parse(broker.url), speed=SPEED
+    )
+    await wait_until(
+        lambda: (
+            "INC-C1" in runtime.state.incidents
+            and runtime.state.incidents["INC-C1"].critical_at is not None
+            and len(acked) == len(script.lines)  # every commit so far flushed
+        )
+    )
+    assert runtime.state.incidents["INC-C1"].status == "open"
+
+    def refused() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(runtime.store._log, "flush", refused)
+    # nothing more arrives: the window's timer escalates the incident, and its commit fails
+    with pytest.raises(FlushError, match="flushing the store to the disk failed"):
+        await asyncio.wait_for(running.task, 10)
+    assert runtime.state.incidents["INC-C1"].status == "escalated"
+
+
 async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
