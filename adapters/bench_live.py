@@ -218,6 +218,23 @@ async def background(broker: BrokerURL, topic: str, rate: float, stop: asyncio.E
     return sent
 
 
+async def handset_process(broker: BrokerURL, topics: list[str]) -> None:
+    """The guard's handset for (c), as its own process (a real handset is its own device):
+    prints ``ready``, then one line per message received, ``perf_counter`` first. Both
+    processes read the same monotonic clock, so times compare across them."""
+    async with open_client(broker, f"bench-guard-{uuid.uuid4().hex[:6]}") as guard:
+        await guard.subscribe([(topic, 1) for topic in topics])
+        print("ready", flush=True)
+        async for message in guard.messages:
+            now = time.perf_counter()
+            if str(message.topic) == "bench/ping":
+                print(f"{now!r} ping {bytes(message.payload).decode()}", flush=True)
+                continue
+            event = json.loads(bytes(message.payload))
+            if event["type"] == "cn.antifraud.dispatch.offered":
+                print(f"{now!r} offer {event['data']['incident_id']}", flush=True)
+
+
 async def latencies(
     settings: Settings, broker: BrokerURL, samples: int, rate: float
 ) -> tuple[list[float], list[float], int]:
@@ -232,69 +249,85 @@ async def latencies(
     changed = asyncio.Event()
     dispatcher_ms: list[float] = []
     bare_ms: list[float] = []
-    async with (
-        open_client(broker, f"bench-guard-{uuid.uuid4().hex[:6]}") as guard,
-        open_client(broker, f"bench-ops-{uuid.uuid4().hex[:6]}") as ops,
-    ):
-        await guard.subscribe([(f"{prefix}/units/G-YJ-CH-01/dispatches", 1), ("bench/ping", 1)])
-        await ops.subscribe(f"{prefix}/operators/incidents", qos=1)
+    handset = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import asyncio, sys; from adapters.bench_live import handset_process; "
+        "from adapters.mqtt import BrokerURL; "
+        "asyncio.run(handset_process(BrokerURL.parse(sys.argv[1]), sys.argv[2:]))",
+        str(broker),
+        f"{prefix}/units/G-YJ-CH-01/dispatches",
+        "bench/ping",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert handset.stdout is not None
+    try:
+        if (await asyncio.wait_for(handset.stdout.readline(), 30)).strip() != b"ready":
+            raise RuntimeError("the benchmark's handset process did not start")
+        async with open_client(broker, f"bench-ops-{uuid.uuid4().hex[:6]}") as ops:
+            await ops.subscribe(f"{prefix}/operators/incidents", qos=1)
 
-        async def listen_guard() -> None:
-            async for message in guard.messages:
-                now = time.perf_counter()
-                if str(message.topic) == "bench/ping":
-                    bare_ms.append((now - float(bytes(message.payload))) * 1000)
-                    continue
-                event = json.loads(bytes(message.payload))
-                if event["type"] == "cn.antifraud.dispatch.offered":
-                    offer_times[event["data"]["incident_id"]] = now
-                    arrived.set()
+            async def listen_handset() -> None:
+                assert handset.stdout is not None
+                async for line in handset.stdout:
+                    at, kind, value = line.decode().split()
+                    if kind == "ping":
+                        bare_ms.append((float(at) - float(value)) * 1000)
+                    else:
+                        offer_times[value] = float(at)
+                        arrived.set()
 
-        async def listen_ops() -> None:
-            async for message in ops.messages:
-                event = json.loads(bytes(message.payload))
-                states[event["data"]["incident_id"]] = event["data"]["status"]
-                changed.set()
+            async def listen_ops() -> None:
+                async for message in ops.messages:
+                    event = json.loads(bytes(message.payload))
+                    states[event["data"]["incident_id"]] = event["data"]["status"]
+                    changed.set()
 
-        async def until(predicate: Any) -> None:
-            while not predicate():
-                changed.clear()
-                await asyncio.wait_for(changed.wait(), 10)
+            async def until(predicate: Any) -> None:
+                while not predicate():
+                    changed.clear()
+                    await asyncio.wait_for(changed.wait(), 10)
 
-        listeners = [asyncio.create_task(listen_guard()), asyncio.create_task(listen_ops())]
-        await asyncio.sleep(0.5)  # the background load settles
-        for _ in range(samples):
-            call = f"LAT-{uuid.uuid4().hex[:8]}"
-            incident = f"INC-{call}"
-            await ops.publish(calls, _call("progress", call, CHEN, FLAGGED, 30), qos=1)
-            await until(lambda incident=incident: states.get(incident) == "open")
-            arrived.clear()
-            sent = time.perf_counter()
-            await ops.publish(
-                actions,
-                _event("operator.escalate", {"incident_id": incident}, "console/bench"),
-                qos=1,
-            )
-            await asyncio.wait_for(arrived.wait(), 10)
-            dispatcher_ms.append((offer_times[incident] - sent) * 1000)
-            await ops.publish(
-                actions,
-                _event(
-                    "operator.close",
-                    {"incident_id": incident, "outcome": "false_alarm"},
-                    "console/bench",
-                ),
-                qos=1,
-            )
-            await until(lambda incident=incident: states.get(incident) == "closed")
-            for _ in range(2):  # the bare broker, under the same load, in the same run
-                await ops.publish("bench/ping", repr(time.perf_counter()).encode(), qos=1)
-                await asyncio.sleep(0.005)
-        await asyncio.sleep(0.2)
-        stop.set()
-        sent_background = await load
-        for task in listeners:
-            task.cancel()
+            listeners = [asyncio.create_task(listen_handset()), asyncio.create_task(listen_ops())]
+            await asyncio.sleep(0.5)  # the background load settles
+            for _ in range(samples):
+                call = f"LAT-{uuid.uuid4().hex[:8]}"
+                incident = f"INC-{call}"
+                await ops.publish(calls, _call("progress", call, CHEN, FLAGGED, 30), qos=1)
+                await until(lambda incident=incident: states.get(incident) == "open")
+                arrived.clear()
+                sent = time.perf_counter()
+                await ops.publish(
+                    actions,
+                    _event("operator.escalate", {"incident_id": incident}, "console/bench"),
+                    qos=1,
+                )
+                while incident not in offer_times:
+                    await asyncio.wait_for(arrived.wait(), 10)
+                    arrived.clear()
+                dispatcher_ms.append((offer_times[incident] - sent) * 1000)
+                await ops.publish(
+                    actions,
+                    _event(
+                        "operator.close",
+                        {"incident_id": incident, "outcome": "false_alarm"},
+                        "console/bench",
+                    ),
+                    qos=1,
+                )
+                await until(lambda incident=incident: states.get(incident) == "closed")
+                for _ in range(2):  # the bare broker, under the same load, in the same run
+                    await ops.publish("bench/ping", repr(time.perf_counter()).encode(), qos=1)
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(0.2)
+            stop.set()
+            sent_background = await load
+            for task in listeners:
+                task.cancel()
+    finally:
+        if handset.returncode is None:
+            handset.kill()
+        await handset.wait()
     return dispatcher_ms, bare_ms, sent_background
 
 
