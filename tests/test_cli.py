@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.broker import mosquitto_binary
 from dispatcher.cli import main
 
 DATA = Path(__file__).parent / "data"
@@ -72,3 +73,29 @@ def test_bench_replay_prints_its_figures() -> None:
     ).stdout
     for figure in ("events/s", "replay / json.loads", "peak RSS", "concurrently active calls"):
         assert figure in out
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_bench_live_prints_its_figures() -> None:
+    """A short run of the live benchmark, for its figures to exist (never for their values)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "bench",
+            "live",
+            "--events",
+            "1000",
+            "--samples",
+            "5",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    for figure in ("(a) bare", "(b) dispatcher", "(b)/(a)", "p99 dispatcher / p99 bare"):
+        assert figure in out
+    assert ", 0 rejected" in out  # the backlog of (b) passes the per-source rate limit
