@@ -364,19 +364,26 @@ async def test_clean_calls_are_not_flushed_one_by_one_but_reach_the_store_within
                 await asyncio.sleep(0.05)
 
 
+def recorded_acks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ids of the messages the live service acknowledges from now on, in order."""
+    acked: list[int] = []
+    real_ack = live_module.ack
+
+    def ack(client: Any, message: Any) -> None:
+        acked.append(message.mid)
+        real_ack(client, message)
+
+    monkeypatch.setattr(live_module, "ack", ack)
+    return acked
+
+
 async def test_outputs_leave_once_written_and_the_input_is_acknowledged_once_flushed(
     settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Incidents opened while the disk is slow to flush: the operators see each at once (the
     next message is handled while the last commit is flushed), but the call events that
     opened them are acknowledged only when the flush is done, in order."""
-    acked: list[int] = []
-    real_ack = live_module.ack
-    monkeypatch.setattr(
-        live_module,
-        "ack",
-        lambda client, message: (acked.append(message.mid), real_ack(client, message)),
-    )
+    acked = recorded_acks(monkeypatch)
     script = Script()
     script.progress(0, "C1", CHEN, INVESTMENT, 30).progress(0, "C2", ZHAO, INVESTMENT, 30)
     events = [line["payload"] for line in script.lines]
@@ -419,8 +426,7 @@ async def stopped_by_a_refused_flush(running: Running) -> None:
 async def test_a_flush_the_disk_refuses_stops_the_service_without_acknowledging(
     settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    acked: list[int] = []
-    monkeypatch.setattr(live_module, "ack", lambda client, message: acked.append(message.mid))
+    acked = recorded_acks(monkeypatch)
     script = Script()
     script.progress(0, "C1", CHEN, INVESTMENT, 30)
     running = Running(settings, broker, tmp_path / "live.sqlite3", speed=1.0)
@@ -443,13 +449,7 @@ async def test_a_flush_the_disk_refuses_stops_the_service_without_acknowledging(
 async def test_a_refused_flush_of_a_commit_made_by_a_timer_stops_the_service_too(
     settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    acked: list[int] = []
-    real_ack = live_module.ack
-    monkeypatch.setattr(
-        live_module,
-        "ack",
-        lambda client, message: (acked.append(message.mid), real_ack(client, message)),
-    )
+    acked = recorded_acks(monkeypatch)
     script = Script()
     script.call(0, "C1", CHEN, INVESTMENT, until_s=180)  # critical: the callback window runs
     running = Running(settings, broker, tmp_path / "live.sqlite3")
