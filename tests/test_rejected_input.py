@@ -60,6 +60,7 @@ def action(verb: str, **data: Any) -> tuple[str, dict[str, Any]]:
 
 DEEP = '{"a":' * 40 + "1" + "}" * 40
 NAN_CALL = json.dumps(call()).replace('"duration_s": 210.0', '"duration_s": NaN')
+SURROGATE_CALL = json.dumps(call(call_id="C-1")).replace('"C-1"', '"C-1\\ud800"')
 
 
 def without(payload: dict[str, Any], key: str) -> dict[str, Any]:
@@ -135,6 +136,8 @@ CASES = [
     ("a negative duration", 300, CALLS, call(duration_s=-5), None, "data.duration_s"),
     # NaN is not JSON (RFC 8259): refused by the parser, pointing at where it stands
     ("a NaN duration", 300, CALLS, None, NAN_CALL, "not JSON: unexpected character"),
+    # a lone surrogate cannot be written back out as UTF-8: refused before it gets anywhere
+    ("a lone UTF-16 surrogate", 300, CALLS, None, SURROGATE_CALL, "not JSON: no low surrogate"),
     ("an unknown data field", 300, CALLS, call(extra="x"), None, "unknown field"),
     ("a missing data field", 300, CALLS, call(counterpart=...), None, "data.counterpart"),
     (
