@@ -26,12 +26,13 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from adapters.broker import local_broker
 from adapters.mqtt import BrokerURL, open_client
+from dispatcher.inbound import call_data, cloudevent
+from dispatcher.outbound import rfc3339
 from dispatcher.settings import Settings
 
 BACKLOG_RATE = 1000.0  # events/s of the feed whose backlog (b) drains
@@ -39,36 +40,21 @@ CHEN = "+8613800000001"
 FLAGGED = "+85251230002"
 
 
-def _stamp(epoch: float | None = None) -> str:
-    moment = datetime.now(UTC) if epoch is None else datetime.fromtimestamp(epoch, UTC)
-    return moment.isoformat(timespec="microseconds")
-
-
 def _event(
     type_: str, data: dict[str, Any], source: str = "bench", sent: float | None = None
 ) -> bytes:
-    return json.dumps(
-        {
-            "specversion": "1.0",
-            "id": uuid.uuid4().hex,
-            "source": source,
-            "type": f"cn.antifraud.{type_}",
-            "time": _stamp(sent),
-            "datacontenttype": "application/json",
-            "data": data,
-        }
-    ).encode()
+    """``sent``: the epoch seconds the source stamps (default now)."""
+    stamp = None if sent is None else rfc3339(0.0, sent)
+    event = cloudevent(uuid.uuid4().hex, source, f"cn.antifraud.{type_}", data, time=stamp)
+    return json.dumps(event).encode()
 
 
 def _call(
     verb: str, call_id: str, sub: str, other: str, duration: float = 0, sent: float | None = None
 ) -> bytes:
-    data: dict[str, Any] = {"call_id": call_id, "subscriber": sub, "counterpart": other}
-    if verb == "started":
-        data["direction"] = "inbound"
-    else:
-        data["duration_s"] = duration
-    return _event(f"call.{verb}", data, "bench/carrier", sent)
+    return _event(
+        f"call.{verb}", call_data(verb, call_id, sub, other, duration), "bench/carrier", sent
+    )
 
 
 async def _publish_all(broker: BrokerURL, messages: list[tuple[str, bytes]]) -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dispatcher.inbound import call_data, cloudevent
 from dispatcher.settings import Settings
 
 PREFIX = "antifraud/v1"
@@ -39,16 +40,14 @@ class DayWriter:
         self, at: float, topic: str, source: str, type_: str, subject: str, data: dict[str, Any]
     ) -> None:
         self.seq += 1
-        payload = {
-            "specversion": "1.0",
-            "id": f"bench-{self.seq:08d}",
-            "source": source,
-            "type": f"cn.antifraud.{type_}",
-            "time": "2026-01-01T00:00:00Z",
-            "subject": subject,
-            "datacontenttype": "application/json",
-            "data": data,
-        }
+        payload = cloudevent(
+            f"bench-{self.seq:08d}",
+            source,
+            f"cn.antifraud.{type_}",
+            data,
+            subject=subject,
+            time="2026-01-01T00:00:00Z",
+        )
         self.handle.write(
             json.dumps(
                 {"at": round(at, 3), "topic": topic, "payload": payload}, separators=(",", ":")
@@ -66,11 +65,7 @@ class DayWriter:
         other: str,
         duration: float | None = None,
     ) -> None:
-        data: dict[str, Any] = {"call_id": call_id, "subscriber": sub, "counterpart": other}
-        if verb == "started":
-            data["direction"] = "inbound"
-        else:
-            data["duration_s"] = duration
+        data = call_data(verb, call_id, sub, other, duration)
         self.event(
             at,
             f"{PREFIX}/events/{self.region}/calls",

@@ -37,6 +37,7 @@ from aiohttp import WSMsgType, web
 
 from adapters.mqtt import Backoff, BrokerURL, open_client
 from dispatcher.errors import BrokerError
+from dispatcher.inbound import cloudevent
 from dispatcher.settings import Settings
 
 log = structlog.get_logger("console")
@@ -329,16 +330,13 @@ class Console:
         if client is None:
             raise web.HTTPServiceUnavailable(text="没有连接到消息服务器，操作未发送")
         event_id = f"{session.operator}-{uuid.uuid4().hex}"
-        event = {
-            "specversion": "1.0",
-            "id": event_id,
-            "source": f"console/{session.operator}",
-            "type": f"cn.antifraud.operator.{action}",
-            "subject": incident_id,
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "datacontenttype": "application/json",
-            "data": data,
-        }
+        event = cloudevent(
+            event_id,
+            f"console/{session.operator}",
+            f"cn.antifraud.operator.{action}",
+            data,
+            subject=incident_id,
+        )
         self.board.pending[event_id] = session.operator
         while len(self.board.pending) > 1000:
             self.board.pending.popitem(last=False)

@@ -22,19 +22,21 @@ import contextlib
 import json
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
 import aiomqtt
 
 from adapters.broker import local_broker
-from adapters.handset import Handset, Step, cloudevent
+from adapters.handset import Handset, Step
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, messages_until, open_client
 from adapters.recording import Line, read_lines
 from adapters.replay import replay
 from adapters.report import build_report
 from adapters.store import Store
+from dispatcher.inbound import cloudevent
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 from dispatcher.summary import render_summary
@@ -157,8 +159,13 @@ class Console:
             if wait > 0:
                 await asyncio.sleep(wait)
             verb = str(payload["type"]).rsplit(".", 1)[-1]
-            event = json.loads(cloudevent("op-01", payload["type"], payload["data"]))
-            event["source"] = "console/op-01"
+            event = cloudevent(
+                f"op-01-{uuid.uuid4().hex[:16]}",
+                "console/op-01",
+                payload["type"],
+                payload["data"],
+                subject=payload["data"].get("incident_id"),
+            )
             await client.publish(
                 f"{self.prefix}/operators/op-01/actions",
                 json.dumps(event, ensure_ascii=False).encode(),

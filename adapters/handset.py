@@ -17,7 +17,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiomqtt
@@ -25,6 +24,7 @@ import structlog
 
 from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client
 from dispatcher.errors import BrokerError
+from dispatcher.inbound import cloudevent
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings, Unit
 
@@ -66,17 +66,15 @@ def auto_script(
     return steps
 
 
-def cloudevent(unit: str, type_: str, data: dict[str, Any]) -> bytes:
-    event = {
-        "specversion": "1.0",
-        "id": f"{unit}-{uuid.uuid4().hex[:16]}",
-        "source": f"unit/{unit}",
-        "type": type_,
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "subject": data.get("dispatch_id", unit),
-        "datacontenttype": "application/json",
-        "data": data,
-    }
+def unit_event(unit: str, type_: str, data: dict[str, Any]) -> bytes:
+    """A message from a unit's handset, with a fresh id."""
+    event = cloudevent(
+        f"{unit}-{uuid.uuid4().hex[:16]}",
+        f"unit/{unit}",
+        type_,
+        data,
+        subject=data.get("dispatch_id", unit),
+    )
     return json.dumps(event, ensure_ascii=False).encode("utf-8")
 
 
@@ -141,7 +139,7 @@ class Handset:
         while not stop.is_set():
             will = aiomqtt.Will(
                 self.status_topic,
-                cloudevent(self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}),
+                unit_event(self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}),
                 qos=1,
                 retain=True,
             )
@@ -152,7 +150,7 @@ class Handset:
                     await client.subscribe(self.topics.dispatches(self.unit.id), qos=1)
                     await client.publish(
                         self.status_topic,
-                        cloudevent(self.unit.id, "cn.antifraud.unit.status", {"state": "online"}),
+                        unit_event(self.unit.id, "cn.antifraud.unit.status", {"state": "online"}),
                         qos=1,
                         retain=True,
                     )
@@ -163,7 +161,7 @@ class Handset:
                     if stop.is_set():  # a clean goodbye: say offline before disconnecting
                         await client.publish(
                             self.status_topic,
-                            cloudevent(
+                            unit_event(
                                 self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}
                             ),
                             qos=1,
@@ -213,7 +211,7 @@ class Handset:
         assert self.client is not None
         await self.client.publish(
             self.topics.replies(self.unit.id),
-            cloudevent(self.unit.id, f"cn.antifraud.unit.{verb}", data),
+            unit_event(self.unit.id, f"cn.antifraud.unit.{verb}", data),
             qos=1,
         )
         self.show(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Union
 
 import orjson
@@ -101,6 +101,52 @@ INBOUND_TYPES: dict[str, tuple[type[_Data], TopicKind]] = {
     "cn.antifraud.unit.reported": (UnitReported, "replies"),
     "cn.antifraud.unit.status": (UnitStatus, "status"),
 }
+
+
+def now_rfc3339() -> str:
+    """The current moment as an RFC 3339 UTC timestamp, to the millisecond."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def cloudevent(
+    event_id: str,
+    source: str,
+    type_: str,
+    data: dict[str, Any],
+    *,
+    subject: str | None = None,
+    time: str | None = None,
+) -> dict[str, Any]:
+    """An inbound message as the dispatcher accepts it (SPEC §2), for those who send them:
+    handsets, the console, the demo and the benchmarks. ``time`` defaults to now."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": source,
+        "type": type_,
+        "time": now_rfc3339() if time is None else time,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    if subject is not None:
+        event["subject"] = subject
+    return event
+
+
+def call_data(
+    verb: str, call_id: str, subscriber: str, counterpart: str, duration_s: float | None = None
+) -> dict[str, Any]:
+    """The ``data`` of a ``call.{verb}`` event (an inbound call for ``started``)."""
+    data: dict[str, Any] = {
+        "call_id": call_id,
+        "subscriber": subscriber,
+        "counterpart": counterpart,
+    }
+    if verb == "started":
+        data["direction"] = "inbound"
+    else:
+        data["duration_s"] = duration_s
+    return data
 
 
 @dataclass(frozen=True, slots=True)
