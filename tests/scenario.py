@@ -74,33 +74,17 @@ class Script:
     def started(
         self, at: float, call: str, sub: str, other: str, direction: str = "inbound"
     ) -> Script:
-        self.event(
-            at,
-            CALLS,
-            "app-warning/hengnan",
-            "cn.antifraud.call.started",
-            {"call_id": call, "subscriber": sub, "counterpart": other, "direction": direction},
-        )
-        return self
+        return self._call(at, "started", call, sub, other, direction=direction)
 
     def progress(self, at: float, call: str, sub: str, other: str, duration: float) -> Script:
-        self.event(
-            at,
-            CALLS,
-            "app-warning/hengnan",
-            "cn.antifraud.call.progress",
-            {"call_id": call, "subscriber": sub, "counterpart": other, "duration_s": duration},
-        )
-        return self
+        return self._call(at, "progress", call, sub, other, duration_s=duration)
 
     def ended(self, at: float, call: str, sub: str, other: str, duration: float) -> Script:
-        self.event(
-            at,
-            CALLS,
-            "app-warning/hengnan",
-            "cn.antifraud.call.ended",
-            {"call_id": call, "subscriber": sub, "counterpart": other, "duration_s": duration},
-        )
+        return self._call(at, "ended", call, sub, other, duration_s=duration)
+
+    def _call(self, at: float, verb: str, call: str, sub: str, other: str, **field: Any) -> Script:
+        data = {"call_id": call, "subscriber": sub, "counterpart": other} | field
+        self.event(at, CALLS, "app-warning/hengnan", f"cn.antifraud.call.{verb}", data)
         return self
 
     def call(

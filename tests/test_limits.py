@@ -69,13 +69,17 @@ def _stamp(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
 
 
-async def _rejected_for(settings: Settings, tmp_path: Path, stamps: list[float], at: float) -> int:
-    """How many of a source's call events, one per stamp, all arriving at ``at``, are refused."""
+async def _rejected_for(
+    settings: Settings, tmp_path: Path, stamps: list[float], arrivals: float | list[float]
+) -> int:
+    """How many of a source's call events, one per stamp, are refused when they arrive at
+    ``arrivals`` (one moment for all, or one each)."""
+    moments = arrivals if isinstance(arrivals, list) else [arrivals] * len(stamps)
     async with Store(tmp_path / "s.sqlite3") as store:
         runtime = Runtime(settings, store)
         await runtime.start()
         template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
-        for i, stamp in enumerate(stamps):
+        for i, (stamp, at) in enumerate(zip(stamps, moments, strict=True)):
             event = json.loads(json.dumps(template)) | {
                 "id": f"b{i}",
                 "source": "carrier",
@@ -119,20 +123,8 @@ async def test_a_source_whose_clock_stands_still_is_not_taken_for_a_flood(
     limits = settings.limits
     count = limits.burst_per_source + 5_000
     start = 1_800_000_000.0
-    async with Store(tmp_path / "s.sqlite3") as store:
-        runtime = Runtime(settings, store)
-        await runtime.start()
-        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
-        for i in range(count):
-            event = json.loads(json.dumps(template)) | {
-                "id": f"s{i}",
-                "source": "carrier",
-                "time": _stamp(start),
-            }
-            event["data"] |= {"call_id": f"S{i}", "counterpart": CLEAN}
-            arrival = start + i / (limits.rate_per_source / 2)
-            runtime.handle("antifraud/v1/events/hengnan/calls", event, arrival)
-        assert runtime.counts["rejected"] == 0
+    arrivals = [start + i / (limits.rate_per_source / 2) for i in range(count)]
+    assert await _rejected_for(settings, tmp_path, [start] * count, arrivals) == 0
 
 
 def test_the_contact_log_keeps_at_most_max_subscribers() -> None:
