@@ -9,14 +9,16 @@ loses only work that was never acknowledged and is therefore delivered again.
 A commit has two moments. **Written**: the transaction is in the write-ahead log, in the
 operating system's hands; a crash of the process can no longer lose it, and its outbound
 messages are handed to the publisher then. **Flushed**: the log is on the disk (``fdatasync``),
-so a power cut cannot lose it either; ``commit()`` returns then, and only then may the inbound
-messages be acknowledged. SQLite runs with ``synchronous=NORMAL`` (consistent, never flushes on
-commit) and the store flushes the log itself, after handing over, which keeps the disk's flush
-time (0.3–2 ms here) out of the time an offer takes to reach a unit.
+so a power cut cannot lose it either; only then may the inbound messages be acknowledged
+(``commit()`` returns then; with ``flush=False`` it returns once written, and ``flush()`` says
+when). SQLite runs with ``synchronous=NORMAL`` (consistent, never flushes on commit) and the
+store flushes the log itself, after handing over, on a thread of its own, which keeps the
+disk's flush time (0.3–2 ms here) out of the time an offer takes to reach a unit.
 
 The log is copied back into the database (a checkpoint) by a second connection in the
-background, about once a second, never by a commit: a checkpoint flushes the database file and
-would otherwise stall whichever commit happened to trigger it for several milliseconds.
+background, at most every ``CHECKPOINT_EVERY_S``, never by a commit: a checkpoint flushes the
+database file and would otherwise stall whichever commit happened to trigger it for several
+milliseconds.
 
 The schema is versioned with ``PRAGMA user_version``; a store written by a newer version is
 refused rather than guessed at.
