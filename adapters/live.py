@@ -103,7 +103,9 @@ class LiveService:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
-        async with Store(self.store_path, self.settings.service.store_sync) as store:
+        async with Store(
+            self.store_path, self.settings.service.store_sync, inline_writes=True
+        ) as store:
             runtime = self.runtime = Runtime(self.settings, store, outbox=True)
             runtime.on_written = self._written
             await runtime.start()

@@ -15,6 +15,13 @@ when). SQLite runs with ``synchronous=NORMAL`` (consistent, never flushes on com
 store flushes the log itself, after handing over, on a thread of its own, which keeps the
 disk's flush time (0.3–2 ms here) out of the time an offer takes to reach a unit.
 
+Where a commit is written: on aiosqlite's thread (the default: replay hands a batch over and
+handles the next one meanwhile), or, with ``inline_writes``, on the event loop itself through a
+connection of its own (the live service: an escalation's offers then go out without two
+hand-offs between threads, each a chance to wait for a core; the write itself is an append to
+the log in the operating system's cache, never a disk flush). Either way one write transaction
+runs at a time (``_writing``), so the inline connection never waits for SQLite's lock.
+
 The log is copied back into the database (a checkpoint) by a second connection in the
 background, at most every ``CHECKPOINT_EVERY_S``, never by a commit: a checkpoint flushes the
 database file and would otherwise stall whichever commit happened to trigger it for several
@@ -189,8 +196,12 @@ class Store:
     ``sync="normal"`` does not (a commit survives the process dying, not a power cut).
     """
 
-    def __init__(self, path: str | Path, sync: str = "full") -> None:
+    def __init__(
+        self, path: str | Path, sync: str = "full", *, inline_writes: bool = False
+    ) -> None:
         self.path = Path(path)
+        self._inline = inline_writes
+        self._writer: sqlite3.Connection | None = None  # with inline_writes: the loop's own
         if sync not in ("full", "normal"):
             raise ValueError(f"sync must be 'full' or 'normal', not {sync!r}")
         self._log: _Log | None = _Log(self.path) if sync == "full" else None
@@ -258,7 +269,11 @@ class Store:
                 await self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox")
             ).fetchone()
             self._next_seq = int(row[0] if row else 0) + 1
-        except aiosqlite.Error as exc:
+            if self._inline:
+                self._writer = sqlite3.connect(self.path, isolation_level=None)
+                for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", "busy_timeout=5000"):
+                    self._writer.execute(f"PRAGMA {pragma}")
+        except (aiosqlite.Error, sqlite3.Error) as exc:
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
 
     async def close(self) -> None:
@@ -274,6 +289,9 @@ class Store:
             self._flusher.shutdown(wait=True)
         if self._log is not None:
             self._log.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         if self._db is not None:
             await self._db.close()  # the last connection: SQLite checkpoints and removes the log
             self._db = None
@@ -385,12 +403,19 @@ class Store:
             if written is not None and pending:
                 loop.call_soon_threadsafe(written, pending)
 
+        def hand_over_inline(pending: list[OutboxRow]) -> None:  # on the event loop
+            if written is not None and pending:
+                written(pending)
+
         try:
             if not len(batch):
                 return []
             rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                pending = await self._in_thread(_write, rows, self.path, hand_over)
+                if self._writer is not None:
+                    pending = _write(self._writer, rows, self.path, hand_over_inline)
+                else:
+                    pending = await self._in_thread(_write, rows, self.path, hand_over)
         except BaseException:
             # Nothing queued is ever dropped: a failed or interrupted commit puts its batch
             # back in front of whatever was queued since, for the next commit to write.
@@ -483,9 +508,7 @@ class Store:
         if not seqs:
             return
         async with self._writing:
-            await self.db.executemany(
-                "UPDATE outbox SET sent = 1 WHERE seq = ?", [(s,) for s in seqs]
-            )
+            await self._in_thread(_mark_sent, seqs)
 
     async def backup(self, target: Path) -> None:
         """A consistent copy of the store while it is in use (SQLite's online backup), written
@@ -567,6 +590,17 @@ class _Rows:
             batch.contacts,
             [(u, st, at) for u, (st, at) in batch.presence.items()],
         )
+
+
+def _mark_sent(db: sqlite3.Connection, seqs: list[int]) -> None:
+    """One transaction (in autocommit mode each UPDATE would be a commit of its own)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany("UPDATE outbox SET sent = 1 WHERE seq = ?", [(s,) for s in seqs])
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _write(

@@ -242,13 +242,56 @@ async def test_a_failed_commit_keeps_its_writes_for_the_next_one(
         assert await store.fetchall("SELECT value FROM meta WHERE key='first'") == [("1",)]
 
 
+async def test_an_inline_write_that_fails_keeps_its_writes_for_the_next_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "store.sqlite3"
+    async with Store(path, inline_writes=True) as store:
+        store.add_rejected(1.0, "t", "r1", "p")
+        writer, store._writer = store._writer, sqlite3.connect(path, isolation_level=None)
+        assert writer is not None
+        store._writer.close()  # a connection that can no longer write
+        with pytest.raises(StoreError, match="commit failed"):
+            await store.commit()
+        store._writer = writer
+        store.add_rejected(2.0, "t", "r2", "p")
+        await store.commit()
+        assert await store.fetchall("SELECT reason FROM rejected ORDER BY seq") == [
+            ("r1",),
+            ("r2",),
+        ]
+
+
+async def test_inline_writes_hand_the_messages_over_on_the_event_loop_before_commit_returns(
+    tmp_path: Path,
+) -> None:
+    """The live service's store writes on the event loop's own thread: the outbound messages
+    are handed over synchronously, with no thread in between, and every reader sees them."""
+    async with Store(tmp_path / "s.sqlite3", inline_writes=True) as store:
+        handed: list[tuple[int, list[Any]]] = []
+        store.add_outbox(1.0, Publish("t/1", "cn.antifraud.x", {"n": 1}), sent=False)
+        commit = asyncio.ensure_future(
+            store.commit(lambda rows: handed.append((threading.get_ident(), rows)), flush=False)
+        )
+        await asyncio.sleep(0)  # one pass of the loop: no round trip to another thread
+        assert commit.done()
+        assert [(ident, [r[1] for r in rows]) for ident, rows in handed] == [
+            (threading.get_ident(), ["t/1"])
+        ]
+        await store.flush()
+        assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 0)]
+        await store.mark_sent([1])
+        assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 1)]
+
+
 @pytest.mark.parametrize("sync", ["full", "normal"])
+@pytest.mark.parametrize("inline", [False, True])
 async def test_a_commit_hands_its_messages_over_when_written_and_returns_when_flushed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: str, inline: bool
 ) -> None:
     """With sync="full" the log is flushed after the messages are handed to the publisher and
     before commit() returns (only then may inbound messages be acknowledged); "normal" never
-    flushes. SQLite itself never flushes on commit."""
+    flushes. SQLite itself never flushes on commit. The same wherever the write runs."""
     flushes: list[str] = []
     handed = threading.Event()
     real = os.fdatasync
@@ -258,7 +301,7 @@ async def test_a_commit_hands_its_messages_over_when_written_and_returns_when_fl
         real(fd)
 
     monkeypatch.setattr(os, "fdatasync", flush)
-    async with Store(tmp_path / "s.sqlite3", sync) as store:
+    async with Store(tmp_path / "s.sqlite3", sync, inline_writes=inline) as store:
         assert await store.fetchall("PRAGMA synchronous") == [(1,)]
         store.add_outbox(1.0, Publish("t/1", "cn.antifraud.x", {"n": 1}), sent=False)
         got: list[Any] = []
