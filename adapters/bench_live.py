@@ -11,7 +11,10 @@ All figures come from one run against one private Mosquitto:
     opens an incident) arriving at a subscriber.
 (c) **latency** under background traffic (clean call events at a steady rate): from the
     ``operator.escalate`` that starts a door-knock to the offer arriving at the guard's
-    subscribed handset, next to the bare publish → subscribe latency of the same broker.
+    subscribed handset, next to the bare publish → subscribe latency of the same broker, and
+    next to a bare relay: an aiomqtt client in its own process that republishes each message
+    it receives, with no work in between. The relay's path crosses the broker twice, as the
+    dispatcher's does; it is the floor for any dispatcher built on this MQTT client.
 """
 
 from __future__ import annotations
@@ -204,7 +207,10 @@ async def background(broker: BrokerURL, topic: str, rate: float, stop: asyncio.E
     return sent
 
 
-async def handset_process(broker: BrokerURL, topics: list[str]) -> None:
+PING, RELAY_IN, RELAY_OUT = "bench/ping", "bench/relay/in", "bench/relay/out"
+
+
+async def handset_process(broker: BrokerURL, *topics: str) -> None:
     """The guard's handset for (c), as its own process (a real handset is its own device):
     prints ``ready``, then one line per message received, ``perf_counter`` first. Both
     processes read the same monotonic clock, so times compare across them."""
@@ -213,17 +219,49 @@ async def handset_process(broker: BrokerURL, topics: list[str]) -> None:
         print("ready", flush=True)
         async for message in guard.messages:
             now = time.perf_counter()
-            if str(message.topic) == "bench/ping":
-                print(f"{now!r} ping {bytes(message.payload).decode()}", flush=True)
+            topic = str(message.topic)
+            if topic in (PING, RELAY_OUT):
+                kind = "ping" if topic == PING else "relay"
+                print(f"{now!r} {kind} {bytes(message.payload).decode()}", flush=True)
                 continue
             event = json.loads(bytes(message.payload))
             if event["type"] == "cn.antifraud.dispatch.offered":
                 print(f"{now!r} offer {event['data']['incident_id']}", flush=True)
 
 
+async def relay_process(broker: BrokerURL) -> None:
+    """The bare relay for (c), as its own process (as the dispatcher is): republishes every
+    message it receives (QoS 1), with no work in between."""
+    async with open_client(broker, f"bench-relay-{uuid.uuid4().hex[:6]}") as relay:
+        await relay.subscribe(RELAY_IN, qos=1)
+        print("ready", flush=True)
+        async for message in relay.messages:
+            await relay.publish(RELAY_OUT, message.payload, qos=1)
+
+
+async def _child(function: str, *args: str) -> asyncio.subprocess.Process:
+    """Start ``function(BrokerURL.parse(args[0]), …)`` of this module in a process of its
+    own; return once it printed ``ready``."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        f"import asyncio, sys; from adapters.bench_live import {function}; "
+        "from adapters.mqtt import BrokerURL; "
+        f"asyncio.run({function}(BrokerURL.parse(sys.argv[1]), *sys.argv[2:]))",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    if (await asyncio.wait_for(child.stdout.readline(), 30)).strip() != b"ready":
+        child.kill()
+        await child.wait()
+        raise RuntimeError(f"the benchmark's {function} did not start")
+    return child
+
+
 async def latencies(
     settings: Settings, broker: BrokerURL, samples: int, rate: float
-) -> tuple[list[float], list[float], int]:
+) -> tuple[list[float], list[float], list[float], int]:
     prefix, region = settings.service.prefix, settings.service.region
     calls = f"{prefix}/events/{region}/calls"
     actions = f"{prefix}/operators/bench/actions"
@@ -235,21 +273,13 @@ async def latencies(
     changed = asyncio.Event()
     dispatcher_ms: list[float] = []
     bare_ms: list[float] = []
-    handset = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        "import asyncio, sys; from adapters.bench_live import handset_process; "
-        "from adapters.mqtt import BrokerURL; "
-        "asyncio.run(handset_process(BrokerURL.parse(sys.argv[1]), sys.argv[2:]))",
-        str(broker),
-        f"{prefix}/units/G-YJ-CH-01/dispatches",
-        "bench/ping",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert handset.stdout is not None
+    relay_ms: list[float] = []
+    children = [await _child("relay_process", str(broker))]
     try:
-        if (await asyncio.wait_for(handset.stdout.readline(), 30)).strip() != b"ready":
-            raise RuntimeError("the benchmark's handset process did not start")
+        handset = await _child(
+            "handset_process", str(broker), f"{prefix}/units/G-YJ-CH-01/dispatches", PING, RELAY_OUT
+        )
+        children.append(handset)
         async with open_client(broker, f"bench-ops-{uuid.uuid4().hex[:6]}") as ops:
             await ops.subscribe(f"{prefix}/operators/incidents", qos=1)
 
@@ -257,8 +287,10 @@ async def latencies(
                 assert handset.stdout is not None
                 async for line in handset.stdout:
                     at, kind, value = line.decode().split()
-                    if kind == "ping":
-                        bare_ms.append((float(at) - float(value)) * 1000)
+                    if kind in ("ping", "relay"):
+                        (bare_ms if kind == "ping" else relay_ms).append(
+                            (float(at) - float(value)) * 1000
+                        )
                     else:
                         offer_times[value] = float(at)
                         arrived.set()
@@ -302,8 +334,9 @@ async def latencies(
                     qos=1,
                 )
                 await until(lambda incident=incident: states.get(incident) == "closed")
-                for _ in range(2):  # the bare broker, under the same load, in the same run
-                    await ops.publish("bench/ping", repr(time.perf_counter()).encode(), qos=1)
+                # the bare broker and the bare relay, under the same load, in the same run
+                for topic in (RELAY_IN, PING, PING):
+                    await ops.publish(topic, repr(time.perf_counter()).encode(), qos=1)
                     await asyncio.sleep(0.005)
             await asyncio.sleep(0.2)
             stop.set()
@@ -311,10 +344,11 @@ async def latencies(
             for task in listeners:
                 task.cancel()
     finally:
-        if handset.returncode is None:
-            handset.kill()
-        await handset.wait()
-    return dispatcher_ms, bare_ms, sent_background
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+            await child.wait()
+    return dispatcher_ms, bare_ms, relay_ms, sent_background
 
 
 async def run_live_bench(settings: Settings, events: int, samples: int, rate: float) -> int:
@@ -338,7 +372,7 @@ async def run_live_bench(settings: Settings, events: int, samples: int, rate: fl
             )
             print(f"    (b)/(a) = {b / a:.2f}  (target >= 0.7)")
             try:
-                d_ms, bare_ms, bg = await latencies(settings, broker, samples, rate)
+                d_ms, bare_ms, relay_ms, bg = await latencies(settings, broker, samples, rate)
             finally:
                 await dispatcher.stop()
             print(
@@ -354,8 +388,19 @@ async def run_live_bench(settings: Settings, events: int, samples: int, rate: fl
                 f"p99 {percentile(bare_ms, 0.99):.2f} ms, max {max(bare_ms):.2f} ms "
                 f"({len(bare_ms)} samples)"
             )
+            print(
+                f"    bare relay (receive, republish) p50 {percentile(relay_ms, 0.5):.2f} ms, "
+                f"p99 {percentile(relay_ms, 0.99):.2f} ms, max {max(relay_ms):.2f} ms "
+                f"({len(relay_ms)} samples)"
+            )
             ratio = percentile(d_ms, 0.99) / percentile(bare_ms, 0.99)
             print(f"    p99 dispatcher / p99 bare = {ratio:.2f}  (target <= 3)")
+            print(
+                f"    p99 relay / p99 bare = "
+                f"{percentile(relay_ms, 0.99) / percentile(bare_ms, 0.99):.2f}; "
+                f"p50 dispatcher - p50 relay = "
+                f"{percentile(d_ms, 0.5) - percentile(relay_ms, 0.5):.2f} ms (the dispatcher's own)"
+            )
             print(
                 f"    mean dispatcher {statistics.mean(d_ms):.2f} ms; "
                 f"dispatcher counts at stop: {dispatcher.last_counts.get('handled')} handled, "
