@@ -19,7 +19,9 @@ Where a commit is written: on aiosqlite's thread (the default: replay hands a ba
 handles the next one meanwhile), or, with ``inline_writes``, on the event loop itself through a
 connection of its own (the live service: an escalation's offers then go out without two
 hand-offs between threads, each a chance to wait for a core; the write itself is an append to
-the log in the operating system's cache, never a disk flush). Either way one write transaction
+the log in the operating system's cache, never a disk flush). A large commit (more than
+``INLINE_MAX_WRITES`` rows: a backlog drained in big batches) still goes to the thread, where
+it is written while the loop receives the next messages. Either way one write transaction
 runs at a time (``_writing``), so the inline connection never waits for SQLite's lock.
 
 The log is copied back into the database (a checkpoint) by a second connection in the
@@ -55,6 +57,9 @@ SCHEMA_VERSION = 2
 T = TypeVar("T")
 log = structlog.get_logger("store")
 CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
+# with inline_writes, a commit of more rows than this (a backlog drained in large batches) is
+# still written on aiosqlite's thread, so that the loop receives the next messages meanwhile
+INLINE_MAX_WRITES = 200
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 
 SCHEMA = """
@@ -147,6 +152,10 @@ class _Batch:
             or self.presence
             or self.meta.keys() - {"clock"}
         )
+
+    def effects(self) -> int:
+        """How many rows this batch writes, not counting processed pairs (one row for all)."""
+        return len(self) - len(self.inbound)
 
     def __len__(self) -> int:
         return (
@@ -412,7 +421,7 @@ class Store:
                 return []
             rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                if self._writer is not None:
+                if self._writer is not None and batch.effects() <= INLINE_MAX_WRITES:
                     pending = _write(self._writer, rows, self.path, hand_over_inline)
                 else:
                     pending = await self._in_thread(_write, rows, self.path, hand_over)
