@@ -46,6 +46,30 @@ PUBLISH_CHUNK = 200
 MARK_EVERY = 500  # published messages marked sent in the store at once …
 MARK_INTERVAL_S = 0.25  # … or this often
 DEFER_BOOKKEEPING_S = 1.0  # longest a batch of bookkeeping alone waits to be committed
+# below this many inbound messages a second, commits are written on the event loop (each
+# message's latency matters, and the loop has time to spare); above it, on the store's thread
+# while the next messages are received (a backlog or a burst: throughput matters)
+INLINE_MAX_RATE = 1000.0
+
+
+class Rate:
+    """Inbound messages per second, counted over windows of ``window`` seconds: ``busy`` once
+    the last window counted more than ``limit`` a second."""
+
+    def __init__(self, limit: float, window: float = 0.25) -> None:
+        self.limit = limit
+        self.window = window
+        self.busy = False
+        self._since: float | None = None
+        self._count = 0
+
+    def add(self, count: int, now: float) -> None:
+        if self._since is None:
+            self._since = now
+        elif now - self._since >= self.window:
+            self.busy = self._count / (now - self._since) > self.limit
+            self._since, self._count = now, 0
+        self._count += count
 
 
 class Clock:
@@ -192,6 +216,7 @@ class LiveService:
     async def _processor(self, runtime: Runtime) -> None:
         clock, loop = self.clock, asyncio.get_running_loop()
         deferred_since: float | None = None  # bookkeeping handled, not yet committed, since
+        rate = Rate(INLINE_MAX_RATE)
         while True:
             due = runtime.next_due()
             timeout = None if due is None else max(0.0, clock.real_seconds(due - clock.now()))
@@ -204,6 +229,7 @@ class LiveService:
                     batch.append(await self._inbox.get())
             while batch and len(batch) < BATCH and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
+            rate.add(len(batch), loop.time())
             now = max(clock.now(), runtime.clock)
             runtime.advance(now)
             if batch and "first_inbound_at" not in runtime.meta:
@@ -221,7 +247,7 @@ class LiveService:
             ):
                 # written (its messages handed to the publisher), then flushed while the next
                 # batch is handled; the acker acknowledges this batch once it is flushed
-                await runtime.commit(flush=False)
+                await runtime.commit(flush=False, inline=not rate.busy)
                 flushed = asyncio.ensure_future(runtime.store.flush())
                 deferred_since = None
             elif batch and deferred_since is None:

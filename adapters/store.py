@@ -19,9 +19,10 @@ Where a commit is written: on aiosqlite's thread (the default: replay hands a ba
 handles the next one meanwhile), or, with ``inline_writes``, on the event loop itself through a
 connection of its own (the live service: an escalation's offers then go out without two
 hand-offs between threads, each a chance to wait for a core; the write itself is an append to
-the log in the operating system's cache, never a disk flush). A large commit (more than
-``INLINE_MAX_WRITES`` rows: a backlog drained in big batches) still goes to the thread, where
-it is written while the loop receives the next messages. Either way one write transaction
+the log in the operating system's cache, never a disk flush). When the live service is behind
+(a backlog: its batches grow) or a commit is large (more than ``INLINE_MAX_WRITES`` rows), the
+commit still goes to the thread, where it is written while the loop receives the next
+messages: there throughput matters more than one message's latency. Either way one write transaction
 runs at a time (``_writing``), so the inline connection never waits for SQLite's lock.
 
 The log is copied back into the database (a checkpoint) by a second connection in the
@@ -396,10 +397,17 @@ class Store:
         return self._batch.holds_effects()
 
     async def commit(
-        self, written: Callable[[list[OutboxRow]], None] | None = None, flush: bool = True
+        self,
+        written: Callable[[list[OutboxRow]], None] | None = None,
+        flush: bool = True,
+        inline: bool = True,
     ) -> list[OutboxRow]:
         """Write everything queued in one transaction (all or nothing), then flush it (unless
         ``flush`` is false: then ``flush()`` says when it is on the disk).
+
+        With ``inline_writes``, the transaction is written on the event loop unless ``inline``
+        is false (the caller is draining a backlog: it receives the next messages while the
+        thread writes) or it is large (over ``INLINE_MAX_WRITES`` rows).
 
         ``written`` is called on the event loop with the transaction's outbound messages that
         wait for a publisher, in order, as soon as the transaction is written (before the
@@ -421,7 +429,7 @@ class Store:
                 return []
             rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                if self._writer is not None and batch.effects() <= INLINE_MAX_WRITES:
+                if self._writer is not None and inline and batch.effects() <= INLINE_MAX_WRITES:
                     pending = _write(self._writer, rows, self.path, hand_over_inline)
                 else:
                     pending = await self._in_thread(_write, rows, self.path, hand_over)

@@ -317,14 +317,14 @@ class Runtime:
                 store.set_presence(effect.unit, effect.state, effect.at)
                 log.info("presence", unit=effect.unit, state=effect.state, at=effect.at)
 
-    async def commit(self, flush: bool = True) -> None:
+    async def commit(self, flush: bool = True, inline: bool = True) -> None:
         """Make everything handled so far durable, with the clock it was handled at (with
         ``flush`` false: written, safe from a crash of the process; ``store.flush()`` then
-        says when it is safe from a power cut too)."""
-        await self.commit_soon(flush)
+        says when it is safe from a power cut too). ``inline``: see ``Store.commit``."""
+        await self.commit_soon(flush, inline)
         await self.wait_committed()
 
-    async def commit_soon(self, flush: bool = True) -> None:
+    async def commit_soon(self, flush: bool = True, inline: bool = True) -> None:
         """Start committing what is queued and return; handling goes on meanwhile.
 
         Commits stay in order: this first waits for the previous one. Only what
@@ -338,10 +338,10 @@ class Runtime:
                 self.clock - self.state.contacts.horizon_s,
             )
         self.store.set_meta("clock", repr(self.clock))
-        self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush))
+        self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush, inline))
 
-    async def _commit_and_hand_over(self, flush: bool) -> None:
-        await self.store.commit(self.on_written, flush)
+    async def _commit_and_hand_over(self, flush: bool, inline: bool) -> None:
+        await self.store.commit(self.on_written, flush, inline)
 
     async def wait_committed(self) -> None:
         """Wait for the commit in flight. It is shielded: a caller being cancelled (a

@@ -17,7 +17,7 @@ from scenario import CHEN, CLEAN, INVESTMENT, ZHAO, Script
 from adapters import live as live_module
 from adapters.broker import Mosquitto, local_broker, mosquitto_binary
 from adapters.handset import Handset, Step
-from adapters.live import Clock, LiveService
+from adapters.live import Clock, LiveService, Rate
 from adapters.mqtt import BrokerURL, open_client, protocol_of
 from adapters.recorder import publish_recording, record
 from adapters.replay import replay
@@ -92,6 +92,22 @@ def statuses(report: dict[str, Any]) -> list[Any]:
         )
         for i in report["incidents"]
     ]
+
+
+def test_commits_move_to_the_store_thread_while_messages_arrive_faster_than_the_limit() -> None:
+    """Below the limit each commit is written on the event loop (latency); above it, on the
+    store's thread while the next messages are received (throughput); measured per window."""
+    rate = Rate(limit=1000, window=0.25)
+    rate.add(1, 0.0)
+    for tick in range(1, 25):  # 500 a second
+        rate.add(5, tick / 100)
+    assert not rate.busy
+    for tick in range(25, 56):  # a backlog drained at 4,000 a second (a window and a bit)
+        rate.add(40, tick / 100)
+    assert rate.busy
+    for tick in range(56, 101):  # back to 500 a second (the window after the mixed one)
+        rate.add(5, tick / 100)
+    assert not rate.busy
 
 
 async def test_the_seed_case_published_live_ends_as_its_replay(

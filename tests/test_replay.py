@@ -282,11 +282,16 @@ async def test_inline_writes_hand_the_messages_over_on_the_event_loop_before_com
         assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 0)]
         await store.mark_sent([1])
         assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 1)]
-        # a large commit (a backlog drained in big batches) goes to aiosqlite's thread, so the
-        # loop receives the next messages while it is written
+        # a commit its caller asks not to write inline (a backlog is being drained) and a
+        # large one go to aiosqlite's thread, so the loop receives the next messages meanwhile
+        store.add_outbox(2.0, Publish("t/2", "cn.antifraud.x", {"n": 2}), sent=False)
+        commit = asyncio.ensure_future(store.commit(flush=False, inline=False))
+        await asyncio.sleep(0)
+        assert not commit.done()
+        await commit
         for n in range(INLINE_MAX_WRITES + 1):
             store.add_rejected(2.0, "t", f"r{n}", "p")
-        store.add_outbox(2.0, Publish("t/2", "cn.antifraud.x", {"n": 2}), sent=False)
+        store.add_outbox(2.0, Publish("t/3", "cn.antifraud.x", {"n": 3}), sent=False)
         handed.clear()
         commit = asyncio.ensure_future(
             store.commit(lambda rows: handed.append((threading.get_ident(), rows)), flush=False)
@@ -294,7 +299,7 @@ async def test_inline_writes_hand_the_messages_over_on_the_event_loop_before_com
         await asyncio.sleep(0)
         assert not commit.done()
         await commit
-        assert [[r[1] for r in rows] for _, rows in handed] == [["t/2"]]
+        assert [[r[1] for r in rows] for _, rows in handed] == [["t/3"]]
         assert await store.fetchall("SELECT COUNT(*) FROM rejected") == [(INLINE_MAX_WRITES + 1,)]
 
 
