@@ -34,6 +34,7 @@ import structlog
 
 from adapters.mqtt import Backoff, BrokerURL, ack, open_client, protocol_of, publish_in_order
 from adapters.store import OutboxRow, Store
+from dispatcher import logs
 from dispatcher.errors import BrokerError, StoreError
 from dispatcher.outbound import Topics
 from dispatcher.runtime import Runtime
@@ -50,6 +51,9 @@ DEFER_BOOKKEEPING_S = 1.0  # longest a batch of bookkeeping alone waits to be co
 # message's latency matters, and the loop has time to spare); above it, on the store's thread
 # while the next messages are received (a backlog or a burst: throughput matters)
 INLINE_MAX_RATE = 1000.0
+# a batch's log lines are written this long after its commit, once its messages have left
+# (published from the next passes of the loop); a warning or an error is written at once
+LOG_RELEASE_S = 0.002
 
 
 class Rate:
@@ -167,6 +171,7 @@ class LiveService:
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+                logs.release()
                 await runtime.commit()
                 if self._sent:
                     await self._mark_sent(store)
@@ -217,6 +222,7 @@ class LiveService:
         clock, loop = self.clock, asyncio.get_running_loop()
         deferred_since: float | None = None  # bookkeeping handled, not yet committed, since
         rate = Rate(INLINE_MAX_RATE)
+        release: asyncio.TimerHandle | None = None  # of the held log lines
         while True:
             due = runtime.next_due()
             timeout = None if due is None else max(0.0, clock.real_seconds(due - clock.now()))
@@ -230,6 +236,8 @@ class LiveService:
             while batch and len(batch) < BATCH and not self._inbox.empty():
                 batch.append(self._inbox.get_nowait())
             rate.add(len(batch), loop.time())
+            # this batch's log lines wait until its messages are on their way (logs.py)
+            logs.hold()
             now = max(clock.now(), runtime.clock)
             runtime.advance(now)
             if batch and "first_inbound_at" not in runtime.meta:
@@ -255,6 +263,8 @@ class LiveService:
             if batch or flushed is not None:  # a failed flush stops the service even when
                 self._to_ack.put_nowait((flushed, batch))  # only timers made the commit
             self._outbox_changed.set()
+            if release is None or release.cancelled() or loop.time() >= release.when():
+                release = loop.call_later(LOG_RELEASE_S, logs.release)
 
     async def _acker(self) -> None:
         """Acknowledges handled batches in the order they were received, each once its commit

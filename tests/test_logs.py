@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from datetime import UTC, datetime
 from pathlib import Path
+
+import structlog
 
 from adapters.replay import replay
 from dispatcher import logs
@@ -38,3 +42,48 @@ def test_masking_keeps_ids_readable() -> None:
         "INC-C-20211015-0001 from +86138****0001"
     )
     assert logs.mask({"a": ["+85251230002"]}) == {"a": ["+85251****0002"]}
+
+
+def test_held_lines_keep_their_moment_and_order_and_are_written_on_release() -> None:
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    log = structlog.get_logger("test")
+    try:
+        log.info("before", n=0)
+        logs.hold()
+        log.info("first", resident="+8613800000001")
+        try:
+            raise ValueError("the disk said no")
+        except ValueError:
+            log.info("second", exc_info=True)  # the exception as it was when logged
+        held_at = datetime.now(UTC)
+        time.sleep(0.01)
+        assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["before"]
+        logs.release()
+        log.info("after")
+    finally:
+        logs.release()
+        logs.configure("warning")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["before", "first", "second", "after"]
+    assert lines[1]["resident"] == "+86138****0001"  # masked when written
+    assert "ValueError: the disk said no" in lines[2]["exception"]
+    for line in lines[1:3]:  # stamped when logged, not when written
+        assert datetime.fromisoformat(line["timestamp"]) <= held_at
+
+
+def test_a_warning_writes_every_held_line_at_once() -> None:
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    log = structlog.get_logger("test")
+    try:
+        logs.hold()
+        log.info("held")
+        log.warning("broker_unavailable")
+        written = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+        log.info("not held any more")
+        assert written == ["held", "broker_unavailable"]
+        assert stream.getvalue().count("\n") == 3
+    finally:
+        logs.release()
+        logs.configure("warning")
