@@ -32,7 +32,15 @@ from pathlib import Path
 import aiomqtt
 import structlog
 
-from adapters.mqtt import Backoff, BrokerURL, ack, open_client, protocol_of, publish_in_order
+from adapters.mqtt import (
+    Backoff,
+    BrokerURL,
+    ack,
+    acknowledged,
+    open_client,
+    protocol_of,
+    publish_now,
+)
 from adapters.store import OutboxRow, Store
 from dispatcher import logs
 from dispatcher.errors import BrokerError, StoreError
@@ -331,7 +339,8 @@ class LiveService:
         session_over = self._session_over
         assert session_over is not None  # there is a client
         messages = [(topic, payload or b"", qos, retain) for _, topic, qos, retain, payload in rows]
-        publishing = asyncio.create_task(publish_in_order(client, messages))
+        # on the socket before this task waits for anything
+        publishing = asyncio.create_task(acknowledged(client, publish_now(client, messages)))
         await asyncio.wait({publishing, session_over}, return_when=asyncio.FIRST_COMPLETED)
         if not publishing.done():
             publishing.cancel()

@@ -9,6 +9,13 @@ aiomqtt acknowledges QoS 1 messages as soon as they arrive. The dispatcher must 
 message only once its effects are committed, so ``manual_acks`` switches the underlying
 paho-mqtt client to application-controlled acknowledgements (aiomqtt has no option for it yet;
 this is the workaround its maintainers point to) and ``ack`` sends the PUBACK.
+
+Outgoing packets leave from the call that queues them. aiomqtt registers its socket writer
+through ``call_soon_threadsafe`` (paho may ask from the thread that connects), so a packet
+queued on the event loop waited two passes of the loop: one to register the writer, one for
+the socket to be reported writable. ``Client`` registers the writer at once when asked on the
+loop, which keeps paho's idea of "registered" and the loop's in step, and ``publish_now``
+then writes the queued packets straight away.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import paho.mqtt.client as mqtt
+from aiomqtt.types import PahoSocket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -80,6 +89,31 @@ class BrokerURL:
 _protocols: dict[tuple[str, int], aiomqtt.ProtocolVersion] = {}
 
 
+class Client(aiomqtt.Client):
+    """aiomqtt's client, registering its socket writer at once when asked on the event loop
+    (see the module docstring); from another thread, as aiomqtt does."""
+
+    def _on_socket_register_write(
+        self, client: mqtt.Client, userdata: Any, sock: PahoSocket
+    ) -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # no loop in this thread: paho's connecting thread
+            on_loop = False
+        if not on_loop:
+            super()._on_socket_register_write(client, userdata, sock)
+            return
+        self._loop.add_writer(sock.fileno(), self._write_ready)
+
+    def _write_ready(self) -> None:
+        """The socket can take more: write what paho has queued (aiomqtt's own callback)."""
+        try:
+            self._client.loop_write()
+        except Exception as exc:  # a broken connection: aiomqtt's reader notices and ends it
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+
 def _client(
     broker: BrokerURL,
     protocol: aiomqtt.ProtocolVersion,
@@ -97,7 +131,7 @@ def _client(
         kwargs["clean_start"] = not persistent
     else:
         kwargs["clean_session"] = not persistent
-    return aiomqtt.Client(
+    return Client(
         broker.host,
         broker.port,
         identifier=identifier,
@@ -198,19 +232,18 @@ def protocol_of(client: aiomqtt.Client) -> str:
     return "5" if client._client.protocol == aiomqtt.ProtocolVersion.V5.value else "3.1.1"
 
 
-async def publish_in_order(
+def publish_now(
     client: aiomqtt.Client, messages: Sequence[tuple[str, bytes | None, int, bool]]
-) -> None:
-    """Publish ``(topic, payload, qos, retain)`` messages in order; return once the broker has
-    acknowledged every one sent with QoS > 0.
+) -> dict[int, asyncio.Event]:
+    """Queue ``(topic, payload, qos, retain)`` messages with paho in order and write them to
+    the socket now; return, per message id, the event set once the broker acknowledged it
+    (QoS > 0). Pass the result to ``acknowledged``.
 
     aiomqtt's ``publish()`` is a coroutine per message: gathered, each becomes a task that
-    queues its packet on its own pass of the event loop. Here every packet is queued with paho
-    in one go, and aiomqtt's socket writer sends them together. Acknowledgements are awaited
-    the way aiomqtt's ``publish()`` awaits them: an event in its table of pending publishes,
-    set by its ``on_publish`` callback. (Writing to the socket directly from here, rather than
-    from aiomqtt's writer, would leave a writer registered for a socket paho may close, which
-    breaks the next connection's registration when the descriptor number is reused.)
+    queues its packet on its own pass of the event loop. Here every packet is queued at once
+    and written from this call (see the module docstring). Acknowledgements are awaited the
+    way aiomqtt's ``publish()`` awaits them: an event in its table of pending publishes, set
+    by its ``on_publish`` callback.
     """
     paho, pending = client._client, client._pending_publishes
     waiting: dict[int, asyncio.Event] = {}
@@ -221,12 +254,28 @@ async def publish_in_order(
                 raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
             if not info.is_published():
                 waiting[info.mid] = pending[info.mid] = asyncio.Event()
+    except BaseException:
+        _forget(client, waiting)
+        raise
+    if isinstance(client, Client) and paho.want_write():
+        client._write_ready()  # now, not two passes of the loop later
+    return waiting
+
+
+async def acknowledged(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
+    """Return once the broker acknowledged every message ``publish_now`` returned."""
+    try:
         for event in waiting.values():
             await event.wait()
     finally:
-        for mid, event in waiting.items():
-            if pending.get(mid) is event:
-                del pending[mid]
+        _forget(client, waiting)
+
+
+def _forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
+    pending = client._pending_publishes
+    for mid, event in waiting.items():
+        if pending.get(mid) is event:
+            del pending[mid]
 
 
 def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
