@@ -99,6 +99,10 @@ class Clock:
         return clock_seconds / self.speed
 
 
+def _messages(rows: list[OutboxRow]) -> list[tuple[str, bytes, int, bool]]:
+    return [(topic, payload or b"", qos, retain) for _, topic, qos, retain, payload in rows]
+
+
 def _payload_bytes(payload: object) -> bytes:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload)
@@ -134,6 +138,13 @@ class LiveService:
         self._outbox_changed = asyncio.Event()
         self._session_over: asyncio.Future[None] | None = None  # of the current connection
         self._ready: deque[OutboxRow] = deque()  # committed, not yet published
+        self._last_sent = 0  # messages go out in strictly increasing outbox order
+        self._publisher_idle = False  # waiting for messages, nothing to send again first
+        # written to the socket by _written, the publisher to wait for their acknowledgements
+        self._in_flight: (
+            tuple[aiomqtt.Client, list[OutboxRow], dict[int, asyncio.Event] | aiomqtt.MqttError]
+            | None
+        ) = None
         self._sent: list[int] = []  # published, not yet marked in the store
         self.stats = {"connects": 0, "received": 0, "published": 0}
 
@@ -288,59 +299,94 @@ class LiveService:
     # ---- publishing ------------------------------------------------------------------------
 
     def _written(self, rows: list[OutboxRow]) -> None:
-        """Called as each commit is written with its outbound messages, in order."""
+        """Called as each commit is written with its outbound messages, in order. When the
+        publisher is idle they are written to the socket from here, without waiting for its
+        turn on the loop; the publisher then waits for their acknowledgements."""
         self._ready.extend(rows)
+        client = self.client
+        if self._publisher_idle and client is not None and self._in_flight is None:
+            batch = self._take_ready()
+            if batch:
+                self._publisher_idle = False
+                try:
+                    sent: dict[int, asyncio.Event] | aiomqtt.MqttError = publish_now(
+                        client, _messages(batch)
+                    )
+                except aiomqtt.MqttError as exc:
+                    sent = exc  # the publisher logs it and sends these again
+                self._in_flight = (client, batch, sent)
         self._outbox_changed.set()
+
+    def _take_ready(self) -> list[OutboxRow]:
+        """The next committed messages not yet published, in order, at most a chunk."""
+        rows: list[OutboxRow] = []
+        while self._ready and len(rows) < PUBLISH_CHUNK:
+            row = self._ready.popleft()
+            if row[0] > self._last_sent:  # else: a resync from the store already sent it
+                rows.append(row)
+        return rows
 
     async def _publisher(self, store: Store) -> None:
         """Send the outbox in order: fresh commits straight from memory; after a (re)connect
         or a failed publish, first everything the store still holds unsent."""
-        last_sent = 0  # messages go out in strictly increasing outbox order
         resync = True
         while True:
+            self._publisher_idle = not resync
             await self._outbox_changed.wait()
+            self._publisher_idle = False
             self._outbox_changed.clear()
             while True:
-                client = self.client
-                if client is None:
-                    resync = True
-                    await self.connected.wait()
-                    continue
-                if resync:
-                    rows = await store.unsent(PUBLISH_CHUNK, after=last_sent)
-                    if not rows:
-                        resync = False
-                        continue
+                sent: dict[int, asyncio.Event] | aiomqtt.MqttError | None = None
+                if self._in_flight is not None:  # written to the socket by _written
+                    (client, rows, sent), self._in_flight = self._in_flight, None
                 else:
-                    rows = []
-                    while self._ready and len(rows) < PUBLISH_CHUNK:
-                        row = self._ready.popleft()
-                        if row[0] > last_sent:
-                            rows.append(row)
-                    if not rows:
-                        break
+                    current = self.client
+                    if current is None:
+                        resync = True
+                        await self.connected.wait()
+                        continue
+                    client = current
+                    if resync:
+                        rows = await store.unsent(PUBLISH_CHUNK, after=self._last_sent)
+                        if not rows:
+                            resync = False
+                            continue
+                    else:
+                        rows = self._take_ready()
+                        if not rows:
+                            break
                 try:
-                    await self._publish(client, rows)
+                    if isinstance(sent, aiomqtt.MqttError):
+                        raise sent
+                    await self._publish(client, rows, sent)
                 except aiomqtt.MqttError as exc:
                     log.warning("publish_failed", error=str(exc), pending=len(rows))
                     resync = True
                     await asyncio.sleep(0.1)  # the connection task notices and reconnects
                     continue
-                last_sent = rows[-1][0]
+                self._last_sent = rows[-1][0]
                 self._sent.extend(row[0] for row in rows)
                 self.stats["published"] += len(rows)
                 if len(self._sent) >= MARK_EVERY:
                     await self._mark_sent(store)
 
-    async def _publish(self, client: aiomqtt.Client, rows: list[OutboxRow]) -> None:
-        """Publish ``rows`` and wait for their acknowledgements, or for the connection to be
-        lost (``MqttError``): then those acknowledgements will never come, and the messages
-        go again over the next connection."""
+    async def _publish(
+        self,
+        client: aiomqtt.Client,
+        rows: list[OutboxRow],
+        sent: dict[int, asyncio.Event] | None = None,
+    ) -> None:
+        """Publish ``rows`` (unless ``sent`` says they were: their acknowledgements) and wait
+        for their acknowledgements, or for the connection to be lost (``MqttError``): then
+        those acknowledgements will never come, and the messages go again over the next
+        connection."""
+        if client is not self.client:  # the connection it was sent over is gone
+            raise aiomqtt.MqttError("connection lost before the broker acknowledged")
         session_over = self._session_over
         assert session_over is not None  # there is a client
-        messages = [(topic, payload or b"", qos, retain) for _, topic, qos, retain, payload in rows]
-        # on the socket before this task waits for anything
-        publishing = asyncio.create_task(acknowledged(client, publish_now(client, messages)))
+        if sent is None:  # on the socket before this task waits for anything
+            sent = publish_now(client, _messages(rows))
+        publishing = asyncio.create_task(acknowledged(client, sent))
         await asyncio.wait({publishing, session_over}, return_when=asyncio.FIRST_COMPLETED)
         if not publishing.done():
             publishing.cancel()
