@@ -6,9 +6,10 @@ Five tasks share one runtime:
   inbound topics (QoS 1) and queues every message; when the broker is unreachable or lost it
   reconnects with capped exponential backoff and jitter, logging each attempt;
 - **processor**: fires due timers, handles queued messages in batches and commits each batch
-  to the store; once written, the commit's outbound messages go to the publisher and the
-  next batch is handled while the commit is flushed to the disk. Timers keep firing while
-  the broker is away;
+  to the store (on the event loop while the service keeps up, on the store's thread while it
+  drains a backlog); once written, the commit's outbound messages go to the publisher and the
+  next batch is handled while the commit is flushed to the disk. A batch's log lines are
+  written once its messages are on their way. Timers keep firing while the broker is away;
 - **acker**: acknowledges (PUBACK) each batch, in order, only once its commit is flushed, so a
   crash at any moment loses nothing (unacknowledged messages are redelivered to the
   persistent session) and processes nothing twice (redeliveries are dropped as duplicates).
@@ -16,7 +17,8 @@ Five tasks share one runtime:
   acknowledged without waiting; its pairs ride with the next commit, at most a second later;
 - **publisher**: sends the store's outbox in order (QoS 1, incident state retained) and marks
   each message sent once the broker acknowledged it; what was produced while disconnected goes
-  out after the reconnect;
+  out after the reconnect. When it is idle, a commit's messages are written to the socket by
+  the commit itself, and the publisher only waits for their acknowledgements;
 - **marker**: records in the store, a few times a second, which messages the broker took.
 """
 
@@ -60,7 +62,7 @@ DEFER_BOOKKEEPING_S = 1.0  # longest a batch of bookkeeping alone waits to be co
 # while the next messages are received (a backlog or a burst: throughput matters)
 INLINE_MAX_RATE = 1000.0
 # a batch's log lines are written this long after its commit, once its messages have left
-# (published from the next passes of the loop); a warning or an error is written at once
+# (from the commit itself, or from the publisher's next turn); warnings and errors at once
 LOG_RELEASE_S = 0.002
 
 
