@@ -284,7 +284,7 @@ class LiveService:
             if batch or flushed is not None:  # a failed flush stops the service even when
                 self._to_ack.put_nowait((flushed, batch))  # only timers made the commit
             self._outbox_changed.set()
-            if release is None or release.cancelled() or loop.time() >= release.when():
+            if release is None or loop.time() >= release.when():  # none pending
                 release = loop.call_later(LOG_RELEASE_S, logs.release)
 
     async def _acker(self) -> None:

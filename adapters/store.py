@@ -19,11 +19,13 @@ Where a commit is written: on aiosqlite's thread (the default: replay hands a ba
 handles the next one meanwhile), or, with ``inline_writes``, on the event loop itself through a
 connection of its own (the live service: an escalation's offers then go out without two
 hand-offs between threads, each a chance to wait for a core; the write itself is an append to
-the log in the operating system's cache, never a disk flush). When the live service is behind
-(a backlog: its batches grow) or a commit is large (more than ``INLINE_MAX_WRITES`` rows), the
-commit still goes to the thread, where it is written while the loop receives the next
-messages: there throughput matters more than one message's latency. Either way one write transaction
-runs at a time (``_writing``), so the inline connection never waits for SQLite's lock.
+the log in the operating system's cache, never a disk flush). When the caller says so
+(``inline=False``: the live service while messages arrive faster than it wants to write them
+one commit at a time on the loop, as in a backlog drain) or a commit is large (more than
+``INLINE_MAX_WRITES`` rows), the commit still goes to the thread, where it is written while
+the loop receives the next messages: there throughput matters more than one message's
+latency. Either way one write transaction runs at a time (``_writing``), so the inline
+connection never waits for SQLite's lock.
 
 The log is copied back into the database (a checkpoint) by a second connection in the
 background, at most every ``CHECKPOINT_EVERY_S``, never by a commit: a checkpoint flushes the
@@ -475,7 +477,8 @@ class Store:
         self._flushed = max(self._flushed, covers)
 
     def _checkpoint_soon(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Copy the log back into the database in the background, about once a second."""
+        """Copy the log back into the database in the background, at most every
+        ``CHECKPOINT_EVERY_S``."""
         running = self._checkpointing is not None and not self._checkpointing.done()
         if running or loop.time() - self._checkpointed_at < CHECKPOINT_EVERY_S:
             return
