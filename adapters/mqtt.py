@@ -247,6 +247,8 @@ def publish_now(
     """
     paho, pending = client._client, client._pending_publishes
     waiting: dict[int, asyncio.Event] = {}
+    write_now = isinstance(client, Client)
+    writing = write_now  # until the socket takes no more: then the loop's writer goes on
     try:
         for topic, payload, qos, retain in messages:
             info = paho.publish(topic, payload, qos, retain)
@@ -254,11 +256,18 @@ def publish_now(
                 raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
             if not info.is_published():
                 waiting[info.mid] = pending[info.mid] = asyncio.Event()
+            if writing:
+                # each packet as soon as it is built (paho sends one packet per system call
+                # anyway): the first message is on its way while the next ones are built
+                writing = paho._packet_write() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
     except BaseException:
         _forget(client, waiting)
         raise
-    if isinstance(client, Client) and paho.want_write():
-        client._write_ready()  # now, not two passes of the loop later
+    finally:
+        if write_now:
+            # now, not two passes of the loop later: what is left, if anything, and paho's
+            # bookkeeping (the loop's writer is dropped once nothing waits to be written)
+            client._write_ready()
     return waiting
 
 
