@@ -525,10 +525,19 @@ class Store:
         ]
 
     async def mark_sent(self, seqs: list[int]) -> None:
+        """Record that the broker took these outbound messages. With ``inline_writes`` and at
+        most ``INLINE_MAX_WRITES`` of them, on the event loop (an update of a few rows by
+        their key, over before a thread could even be woken); else on aiosqlite's thread."""
         if not seqs:
             return
         async with self._writing:
-            await self._in_thread(_mark_sent, seqs)
+            if self._writer is not None and len(seqs) <= INLINE_MAX_WRITES:
+                try:
+                    _mark_sent(self._writer, seqs)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self.path}: marking messages sent failed: {exc}") from exc
+            else:
+                await self._in_thread(_mark_sent, seqs)
 
     async def backup(self, target: Path) -> None:
         """A consistent copy of the store while it is in use (SQLite's online backup), written

@@ -280,7 +280,10 @@ async def test_inline_writes_hand_the_messages_over_on_the_event_loop_before_com
         ]
         await store.flush()
         assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 0)]
-        await store.mark_sent([1])
+        # a few messages marked sent: on the loop too, within the same pass
+        marking = asyncio.ensure_future(store.mark_sent([1]))
+        await asyncio.sleep(0)
+        assert marking.done()
         assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 1)]
         # a commit its caller asks not to write inline (a backlog is being drained) and a
         # large one go to aiosqlite's thread, so the loop receives the next messages meanwhile
@@ -301,6 +304,16 @@ async def test_inline_writes_hand_the_messages_over_on_the_event_loop_before_com
         await commit
         assert [[r[1] for r in rows] for _, rows in handed] == [["t/3"]]
         assert await store.fetchall("SELECT COUNT(*) FROM rejected") == [(INLINE_MAX_WRITES + 1,)]
+        # so do many messages marked sent at once
+        marking = asyncio.ensure_future(store.mark_sent([2, 3, *range(4, INLINE_MAX_WRITES + 3)]))
+        await asyncio.sleep(0)
+        assert not marking.done()
+        await marking
+        assert await store.fetchall("SELECT seq, sent FROM outbox ORDER BY seq") == [
+            (1, 1),
+            (2, 1),
+            (3, 1),
+        ]
 
 
 @pytest.mark.parametrize("sync", ["full", "normal"])
