@@ -39,6 +39,7 @@ from adapters.mqtt import (
     BrokerURL,
     ack,
     acknowledged,
+    disconnected,
     open_client,
     protocol_of,
     publish_now,
@@ -207,7 +208,11 @@ class LiveService:
             log.info("broker_connecting", broker=str(self.broker), attempt=backoff.attempt + 1)
             try:
                 async with open_client(
-                    self.broker, self.client_id, persistent=True, manual_acks=True
+                    self.broker,
+                    self.client_id,
+                    persistent=True,
+                    manual_acks=True,
+                    deliver=self._receive,
                 ) as client:
                     await client.subscribe([(f, 1) for f in filters])
                     self._session_over = asyncio.get_running_loop().create_future()
@@ -223,9 +228,7 @@ class LiveService:
                         protocol=protocol_of(client),
                         client_id=self.client_id,
                     )
-                    async for message in client.messages:
-                        self.stats["received"] += 1
-                        self._inbox.put_nowait((client, message))
+                    await disconnected(client)  # messages arrive through _receive
             except (BrokerError, aiomqtt.MqttError) as exc:
                 log.warning("broker_unavailable", broker=str(self.broker), error=str(exc))
             finally:
@@ -236,6 +239,11 @@ class LiveService:
             delay = backoff.next_delay()
             log.info("broker_reconnect_wait", seconds=round(delay, 2))
             await asyncio.sleep(delay)
+
+    def _receive(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        """Each message as paho decodes it, straight into the processor's queue."""
+        self.stats["received"] += 1
+        self._inbox.put_nowait((client, message))
 
     # ---- processing ------------------------------------------------------------------------
 

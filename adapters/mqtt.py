@@ -15,7 +15,12 @@ through ``call_soon_threadsafe`` (paho may ask from the thread that connects), s
 queued on the event loop waited two passes of the loop: one to register the writer, one for
 the socket to be reported writable. ``Client`` registers the writer at once when asked on the
 loop, which keeps paho's idea of "registered" and the loop's in step, and ``publish_now``
-then writes the queued packets straight away.
+then writes each packet straight away.
+
+Incoming messages can skip a queue too: aiomqtt's ``messages`` iterator creates a task and
+waits on it for every message, so a message passed through three turns of the loop before
+its reader saw it. A ``Client`` given ``deliver`` hands each message over as it is decoded
+(the dispatcher); the other clients use ``messages`` as it is.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +41,7 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 import paho.mqtt.client as mqtt
 from aiomqtt.types import PahoSocket
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -89,9 +95,26 @@ class BrokerURL:
 _protocols: dict[tuple[str, int], aiomqtt.ProtocolVersion] = {}
 
 
+Deliver = Callable[[aiomqtt.Client, aiomqtt.Message], None]
+
+
 class Client(aiomqtt.Client):
     """aiomqtt's client, registering its socket writer at once when asked on the event loop
-    (see the module docstring); from another thread, as aiomqtt does."""
+    (see the module docstring); from another thread, as aiomqtt does.
+
+    With ``deliver``, each message received is handed to ``deliver(client, message)`` as paho
+    decodes it, instead of going through ``messages``: that iterator creates a task and waits
+    on it for every message, three passes of the event loop before anyone sees the message.
+    Wait for the end of the connection with ``disconnected``.
+    """
+
+    deliver: Deliver | None = None
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.deliver is None:
+            super()._on_message(client, userdata, message)
+        else:
+            self.deliver(self, aiomqtt.Message._from_paho_message(message))
 
     def _on_socket_register_write(
         self, client: mqtt.Client, userdata: Any, sock: PahoSocket
@@ -114,6 +137,14 @@ class Client(aiomqtt.Client):
                 self._disconnected.set_exception(exc)
 
 
+async def disconnected(client: aiomqtt.Client) -> None:
+    """Return when the connection ends, raising ``MqttError`` as ``messages`` does when it
+    was lost (for a client that hands its messages to ``deliver``)."""
+    ended = client._disconnected
+    await asyncio.wait([ended])  # never raises what the connection ended with
+    raise aiomqtt.MqttError("Disconnected") from ended.exception()
+
+
 def _client(
     broker: BrokerURL,
     protocol: aiomqtt.ProtocolVersion,
@@ -121,7 +152,7 @@ def _client(
     persistent: bool,
     will: aiomqtt.Will | None,
     timeout: float,
-) -> aiomqtt.Client:
+) -> Client:
     properties = None
     kwargs: dict[str, object] = {}
     if protocol == aiomqtt.ProtocolVersion.V5:
@@ -159,8 +190,11 @@ async def open_client(
     will: aiomqtt.Will | None = None,
     manual_acks: bool = False,
     operation_timeout: float = 10.0,
+    deliver: Deliver | None = None,
 ) -> AsyncIterator[aiomqtt.Client]:
-    """Connect (MQTT 5, or 3.1.1 when the broker refuses 5); ``BrokerError`` if unreachable."""
+    """Connect (MQTT 5, or 3.1.1 when the broker refuses 5); ``BrokerError`` if unreachable.
+    ``deliver``: see ``Client`` (set before connecting: a persistent session's queued
+    messages may arrive before anything is subscribed)."""
     key = (broker.host, broker.port)
     first = _protocols.get(key, aiomqtt.ProtocolVersion.V5)
     candidates = (
@@ -170,6 +204,7 @@ async def open_client(
         client = _client(broker, protocol, identifier, persistent, will, operation_timeout)
         if manual_acks:
             client._client.manual_ack_set(True)
+        client.deliver = deliver
         try:
             await client.__aenter__()
             break
@@ -240,15 +275,16 @@ def publish_now(
     (QoS > 0). Pass the result to ``acknowledged``.
 
     aiomqtt's ``publish()`` is a coroutine per message: gathered, each becomes a task that
-    queues its packet on its own pass of the event loop. Here every packet is queued at once
-    and written from this call (see the module docstring). Acknowledgements are awaited the
-    way aiomqtt's ``publish()`` awaits them: an event in its table of pending publishes, set
-    by its ``on_publish`` callback.
+    queues its packet on its own pass of the event loop. Here every packet is queued and
+    written from this call, each as soon as it is built (see the module docstring): the
+    broker routes the first message while the next ones are built. Acknowledgements are
+    awaited the way aiomqtt's ``publish()`` awaits them: an event in its table of pending
+    publishes, set by its ``on_publish`` callback.
     """
     paho, pending = client._client, client._pending_publishes
     waiting: dict[int, asyncio.Event] = {}
-    write_now = isinstance(client, Client)
-    writing = write_now  # until the socket takes no more: then the loop's writer goes on
+    ours = client if isinstance(client, Client) else None
+    writing = ours is not None  # until the socket takes no more: then the loop's writer goes on
     try:
         for topic, payload, qos, retain in messages:
             info = paho.publish(topic, payload, qos, retain)
@@ -259,15 +295,15 @@ def publish_now(
             if writing:
                 # each packet as soon as it is built (paho sends one packet per system call
                 # anyway): the first message is on its way while the next ones are built
-                writing = paho._packet_write() == mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+                writing = paho._packet_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
     except BaseException:
         _forget(client, waiting)
         raise
     finally:
-        if write_now:
+        if ours is not None:
             # now, not two passes of the loop later: what is left, if anything, and paho's
             # bookkeeping (the loop's writer is dropped once nothing waits to be written)
-            client._write_ready()
+            ours._write_ready()
     return waiting
 
 

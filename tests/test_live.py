@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import selectors
 import sys
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 from scenario import CHEN, CLEAN, INVESTMENT, ZHAO, Script
 
@@ -18,7 +20,14 @@ from adapters import live as live_module
 from adapters.broker import Mosquitto, local_broker, mosquitto_binary
 from adapters.handset import Handset, Step
 from adapters.live import Clock, LiveService, Rate
-from adapters.mqtt import BrokerURL, open_client, protocol_of
+from adapters.mqtt import (
+    BrokerURL,
+    acknowledged,
+    disconnected,
+    open_client,
+    protocol_of,
+    publish_now,
+)
 from adapters.recorder import publish_recording, record
 from adapters.replay import replay
 from adapters.report import live_report
@@ -506,6 +515,56 @@ async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
     stop.set()
     assert await recorder == 25
     assert statuses(await replay(out, settings)) == statuses(await replay(SEED, settings))
+
+
+async def test_a_delivering_client_hands_over_each_message_and_says_when_it_is_cut_off(
+    broker: Mosquitto,
+) -> None:
+    """The dispatcher's client: messages handed over in order as they are decoded (none left
+    in aiomqtt's queue), and ``disconnected`` raising ``MqttError`` once the broker is gone."""
+    url = BrokerURL.parse(broker.url)
+    got: list[tuple[aiomqtt.Client, bytes]] = []
+    arrived = asyncio.Event()
+
+    def deliver(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        got.append((client, bytes(message.payload)))
+        if len(got) == 3:
+            arrived.set()
+
+    async with open_client(url, "deliverer", deliver=deliver) as client:
+        await client.subscribe("t/#", qos=1)
+        async with open_client(url) as sender:
+            for n in range(3):
+                await sender.publish("t/x", f"m{n}".encode(), qos=1)
+        await asyncio.wait_for(arrived.wait(), 5)
+        assert got == [(client, b"m0"), (client, b"m1"), (client, b"m2")]
+        assert len(client.messages) == 0
+        broker.kill()
+        with pytest.raises(aiomqtt.MqttError):
+            await asyncio.wait_for(disconnected(client), 10)
+
+
+async def test_published_packets_leave_at_once_and_leave_no_writer_behind(
+    broker: Mosquitto,
+) -> None:
+    """``publish_now`` writes each packet from the call itself, in order; once all are on the
+    socket, neither paho nor the event loop keeps a writer registered (which would spin)."""
+    url = BrokerURL.parse(broker.url)
+    async with open_client(url) as receiver, open_client(url) as sender:
+        await receiver.subscribe("t/#", qos=1)
+        waiting = publish_now(sender, [(f"t/{n}", f"m{n}".encode(), 1, False) for n in range(5)])
+        assert not sender._client.want_write()  # all on the socket before the call returned
+        loop = asyncio.get_running_loop()
+        key = loop._selector.get_map().get(sender._client.socket().fileno())
+        assert key is None or not key.events & selectors.EVENT_WRITE
+        assert not sender._client._registered_write
+        await acknowledged(sender, waiting)
+        received = []
+        async for message in receiver.messages:
+            received.append((str(message.topic), bytes(message.payload)))
+            if len(received) == 5:
+                break
+        assert received == [(f"t/{n}", f"m{n}".encode()) for n in range(5)]
 
 
 async def test_mqtt_5_where_the_broker_speaks_it_else_3_1_1() -> None:
