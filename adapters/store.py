@@ -398,6 +398,14 @@ class Store:
         ``(source, id)`` pairs and the clock): what handling a message changed or produced."""
         return self._batch.holds_effects()
 
+    def writes_inline(self, inline: bool = True) -> bool:
+        """Whether ``commit(inline=inline)`` would write what is queued now on the event
+        loop (with ``inline_writes``, unless the caller says not to or it is large)."""
+        return self._on_loop(self._batch, inline)
+
+    def _on_loop(self, batch: _Batch, inline: bool) -> bool:
+        return self._writer is not None and inline and batch.effects() <= INLINE_MAX_WRITES
+
     async def commit(
         self,
         written: Callable[[list[OutboxRow]], None] | None = None,
@@ -431,7 +439,7 @@ class Store:
                 return []
             rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                if self._writer is not None and inline and batch.effects() <= INLINE_MAX_WRITES:
+                if self._writer is not None and self._on_loop(batch, inline):
                     pending = _write(self._writer, rows, self.path, hand_over_inline)
                 else:
                     pending = await self._in_thread(_write, rows, self.path, hand_over)

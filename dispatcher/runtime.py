@@ -320,8 +320,17 @@ class Runtime:
     async def commit(self, flush: bool = True, inline: bool = True) -> None:
         """Make everything handled so far durable, with the clock it was handled at (with
         ``flush`` false: written, safe from a crash of the process; ``store.flush()`` then
-        says when it is safe from a power cut too). ``inline``: see ``Store.commit``."""
-        await self.commit_soon(flush, inline)
+        says when it is safe from a power cut too). ``inline``: see ``Store.commit``.
+
+        A commit the store writes on the event loop is written from this call, with no
+        pass of the loop in between: the write itself cannot be interrupted half-way (it
+        does not wait for anything), so it needs no shield. Any other runs as a task of its
+        own, which a caller being cancelled never cancels half-way."""
+        await self._before_commit()
+        if self.store.writes_inline(inline):
+            await self.store.commit(self.on_written, flush, inline)
+            return
+        self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush, inline))
         await self.wait_committed()
 
     async def commit_soon(self, flush: bool = True, inline: bool = True) -> None:
@@ -330,6 +339,11 @@ class Runtime:
         Commits stay in order: this first waits for the previous one. Only what
         ``wait_committed`` has seen through may be acknowledged as processed.
         """
+        await self._before_commit()
+        self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush, inline))
+
+    async def _before_commit(self) -> None:
+        """Wait for the commit in flight; prune the store when due; note the clock."""
         await self.wait_committed()
         if self.clock - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = self.clock
@@ -338,7 +352,6 @@ class Runtime:
                 self.clock - self.state.contacts.horizon_s,
             )
         self.store.set_meta("clock", repr(self.clock))
-        self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush, inline))
 
     async def _commit_and_hand_over(self, flush: bool, inline: bool) -> None:
         await self.store.commit(self.on_written, flush, inline)

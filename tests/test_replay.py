@@ -18,6 +18,7 @@ from adapters.replay import replay
 from adapters.store import INLINE_MAX_WRITES, SCHEMA_VERSION, FlushError, Store
 from dispatcher.errors import RecordingError, StoreError
 from dispatcher.model import Incident, Publish
+from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
 DATA = Path(__file__).parent / "data"
@@ -314,6 +315,28 @@ async def test_inline_writes_hand_the_messages_over_on_the_event_loop_before_com
             (2, 1),
             (3, 1),
         ]
+
+
+@pytest.mark.parametrize("inline", [True, False])
+async def test_a_commit_written_on_the_loop_is_written_before_the_loop_turns(
+    settings: Settings, tmp_path: Path, inline: bool
+) -> None:
+    """The runtime writes an inline commit from the call itself (an escalation's offers wait
+    for no other callback); a commit for the store's thread is a task of its own, and only
+    returns after the loop has turned."""
+    async with Store(tmp_path / "s.sqlite3", inline_writes=True) as store:
+        runtime = Runtime(settings, store, outbox=True)
+        await runtime.start()
+        order: list[str] = []
+        runtime.on_written = lambda rows: order.append(f"written {[r[1] for r in rows]}")
+        store.add_outbox(1.0, Publish("t/1", "cn.antifraud.x", {"n": 1}), sent=False)
+        asyncio.get_running_loop().call_soon(order.append, "the loop turned")
+        await runtime.commit(flush=False, inline=inline)
+        if inline:
+            assert order == ["written ['t/1']"]
+        else:
+            assert order == ["the loop turned", "written ['t/1']"]
+        assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 0)]
 
 
 @pytest.mark.parametrize("sync", ["full", "normal"])
