@@ -291,7 +291,7 @@ class LiveService:
                 deferred_since = loop.time()
             if batch or flushed is not None:  # a failed flush stops the service even when
                 self._to_ack.put_nowait((flushed, batch))  # only timers made the commit
-            self._outbox_changed.set()
+            # the publisher is woken by _written, and only when a commit has messages for it
             if release is None or loop.time() >= release.when():  # none pending
                 release = loop.call_later(LOG_RELEASE_S, logs.release)
 
