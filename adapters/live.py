@@ -3,7 +3,8 @@
 Five tasks share one runtime:
 
 - **connection**: connects with a fixed client id and a persistent session, subscribes to the
-  inbound topics (QoS 1) and queues every message; when the broker is unreachable or lost it
+  inbound topics (QoS 1) and queues every message as paho decodes it (not through aiomqtt's
+  per-message iterator, adapters/mqtt.py); when the broker is unreachable or lost it
   reconnects with capped exponential backoff and jitter, logging each attempt;
 - **processor**: fires due timers, handles queued messages in batches and commits each batch
   to the store (on the event loop while the service keeps up, on the store's thread while it
