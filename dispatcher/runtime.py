@@ -323,9 +323,10 @@ class Runtime:
         says when it is safe from a power cut too). ``inline``: see ``Store.commit``.
 
         A commit the store writes on the event loop is written from this call, with no
-        pass of the loop in between: the write itself cannot be interrupted half-way (it
-        does not wait for anything), so it needs no shield. Any other runs as a task of its
-        own, which a caller being cancelled never cancels half-way."""
+        pass of the loop in between. It needs no shield: the write itself waits for nothing
+        (a cancelled wait for the store's write lock, before it, puts the batch back), and
+        the flush after it is shared and shielded by the store. Any other commit runs as a
+        task of its own, which a caller being cancelled never cancels half-way."""
         await self._before_commit()
         if self.store.writes_inline(inline):
             await self.store.commit(self.on_written, flush, inline)
