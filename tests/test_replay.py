@@ -339,6 +339,27 @@ async def test_a_commit_written_on_the_loop_is_written_before_the_loop_turns(
         assert await store.fetchall("SELECT topic, sent FROM outbox") == [("t/1", 0)]
 
 
+async def test_an_inline_commit_cancelled_while_it_waits_for_the_write_lock_loses_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Cancelled before it could write (the lock was held by a write on the store's thread),
+    an inline commit puts its batch back; the next commit writes it, once."""
+    async with Store(tmp_path / "s.sqlite3", inline_writes=True) as store:
+        runtime = Runtime(settings, store, outbox=True)
+        await runtime.start()
+        store.add_outbox(1.0, Publish("t/1", "cn.antifraud.x", {"n": 1}), sent=False)
+        async with store._writing:  # as while a large commit is written on the thread
+            waiting = asyncio.ensure_future(runtime.commit(flush=False))
+            await asyncio.sleep(0)
+            assert not waiting.done()
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        assert await store.fetchall("SELECT topic FROM outbox") == []
+        await runtime.commit()
+        assert await store.fetchall("SELECT topic FROM outbox") == [("t/1",)]
+
+
 @pytest.mark.parametrize("sync", ["full", "normal"])
 @pytest.mark.parametrize("inline", [False, True])
 async def test_a_commit_hands_its_messages_over_when_written_and_returns_when_flushed(
