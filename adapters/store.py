@@ -401,10 +401,12 @@ class Store:
     def writes_inline(self, inline: bool = True) -> bool:
         """Whether ``commit(inline=inline)`` would write what is queued now on the event
         loop (with ``inline_writes``, unless the caller says not to or it is large)."""
-        return self._on_loop(self._batch, inline)
+        return self._loop_writer(self._batch.effects(), inline) is not None
 
-    def _on_loop(self, batch: _Batch, inline: bool) -> bool:
-        return self._writer is not None and inline and batch.effects() <= INLINE_MAX_WRITES
+    def _loop_writer(self, rows: int, inline: bool = True) -> sqlite3.Connection | None:
+        """The connection to write ``rows`` rows through on the event loop, or None: then
+        they go to aiosqlite's thread (no ``inline_writes``, the caller said so, or many)."""
+        return self._writer if inline and rows <= INLINE_MAX_WRITES else None
 
     async def commit(
         self,
@@ -439,8 +441,9 @@ class Store:
                 return []
             rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
             async with self._writing:
-                if self._writer is not None and self._on_loop(batch, inline):
-                    pending = _write(self._writer, rows, self.path, hand_over_inline)
+                writer = self._loop_writer(batch.effects(), inline)
+                if writer is not None:
+                    pending = _write(writer, rows, self.path, hand_over_inline)
                 else:
                     pending = await self._in_thread(_write, rows, self.path, hand_over)
         except BaseException:
@@ -539,9 +542,10 @@ class Store:
         if not seqs:
             return
         async with self._writing:
-            if self._writer is not None and len(seqs) <= INLINE_MAX_WRITES:
+            writer = self._loop_writer(len(seqs))
+            if writer is not None:
                 try:
-                    _mark_sent(self._writer, seqs)
+                    _mark_sent(writer, seqs)
                 except sqlite3.Error as exc:
                     raise StoreError(f"{self.path}: marking messages sent failed: {exc}") from exc
             else:
