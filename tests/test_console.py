@@ -260,7 +260,9 @@ async def test_a_person_can_watch_the_demo_in_the_console(settings: Settings) ->
         seen: set[str] = set()
         async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
             await login(http, f"http://127.0.0.1:{port}", found[1], found[2])
-            while not demo.done():
+            # The console closes when the demo's linger ends, before the demo
+            # returns: poll until the closing is seen, not until the demo is done.
+            while "closed" not in seen and not demo.done():
                 async with http.get(f"http://127.0.0.1:{port}/api/state") as response:
                     if response.status == 200:
                         seen |= {i["status"] for i in (await response.json())["incidents"]}
