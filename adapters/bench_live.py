@@ -49,7 +49,7 @@ CHEN = "+8613800000001"
 FLAGGED = "+85251230002"
 
 
-def _event(
+def event_bytes(
     type_: str, data: dict[str, Any], source: str = "bench", sent: float | None = None
 ) -> bytes:
     """``sent``: the epoch seconds the source stamps (default now)."""
@@ -58,10 +58,10 @@ def _event(
     return json.dumps(event).encode()
 
 
-def _call(
+def call_bytes(
     verb: str, call_id: str, sub: str, other: str, duration: float = 0, sent: float | None = None
 ) -> bytes:
-    return _event(
+    return event_bytes(
         f"call.{verb}", call_data(verb, call_id, sub, other, duration), "bench/carrier", sent
     )
 
@@ -183,11 +183,13 @@ async def dispatcher_rate(
     for i in range(count - 1):
         sub, sent = f"+8613{i % 900_000_000 + 100_000_000:09d}", first + i / BACKLOG_RATE
         if i % 20 == 0:  # a flagged call reaching 30 s: a warning incident, with outputs
-            messages.append((calls, _call("progress", f"BF-{i}", sub, FLAGGED, 30, sent)))
+            messages.append((calls, call_bytes("progress", f"BF-{i}", sub, FLAGGED, 30, sent)))
         else:
-            messages.append((calls, _call("started", f"BC-{i}", sub, "+8613712345678", 0, sent)))
+            messages.append(
+                (calls, call_bytes("started", f"BC-{i}", sub, "+8613712345678", 0, sent))
+            )
     marker = "BENCH-LAST"
-    messages.append((calls, _call("progress", marker, "+8613999999999", FLAGGED, 30)))
+    messages.append((calls, call_bytes("progress", marker, "+8613999999999", FLAGGED, 30)))
     await _publish_all(broker, messages)
 
     done = asyncio.Event()
@@ -223,7 +225,7 @@ async def background(broker: BrokerURL, topic: str, rate: float, stop: asyncio.E
                 await asyncio.sleep(delay)
             sub = f"+8614{sent % 900_000_000 + 100_000_000:09d}"
             await client.publish(
-                topic, _call("started", f"BG-{sent}", sub, "+8613712345678"), qos=1
+                topic, call_bytes("started", f"BG-{sent}", sub, "+8613712345678"), qos=1
             )
             sent += 1
     return sent
@@ -343,13 +345,13 @@ async def latencies(
             for _ in range(samples):
                 call = f"LAT-{uuid.uuid4().hex[:8]}"
                 incident = f"INC-{call}"
-                await ops.publish(calls, _call("progress", call, CHEN, FLAGGED, 30), qos=1)
+                await ops.publish(calls, call_bytes("progress", call, CHEN, FLAGGED, 30), qos=1)
                 await until(lambda incident=incident: states.get(incident) == "open")
                 arrived.clear()
                 sent = time.perf_counter()
                 await ops.publish(
                     actions,
-                    _event("operator.escalate", {"incident_id": incident}, "console/bench"),
+                    event_bytes("operator.escalate", {"incident_id": incident}, "console/bench"),
                     qos=1,
                 )
                 while incident not in offer_times:
@@ -358,7 +360,7 @@ async def latencies(
                 dispatcher_ms.append((offer_times[incident] - sent) * 1000)
                 await ops.publish(
                     actions,
-                    _event(
+                    event_bytes(
                         "operator.close",
                         {"incident_id": incident, "outcome": "false_alarm"},
                         "console/bench",

@@ -320,6 +320,12 @@ def cmd_bench_live(args: argparse.Namespace) -> int:
     return asyncio.run(run_live_bench(_settings(args.config), args.events, args.samples, args.rate))
 
 
+def cmd_bench_escalation(args: argparse.Namespace) -> int:
+    from adapters.bench_escalation import run_escalation_bench
+
+    return asyncio.run(run_escalation_bench(_settings(args.config), args.samples, args.idle))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="antifraud", description="Real-time anti-fraud alert dispatcher."
@@ -479,6 +485,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--samples", type=int, default=300, help="latency samples")
     b.add_argument("--rate", type=float, default=500.0, help="background events/s")
     b.set_defaults(func=cmd_bench_live, quiet=True)
+    b = bench.add_parser(
+        "escalation", help="one escalation's work in-process, after chosen idle pauses"
+    )
+    b.add_argument("--config", default=DEFAULT_CONFIG)
+    b.add_argument("--samples", type=int, default=300, help="escalations per pause")
+    b.add_argument(
+        "--idle",
+        type=float,
+        nargs="+",
+        default=[0.0, 2.0, 20.0, 100.0],
+        metavar="MS",
+        help="idle pauses before each escalation, in ms (default: 0 2 20 100)",
+    )
+    b.set_defaults(func=cmd_bench_escalation, quiet=True)
     return parser
 
 

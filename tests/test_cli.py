@@ -86,3 +86,12 @@ def test_bench_live_prints_its_figures() -> None:
     for figure in figures:
         assert figure in out
     assert ", 0 rejected" in out  # the backlog of (b) passes the per-source rate limit
+
+
+def test_bench_escalation_prints_a_row_per_idle_pause() -> None:
+    out = bench("escalation", "--samples", "5", "--idle", "0", "3")
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[:2] for row in rows] == [["0", "ms"], ["3", "ms"]], out
+    for row in rows:  # handled p50 / p90, written p50 / p90, both: all measured, all positive
+        figures = [float(value) for value in row[2:] if value != "/"]
+        assert len(figures) == 5 and all(value > 0 for value in figures), out

@@ -1,0 +1,102 @@
+"""``antifraud bench escalation``: the dispatcher's own work for one escalation, in-process.
+
+No broker and no other process: a flagged call opens an incident, an ``operator.escalate``
+is handled and committed the way the live service's processor does it (handled, then
+written on the event loop until the commit's messages are handed over), and the incident is
+closed; over and over. The figures are the two stages of the escalation: **handled**
+(validation, workflow, six messages built) and **written** (the commit prepared, serialised
+and written to the store, up to the moment its messages are handed to the publisher).
+
+Each round runs after a chosen idle pause, because that is what the live benchmark's
+escalations see: the same work costs more once the process has slept and its neighbours
+have filled the caches. Comparing the rows separates what the code costs (no pause) from
+what a busy shared machine adds to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from adapters.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
+from adapters.store import OutboxRow, Store
+from dispatcher import logs
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
+
+
+async def escalation_stages(
+    settings: Settings, samples: int, pause_s: float
+) -> tuple[list[float], list[float]]:
+    """(handled ms, written ms) of ``samples`` escalations, each after ``pause_s`` idle."""
+    prefix, region = settings.service.prefix, settings.service.region
+    calls = f"{prefix}/events/{region}/calls"
+    actions = f"{prefix}/operators/bench/actions"
+    handed_over: list[float] = []
+
+    def written(_rows: list[OutboxRow]) -> None:
+        handed_over.append(time.perf_counter())
+
+    handled_ms: list[float] = []
+    written_ms: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="antifraud-bench-escalation-") as tmp:
+        store_path = Path(tmp) / "bench.sqlite3"
+        async with Store(store_path, settings.service.store_sync, inline_writes=True) as store:
+            runtime = Runtime(settings, store, outbox=True)
+            runtime.on_written = written
+            await runtime.start()
+            await runtime.commit()
+            gc.collect()
+            gc.freeze()
+
+            async def step(topic: str, payload: bytes) -> float:
+                """Handle and write one message as the live processor does; the moment it
+                was handled."""
+                logs.hold()
+                now = time.time()
+                runtime.advance(now)
+                runtime.handle(topic, payload, now)
+                handled = time.perf_counter()
+                await runtime.commit(flush=False, inline=True)
+                logs.release()
+                await store.flush()
+                return handled
+
+            for _ in range(samples):
+                call = f"ESC-{uuid.uuid4().hex[:8]}"
+                incident = f"INC-{call}"
+                await step(calls, call_bytes("progress", call, CHEN, FLAGGED, 30))
+                escalate = event_bytes(
+                    "operator.escalate", {"incident_id": incident}, "console/bench"
+                )
+                await asyncio.sleep(pause_s)
+                started = time.perf_counter()
+                handled = await step(actions, escalate)
+                handled_ms.append((handled - started) * 1000)
+                written_ms.append((handed_over[-1] - handled) * 1000)
+                close = {"incident_id": incident, "outcome": "false_alarm"}
+                await step(actions, event_bytes("operator.close", close, "console/bench"))
+            gc.unfreeze()
+    return handled_ms, written_ms
+
+
+async def run_escalation_bench(settings: Settings, samples: int, pauses_ms: list[float]) -> int:
+    print(
+        f"an escalation handled and written in this process (no broker), {samples} samples "
+        "per row, ms (p50 / p90):"
+    )
+    print(f"  {'idle before each':>16}  {'handled':>13}  {'written':>13}  {'both, p50':>9}")
+    for pause in pauses_ms:
+        handled, written = await escalation_stages(settings, samples, pause / 1000)
+        both = [h + w for h, w in zip(handled, written, strict=True)]
+        print(
+            f"  {pause:>13g} ms  "
+            f"{percentile(handled, 0.5):>5.2f} / {percentile(handled, 0.9):<5.2f}  "
+            f"{percentile(written, 0.5):>5.2f} / {percentile(written, 0.9):<5.2f}  "
+            f"{percentile(both, 0.5):>9.2f}"
+        )
+    return 0
