@@ -74,8 +74,11 @@ async def escalation_stages(
                     "operator.escalate", {"incident_id": incident}, "console/bench"
                 )
                 await asyncio.sleep(pause_s)
+                handed_over.clear()  # the opening's messages are not the escalation's
                 started = time.perf_counter()
                 handled = await step(actions, escalate)
+                if not handed_over:
+                    raise RuntimeError(f"escalating {incident} handed no messages over")
                 handled_ms.append((handled - started) * 1000)
                 written_ms.append((handed_over[-1] - handled) * 1000)
                 close = {"incident_id": incident, "outcome": "false_alarm"}
