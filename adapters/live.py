@@ -303,9 +303,12 @@ class LiveService:
             flushed, batch = await self._to_ack.get()
             if flushed is not None:
                 await flushed
+            # on the connection each message came over, whether or not the service has seen
+            # that connection's subscription confirmed yet: a persistent session's backlog
+            # flows before it is, and a message never acknowledged holds a place in the
+            # broker's in-flight window until the connection ends
             for client, message in batch:
-                if client is self.client:  # else: redelivered to the new session, then dropped
-                    ack(client, message)
+                ack(client, message)
 
     # ---- publishing ------------------------------------------------------------------------
 

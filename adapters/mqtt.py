@@ -324,8 +324,10 @@ def _forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
 
 
 def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-    """Acknowledge a QoS 1/2 message received with ``manual_acks`` (a no-op for QoS 0)."""
-    if message.qos > 0:
+    """Acknowledge a QoS 1/2 message received with ``manual_acks`` on the connection it came
+    over (a no-op for QoS 0). Once that connection is closed there is nothing to do: its
+    session redelivers the message over the next connection."""
+    if message.qos > 0 and client._client.is_connected():
         client._client.ack(message.mid, message.qos)
 
 

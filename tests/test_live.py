@@ -663,3 +663,44 @@ async def test_recording_for_a_duration_keeps_receiving_across_quiet_gaps(
                 qos=1,
             )
     assert await recorder == 3
+
+
+async def test_a_backlog_arriving_before_the_subscription_is_confirmed_is_acknowledged(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A persistent session's queued messages flow as soon as the broker accepts the
+    connection, before it confirms the subscription. Each must still be acknowledged on the
+    connection it came over: otherwise the broker's in-flight window fills with messages
+    never acknowledged and stops delivering for good (here a window of 5)."""
+    from adapters.broker import CONFIG
+
+    conf = tmp_path / "narrow.conf"
+    text = CONFIG.read_text(encoding="utf-8")
+    assert "max_inflight_messages 1000" in text
+    conf.write_text(text.replace("max_inflight_messages 1000", "max_inflight_messages 5"))
+    broker = Mosquitto(tmp_path / "narrow", config=conf)
+    broker.start()
+    try:
+        store = tmp_path / "live.sqlite3"
+        async with dispatcher(settings, broker, store):  # creates its persistent session
+            pass
+        script = Script()
+        for i in range(30):
+            script.started(i * 0.01, f"CLEAN-{i}", CHEN, CLEAN)
+        async with open_client(BrokerURL.parse(broker.url)) as source:
+            for line in script.lines:
+                await source.publish(line["topic"], json.dumps(line["payload"]), qos=1)
+
+        real_subscribe = aiomqtt.Client.subscribe
+
+        async def slow_subscribe(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(0.5)  # the backlog arrives and is handled meanwhile
+            return await real_subscribe(self, *args, **kwargs)
+
+        monkeypatch.setattr(aiomqtt.Client, "subscribe", slow_subscribe)
+        async with dispatcher(settings, broker, store) as running:
+            runtime = running.service.runtime
+            assert runtime is not None
+            await wait_until(lambda: runtime.counts["handled"] == 30)
+    finally:
+        broker.kill()
