@@ -8,6 +8,8 @@ sessions only for authenticated clients, so it serves the demo where Mosquitto i
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +30,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def mosquitto_binary() -> str | None:
@@ -55,7 +61,11 @@ class Mosquitto:
         port: int | None = None,
         config: Path = CONFIG,
         persistence: bool = True,
+        keep_user: bool = True,
     ) -> None:
+        """``keep_user``: run as whoever starts it. Started by root, Mosquitto otherwise
+        switches to the ``mosquitto`` user, as an installed broker does, and its files must
+        then belong to that user."""
         binary = mosquitto_binary()
         if binary is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
@@ -67,6 +77,12 @@ class Mosquitto:
         text = text.replace("@PORT@", str(self.port)).replace("@DATA_DIR@", str(data_dir))
         if not persistence:
             text = text.replace("persistence true", "persistence false")
+        if keep_user and _is_root() and not re.search(r"(?m)^\s*user\s", text):
+            # Started by root, Mosquitto switches to the `mosquitto` user, which cannot write
+            # its persistence file into a data directory only root can reach: sessions and
+            # retained messages would not survive a restart. A private broker keeps the
+            # identity of whoever started it.
+            text += "\n# started by root: stay root to write the persistence file\nuser root\n"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.conf.write_text(text, encoding="utf-8")
         self.log = data_dir / "mosquitto.log"

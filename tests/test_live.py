@@ -704,3 +704,25 @@ async def test_a_backlog_arriving_before_the_subscription_is_confirmed_is_acknow
             await wait_until(lambda: runtime.counts["handled"] == 30)
     finally:
         broker.kill()
+
+
+async def test_the_private_broker_keeps_sessions_and_retained_state_across_a_restart(
+    broker: Mosquitto,
+) -> None:
+    """What the shipped config promises, also when the broker is started by root (Mosquitto
+    then switches to another user, which must still be able to write its persistence file)."""
+    url = BrokerURL.parse(broker.url)
+    async with open_client(url, "handset-keeper", persistent=True) as handset:
+        await handset.subscribe("t/dispatches", qos=1)
+    async with open_client(url) as publisher:
+        await publisher.publish("t/state", b"retained", qos=1, retain=True)
+        await publisher.publish("t/dispatches", b"queued", qos=1)
+    broker.restart()
+    async with open_client(url, "handset-keeper", persistent=True) as handset:
+        messages = handset.messages.__aiter__()
+        queued = await asyncio.wait_for(anext(messages), 5)  # no new subscription needed
+        await handset.subscribe("t/state", qos=1)
+        retained = await asyncio.wait_for(anext(messages), 5)
+    assert (queued.topic.value, queued.payload) == ("t/dispatches", b"queued")
+    assert (retained.topic.value, retained.payload) == ("t/state", b"retained")
+    assert "Permission denied" not in broker.log.read_text(errors="replace")

@@ -133,7 +133,9 @@ class SecureBroker:
         (root / "data").mkdir()
         template = root / "production.conf"
         template.write_text(text.replace("@PORT@", "unused"), encoding="utf-8")
-        self.broker = Mosquitto(root / "broker", port=self.local_port, config=template)
+        self.broker = Mosquitto(
+            root / "broker", port=self.local_port, config=template, keep_user=False
+        )
         give_to_broker_user(root)
 
     def url(self, user: str | None, tls: bool = True, password: str | None = None) -> BrokerURL:
