@@ -30,6 +30,7 @@ import contextlib
 import gc
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -90,14 +91,30 @@ class Rate:
 
 class Clock:
     """The runtime's seconds: wall-clock time, or time running ``speed`` times faster from
-    ``start`` (the demo plays a 25-minute case in under a minute, timers included)."""
+    ``start`` (the demo plays a 25-minute case in under a minute, timers included).
 
-    def __init__(self, speed: float = 1.0, start: float | None = None) -> None:
+    The wall clock is read once, when the clock is made; from then on it advances with the
+    monotonic clock, so a step of the system clock (an NTP correction, a virtual machine
+    resumed) neither fires every pending timer at once nor holds them back (decisions.md 46).
+    """
+
+    def __init__(
+        self,
+        speed: float = 1.0,
+        start: float | None = None,
+        *,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.speed = speed
-        self.start = time.time() if start is None else start
+        self._monotonic = monotonic
+        wall_now, self._since = wall(), monotonic()
+        self.start = wall_now if start is None else start
+        self._elapsed_before = wall_now - self.start  # real seconds from start to now
 
     def now(self) -> float:
-        return self.start + (time.time() - self.start) * self.speed
+        elapsed = self._elapsed_before + (self._monotonic() - self._since)
+        return self.start + elapsed * self.speed
 
     def real_seconds(self, clock_seconds: float) -> float:
         return clock_seconds / self.speed

@@ -598,6 +598,25 @@ async def test_the_demo_runs_to_the_end(settings: Settings, kind: str, tmp_path:
     assert "G-YJ-CH-01 ▶ accepted" in text and "事件结案：prevented" in text
 
 
+def test_the_live_clock_is_not_moved_by_a_step_of_the_system_clock() -> None:
+    """Timers run on the monotonic clock: a wall clock stepped an hour ahead (an NTP
+    correction, a virtual machine resumed) must not expire every pending offer at once."""
+    wall, monotonic = [1_000_000.0], [50.0]
+    clock = Clock(speed=2.0, wall=lambda: wall[0], monotonic=lambda: monotonic[0])
+    assert clock.now() == 1_000_000.0
+    wall[0] += 10
+    monotonic[0] += 10
+    assert clock.now() == 1_000_020.0  # ten real seconds, twice as fast
+    wall[0] += 3600
+    assert clock.now() == 1_000_020.0
+    wall[0] -= 7200
+    monotonic[0] += 1
+    assert clock.now() == 1_000_022.0
+    # started in the past: the time since then counts, at the clock's speed
+    late = Clock(speed=60.0, start=999_970.0, wall=lambda: 1_000_000.0, monotonic=lambda: 5.0)
+    assert late.now() == 999_970.0 + 30 * 60
+
+
 def test_handset_scripts_count_each_delay_from_the_previous_step() -> None:
     from adapters.handset import auto_script
 
