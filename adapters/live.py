@@ -1,6 +1,6 @@
 """The live service: the same runtime as replay, on a real broker and the system clock.
 
-Five tasks share one runtime:
+Six tasks share one runtime:
 
 - **connection**: connects with a fixed client id and a persistent session, subscribes to the
   inbound topics (QoS 1) and queues every message as paho decodes it (not through aiomqtt's
@@ -20,7 +20,8 @@ Five tasks share one runtime:
   each message sent once the broker acknowledged it; what was produced while disconnected goes
   out after the reconnect. When it is idle, a commit's messages are written to the socket by
   the commit itself, and the publisher only waits for their acknowledgements;
-- **marker**: records in the store, a few times a second, which messages the broker took.
+- **marker**: records in the store, a few times a second, which messages the broker took;
+- **heartbeat**: logs an ``alive`` line every minute, with what flowed and what waits.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ INLINE_MAX_RATE = 1000.0
 # a batch's log lines are written this long after its commit, once its messages have left
 # (from the commit itself, or from the publisher's next turn); warnings and errors at once
 LOG_RELEASE_S = 0.002
+HEARTBEAT_S = 60.0  # one `alive` line this often: a quiet service told from a stuck one
 
 
 class Rate:
@@ -140,8 +142,10 @@ class LiveService:
         store_path: Path,
         clock: Clock | None = None,
         client_id: str | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.settings = settings
+        self.heartbeat_s = heartbeat_s
         self.broker = broker
         self.store_path = store_path
         self.clock = clock or Clock()
@@ -156,6 +160,7 @@ class LiveService:
         self._to_ack: asyncio.Queue[
             tuple[asyncio.Future[None] | None, list[tuple[aiomqtt.Client, aiomqtt.Message]]]
         ] = asyncio.Queue()
+        self._unacknowledged = 0  # messages in those batches
         self._outbox_changed = asyncio.Event()
         self._session_over: asyncio.Future[None] | None = None  # of the current connection
         self._ready: deque[OutboxRow] = deque()  # committed, not yet published
@@ -197,6 +202,7 @@ class LiveService:
                     ("acker", self._acker()),
                     ("publisher", self._publisher(store)),
                     ("marker", self._marker(store)),
+                    ("heartbeat", self._heartbeat(runtime)),
                 )
             ]
             stopper = asyncio.create_task(stop.wait(), name="stop")
@@ -216,6 +222,32 @@ class LiveService:
                 if self._sent:
                     await self._mark_sent(store)
                 log.info("stopped", **runtime.counts)
+
+    async def _heartbeat(self, runtime: Runtime) -> None:
+        """An ``alive`` line every ``heartbeat_s``: counts that grow while work flows, and
+        what waits at each step. ``received`` standing still while senders send, or a count
+        of what waits that only grows, says where the service is stuck (docs/operations.md).
+        """
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            counts = runtime.counts
+            log.info(
+                "alive",
+                connected=self.connected.is_set(),
+                received=self.stats["received"],
+                handled=counts["handled"],
+                rejected=counts["rejected"],
+                duplicates=counts["duplicates"],
+                timers=counts["timers"],
+                produced=counts["published"],
+                sent=self.stats["published"],
+                received_not_yet_handled=self._inbox.qsize(),
+                handled_not_yet_acknowledged=self._unacknowledged,
+                committed_not_yet_sent=len(self._ready),
+                open_incidents=sum(
+                    1 for i in runtime.state.incidents.values() if i.status != "closed"
+                ),
+            )
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -309,6 +341,7 @@ class LiveService:
                 deferred_since = loop.time()
             if batch or flushed is not None:  # a failed flush stops the service even when
                 self._to_ack.put_nowait((flushed, batch))  # only timers made the commit
+                self._unacknowledged += len(batch)
             # the publisher is woken by _written, and only when a commit has messages for it
             if release is None or loop.time() >= release.when():  # none pending
                 release = loop.call_later(LOG_RELEASE_S, logs.release)
@@ -326,6 +359,7 @@ class LiveService:
             # broker's in-flight window until the connection ends
             for client, message in batch:
                 ack(client, message)
+            self._unacknowledged -= len(batch)
 
     # ---- publishing ------------------------------------------------------------------------
 

@@ -745,3 +745,53 @@ async def test_the_private_broker_keeps_sessions_and_retained_state_across_a_res
     assert (queued.topic.value, queued.payload) == ("t/dispatches", b"queued")
     assert (retained.topic.value, retained.payload) == ("t/state", b"retained")
     assert "Permission denied" not in broker.log.read_text(errors="replace")
+
+
+async def test_an_alive_line_says_what_flowed_and_what_waits(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The heartbeat an engineer on call reads to tell a quiet service from a stuck one."""
+    import io
+
+    from dispatcher import logs
+
+    script = Script()
+    script.call(0, "C1", CHEN, INVESTMENT, until_s=60)  # started, progress 30 s (a warning), …
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    try:
+        service = LiveService(
+            settings,
+            BrokerURL.parse(broker.url),
+            tmp_path / "live.sqlite3",
+            Clock(SPEED),
+            client_id="dispatcher-alive",
+            heartbeat_s=0.2,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        await asyncio.wait_for(service.ready.wait(), 10)
+        await publish_recording(
+            script.write(tmp_path / "c1.jsonl"), BrokerURL.parse(broker.url), speed=SPEED
+        )
+        runtime = service.runtime
+        assert runtime is not None
+        await wait_until(lambda: runtime.counts["handled"] == len(script.lines))
+        await asyncio.sleep(0.6)  # a heartbeat or two after the last message
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    finally:
+        logs.configure("warning")
+    alive = [
+        line for line in map(json.loads, stream.getvalue().splitlines()) if line["event"] == "alive"
+    ]
+    assert len(alive) >= 3
+    last = alive[-1]
+    handled = len(script.lines)
+    assert last["connected"] is True
+    assert (last["received"], last["handled"], last["rejected"]) == (handled, handled, 0)
+    assert last["open_incidents"] == 1
+    assert last["produced"] >= 1 and last["sent"] == last["produced"]
+    assert last["received_not_yet_handled"] == 0
+    assert last["handled_not_yet_acknowledged"] == 0
+    assert last["committed_not_yet_sent"] == 0
