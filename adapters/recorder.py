@@ -11,10 +11,19 @@ import structlog
 
 from adapters.mqtt import BrokerURL, messages_until, open_client
 from adapters.recording import read_lines, write_line
+from dispatcher.errors import RecordingError
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 
 log = structlog.get_logger("recorder")
+
+
+def _refuse_a_recording(out: Path) -> None:
+    if out.exists() and out.stat().st_size > 0:
+        raise RecordingError(
+            f"{out}: already holds a recording; record to a new file (a recording's times "
+            "count from its own first line)"
+        )
 
 
 async def record(
@@ -27,8 +36,11 @@ async def record(
     """Append every inbound message to ``out`` as a recording line until ``stop`` is set.
 
     ``at`` counts seconds from the first message recorded. Lines are flushed one by one, so a
-    recording cut short is still a valid recording up to its last line.
+    recording cut short is still a valid recording up to its last line. A file that already
+    holds lines is refused, never overwritten: new lines appended to it would start again at
+    0 s, and the replay of the whole would stop where time goes backwards.
     """
+    _refuse_a_recording(out)
     filters = Topics(settings.service.prefix).inbound_filters(settings.service.region)
     count = 0
     start: float | None = None

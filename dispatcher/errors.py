@@ -2,7 +2,8 @@
 
 - ``ConfigError``: the person who wrote the deployment config must fix a file.
 - ``InputError``: an inbound message was refused; it goes to the dead-letter topic.
-- ``RecordingError``: a recording file handed to ``antifraud replay`` is malformed.
+- ``RecordingError``: a recording file handed to ``antifraud replay`` is malformed, or the
+  file ``antifraud record`` should write already holds a recording.
 - ``StoreError``: the SQLite store cannot be used (newer schema, another recording, IO).
 - ``BrokerError``: the MQTT broker is unreachable; ``retryable`` says whether to try again.
 """
@@ -33,7 +34,8 @@ class InputError(DispatcherError):
 
 
 class RecordingError(DispatcherError):
-    """A recording line that is not a recording line at all (``file:line: what``)."""
+    """A recording line that is not a recording line at all (``file:line: what``), or a
+    recording that cannot be written where asked (``file: what``)."""
 
 
 class StoreError(DispatcherError):

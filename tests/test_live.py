@@ -517,6 +517,19 @@ async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
     assert statuses(await replay(out, settings)) == statuses(await replay(SEED, settings))
 
 
+async def test_recording_refuses_a_file_that_already_holds_a_recording(
+    settings: Settings, tmp_path: Path
+) -> None:
+    from dispatcher.errors import RecordingError
+
+    out = tmp_path / "case.jsonl"
+    earlier = SEED.read_text(encoding="utf-8")
+    out.write_text(earlier, encoding="utf-8")
+    with pytest.raises(RecordingError, match=r"case\.jsonl: already holds a recording"):
+        await record(settings, BrokerURL.parse("mqtt://127.0.0.1:9"), out, asyncio.Event())
+    assert out.read_text(encoding="utf-8") == earlier
+
+
 async def test_a_delivering_client_hands_over_each_message_and_says_when_it_is_cut_off(
     broker: Mosquitto,
 ) -> None:
