@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import socket
 import time
 from pathlib import Path
+from typing import Any
 
+import aiomqtt
 import structlog
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from adapters.mqtt import BrokerURL, messages_until, open_client
+from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client, protocol_of
 from adapters.recording import read_lines, write_line
-from dispatcher.errors import RecordingError
+from dispatcher.errors import BrokerError, RecordingError
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 
 log = structlog.get_logger("recorder")
+
+
+def _subscriptions(
+    filters: list[str], client: aiomqtt.Client, again: bool
+) -> list[tuple[str, Any]]:
+    if again and protocol_of(client) == "5":
+        return [(f, SubscribeOptions(qos=1, retainHandling=1)) for f in filters]
+    return [(f, 1) for f in filters]
 
 
 def _refuse_a_recording(out: Path) -> None:
@@ -32,6 +46,7 @@ async def record(
     out: Path,
     stop: asyncio.Event,
     duration: float | None = None,
+    client_id: str | None = None,
 ) -> int:
     """Append every inbound message to ``out`` as a recording line until ``stop`` is set.
 
@@ -39,31 +54,62 @@ async def record(
     recording cut short is still a valid recording up to its last line. A file that already
     holds lines is refused, never overwritten: new lines appended to it would start again at
     0 s, and the replay of the whole would stop where time goes backwards.
+
+    The recorder keeps a persistent session under ``client_id`` while it runs: when the
+    broker goes away it reconnects with capped exponential backoff and jitter (each attempt
+    logged), and what was published meanwhile is recorded when it is back, at the time it
+    arrives. At the end the session is removed from the broker.
     """
     _refuse_a_recording(out)
     filters = Topics(settings.service.prefix).inbound_filters(settings.service.region)
-    count = 0
-    start: float | None = None
+    identifier = client_id or f"antifraud-recorder-{socket.gethostname()}-{os.getpid()}"
+    deadline = None if duration is None else time.monotonic() + duration
+    count, start, subscribed = 0, None, False
+    backoff = Backoff()
     out.parent.mkdir(parents=True, exist_ok=True)
-    async with open_client(broker) as client:
-        await client.subscribe([(f, 1) for f in filters])
-        log.info("recording", broker=str(broker), out=str(out), topics=filters)
-        with out.open("a", encoding="utf-8") as handle:
-            deadline = None if duration is None else time.monotonic() + duration
-            async for message in messages_until(client, stop, deadline):
-                now = time.monotonic()
-                start = now if start is None else start
-                payload = message.payload
-                raw = (
-                    payload
-                    if isinstance(payload, bytes | bytearray)
-                    else str(payload or "").encode()
+    with out.open("a", encoding="utf-8") as handle:
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            try:
+                async with open_client(broker, identifier, persistent=True) as client:
+                    # again on every connection, in case the broker lost the session; on
+                    # MQTT 5 without the retained messages it sent for the first one
+                    await client.subscribe(_subscriptions(filters, client, again=subscribed))
+                    if not subscribed:
+                        log.info("recording", broker=str(broker), out=str(out), topics=filters)
+                    else:
+                        log.info("recording_resumed", broker=str(broker), recorded=count)
+                    subscribed = True
+                    backoff.reset()
+                    async for message in messages_until(client, stop, deadline):
+                        now = time.monotonic()
+                        start = now if start is None else start
+                        payload = message.payload
+                        raw = (
+                            payload
+                            if isinstance(payload, bytes | bytearray)
+                            else str(payload or "").encode()
+                        )
+                        handle.write(
+                            write_line(round(now - start, 3), str(message.topic), bytes(raw)) + "\n"
+                        )
+                        handle.flush()
+                        count += 1
+            except (BrokerError, aiomqtt.MqttError) as exc:
+                delay = backoff.next_delay()
+                log.warning(
+                    "broker_unavailable",
+                    broker=str(broker),
+                    error=str(exc),
+                    retry_in=round(delay, 2),
                 )
-                handle.write(
-                    write_line(round(now - start, 3), str(message.topic), bytes(raw)) + "\n"
-                )
-                handle.flush()
-                count += 1
+                if deadline is not None:
+                    delay = min(delay, max(0.0, deadline - time.monotonic()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+    if subscribed:  # leave no session behind to queue traffic for a recorder that is gone
+        with contextlib.suppress(BrokerError, aiomqtt.MqttError):
+            async with open_client(broker, identifier, persistent=False):
+                pass
     return count
 
 

@@ -8,6 +8,7 @@ import json
 import selectors
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from adapters.mqtt import (
     BrokerURL,
     acknowledged,
     disconnected,
+    messages_until,
     open_client,
     protocol_of,
     publish_now,
@@ -515,6 +517,46 @@ async def test_recording_live_traffic_gives_a_recording_that_replays_the_same(
     stop.set()
     assert await recorder == 25
     assert statuses(await replay(out, settings)) == statuses(await replay(SEED, settings))
+
+
+async def test_recording_goes_on_across_a_broker_restart_and_leaves_no_session_behind(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """What is published while the recorder is cut off is recorded once it is back, in order,
+    and a retained presence recorded before the restart is not recorded twice."""
+    url = BrokerURL.parse(broker.url)
+    lines = [json.loads(line) for line in SEED.read_text(encoding="utf-8").splitlines()]
+    calls = [line for line in lines if line["topic"].endswith("/calls")][:6]
+    presence = Script().status(0, "G-YJ-CH-01", "online").lines[0]
+    out = tmp_path / "recorded.jsonl"
+    stop = asyncio.Event()
+    recorder = asyncio.create_task(record(settings, url, out, stop, client_id="recorder-1"))
+    await asyncio.sleep(0.3)
+
+    async def publish(batch: list[dict[str, Any]]) -> None:
+        async with open_client(url) as source:
+            for line in batch:
+                retain = line["topic"].endswith("/status")
+                await source.publish(line["topic"], json.dumps(line["payload"]), 1, retain)
+
+    await publish([presence, *calls[:3]])
+    await asyncio.sleep(0.3)
+    broker.restart()
+    await publish(calls[3:])  # the recorder is still reconnecting: its session keeps them
+    await asyncio.sleep(2.0)
+    stop.set()
+    assert await asyncio.wait_for(recorder, 10) == 7
+    recorded = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["payload"]["id"] for r in recorded] == [
+        line["payload"]["id"] for line in [presence, *calls]
+    ]
+    assert [r["at"] for r in recorded] == sorted(r["at"] for r in recorded)
+    # the recorder's session was removed: nothing is queued for its id any more
+    await publish(calls[:1])
+    async with open_client(url, "recorder-1", persistent=True) as again:
+        deadline = time.monotonic() + 1.0
+        queued = [m async for m in messages_until(again, asyncio.Event(), deadline)]
+    assert queued == []
 
 
 async def test_recording_refuses_a_file_that_already_holds_a_recording(
