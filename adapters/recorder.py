@@ -132,8 +132,14 @@ async def publish_recording(
                 if isinstance(line.payload, bytes)
                 else json.dumps(line.payload, ensure_ascii=False).encode("utf-8")
             )
-            await client.publish(
-                line.topic, payload, qos=1, retain=line.topic.endswith(status_suffix)
-            )
+            try:
+                await client.publish(
+                    line.topic, payload, qos=1, retain=line.topic.endswith(status_suffix)
+                )
+            except aiomqtt.MqttError as exc:
+                raise BrokerError(
+                    f"{broker}: the connection failed after {count} line(s) of {recording} "
+                    f"were published (line {line.number} may or may not have been): {exc}"
+                ) from None
             count += 1
     return count

@@ -559,6 +559,23 @@ async def test_recording_goes_on_across_a_broker_restart_and_leaves_no_session_b
     assert queued == []
 
 
+async def test_publishing_a_recording_onto_a_broker_that_dies_says_how_far_it_got(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    from dispatcher.errors import BrokerError
+
+    script = Script()
+    script.started(0, "C1", CHEN, CLEAN).started(1.0, "C2", ZHAO, CLEAN)
+    recording = script.write(tmp_path / "two.jsonl")
+    publishing = asyncio.create_task(
+        publish_recording(recording, BrokerURL.parse(broker.url), speed=1.0)
+    )
+    await asyncio.sleep(0.4)
+    broker.kill()
+    with pytest.raises(BrokerError, match=r"after 1 line\(s\) of .*two\.jsonl were published"):
+        await asyncio.wait_for(publishing, 20)
+
+
 async def test_recording_refuses_a_file_that_already_holds_a_recording(
     settings: Settings, tmp_path: Path
 ) -> None:
