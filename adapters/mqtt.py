@@ -40,12 +40,15 @@ from urllib.parse import unquote, urlsplit
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+import structlog
 from aiomqtt.types import PahoSocket
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from dispatcher.errors import BrokerError, ConfigError
+
+log = structlog.get_logger("mqtt")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
 UNSUPPORTED_PROTOCOL = {1, 132}  # 3.1.1 "unacceptable protocol version", 5.0 0x84
@@ -109,6 +112,20 @@ class Client(aiomqtt.Client):
     """
 
     deliver: Deliver | None = None
+    # the topic of each QoS 1 message ``publish_now`` queued, until the broker answers for it
+    # (set by ``_client``)
+    publishing: dict[int, str]
+
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        """A broker that refuses a message (MQTT 5: a PUBACK with a failure reason, such as
+        an ACL that does not allow the topic) still acknowledges it, and it is never
+        delivered: say so loudly, with the topic, rather than take it for sent."""
+        topic = self.publishing.pop(mid, None)
+        if getattr(reason_code, "is_failure", False):
+            log.error("publish_refused", topic=topic, mid=mid, reason=str(reason_code))
+        super()._on_publish(client, userdata, mid, reason_code, properties)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.deliver is None:
@@ -162,7 +179,7 @@ def _client(
         kwargs["clean_start"] = not persistent
     else:
         kwargs["clean_session"] = not persistent
-    return Client(
+    client = Client(
         broker.host,
         broker.port,
         identifier=identifier,
@@ -179,6 +196,8 @@ def _client(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         **kwargs,  # type: ignore[arg-type]
     )
+    client.publishing = {}
+    return client
 
 
 @asynccontextmanager
@@ -292,6 +311,8 @@ def publish_now(
                 raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
             if not info.is_published():
                 waiting[info.mid] = pending[info.mid] = asyncio.Event()
+                if ours is not None:
+                    ours.publishing[info.mid] = topic
             if writing:
                 # each packet as soon as it is built (paho sends one packet per system call
                 # anyway): the first message is on its way while the next ones are built
@@ -318,9 +339,11 @@ async def acknowledged(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]
 
 def _forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
     pending = client._pending_publishes
+    publishing = client.publishing if isinstance(client, Client) else {}
     for mid, event in waiting.items():
         if pending.get(mid) is event:
             del pending[mid]
+            publishing.pop(mid, None)
 
 
 def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:

@@ -867,3 +867,37 @@ async def test_an_alive_line_says_what_flowed_and_what_waits(
     assert last["received_not_yet_handled"] == 0
     assert last["handled_not_yet_acknowledged"] == 0
     assert last["committed_not_yet_sent"] == 0
+
+
+async def test_a_message_the_broker_refuses_is_logged_as_an_error_with_its_topic(
+    tmp_path: Path,
+) -> None:
+    """MQTT 5 brokers acknowledge a message their ACL refuses, with a failure reason, and
+    drop it: an engineer must see that in the log, not find the offer missing."""
+    import io
+
+    from adapters.broker import CONFIG
+    from dispatcher import logs
+
+    acl = tmp_path / "acl"
+    acl.write_text("topic readwrite allowed/#\n", encoding="utf-8")
+    conf = tmp_path / "acl.conf"
+    conf.write_text(CONFIG.read_text(encoding="utf-8") + f"acl_file {acl}\n", encoding="utf-8")
+    broker = Mosquitto(tmp_path / "acl-broker", config=conf)
+    broker.start()
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    try:
+        async with open_client(BrokerURL.parse(broker.url)) as client:
+            assert protocol_of(client) == "5"
+            waiting = publish_now(
+                client, [("allowed/x", b"1", 1, False), ("antifraud/v1/denied", b"2", 1, False)]
+            )
+            await asyncio.wait_for(acknowledged(client, waiting), 5)
+    finally:
+        logs.configure("warning")
+        broker.kill()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    refused = [line for line in lines if line["event"] == "publish_refused"]
+    assert [(r["topic"], r["level"]) for r in refused] == [("antifraud/v1/denied", "error")]
+    assert "authori" in refused[0]["reason"].lower()
