@@ -177,7 +177,7 @@ class LiveService:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         async with Store(
-            self.store_path, self.settings.service.store_sync, inline_writes=True
+            self.store_path, self.settings.service.store_sync, inline_writes=True, writer=True
         ) as store:
             runtime = self.runtime = Runtime(self.settings, store, outbox=True)
             runtime.on_written = self._written

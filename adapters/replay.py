@@ -53,7 +53,7 @@ async def _replay(
         print_ = fingerprint(recording)
     except OSError as exc:
         raise RecordingError(f"{recording}: cannot read the recording: {exc.strerror}") from None
-    async with Store(store_path) as store:
+    async with Store(store_path, writer=True) as store:
         runtime = Runtime(settings, store)
         await runtime.start()
         # start-up objects live as long as the process: keep them out of garbage collections

@@ -39,8 +39,10 @@ refused rather than guessed at.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import socket
 import sqlite3
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -201,6 +203,45 @@ class _Log:
             self._fd = None
 
 
+class WriterLock:
+    """One writer per store: ``PATH.lock`` beside it, locked (``flock``) for as long as a
+    live service or a replay holds the store. A second writer would keep its own idea of the
+    state in memory and write over the first one's; two live services would also share one
+    MQTT client id and keep taking the connection from each other. Readers (``report``, the
+    console's history, ``backup``) do not take it. The lock goes with the process, however
+    it ends; the file stays, naming the last holder."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.path = store.with_name(store.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path}: cannot create the store's lock: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise StoreError(
+                f"{self.store}: already in use by {holder} (a live service or a replay writes "
+                "it); stop that one first, or use another --store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Store:
     """Async context manager over one SQLite file.
 
@@ -209,9 +250,16 @@ class Store:
     """
 
     def __init__(
-        self, path: str | Path, sync: str = "full", *, inline_writes: bool = False
+        self,
+        path: str | Path,
+        sync: str = "full",
+        *,
+        inline_writes: bool = False,
+        writer: bool = False,
     ) -> None:
         self.path = Path(path)
+        # the live service and replay write the store: one of them at a time (WriterLock)
+        self._lock = WriterLock(self.path) if writer else None
         self._inline = inline_writes
         self._writer: sqlite3.Connection | None = None  # with inline_writes: the loop's own
         if sync not in ("full", "normal"):
@@ -253,6 +301,8 @@ class Store:
     async def open(self) -> None:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self._lock is not None:
+            self._lock.acquire()
         try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             version = (await (await self._db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
@@ -286,9 +336,22 @@ class Store:
                 for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", "busy_timeout=5000"):
                     self._writer.execute(f"PRAGMA {pragma}")
         except (aiosqlite.Error, sqlite3.Error) as exc:
+            if self._lock is not None:
+                self._lock.release()
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
 
     async def close(self) -> None:
+        try:
+            await self._close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    async def _close(self) -> None:
         if self._checkpointing is not None:
             await asyncio.gather(self._checkpointing, return_exceptions=True)
             self._checkpointing = None

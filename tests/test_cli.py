@@ -32,6 +32,27 @@ def test_replay_until_then_resume_writes_the_same_report(tmp_path: Path) -> None
     assert json.loads(second.read_text(encoding="utf-8"))["incidents"] == EXPECTED["incidents"]
 
 
+def test_a_second_dispatcher_on_the_same_store_is_refused_before_it_connects(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import os
+
+    from adapters.store import WriterLock
+
+    store = tmp_path / "live.sqlite3"
+    running = WriterLock(store)  # the first dispatcher, as far as the store is concerned
+    running.acquire()
+    try:
+        args = ["run", "--store", str(store), "--broker", "mqtt://127.0.0.1:9"]
+        assert main(args) == 1
+    finally:
+        running.release()
+    err = capsys.readouterr().err
+    assert f"live.sqlite3: already in use by pid {os.getpid()} on " in err
+    assert "stop that one first, or use another --store" in err
+    assert "broker_connecting" not in err  # refused before it took the broker connection
+
+
 def test_replay_summary_is_readable(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["replay", str(SEED), "--report", str(tmp_path / "r.json"), "--summary"]) == 0
     err = capsys.readouterr().err

@@ -507,3 +507,18 @@ async def test_an_incident_document_is_exactly_its_dataclass_fields(
         incident_ = Incident.from_doc(doc)
         assert incident_.dispatches and incident_.timeline and incident_.calls
         assert incident_.to_doc() == dataclasses.asdict(incident_) == doc
+
+
+async def test_one_writer_at_a_time_per_store_while_readers_come_and_go(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A second writer (a replay, a live service) is refused with who holds the store; a
+    reader is not; the store is free again once the first writer has closed it."""
+    store = tmp_path / "s.sqlite3"
+    async with Store(store, writer=True):
+        with pytest.raises(StoreError, match=rf"s\.sqlite3: already in use by pid {os.getpid()}"):
+            await replay(SEED, settings, store)
+        async with Store(store) as reader:  # report, backup and the console read it meanwhile
+            await reader.fetchall("SELECT key FROM meta")
+    report = await replay(SEED, settings, store)
+    assert report["incidents"][0]["status"] == "closed"
