@@ -127,10 +127,23 @@ class Handset:
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self.received: list[dict[str, Any]] = []
-        self.current: str | None = None  # the dispatch the keys act on
+        # dispatches offered to this unit and not yet over for it (stood down, declined or
+        # reported), oldest first: the keys act on the newest
+        self._open: list[str] = []
         self._seen: deque[tuple[str, str]] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcome_pending = False
+
+    @property
+    def current(self) -> str | None:
+        """The dispatch the keys act on: the newest one still open for this unit."""
+        return self._open[-1] if self._open else None
+
+    def _close(self, dispatch_id: object) -> None:
+        if dispatch_id == self.current:
+            self._outcome_pending = False
+        if dispatch_id in self._open:
+            self._open.remove(str(dispatch_id))
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -194,10 +207,14 @@ class Handset:
         for line in render(self.unit, event):
             self.show(line)
         data = event.get("data", {})
+        if event.get("type") == "cn.antifraud.dispatch.cancelled":
+            self._close(data.get("dispatch_id"))  # a key pressed now must not act on it
         if event.get("type") == "cn.antifraud.dispatch.offered":
-            self.current = data.get("dispatch_id")
+            dispatch_id = str(data.get("dispatch_id"))
+            if dispatch_id not in self._open:
+                self._open.append(dispatch_id)
             if self.script:
-                task = asyncio.create_task(self._play(str(self.current), self.script))
+                task = asyncio.create_task(self._play(dispatch_id, self.script))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -218,6 +235,8 @@ class Handset:
             f"{'📻' if self.unit.channel == 'radio' else '📱'} {self.unit.id} ▶ {verb}"
             + (f" {outcome}" if outcome else "")
         )
+        if verb in ("declined", "reported"):
+            self._close(dispatch_id)
 
     async def _play(self, dispatch_id: str, script: list[Step]) -> None:
         start = asyncio.get_running_loop().time()
@@ -263,15 +282,18 @@ class Handset:
             self._outcome_pending = False
             await self.reply(str(self.current), "reported", outcome)
             return
-        verb = VERB_KEYS.get(key)
-        if verb is None or self.current is None:
+        verb, current = VERB_KEYS.get(key), self.current
+        if verb is None:
             self.show("    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果  [q] 退出")
+            return
+        if current is None:  # nothing offered, or it was stood down meanwhile
+            self.show("    当前没有待处理的出警单  [q] 退出")
             return
         if verb == "reported":
             self._outcome_pending = True
             self.show("    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报")
             return
-        await self.reply(self.current, verb)
+        await self.reply(current, verb)
 
 
 async def run_handset(handset: Handset, interactive: bool) -> None:

@@ -689,6 +689,43 @@ def test_the_live_clock_is_not_moved_by_a_step_of_the_system_clock() -> None:
     assert late.now() == 999_970.0 + 30 * 60
 
 
+async def test_a_handset_key_never_acts_on_an_offer_that_was_stood_down(
+    settings: Settings,
+) -> None:
+    """A guard pressing accept after his offer was taken by another guard (or expired) must
+    not be shown "accepted": the key acts on the newest offer still open, or says none is."""
+    shown: list[str] = []
+    handset = Handset(
+        settings, "G-YJ-CH-02", BrokerURL.parse("mqtt://127.0.0.1:9"), show=shown.append
+    )
+    replied: list[tuple[str, str]] = []
+
+    async def reply(dispatch_id: str, verb: str, outcome: str | None = None) -> None:
+        replied.append((dispatch_id, verb))
+
+    handset.reply = reply  # type: ignore[method-assign]
+    topic = f"{P}/units/G-YJ-CH-02/dispatches"
+
+    def deliver(n: int, kind: str, dispatch_id: str) -> None:
+        event = {
+            "id": f"e{n}",
+            "source": "antifraud/dispatcher",
+            "type": f"cn.antifraud.dispatch.{kind}",
+            "data": {"dispatch_id": dispatch_id, "text": "已由其他人员接警，您无需前往。"},
+        }
+        handset.on_message(aiomqtt.Message(topic, json.dumps(event).encode(), 1, False, n, None))
+
+    deliver(1, "offered", "INC-A:G-YJ-CH-02")
+    deliver(2, "offered", "INC-B:G-YJ-CH-02")
+    deliver(3, "cancelled", "INC-B:G-YJ-CH-02")  # taken by another guard
+    await handset.on_key("1")
+    assert replied == [("INC-A:G-YJ-CH-02", "accepted")]  # the offer still open
+    deliver(4, "cancelled", "INC-A:G-YJ-CH-02")
+    await handset.on_key("1")
+    assert replied == [("INC-A:G-YJ-CH-02", "accepted")]
+    assert shown[-1].strip() == "当前没有待处理的出警单  [q] 退出"
+
+
 def test_handset_scripts_count_each_delay_from_the_previous_step() -> None:
     from adapters.handset import auto_script
 
