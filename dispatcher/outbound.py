@@ -150,7 +150,6 @@ class Messages:
             if incident.critical_at is not None and incident.status == "open"
             else None
         )
-        units = self.settings.units
         return {
             "incident_id": incident.id,
             "status": incident.status,
@@ -187,7 +186,7 @@ class Messages:
                 {
                     "dispatch_id": d.id,
                     "unit": d.unit,
-                    "unit_name": units[d.unit].name,
+                    "unit_name": self.settings.unit_name(d.unit),
                     "role": d.role,
                     "status": d.status,
                     "offered_at": t(d.offered_at),

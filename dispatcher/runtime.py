@@ -42,6 +42,8 @@ log = structlog.get_logger("dispatcher")
 
 RAW_SOURCE = "#raw"  # dedupe key source for input whose (source, id) cannot be read
 DEADLETTER_PAYLOAD_CHARS = 1024
+# a dispatch in one of these still waits for its unit's reply
+LIVE_DISPATCH_STATUSES = ("offered", "accepted", "arrived")
 PRUNE_EVERY_S = 3600.0  # how often old dedupe pairs and contacts are deleted from the store
 
 
@@ -158,6 +160,17 @@ class Runtime:
             dedupe=len(self._seen),
             clock=self.clock,
         )
+        for incident in snap.incidents:
+            for d in incident.dispatches.values():
+                if d.unit not in self.settings.units and d.status in LIVE_DISPATCH_STATUSES:
+                    log.warning(
+                        "unit_not_configured",
+                        incident_id=incident.id,
+                        dispatch_id=d.id,
+                        status=d.status,
+                        hint="the unit is no longer in units.csv: its replies are refused; put "
+                        "it back until the incident is closed, or close the incident by hand",
+                    )
 
     def set_clock_origin(self, origin: float) -> None:
         self.state.clock_origin = origin

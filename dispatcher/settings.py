@@ -221,6 +221,13 @@ class Settings:
     police_by_station: dict[str, list[Unit]] = field(default_factory=dict)
     quick_police_by_station: dict[str, list[Unit]] = field(default_factory=dict)
 
+    def unit_name(self, unit_id: str) -> str:
+        """The unit's name, also for a unit the store still names in a dispatch after it was
+        taken out of ``units.csv`` (decisions.md 49): its incident must go on being shown and
+        handled, not fail on every message."""
+        unit = self.units.get(unit_id)
+        return unit.name if unit is not None else f"{unit_id}（已不在单位配置中）"
+
     def summary(self) -> str:
         """A one-screen description of the deployment, for ``antifraud check-config``."""
         kinds: dict[str, int] = {}

@@ -754,8 +754,7 @@ class Workflow:
         return [d for d in incident.dispatches.values() if d.slot == slot and d.status in statuses]
 
     def _unit_label(self, unit_id: str) -> str:
-        unit = self.settings.units[unit_id]
-        return f"{unit.name}（{unit_id}）"
+        return f"{self.settings.unit_name(unit_id)}（{unit_id}）"
 
     def _note(
         self,

@@ -522,3 +522,57 @@ async def test_one_writer_at_a_time_per_store_while_readers_come_and_go(
             await reader.fetchall("SELECT key FROM meta")
     report = await replay(SEED, settings, store)
     assert report["incidents"][0]["status"] == "closed"
+
+
+async def test_a_unit_taken_out_of_the_deployment_mid_incident_does_not_stall_it(
+    settings: Settings, tmp_path: Path, deployment: Any
+) -> None:
+    """units.csv edited and the dispatcher restarted while an incident holds dispatches of a
+    unit no longer listed: the incident goes on (shown with a placeholder name). A unit whose
+    dispatch still waits for its reply is named in a warning at start-up."""
+    import io
+
+    from dispatcher import logs
+    from dispatcher.settings import load_settings
+
+    store = tmp_path / "s.sqlite3"
+    await replay(SEED, settings, store, until=300)  # G-YJ-CH-02 stood down, -01 accepted
+    units = settings.path.parent / "hengnan" / "units.csv"
+    lines = units.read_text(encoding="utf-8").splitlines(keepends=True)
+    without = load_settings(
+        deployment(units="".join(x for x in lines if not x.startswith("G-YJ-CH-02,")))
+    )
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    try:
+        report = await replay(SEED, without, store)
+    finally:
+        logs.configure("warning")
+    assert report["rejected"] == []
+    incident = report["incidents"][0]
+    assert (incident["status"], incident["outcome"]) == ("closed", "prevented")
+    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert "internal_error" not in events and "unit_not_configured" not in events
+
+    # the guard on his way is the one taken out: said at start-up, by incident and dispatch
+    store2 = tmp_path / "s2.sqlite3"
+    await replay(SEED, settings, store2, until=300)
+    without_01 = load_settings(
+        deployment(units="".join(x for x in lines if not x.startswith("G-YJ-CH-01,")))
+    )
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    try:
+        report = await replay(SEED, without_01, store2)
+    finally:
+        logs.configure("warning")
+    warned = [
+        line
+        for line in map(json.loads, stream.getvalue().splitlines())
+        if line["event"] == "unit_not_configured"
+    ]
+    assert [(w["dispatch_id"], w["status"]) for w in warned] == [
+        ("INC-C-20211015-0001:G-YJ-CH-01", "accepted")
+    ]
+    assert all("internal error" not in r["reason"] for r in report["rejected"])
+    assert {r["topic"] for r in report["rejected"]} == {"antifraud/v1/units/G-YJ-CH-01/replies"}
