@@ -535,42 +535,34 @@ async def test_a_unit_taken_out_of_the_deployment_mid_incident_does_not_stall_it
     from dispatcher import logs
     from dispatcher.settings import load_settings
 
-    store = tmp_path / "s.sqlite3"
-    await replay(SEED, settings, store, until=300)  # G-YJ-CH-02 stood down, -01 accepted
     units = settings.path.parent / "hengnan" / "units.csv"
     lines = units.read_text(encoding="utf-8").splitlines(keepends=True)
-    without = load_settings(
-        deployment(units="".join(x for x in lines if not x.startswith("G-YJ-CH-02,")))
-    )
-    stream = io.StringIO()
-    logs.configure("info", stream)
-    try:
-        report = await replay(SEED, without, store)
-    finally:
-        logs.configure("warning")
+
+    async def resumed_without(unit: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Replayed to 300 s (G-YJ-CH-02 stood down, -01 accepted), then resumed with
+        ``unit`` taken out of units.csv: the report and the log lines of the resumption."""
+        store = tmp_path / f"without-{unit}.sqlite3"
+        await replay(SEED, settings, store, until=300)
+        edited = "".join(x for x in lines if not x.startswith(f"{unit},"))
+        without = load_settings(deployment(units=edited))
+        stream = io.StringIO()
+        logs.configure("info", stream)
+        try:
+            report = await replay(SEED, without, store)
+        finally:
+            logs.configure("warning")
+        return report, [json.loads(line) for line in stream.getvalue().splitlines()]
+
+    report, logged = await resumed_without("G-YJ-CH-02")
     assert report["rejected"] == []
     incident = report["incidents"][0]
     assert (incident["status"], incident["outcome"]) == ("closed", "prevented")
-    events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    events = [line["event"] for line in logged]
     assert "internal_error" not in events and "unit_not_configured" not in events
 
     # the guard on his way is the one taken out: said at start-up, by incident and dispatch
-    store2 = tmp_path / "s2.sqlite3"
-    await replay(SEED, settings, store2, until=300)
-    without_01 = load_settings(
-        deployment(units="".join(x for x in lines if not x.startswith("G-YJ-CH-01,")))
-    )
-    stream = io.StringIO()
-    logs.configure("info", stream)
-    try:
-        report = await replay(SEED, without_01, store2)
-    finally:
-        logs.configure("warning")
-    warned = [
-        line
-        for line in map(json.loads, stream.getvalue().splitlines())
-        if line["event"] == "unit_not_configured"
-    ]
+    report, logged = await resumed_without("G-YJ-CH-01")
+    warned = [line for line in logged if line["event"] == "unit_not_configured"]
     assert [(w["dispatch_id"], w["status"]) for w in warned] == [
         ("INC-C-20211015-0001:G-YJ-CH-01", "accepted")
     ]
