@@ -7,6 +7,7 @@ the runtime persists, publishes and logs them. An ``Incident`` round-trips throu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -18,6 +19,8 @@ DispatchStatus = Literal[
 ]
 SlotName = Literal["door", "police", "notice"]
 ENGAGED: frozenset[str] = frozenset({"accepted", "arrived"})  # busy: accepted, not reported
+# (incident id, its document or None when not in memory, whether it was ever opened)
+IncidentCopies = list[tuple[str, dict[str, Any] | None, bool]]
 
 
 @dataclass(slots=True)
@@ -153,6 +156,37 @@ class State:
             for d in incident.dispatches.values():
                 if d.status in ENGAGED:
                     self.busy[d.unit] = d.id
+
+    def snapshot(self, incident_ids: Iterable[str]) -> IncidentCopies:
+        """Copies of these incidents as they are now (None: not in memory), for ``restore``."""
+        incidents, known = self.incidents, self.known_incident_ids
+        return [
+            (
+                i,
+                incident.to_doc() if (incident := incidents.get(i)) is not None else None,
+                i in known,
+            )
+            for i in incident_ids
+        ]
+
+    def restore(self, snapshot: IncidentCopies) -> None:
+        """Put these incidents, and every index over them, back as ``snapshot`` found them:
+        undoes a step that failed half-way."""
+        for incident_id, doc, known in snapshot:
+            current = self.incidents.pop(incident_id, None)
+            if current is not None:
+                for call_id in current.calls:
+                    if self.call_incident.get(call_id) == incident_id:
+                        del self.call_incident[call_id]
+                if self.open_by_subscriber.get(current.subscriber) == incident_id:
+                    del self.open_by_subscriber[current.subscriber]
+                for d in current.dispatches.values():
+                    if self.busy.get(d.unit) == d.id:
+                        del self.busy[d.unit]
+            if doc is not None:
+                self.adopt(Incident.from_doc(doc))
+            elif not known:
+                self.known_incident_ids.discard(incident_id)
 
     def forget(self, incident_id: str) -> None:
         """Drop a closed incident from memory once its retention has passed (the store keeps it)."""

@@ -25,6 +25,7 @@ from dispatcher.limits import RateLimiter
 from dispatcher.model import (
     ContactSeen,
     Effect,
+    IncidentCopies,
     IncidentSaved,
     Noted,
     PresenceSeen,
@@ -58,6 +59,36 @@ def _payload_text(payload: bytes | Any) -> str:
         return json.dumps(payload, ensure_ascii=False, sort_keys=True)
     except (TypeError, ValueError, RecursionError):
         return repr(payload)
+
+
+def _before(state: State, msg: Inbound) -> IncidentCopies | None:
+    """Copies of the incidents a step on ``msg`` may change, taken before it, so that a step
+    failing half-way can be undone; None when there is nothing to copy (a call of a
+    subscriber with no open incident: the one incident it may open is new)."""
+    data = msg.data
+    kind = msg.kind
+    if kind == "calls":
+        joined = state.call_incident.get(data.call_id)
+        open_ = state.open_by_subscriber.get(data.subscriber)
+        if joined is None and open_ is None:
+            return None  # the clean-call path: as cheap as can be
+        return state.snapshot({i for i in (joined, open_) if i is not None})
+    if kind == "actions":
+        return state.snapshot((data.incident_id,))
+    if kind == "replies":
+        return state.snapshot((data.dispatch_id.split(":", 1)[0],))
+    return None
+
+
+def _undo(state: State, msg: Inbound, before: IncidentCopies | None) -> None:
+    copies = list(before or ())
+    if msg.kind == "calls":
+        # the incident this call would have opened: a known id is never opened again, and
+        # this one was not in memory before (its call would have been indexed to it)
+        opened = f"INC-{msg.data.call_id}"
+        if all(i != opened for i, _, _ in copies) and opened in state.incidents:
+            copies.append((opened, None, False))
+    state.restore(copies)
 
 
 def _identity(topic: str, payload: bytes | Any) -> tuple[str, str]:
@@ -185,7 +216,15 @@ class Runtime:
             self._scheduled.discard(timer)
             self.clock = max(self.clock, timer.due)
             self.counts["timers"] += 1
-            effects = self.workflow.step(TimerFired(timer.key, timer.due), timer.due)
+            before = self.state.snapshot((timer.key[0],))
+            try:
+                effects = self.workflow.step(TimerFired(timer.key, timer.due), timer.due)
+            except Exception:  # a defect: a timer that fails must not stop every other one
+                self.state.restore(before)
+                log.exception(
+                    "internal_error", incident_id=timer.key[0], timer=timer.key[1], due=timer.due
+                )
+                continue
             self._apply(effects, timer.due)
         if now > self.clock:
             self.clock = now
@@ -232,12 +271,17 @@ class Runtime:
             return
         if self._duplicate(key, now):
             return
+        before = _before(self.state, msg)
         try:
             effects = self.workflow.step(msg, now)
         except InputError as exc:
+            _undo(self.state, msg, before)
             self._reject(topic, exc.reason, payload, key, now)
             return
         except Exception as exc:  # a defect must not stop the service: dead-letter and go on
+            # whatever the step changed before it failed is undone: the state must stay what
+            # was announced and stored, not half of a step nobody heard about
+            _undo(self.state, msg, before)
             log.exception("internal_error", topic=_clip(topic, 200), source=key[0], event_id=key[1])
             self._reject(topic, f"internal error: {type(exc).__name__}: {exc}", payload, key, now)
             return

@@ -20,6 +20,7 @@ from dispatcher.errors import RecordingError, StoreError
 from dispatcher.model import Incident, Publish
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
+from dispatcher.workflow import Workflow
 
 DATA = Path(__file__).parent / "data"
 SEED = DATA / "chen_case.jsonl"
@@ -568,3 +569,52 @@ async def test_a_unit_taken_out_of_the_deployment_mid_incident_does_not_stall_it
     ]
     assert all("internal error" not in r["reason"] for r in report["rejected"])
     assert {r["topic"] for r in report["rejected"]} == {"antifraud/v1/units/G-YJ-CH-01/replies"}
+
+
+async def test_a_step_that_fails_half_way_is_undone_and_the_service_goes_on(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect while handling the guard's arrival, after the dispatch was already marked
+    arrived but before anything was announced: the message is dead-lettered, and the state is
+    what was announced and stored, not half a step. A defect in a timer does not stop the
+    replay either. The rest of the case then runs as it would have."""
+    from dispatcher.outbound import Messages
+
+    real = Messages.incident_changed
+    failed: list[str] = []
+
+    def incident_changed(self: Messages, incident: Any, kind: str, at: float, o: float) -> Any:
+        arrived = incident.dispatches.get("INC-C-20211015-0001:G-YJ-CH-01")
+        if arrived is not None and arrived.status == "arrived" and "arrival" not in failed:
+            failed.append("arrival")
+            raise RuntimeError("a defect")
+        return real(self, incident, kind, at, o)
+
+    monkeypatch.setattr(Messages, "incident_changed", incident_changed)
+    real_on_timer = Workflow._on_timer
+
+    def on_timer(self: Workflow, fired: Any, now: float, changes: Any) -> None:
+        if fired.key[1] == "slot" and "timer" not in failed:  # a dispatch slot's deadline
+            failed.append("timer")
+            self.state.incidents[fired.key[0]].alerts.append("half-way")
+            raise RuntimeError("a defect in a timer")
+        real_on_timer(self, fired, now, changes)
+
+    monkeypatch.setattr(Workflow, "_on_timer", on_timer)
+    report = await replay(SEED, settings, tmp_path / "s.sqlite3")
+    assert failed == ["timer", "arrival"]
+    assert [(r["at"], r["reason"]) for r in report["rejected"]] == [
+        (420.0, "internal error: RuntimeError: a defect")
+    ]
+    incident = report["incidents"][0]
+    guard = next(d for d in incident["dispatches"] if d["unit"] == "G-YJ-CH-01")
+    # the arrival never happened as far as anyone was told; the report that followed did
+    assert (guard["status"], guard["arrived_at"], guard["outcome"]) == (
+        "reported",
+        None,
+        "dissuaded",
+    )
+    assert (incident["status"], incident["outcome"]) == ("closed", "prevented")
+    async with Store(tmp_path / "s.sqlite3") as store:
+        (doc,) = (await store.fetchall("SELECT doc FROM incidents"))[0]
+    assert "half-way" not in json.loads(doc)["alerts"]
