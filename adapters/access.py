@@ -7,8 +7,8 @@ every unit; consoles, sources and the dispatcher get a block each:
 
 - a handset may read only its own ``dispatches`` and write only its own ``replies``/``status``;
 - a call-warning source may only publish call events of its region;
-- an operator console may publish only its own actions and read the incident topics and
-  unit presence;
+- an operator console may publish only its own actions and read the incident topics, unit
+  presence and the dispatcher's own;
 - the dispatcher may read and write everything under the prefix.
 
 Passwords are random, kept in ``credentials.csv`` (mode 0600, for provisioning devices) and
@@ -94,6 +94,7 @@ def acl_text(settings: Settings) -> str:
         f"topic read {prefix}/incidents/#",
         f"topic read {prefix}/units/+/status",
         f"topic read {prefix}/deadletter",
+        f"topic read {prefix}/dispatcher/status",
         "",
     ]
     for source in access.sources:
@@ -112,6 +113,7 @@ def acl_text(settings: Settings) -> str:
             f"topic read {prefix}/incidents/#",
             f"topic read {prefix}/units/+/status",
             f"topic read {prefix}/deadletter",
+            f"topic read {prefix}/dispatcher/status",
             "",
         ]
     lines += [

@@ -185,6 +185,8 @@ class Console:
         self.sockets: set[web.WebSocketResponse] = set()
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+        # the dispatcher's own presence: online, offline, or unknown until it is heard from
+        self.dispatcher = "unknown"
         self.app = self._app()
 
     def _app(self) -> web.Application:
@@ -283,6 +285,7 @@ class Console:
                 "operator": session.operator,
                 "csrf": session.csrf,
                 "connected": self.connected.is_set(),
+                "dispatcher": self.dispatcher,
                 "callback_max": self.settings.callback.max_attempts,
                 **self.board.snapshot(),
             }
@@ -456,6 +459,7 @@ class Console:
                             (f"{p}/operators/incidents", 1),
                             (f"{p}/units/+/status", 1),
                             (f"{p}/deadletter", 1),
+                            (f"{p}/dispatcher/status", 1),
                         ]
                     )
                     self.client = client
@@ -479,7 +483,10 @@ class Console:
         if not isinstance(event, dict):
             return
         data = event.get("data")
-        if topic.endswith("/status") and isinstance(data, dict):
+        if topic == f"{self.prefix}/dispatcher/status" and isinstance(data, dict):
+            self.dispatcher = "online" if data.get("state") == "online" else "offline"
+            await self.broadcast("dispatcher", {"state": self.dispatcher})
+        elif topic.endswith("/status") and isinstance(data, dict):
             unit = topic.split("/")[-2]
             self.board.presence[unit] = str(data.get("state"))
             await self.broadcast("units", self.board.units())

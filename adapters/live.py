@@ -3,7 +3,8 @@
 Six tasks share one runtime:
 
 - **connection**: connects with a fixed client id and a persistent session, subscribes to the
-  inbound topics (QoS 1) and queues every message as paho decodes it (not through aiomqtt's
+  inbound topics (QoS 1), announces the dispatcher ``online`` (retained, with an ``offline``
+  will) and queues every message as paho decodes it (not through aiomqtt's
   per-message iterator, adapters/mqtt.py); when the broker is unreachable or lost it
   reconnects with capped exponential backoff and jitter, logging each attempt;
 - **processor**: fires due timers, handles queued messages in batches and commits each batch
@@ -30,11 +31,13 @@ import asyncio
 import contextlib
 import gc
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
+import orjson
 import structlog
 
 from adapters.mqtt import (
@@ -50,6 +53,7 @@ from adapters.mqtt import (
 from adapters.store import OutboxRow, Store
 from dispatcher import logs
 from dispatcher.errors import BrokerError, StoreError
+from dispatcher.inbound import cloudevent
 from dispatcher.outbound import Topics
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
@@ -212,6 +216,7 @@ class LiveService:
                     if task is not stopper and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
+                await self._say_offline()
                 for task in [*tasks, stopper]:
                     task.cancel()
                 for task in tasks:
@@ -251,20 +256,52 @@ class LiveService:
 
     # ---- connection ------------------------------------------------------------------------
 
+    def _status(self, state: str) -> bytes:
+        """The dispatcher's own presence, retained on ``{prefix}/dispatcher/status``: online
+        once it is connected and subscribed, offline when it stops, and offline as its will
+        when its connection is lost, so that operators see when nobody is dispatching."""
+        event = cloudevent(
+            f"status-{uuid.uuid4().hex}",
+            self.settings.service.source,
+            "cn.antifraud.dispatcher.status",
+            {"state": state},
+            subject=self.client_id,
+        )
+        return orjson.dumps(event)
+
+    async def _say_offline(self) -> None:
+        client = self.client
+        if client is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            await asyncio.wait_for(
+                client.publish(
+                    self.topics.dispatcher_status, self._status("offline"), qos=1, retain=True
+                ),
+                2.0,
+            )
+
     async def _connection(self) -> None:
         backoff = Backoff()
         filters = self.topics.inbound_filters(self.settings.service.region)
         while True:
             log.info("broker_connecting", broker=str(self.broker), attempt=backoff.attempt + 1)
             try:
+                will = aiomqtt.Will(
+                    self.topics.dispatcher_status, self._status("offline"), qos=1, retain=True
+                )
                 async with open_client(
                     self.broker,
                     self.client_id,
                     persistent=True,
                     manual_acks=True,
                     deliver=self._receive,
+                    will=will,
                 ) as client:
                     await client.subscribe([(f, 1) for f in filters])
+                    await client.publish(
+                        self.topics.dispatcher_status, self._status("online"), qos=1, retain=True
+                    )
                     self._session_over = asyncio.get_running_loop().create_future()
                     self.client = client
                     self.stats["connects"] += 1

@@ -44,6 +44,7 @@ class Topics:
         self.prefix = prefix
         self.operators = f"{prefix}/operators/incidents"
         self.deadletter = f"{prefix}/deadletter"
+        self.dispatcher_status = f"{prefix}/dispatcher/status"
 
     def incident(self, incident_id: str) -> str:
         return f"{self.prefix}/incidents/{incident_id}"

@@ -162,6 +162,13 @@ class InputRejected(_Out):
     payload: str = Field(description="the rejected payload as text, cut at 1024 characters")
 
 
+class DispatcherStatus(_Out):
+    state: Literal["online", "offline"] = Field(
+        description="online while the dispatcher is connected; offline when it stops, or "
+        "as its will when its connection is lost"
+    )
+
+
 OUTBOUND_TYPES: dict[str, Any] = {
     "cn.antifraud.incident.opened": IncidentDetail,
     "cn.antifraud.incident.updated": IncidentDetail,
@@ -173,6 +180,7 @@ OUTBOUND_TYPES: dict[str, Any] = {
     "cn.antifraud.dispatch.cancelled": Cancelled,
     "cn.antifraud.dispatch.notice": Notice,
     "cn.antifraud.input.rejected": InputRejected,
+    "cn.antifraud.dispatcher.status": DispatcherStatus,
 }
 
 
@@ -292,6 +300,15 @@ CHANNELS: list[dict[str, Any]] = [
             "cn.antifraud.incident.updated",
             "cn.antifraud.incident.closed",
         ],
+    },
+    {
+        "id": "dispatcherStatus",
+        "address": "{prefix}/dispatcher/status",
+        "action": "send",
+        "qos": 1,
+        "retain": True,
+        "who": "operator consoles (online; offline when it stops, or as its will)",
+        "messages": ["cn.antifraud.dispatcher.status"],
     },
     {
         "id": "deadletter",

@@ -166,6 +166,52 @@ async def test_a_refused_action_comes_back_with_the_dispatchers_reason(
         await task
 
 
+async def test_operators_see_whether_the_dispatcher_is_running(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """Unknown until the dispatcher is heard from; online once it is connected; offline as
+    its will when its connection is cut, online again when it is back; offline when it stops.
+    Each status is a retained message of the published protocol."""
+    import socket
+
+    from dispatcher.protocol import validate_outbound
+
+    url = BrokerURL.parse(broker.url)
+    async with (
+        serving(settings, broker, tmp_path) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        state = await login(http, base)
+        assert state["dispatcher"] == "unknown"
+        async with http.ws_connect(f"{base}/ws") as ws:
+
+            async def next_presence() -> str:
+                while True:
+                    frame = json.loads((await asyncio.wait_for(ws.receive(), 15)).data)
+                    if frame["kind"] == "dispatcher":
+                        return str(frame["data"]["state"])
+
+            service = LiveService(settings, url, tmp_path / "live.sqlite3", Clock())
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            try:
+                assert await next_presence() == "online"
+                assert service.client is not None
+                service.client._client.socket().shutdown(socket.SHUT_RDWR)  # cut, no goodbye
+                assert await next_presence() == "offline"  # the broker published its will
+                assert await next_presence() == "online"  # reconnected
+            finally:
+                stop.set()
+                await task
+            assert await next_presence() == "offline"
+    async with open_client(url) as reader:
+        await reader.subscribe(f"{settings.service.prefix}/dispatcher/status", qos=1)
+        retained = await asyncio.wait_for(anext(reader.messages.__aiter__()), 5)
+    event = json.loads(bytes(retained.payload))  # type: ignore[arg-type]
+    validate_outbound(event)
+    assert (event["data"], event["subject"]) == ({"state": "offline"}, settings.service.client_id)
+
+
 async def test_history_is_searchable_and_exports_csv(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:

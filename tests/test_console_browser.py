@@ -104,6 +104,7 @@ async def test_an_operator_handles_the_seed_case_in_the_browser(
             await page.click("button[type=submit]")
             await expect(page.locator("#operator")).to_have_text("接线员 op-01")
             await expect(page.locator("#link")).to_have_text("已连接")
+            await expect(page.locator("#dispatcher")).to_have_text("调度服务运行中")
             await page.screenshot(path=ARTIFACTS / "1-logged-in.png")
 
             playing = asyncio.create_task(publish_recording(calls, url, speed=SPEED))
@@ -140,6 +141,11 @@ async def test_an_operator_handles_the_seed_case_in_the_browser(
             await expect(page.locator(f'#closed [data-incident="{INCIDENT}"]')).to_be_visible()
             await page.screenshot(path=ARTIFACTS / "4-closed.png")
             await playing
+            stop.set()  # the dispatcher stops (the handsets too): the operators must see it
+            await expect(page.locator("#dispatcher")).to_have_text(
+                "调度服务已停止：预警不会自动处置", timeout=15_000
+            )
+            await page.screenshot(path=ARTIFACTS / "5-dispatcher-stopped.png")
             await browser.close()
     finally:
         stop.set()

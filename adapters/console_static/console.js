@@ -188,6 +188,7 @@ function connect() {
     else if (kind === "units") { state.units = data; renderUnits(); }
     else if (kind === "refused") toast(`操作被拒绝：${data.reason}`);
     else if (kind === "connection") setLink(data.connected);
+    else if (kind === "dispatcher") setDispatcher(data.state);
   };
   socket.onclose = () => { setLink(false); setTimeout(connect, 2000); };
 }
@@ -198,6 +199,14 @@ function setLink(up) {
   link.className = `link ${up ? "up" : "down"}`;
 }
 
+function setDispatcher(presence) {
+  // an operator must see at once when nobody is dispatching: incidents then wait on them
+  const node = $("#dispatcher");
+  node.textContent = { online: "调度服务运行中", offline: "调度服务已停止：预警不会自动处置" }[presence]
+    || "调度服务状态未知";
+  node.className = `link ${presence === "online" ? "up" : "down"}`;
+}
+
 async function start() {
   const response = await fetch("/api/state", { credentials: "same-origin" });
   if (response.status === 401) { location.href = "/login"; return; }
@@ -206,6 +215,7 @@ async function start() {
   for (const inc of data.incidents) state.incidents.set(inc.incident_id, inc);
   $("#operator").textContent = `接线员 ${data.operator}`;
   setLink(data.connected);
+  setDispatcher(data.dispatcher);
   renderBoard();
   renderUnits();
   connect();
