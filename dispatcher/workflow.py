@@ -138,7 +138,11 @@ class Workflow:
                 changes,
             )
             self._escalate(
-                incident, now, SYSTEM, "callback window passed without an answer", changes
+                incident,
+                now,
+                SYSTEM,
+                f"回拨窗口{self.settings.callback.window_s:g}秒内无人接听",
+                changes,
             )
         elif kind == "slot":
             slot = incident.slots[detail]
@@ -394,17 +398,17 @@ class Workflow:
             )
             changes.mark(incident)
             if n >= limit:
-                self._escalate(incident, now, SYSTEM, f"{n} callbacks without an answer", changes)
+                self._escalate(incident, now, SYSTEM, f"{n}次回拨均未接通", changes)
         elif result == "answered_safe":
             self._note(incident, now, "callback_result", who, f"回拨结果：{label}", changes)
             self._close(incident, "resolved_by_callback", now, who, changes)
         else:
             self._note(incident, now, "callback_result", who, f"回拨结果：{label}", changes)
-            self._escalate(incident, now, who, "answered but still at risk", changes)
+            self._escalate(incident, now, who, "回拨接通，居民仍有被骗风险", changes)
 
     def _on_escalate(self, incident: Incident, who: str, now: float, changes: Changes) -> None:
         if incident.status == "open":
-            self._escalate(incident, now, who, "escalated by the operator", changes)
+            self._escalate(incident, now, who, "接线员手动升级", changes)
             return
         police = incident.slots.get("police")
         if not incident.known and police is None:
