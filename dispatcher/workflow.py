@@ -50,6 +50,20 @@ SYSTEM = "dispatcher"
 TIMER_RANK = {"callback_window": 0, "slot": 1, "retention": 2}
 CLOSE_OUTCOMES = ("loss", "dissuaded", "false_alarm")
 REPORT_TO_OUTCOME = {"loss": "loss", "dissuaded": "prevented", "false_alarm": "false_alarm"}
+# how the timeline names a unit's report and an incident's outcome, the code kept beside it
+OUTCOME_TEXT = {
+    "dissuaded": "已劝阻",
+    "not_home": "无人在家",
+    "loss": "已被骗",
+    "false_alarm": "误报",
+    "prevented": "已阻止",
+    "unreachable": "未能联系到居民",
+    "resolved_by_callback": "回拨确认安全",
+}
+
+
+def outcome_text(code: str) -> str:
+    return f"{OUTCOME_TEXT.get(code, code)}（{code}）"
 
 
 def timer_order(timer: TimerSet) -> tuple[float, str, int, str]:
@@ -655,7 +669,7 @@ class Workflow:
                 now,
                 "reported",
                 d.unit,
-                f"{label}反馈处置结果：{msg.data.outcome}",
+                f"{label}反馈处置结果：{outcome_text(msg.data.outcome)}",
                 changes,
                 d.id,
             )
@@ -738,7 +752,7 @@ class Workflow:
         incident.status, incident.outcome, incident.closed_at = "closed", outcome, now
         incident.note, incident.closed_by = note, who
         del self.state.open_by_subscriber[incident.subscriber]
-        self._note(incident, now, "closed", who, f"事件结案：{outcome}", changes)
+        self._note(incident, now, "closed", who, f"事件结案：{outcome_text(outcome)}", changes)
         changes.mark(incident, "closed")
 
     # ---- helpers ---------------------------------------------------------------------------
