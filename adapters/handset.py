@@ -25,7 +25,7 @@ import structlog
 from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
-from dispatcher.outbound import Topics
+from dispatcher.outbound import SEVERITY_TEXT, Topics
 from dispatcher.settings import Settings, Unit
 
 log = structlog.get_logger("handset")
@@ -99,7 +99,8 @@ def render(unit: Unit, event: dict[str, Any]) -> list[str]:
             f"    居民 {sub.get('name', '?')}（{sub.get('display_name', '')}）"
             f" {sub.get('msisdn', '')}  {sub.get('address', '地址不详')}",
             f"    涉诈号码 {inc.get('counterpart')}（{inc.get('category_label') or '未分类'}）"
-            f"  风险 {inc.get('severity')} / {inc.get('rule')}  通话{inc.get('duration_s')}秒",
+            f"  风险 {SEVERITY_TEXT.get(inc.get('severity'), inc.get('severity'))} / "
+            f"{inc.get('rule')}  通话{inc.get('duration_s')}秒",
             "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果",
         ]
     if kind in ("cancelled", "notice"):

@@ -39,6 +39,9 @@ def rfc3339(origin: float, at: float) -> str:
     return text
 
 
+SEVERITY_TEXT = {"warning": "预警", "critical": "紧急"}
+
+
 class Topics:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -309,10 +312,13 @@ class Messages:
         sub = self.settings.subscribers.get(incident.subscriber)
         who = f"{sub.name}（{sub.display_name}，{sub.msisdn}）" if sub else incident.subscriber
         where = self.subscriber_detail(incident).get("address", "地址不详")
+        flag = self.flagged.lookup(incident.counterpart)
+        category = flag.label if flag is not None and flag.label else incident.category
         return (
             f"反诈出警：{who}，地址{where}，正与涉诈号码{incident.counterpart}"
-            f"（{incident.category or '未分类'}）通话，已持续{incident.duration_s:g}秒，"
-            f"风险等级{incident.severity}（{incident.rule}）。"
+            f"（{category or '未分类'}）通话，已持续{incident.duration_s:g}秒，"
+            f"风险等级{SEVERITY_TEXT.get(incident.severity, incident.severity)}"
+            f"（规则{incident.rule}）。"
         )
 
     # ---- dead letters ----------------------------------------------------------------------

@@ -41,7 +41,7 @@ from dispatcher.model import (
     TimerFired,
     TimerSet,
 )
-from dispatcher.outbound import Messages
+from dispatcher.outbound import SEVERITY_TEXT, Messages
 from dispatcher.settings import FlaggedPattern, RuleSettings, Settings, Unit
 from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
 from rules.flagged import FlaggedNumbers
@@ -326,7 +326,7 @@ class Workflow:
                 now,
                 "rule_fired",
                 SYSTEM,
-                f"规则{rule.id}（{rule.severity}）触发",
+                f"规则{rule.id}（{SEVERITY_TEXT[rule.severity]}）触发",
                 changes,
             )
         best = strongest(fresh)
