@@ -370,8 +370,8 @@ class Workflow:
                 now,
                 "operator_close",
                 who,
-                f"接线员结案：{msg.data.outcome}"
-                + (f"（{msg.data.note}）" if msg.data.note else ""),
+                f"接线员结案：{outcome_text(msg.data.outcome)}"
+                + (f"，备注：{msg.data.note}" if msg.data.note else ""),
                 changes,
             )
             self._close(incident, msg.data.outcome, now, who, changes, note=msg.data.note)
