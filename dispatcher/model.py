@@ -19,6 +19,7 @@ DispatchStatus = Literal[
 ]
 SlotName = Literal["door", "police", "notice"]
 ENGAGED: frozenset[str] = frozenset({"accepted", "arrived"})  # busy: accepted, not reported
+AWAITING_REPLY: frozenset[str] = ENGAGED | {"offered"}  # the unit has yet to answer or report
 # (incident id, its document or None when not in memory, whether it was ever opened)
 IncidentCopies = list[tuple[str, dict[str, Any] | None, bool]]
 

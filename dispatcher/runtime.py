@@ -23,6 +23,7 @@ from dispatcher.errors import InputError
 from dispatcher.inbound import Inbound, TopicRouter, event_epoch, parse_message
 from dispatcher.limits import RateLimiter
 from dispatcher.model import (
+    AWAITING_REPLY,
     ContactSeen,
     Effect,
     IncidentCopies,
@@ -43,8 +44,6 @@ log = structlog.get_logger("dispatcher")
 
 RAW_SOURCE = "#raw"  # dedupe key source for input whose (source, id) cannot be read
 DEADLETTER_PAYLOAD_CHARS = 1024
-# a dispatch in one of these still waits for its unit's reply
-LIVE_DISPATCH_STATUSES = ("offered", "accepted", "arrived")
 PRUNE_EVERY_S = 3600.0  # how often old dedupe pairs and contacts are deleted from the store
 
 
@@ -193,7 +192,7 @@ class Runtime:
         )
         for incident in snap.incidents:
             for d in incident.dispatches.values():
-                if d.unit not in self.settings.units and d.status in LIVE_DISPATCH_STATUSES:
+                if d.unit not in self.settings.units and d.status in AWAITING_REPLY:
                     log.warning(
                         "unit_not_configured",
                         incident_id=incident.id,

@@ -24,7 +24,7 @@ from dispatcher.inbound import (
     UnitStatus,
 )
 from dispatcher.model import (
-    ENGAGED,
+    AWAITING_REPLY,
     Call,
     ContactSeen,
     Dispatch,
@@ -143,21 +143,9 @@ class Workflow:
         if incident is None or TimerSet(fired.due, fired.key) not in self.timers_for(incident):
             return  # the state moved on: this timer no longer applies
         if kind == "callback_window":
-            self._note(
-                incident,
-                now,
-                "callback_window_passed",
-                SYSTEM,
-                f"回拨窗口{self.settings.callback.window_s:g}秒内无人接听",
-                changes,
-            )
-            self._escalate(
-                incident,
-                now,
-                SYSTEM,
-                f"回拨窗口{self.settings.callback.window_s:g}秒内无人接听",
-                changes,
-            )
+            passed = f"回拨窗口{self.settings.callback.window_s:g}秒内无人接听"
+            self._note(incident, now, "callback_window_passed", SYSTEM, passed, changes)
+            self._escalate(incident, now, SYSTEM, passed, changes)
         elif kind == "slot":
             slot = incident.slots[detail]
             for d in self._slot_dispatches(incident, slot.name, ("offered",)):
@@ -714,7 +702,7 @@ class Workflow:
         reports = [d.outcome for d in incident.dispatches.values() if d.status == "reported"]
         if not reports:
             return
-        if any(d.status == "offered" or d.status in ENGAGED for d in incident.dispatches.values()):
+        if any(d.status in AWAITING_REPLY for d in incident.dispatches.values()):
             return
         outcome = next(
             (REPORT_TO_OUTCOME[o] for o in CLOSE_OUTCOMES if o in reports), "unreachable"
@@ -732,7 +720,7 @@ class Workflow:
     ) -> None:
         origin = self.state.clock_origin
         for d in incident.dispatches.values():
-            if d.status == "offered" or d.status in ENGAGED:
+            if d.status in AWAITING_REPLY:
                 d.status, d.ended_at, d.reason = "cancelled", now, "closed"
                 self.state.busy.pop(d.unit, None)
                 changes.effects.append(self.messages.cancelled(incident, d, now, origin))
