@@ -304,6 +304,14 @@ class Store:
         if self._lock is not None:
             self._lock.acquire()
         try:
+            await self._open()
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    async def _open(self) -> None:
+        try:
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             version = (await (await self._db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
             if version > SCHEMA_VERSION:
@@ -336,13 +344,7 @@ class Store:
                 for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", "busy_timeout=5000"):
                     self._writer.execute(f"PRAGMA {pragma}")
         except (aiosqlite.Error, sqlite3.Error) as exc:
-            if self._lock is not None:
-                self._lock.release()
             raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
-        except BaseException:
-            if self._lock is not None:
-                self._lock.release()
-            raise
 
     async def close(self) -> None:
         try:
