@@ -114,13 +114,12 @@ class Clock:
     ) -> None:
         self.speed = speed
         self._monotonic = monotonic
-        wall_now, self._since = wall(), monotonic()
+        wall_now, monotonic_now = wall(), monotonic()
         self.start = wall_now if start is None else start
-        self._elapsed_before = wall_now - self.start  # real seconds from start to now
+        self._started = monotonic_now - (wall_now - self.start)  # ``start`` on that clock
 
     def now(self) -> float:
-        elapsed = self._elapsed_before + (self._monotonic() - self._since)
-        return self.start + elapsed * self.speed
+        return self.start + (self._monotonic() - self._started) * self.speed
 
     def real_seconds(self, clock_seconds: float) -> float:
         return clock_seconds / self.speed
@@ -249,9 +248,7 @@ class LiveService:
                 received_not_yet_handled=self._inbox.qsize(),
                 handled_not_yet_acknowledged=self._unacknowledged,
                 committed_not_yet_sent=len(self._ready),
-                open_incidents=sum(
-                    1 for i in runtime.state.incidents.values() if i.status != "closed"
-                ),
+                open_incidents=len(runtime.state.open_by_subscriber),  # one open per resident
             )
 
     # ---- connection ------------------------------------------------------------------------
