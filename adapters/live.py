@@ -155,6 +155,9 @@ class LiveService:
         self.client_id = client_id or settings.service.client_id
         self.topics = Topics(settings.service.prefix)
         self.client: aiomqtt.Client | None = None
+        # the open connection, from before it announces the dispatcher online until it is gone
+        self._announcer: aiomqtt.Client | None = None
+        self._stopping = False  # once set, no connection announces online any more
         self.connected = asyncio.Event()
         self.ready = asyncio.Event()  # subscribed at least once
         self.runtime: Runtime | None = None
@@ -215,6 +218,7 @@ class LiveService:
                     if task is not stopper and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
+                self._stopping = True
                 await self._say_offline()
                 for task in [*tasks, stopper]:
                     task.cancel()
@@ -267,7 +271,9 @@ class LiveService:
         return orjson.dumps(event)
 
     async def _say_offline(self) -> None:
-        client = self.client
+        # not self.client: a stop between announcing online and taking the connection as its
+        # own must still say offline, or the retained online would outlive the dispatcher
+        client = self._announcer
         if client is None:
             return
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
@@ -295,7 +301,11 @@ class LiveService:
                     deliver=self._receive,
                     will=will,
                 ) as client:
+                    self._announcer = client
                     await client.subscribe([(f, 1) for f in filters])
+                    if self._stopping:  # offline is said over this connection: never online after
+                        await disconnected(client)  # it, and keep the connection until run() ends
+                        return
                     await client.publish(
                         self.topics.dispatcher_status, self._status("online"), qos=1, retain=True
                     )
@@ -316,7 +326,7 @@ class LiveService:
             except (BrokerError, aiomqtt.MqttError) as exc:
                 log.warning("broker_unavailable", broker=str(self.broker), error=str(exc))
             finally:
-                self.client = None
+                self.client = self._announcer = None
                 self.connected.clear()
                 if self._session_over is not None and not self._session_over.done():
                     self._session_over.set_result(None)

@@ -951,3 +951,45 @@ async def test_a_message_the_broker_refuses_is_logged_as_an_error_with_its_topic
     refused = [line for line in lines if line["event"] == "publish_refused"]
     assert [(r["topic"], r["level"]) for r in refused] == [("antifraud/v1/denied", "error")]
     assert "authori" in refused[0]["reason"].lower()
+
+
+@pytest.mark.parametrize("stop_while", ["subscribing", "announcing"])
+async def test_a_stop_while_the_connection_is_being_set_up_leaves_the_dispatcher_offline(
+    settings: Settings,
+    broker: Mosquitto,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop_while: str,
+) -> None:
+    """The retained presence must never say online for a dispatcher that has stopped: not when
+    it stops while it subscribes (online must not follow the offline it said), nor between
+    announcing online and taking the connection as its own (offline must still be said)."""
+    from adapters import mqtt
+
+    status_topic = f"{settings.service.prefix}/dispatcher/status"
+    stop = asyncio.Event()
+    service = LiveService(
+        settings, BrokerURL.parse(broker.url), tmp_path / "live.sqlite3", Clock(speed=SPEED)
+    )
+    original_subscribe, original_publish = mqtt.Client.subscribe, mqtt.Client.publish
+
+    async def subscribe(self: mqtt.Client, *args: Any, **kwargs: Any) -> Any:
+        if stop_while == "subscribing":
+            stop.set()
+            await wait_until(lambda: service._stopping)  # offline is on its way first
+        return await original_subscribe(self, *args, **kwargs)
+
+    async def publish(self: mqtt.Client, topic: str, payload: Any = None, *a: Any, **k: Any) -> Any:
+        await original_publish(self, topic, payload, *a, **k)
+        if stop_while == "announcing" and topic == status_topic and b'"online"' in payload:
+            stop.set()
+            await asyncio.Event().wait()  # its acknowledgement is slow to return
+
+    monkeypatch.setattr(mqtt.Client, "subscribe", subscribe)
+    monkeypatch.setattr(mqtt.Client, "publish", publish)
+    await asyncio.wait_for(service.run(stop), 10)
+    monkeypatch.undo()
+    async with open_client(BrokerURL.parse(broker.url)) as reader:
+        await reader.subscribe(status_topic, qos=1)
+        retained = await asyncio.wait_for(anext(reader.messages.__aiter__()), 5)
+    assert json.loads(bytes(retained.payload))["data"] == {"state": "offline"}  # type: ignore[arg-type]
