@@ -24,6 +24,18 @@ AWAITING_REPLY: frozenset[str] = ENGAGED | {"offered"}  # the unit has yet to an
 IncidentCopies = list[tuple[str, dict[str, Any] | None, bool]]
 
 
+def dispatch_id(incident_id: str, unit_id: str) -> str:
+    """SPEC §4: ``incident_id + ":" + unit_id`` (an incident id holds no colon: call ids
+    match ``[A-Za-z0-9._-]``)."""
+    return f"{incident_id}:{unit_id}"
+
+
+def dispatch_parts(dispatch: str) -> tuple[str, str]:
+    """(incident id, unit id) of a dispatch id."""
+    incident_id, _, unit_id = dispatch.partition(":")
+    return incident_id, unit_id
+
+
 @dataclass(slots=True)
 class Dispatch:
     id: str

@@ -34,6 +34,7 @@ from dispatcher.model import (
     State,
     TimerFired,
     TimerSet,
+    dispatch_parts,
 )
 from dispatcher.settings import Settings
 from dispatcher.workflow import Workflow, timer_order
@@ -75,7 +76,7 @@ def _before(state: State, msg: Inbound) -> IncidentCopies | None:
     if kind == "actions":
         return state.snapshot((data.incident_id,))
     if kind == "replies":
-        return state.snapshot((data.dispatch_id.split(":", 1)[0],))
+        return state.snapshot((dispatch_parts(data.dispatch_id)[0],))
     return None
 
 

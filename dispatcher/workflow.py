@@ -40,6 +40,8 @@ from dispatcher.model import (
     TimelineEntry,
     TimerFired,
     TimerSet,
+    dispatch_id,
+    dispatch_parts,
 )
 from dispatcher.outbound import SEVERITY_TEXT, Messages
 from dispatcher.settings import FlaggedPattern, RuleSettings, Settings, Unit
@@ -572,7 +574,7 @@ class Workflow:
         now: float,
     ) -> Dispatch:
         d = Dispatch(
-            id=f"{incident.id}:{unit.id}",
+            id=dispatch_id(incident.id, unit.id),
             unit=unit.id,
             role=unit.kind,
             slot=slot,
@@ -598,21 +600,20 @@ class Workflow:
     # ---- unit replies ----------------------------------------------------------------------
 
     def _on_reply(self, msg: Inbound, now: float, changes: Changes) -> None:
-        dispatch_id: str = msg.data.dispatch_id
-        incident_id, unit_id = dispatch_id.split(":", 1)
+        named: str = msg.data.dispatch_id
+        incident_id, unit_id = dispatch_parts(named)
         if unit_id != msg.party:
             raise InputError(
-                f"reply on the topic of unit {msg.party} names dispatch {dispatch_id} of unit "
-                f"{unit_id}"
+                f"reply on the topic of unit {msg.party} names dispatch {named} of unit {unit_id}"
             )
         incident = self.state.incidents.get(incident_id)
         if incident is None:
             if incident_id in self.state.known_incident_ids:
                 raise InputError(f"incident {incident_id} is closed")
-            raise InputError(f"unknown dispatch {dispatch_id} (no incident {incident_id})")
-        d = incident.dispatches.get(dispatch_id)
+            raise InputError(f"unknown dispatch {named} (no incident {incident_id})")
+        d = incident.dispatches.get(named)
         if d is None:
-            raise InputError(f"unknown dispatch {dispatch_id}")
+            raise InputError(f"unknown dispatch {named}")
         if incident.status == "closed":
             raise InputError(f"incident {incident_id} is closed")
         verb = msg.verb
@@ -748,7 +749,7 @@ class Workflow:
     @staticmethod
     def _offered_before(incident: Incident, unit: Unit) -> bool:
         """A unit is never offered the same incident twice (a notice counts as offered)."""
-        return f"{incident.id}:{unit.id}" in incident.dispatches
+        return dispatch_id(incident.id, unit.id) in incident.dispatches
 
     def _pending(self, incident: Incident, slot: str) -> bool:
         return any(d.slot == slot and d.status == "offered" for d in incident.dispatches.values())
