@@ -306,8 +306,11 @@ class LiveService:
                     if self._stopping:  # offline is said over this connection: never online after
                         await disconnected(client)  # it, and keep the connection until run() ends
                         return
-                    await client.publish(
-                        self.topics.dispatcher_status, self._status("online"), qos=1, retain=True
+                    # not awaited: behind a persistent session's backlog the broker may
+                    # acknowledge it only seconds later, and outputs must not wait for that
+                    publish_now(
+                        client,
+                        [(self.topics.dispatcher_status, self._status("online"), 1, True)],
                     )
                     self._session_over = asyncio.get_running_loop().create_future()
                     self.client = client
