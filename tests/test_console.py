@@ -196,8 +196,7 @@ async def test_operators_see_whether_the_dispatcher_is_running(
             task = asyncio.create_task(service.run(stop))
             try:
                 assert await next_presence() == "online"
-                # announced as soon as it is subscribed, a moment before it takes the connection
-                # as its own
+                # announced once it is subscribed, as it takes the connection as its own
                 await asyncio.wait_for(service.connected.wait(), 10)
                 assert service.client is not None
                 service.client._client.socket().shutdown(socket.SHUT_RDWR)  # cut, no goodbye
