@@ -10,8 +10,9 @@ All figures come from one run against one private Mosquitto:
 (b) **dispatcher**: the same N call events queued for the dispatcher's session while it is
     stopped; then ``antifraud run`` starts as its own process and drains them: each received,
     committed to its store, acknowledged, and its outputs published. Events per second from
-    its "broker_connected" log line to the output of the last event (a flagged call that
-    opens an incident) arriving at a subscriber.
+    its "broker_connecting" log line (just before it sends CONNECT: the broker starts sending
+    the backlog at CONNACK, before the dispatcher has even subscribed) to the output of the
+    last event (a flagged call that opens an incident) arriving at a subscriber.
 (c) **latency** under background traffic (clean call events at a steady rate): from the
     ``operator.escalate`` that starts a door-knock to the offer arriving at the guard's
     subscribed handset, next to the bare publish → subscribe latency of the same broker, and
@@ -133,13 +134,14 @@ class DispatcherProcess:
             str(store),
         ]
         self.process: asyncio.subprocess.Process | None = None
-        self.connected_at: float | None = None
+        self.connecting_at: float | None = None  # of the latest start
         self.connected = asyncio.Event()
         self.last_counts: dict[str, Any] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.connected.clear()
+        self.connecting_at = None
         self.process = await asyncio.create_subprocess_exec(
             *self.args, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
         )
@@ -151,8 +153,9 @@ class DispatcherProcess:
         async for raw in self.process.stderr:
             with contextlib.suppress(ValueError):
                 line = json.loads(raw)
-                if line.get("event") == "broker_connected":
-                    self.connected_at = time.perf_counter()
+                if line.get("event") == "broker_connecting" and self.connecting_at is None:
+                    self.connecting_at = time.perf_counter()
+                elif line.get("event") == "broker_connected":
                     self.connected.set()
                 elif line.get("event") == "stopped":
                     self.last_counts = line
@@ -207,8 +210,8 @@ async def dispatcher_rate(
         await asyncio.wait_for(done.wait(), 300)
         finished = time.perf_counter()
         watcher.cancel()
-    assert dispatcher.connected_at is not None
-    return count / (finished - dispatcher.connected_at), dispatcher.last_counts, dispatcher
+    assert dispatcher.connecting_at is not None
+    return count / (finished - dispatcher.connecting_at), dispatcher.last_counts, dispatcher
 
 
 # ---- (c) ------------------------------------------------------------------------------------
