@@ -21,6 +21,12 @@ Incoming messages can skip a queue too: aiomqtt's ``messages`` iterator creates 
 waits on it for every message, so a message passed through three turns of the loop before
 its reader saw it. A ``Client`` given ``deliver`` hands each message over as it is decoded
 (the dispatcher); the other clients use ``messages`` as it is.
+
+Outgoing messages are not held back by the client. paho keeps at most 20 QoS 1 messages
+unacknowledged and queues the rest until acknowledgements come back, so the messages of a
+commit (or of several, published together) beyond the 20th went out 20 per round trip
+through the broker. Every client allows ``IN_FLIGHT`` instead, or what the broker's CONNACK
+says it receives at most (MQTT 5 Receive Maximum), whichever is less.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from dispatcher.errors import BrokerError, ConfigError
 log = structlog.get_logger("mqtt")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
+IN_FLIGHT = 1000  # QoS 1 messages a client may have unacknowledged (paho's default: 20)
 UNSUPPORTED_PROTOCOL = {1, 132}  # 3.1.1 "unacceptable protocol version", 5.0 0x84
 PASSWORD_ENV = "ANTIFRAUD_BROKER_PASSWORD"
 
@@ -115,6 +122,22 @@ class Client(aiomqtt.Client):
     # the topic of each QoS 1 message ``publish_now`` queued, until the broker answers for it
     # (set by ``_client``)
     publishing: dict[int, str]
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: Any,
+        properties: Properties | None = None,
+    ) -> None:
+        """A broker that receives fewer unacknowledged messages than ``IN_FLIGHT`` says so in
+        its CONNACK (MQTT 5 Receive Maximum); sending more is a protocol error."""
+        most = getattr(properties, "ReceiveMaximum", None)
+        if most:
+            # paho's setter refuses once connected; nothing is in flight before the CONNACK
+            client._max_inflight_messages = min(IN_FLIGHT, int(most))
+        super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
@@ -189,6 +212,7 @@ def _client(
         will=will,
         timeout=timeout,
         keepalive=30,
+        max_inflight_messages=IN_FLIGHT,
         properties=properties,
         tls_context=ssl.create_default_context(cafile=broker.ca_file) if broker.tls else None,
         # paho leaves Nagle's algorithm on: small QoS 1 packets then wait for delayed ACKs

@@ -645,6 +645,39 @@ async def test_published_packets_leave_at_once_and_leave_no_writer_behind(
         assert received == [(f"t/{n}", f"m{n}".encode()) for n in range(5)]
 
 
+async def test_a_large_commit_leaves_at_once_not_twenty_messages_per_round_trip(
+    broker: Mosquitto,
+) -> None:
+    """paho holds back every QoS 1 message beyond 20 unacknowledged until acknowledgements
+    return; a commit of 100 messages must be on the socket at once."""
+    url = BrokerURL.parse(broker.url)
+    async with open_client(url) as sender:
+        waiting = publish_now(sender, [(f"t/{n}", b"m", 1, False) for n in range(100)])
+        paho = sender._client
+        assert paho._inflight_messages == 100
+        assert not paho.want_write()  # none queued behind the others
+        await asyncio.wait_for(acknowledged(sender, waiting), 10)
+
+
+async def test_a_client_never_has_more_in_flight_than_the_broker_says_it_receives() -> None:
+    """MQTT 5: a broker's CONNACK may carry Receive Maximum; sending more unacknowledged
+    messages than that is a protocol error."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from adapters.mqtt import IN_FLIGHT, Client
+
+    for announced, expected in ((32, 32), (None, IN_FLIGHT), (65535, IN_FLIGHT)):
+        client = Client("127.0.0.1", 1, max_inflight_messages=IN_FLIGHT)
+        props = Properties(PacketTypes.CONNACK)  # type: ignore[no-untyped-call]
+        if announced is not None:
+            props.ReceiveMaximum = announced
+        success = ReasonCode(PacketTypes.CONNACK, "Success")  # type: ignore[no-untyped-call]
+        client._on_connect(client._client, None, None, success, props)
+        assert client._client._max_inflight_messages == expected
+
+
 async def test_mqtt_5_where_the_broker_speaks_it_else_3_1_1() -> None:
     async with local_broker("mosquitto") as (url, _), open_client(BrokerURL.parse(url)) as c5:
         assert protocol_of(c5) == "5"
