@@ -44,8 +44,8 @@ from adapters.mqtt import (
     Backoff,
     BrokerURL,
     ack,
-    acknowledged,
     disconnected,
+    forget,
     open_client,
     protocol_of,
     publish_now,
@@ -61,7 +61,11 @@ from dispatcher.settings import Settings
 log = structlog.get_logger("live")
 
 BATCH = 1000  # inbound messages handled per commit at most
-PUBLISH_CHUNK = 200
+PUBLISH_CHUNK = 200  # messages handed to the client at once at most
+# messages written and not yet acknowledged at most: the publisher writes the next chunk
+# without waiting for the last one's acknowledgements (which a broker sending this client a
+# backlog may hold back until the backlog is through; the messages themselves go on at once)
+PUBLISH_WINDOW = 1000
 MARK_EVERY = 500  # published messages marked sent in the store at once …
 MARK_INTERVAL_S = 0.25  # … or this often
 DEFER_BOOKKEEPING_S = 1.0  # longest a batch of bookkeeping alone waits to be committed
@@ -167,16 +171,21 @@ class LiveService:
             tuple[asyncio.Future[None] | None, list[tuple[aiomqtt.Client, aiomqtt.Message]]]
         ] = asyncio.Queue()
         self._unacknowledged = 0  # messages in those batches
-        self._outbox_changed = asyncio.Event()
-        self._session_over: asyncio.Future[None] | None = None  # of the current connection
-        self._ready: deque[OutboxRow] = deque()  # committed, not yet published
-        self._last_sent = 0  # messages go out in strictly increasing outbox order
-        self._publisher_idle = False  # waiting for messages, nothing to send again first
-        # written to the socket by _written, the publisher to wait for their acknowledgements
-        self._in_flight: (
-            tuple[aiomqtt.Client, list[OutboxRow], dict[int, asyncio.Event] | aiomqtt.MqttError]
-            | None
-        ) = None
+        # the publisher has something to do: messages committed, acknowledged, or a connection
+        # gained or lost
+        self._wake = asyncio.Event()
+        self._ready: deque[OutboxRow] = deque()  # committed, not yet written
+        # messages go out in strictly increasing outbox order: the last one written over the
+        # current connection, and the last one the broker acknowledged
+        self._last_written = 0
+        self._last_sent = 0
+        # chunks written over the current connection, oldest first, with their acknowledgements
+        self._window: deque[tuple[aiomqtt.Client, list[OutboxRow], dict[int, asyncio.Event]]] = (
+            deque()
+        )
+        self._in_window = 0  # messages in those chunks
+        self._write_failed = False  # a write found the connection broken: send again from the store
+        self._direct = False  # commits may write their messages themselves (see _written)
         self._sent: list[int] = []  # published, not yet marked in the store
         self.stats = {"connects": 0, "received": 0, "published": 0}
 
@@ -199,7 +208,7 @@ class LiveService:
             # garbage collection, or a full collection stalls the loop for tens of ms.
             gc.collect()
             gc.freeze()
-            self._outbox_changed.set()  # anything left unsent by the last process goes first
+            self._wake.set()  # anything left unsent by the last process goes first
             tasks = [
                 asyncio.create_task(coro, name=name)
                 for name, coro in (
@@ -227,6 +236,7 @@ class LiveService:
                         await task
                 logs.release()
                 await runtime.commit()
+                self._settle()
                 if self._sent:
                     await self._mark_sent(store)
                 log.info("stopped", **runtime.counts)
@@ -251,7 +261,7 @@ class LiveService:
                 sent=self.stats["published"],
                 received_not_yet_handled=self._inbox.qsize(),
                 handled_not_yet_acknowledged=self._unacknowledged,
-                committed_not_yet_sent=len(self._ready),
+                committed_not_yet_sent=len(self._ready) + self._in_window,  # or acknowledged
                 open_incidents=len(runtime.state.open_by_subscriber),  # one open per resident
             )
 
@@ -299,6 +309,7 @@ class LiveService:
                     persistent=True,
                     manual_acks=True,
                     deliver=self._receive,
+                    on_acknowledged=self._wake.set,
                     will=will,
                 ) as client:
                     self._announcer = client
@@ -312,12 +323,11 @@ class LiveService:
                         client,
                         [(self.topics.dispatcher_status, self._status("online"), 1, True)],
                     )
-                    self._session_over = asyncio.get_running_loop().create_future()
                     self.client = client
                     self.stats["connects"] += 1
                     self.connected.set()
                     self.ready.set()
-                    self._outbox_changed.set()
+                    self._wake.set()
                     backoff.reset()
                     log.info(
                         "broker_connected",
@@ -331,8 +341,10 @@ class LiveService:
             finally:
                 self.client = self._announcer = None
                 self.connected.clear()
-                if self._session_over is not None and not self._session_over.done():
-                    self._session_over.set_result(None)
+                # what is in flight over it is lost: nothing is written over the next one
+                # before the publisher has seen that and sends again from the store
+                self._direct = False
+                self._wake.set()
             delay = backoff.next_delay()
             log.info("broker_reconnect_wait", seconds=round(delay, 2))
             await asyncio.sleep(delay)
@@ -411,101 +423,102 @@ class LiveService:
     # ---- publishing ------------------------------------------------------------------------
 
     def _written(self, rows: list[OutboxRow]) -> None:
-        """Called as each commit is written with its outbound messages, in order. When the
-        publisher is idle they are written to the socket from here, without waiting for its
-        turn on the loop; the publisher then waits for their acknowledgements."""
+        """Called as each commit is written with its outbound messages, in order. While the
+        publisher waits for work, they are written to the socket from here, without waiting
+        for its turn on the loop; the publisher then settles their acknowledgements."""
         self._ready.extend(rows)
         client = self.client
-        if self._publisher_idle and client is not None and self._in_flight is None:
+        if self._direct and client is not None and self._in_window < PUBLISH_WINDOW:
             batch = self._take_ready()
             if batch:
-                self._publisher_idle = False
-                try:
-                    sent: dict[int, asyncio.Event] | aiomqtt.MqttError = publish_now(
-                        client, _messages(batch)
-                    )
-                except aiomqtt.MqttError as exc:
-                    sent = exc  # the publisher logs it and sends these again
-                self._in_flight = (client, batch, sent)
-        self._outbox_changed.set()
+                self._write(client, batch)
+        self._wake.set()
 
     def _take_ready(self) -> list[OutboxRow]:
-        """The next committed messages not yet published, in order, at most a chunk."""
+        """The next committed messages not yet written, in order, at most a chunk."""
         rows: list[OutboxRow] = []
         while self._ready and len(rows) < PUBLISH_CHUNK:
             row = self._ready.popleft()
-            if row[0] > self._last_sent:  # else: a resync from the store already sent it
+            if row[0] > self._last_written:  # else: sent again from the store already
                 rows.append(row)
         return rows
 
+    def _write(self, client: aiomqtt.Client, rows: list[OutboxRow]) -> None:
+        """Write ``rows`` to the socket now; their acknowledgements join the window."""
+        try:
+            waiting = publish_now(client, _messages(rows))
+        except aiomqtt.MqttError as exc:  # the store still holds them: sent again
+            log.warning("publish_failed", error=str(exc), pending=len(rows))
+            self._write_failed = True
+            return
+        self._window.append((client, rows, waiting))
+        self._in_window += len(rows)
+        self._last_written = rows[-1][0]
+
+    def _settle(self) -> None:
+        """The chunks at the head of the window the broker acknowledged, in order."""
+        while self._window:
+            _client, rows, waiting = self._window[0]
+            if waiting and not all(event.is_set() for event in reversed(waiting.values())):
+                return  # acknowledgements come in order: the last one is checked first
+            self._window.popleft()
+            self._in_window -= len(rows)
+            self._last_sent = rows[-1][0]
+            self._sent.extend(row[0] for row in rows)
+            self.stats["published"] += len(rows)
+
+    def _lose_window(self) -> None:
+        """The connection the window was written over is gone (or broke): its messages go
+        again, from the store, over the next one."""
+        for client, _rows, waiting in self._window:
+            forget(client, waiting)
+        self._window.clear()
+        self._in_window = 0
+        self._last_written = self._last_sent
+        self._write_failed = False
+
     async def _publisher(self, store: Store) -> None:
         """Send the outbox in order: fresh commits straight from memory; after a (re)connect
-        or a failed publish, first everything the store still holds unsent."""
+        or a failed write, first everything the store still holds unsent. Up to
+        ``PUBLISH_WINDOW`` messages are written ahead of their acknowledgements."""
         resync = True
+        current: aiomqtt.Client | None = None  # the connection the window is written over
         while True:
-            self._publisher_idle = not resync
-            await self._outbox_changed.wait()
-            self._publisher_idle = False
-            self._outbox_changed.clear()
-            while True:
-                sent: dict[int, asyncio.Event] | aiomqtt.MqttError | None = None
-                if self._in_flight is not None:  # written to the socket by _written
-                    (client, rows, sent), self._in_flight = self._in_flight, None
-                else:
-                    current = self.client
-                    if current is None:
-                        resync = True
-                        await self.connected.wait()
-                        continue
-                    client = current
-                    if resync:
-                        rows = await store.unsent(PUBLISH_CHUNK, after=self._last_sent)
-                        if not rows:
-                            resync = False
-                            continue
-                    else:
-                        rows = self._take_ready()
-                        if not rows:
-                            break
-                try:
-                    if isinstance(sent, aiomqtt.MqttError):
-                        raise sent
-                    await self._publish(client, rows, sent)
-                except aiomqtt.MqttError as exc:
-                    log.warning("publish_failed", error=str(exc), pending=len(rows))
-                    resync = True
+            self._settle()
+            if len(self._sent) >= MARK_EVERY:
+                await self._mark_sent(store)
+                continue  # settle what was acknowledged meanwhile
+            client = self.client
+            if client is None or client is not current or self._write_failed:
+                # a new connection, none, or a broken one: what was written and not
+                # acknowledged goes again, from the store
+                if self._write_failed:
                     await asyncio.sleep(0.1)  # the connection task notices and reconnects
+                self._lose_window()
+                resync = True
+                if self.client is None:
+                    await self.connected.wait()
+                current = self.client
+                continue
+            if self._in_window < PUBLISH_WINDOW:
+                if resync:
+                    rows = await store.unsent(PUBLISH_CHUNK, after=self._last_written)
+                    if client is not self.client:
+                        continue  # lost while reading: the next turn starts again
+                    if rows:
+                        self._write(client, rows)
+                        continue
+                    resync = False
+                rows = self._take_ready()
+                if rows:
+                    self._write(client, rows)
                     continue
-                self._last_sent = rows[-1][0]
-                self._sent.extend(row[0] for row in rows)
-                self.stats["published"] += len(rows)
-                if len(self._sent) >= MARK_EVERY:
-                    await self._mark_sent(store)
-
-    async def _publish(
-        self,
-        client: aiomqtt.Client,
-        rows: list[OutboxRow],
-        sent: dict[int, asyncio.Event] | None = None,
-    ) -> None:
-        """Publish ``rows`` (unless ``sent`` says they were: their acknowledgements) and wait
-        for their acknowledgements, or for the connection to be lost (``MqttError``): then
-        those acknowledgements will never come, and the messages go again over the next
-        connection."""
-        if client is not self.client:  # the connection it was sent over is gone
-            raise aiomqtt.MqttError("connection lost before the broker acknowledged")
-        session_over = self._session_over
-        assert session_over is not None  # there is a client
-        if sent is None:  # on the socket before this task waits for anything
-            sent = publish_now(client, _messages(rows))
-        publishing = asyncio.create_task(acknowledged(client, sent))
-        await asyncio.wait({publishing, session_over}, return_when=asyncio.FIRST_COMPLETED)
-        if not publishing.done():
-            publishing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publishing
-            raise aiomqtt.MqttError("connection lost before the broker acknowledged")
-        publishing.result()
+            self._wake.clear()
+            self._direct = not resync
+            try:
+                await self._wake.wait()
+            finally:
+                self._direct = False
 
     async def _mark_sent(self, store: Store) -> None:
         seqs, self._sent = self._sent, []

@@ -119,6 +119,8 @@ class Client(aiomqtt.Client):
     """
 
     deliver: Deliver | None = None
+    # called after each acknowledgement of a message this client published
+    on_acknowledged: Callable[[], None] | None = None
     # the topic of each QoS 1 message ``publish_now`` queued, until the broker answers for it
     # (set by ``_client``)
     publishing: dict[int, str]
@@ -149,6 +151,8 @@ class Client(aiomqtt.Client):
         if getattr(reason_code, "is_failure", False):
             log.error("publish_refused", topic=topic, mid=mid, reason=str(reason_code))
         super()._on_publish(client, userdata, mid, reason_code, properties)
+        if self.on_acknowledged is not None:
+            self.on_acknowledged()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         if self.deliver is None:
@@ -234,10 +238,11 @@ async def open_client(
     manual_acks: bool = False,
     operation_timeout: float = 10.0,
     deliver: Deliver | None = None,
+    on_acknowledged: Callable[[], None] | None = None,
 ) -> AsyncIterator[aiomqtt.Client]:
     """Connect (MQTT 5, or 3.1.1 when the broker refuses 5); ``BrokerError`` if unreachable.
     ``deliver``: see ``Client`` (set before connecting: a persistent session's queued
-    messages may arrive before anything is subscribed)."""
+    messages may arrive before anything is subscribed); ``on_acknowledged``: see ``Client``."""
     key = (broker.host, broker.port)
     first = _protocols.get(key, aiomqtt.ProtocolVersion.V5)
     candidates = (
@@ -248,6 +253,7 @@ async def open_client(
         if manual_acks:
             client._client.manual_ack_set(True)
         client.deliver = deliver
+        client.on_acknowledged = on_acknowledged
         try:
             await client.__aenter__()
             break
@@ -342,7 +348,7 @@ def publish_now(
                 # anyway): the first message is on its way while the next ones are built
                 writing = paho._packet_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
     except BaseException:
-        _forget(client, waiting)
+        forget(client, waiting)
         raise
     finally:
         if ours is not None:
@@ -358,10 +364,12 @@ async def acknowledged(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]
         for event in waiting.values():
             await event.wait()
     finally:
-        _forget(client, waiting)
+        forget(client, waiting)
 
 
-def _forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
+def forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
+    """Stop waiting for the acknowledgements ``publish_now`` returned (the connection is
+    gone: they will never come)."""
     pending = client._pending_publishes
     publishing = client.publishing if isinstance(client, Client) else {}
     for mid, event in waiting.items():

@@ -1045,3 +1045,41 @@ async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers
             message = await asyncio.wait_for(anext(console.messages.__aiter__()), 5)
     assert json.loads(bytes(message.payload))["subject"] == "INC-LATE-ACK"  # type: ignore[arg-type]
     assert withheld
+
+
+async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowledge_them(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker sending the dispatcher a backlog holds its acknowledgements back until the
+    backlog is through, while it routes the dispatcher's messages at once. The next
+    incident's messages must not wait for the last one's acknowledgements; here they never
+    come."""
+    from adapters import mqtt
+    from adapters.bench_live import FLAGGED, call_bytes
+
+    url = BrokerURL.parse(broker.url)
+    original = mqtt.Client._on_publish
+    withheld: list[int] = []
+
+    def on_publish(self: mqtt.Client, *args: Any) -> None:
+        if self.identifier == "dispatcher-under-test":
+            withheld.append(args[2])
+            return
+        original(self, *args)
+
+    monkeypatch.setattr(mqtt.Client, "_on_publish", on_publish)
+    calls = f"{P}/events/{settings.service.region}/calls"
+    async with open_client(url) as console:
+        await console.subscribe(f"{P}/operators/incidents", qos=1)
+        received = console.messages.__aiter__()
+        async with (
+            dispatcher(settings, broker, tmp_path / "live.sqlite3"),
+            open_client(url) as feed,
+        ):
+            for call_id, resident in (("FIRST", CHEN), ("SECOND", ZHAO)):
+                await feed.publish(
+                    calls, call_bytes("progress", call_id, resident, FLAGGED, 30), qos=1
+                )
+                message = await asyncio.wait_for(anext(received), 5)
+                assert json.loads(bytes(message.payload))["subject"] == f"INC-{call_id}"  # type: ignore[arg-type]
+    assert len(withheld) >= 4  # presence, then two messages per incident: none acknowledged
