@@ -484,6 +484,9 @@ class LiveService:
         resync = True
         current: aiomqtt.Client | None = None  # the connection the window is written over
         while True:
+            # cleared before looking: whatever happens from here on (also during the awaits
+            # below) wakes the wait at the end of this turn
+            self._wake.clear()
             self._settle()
             if len(self._sent) >= MARK_EVERY:
                 await self._mark_sent(store)
@@ -513,7 +516,6 @@ class LiveService:
                 if rows:
                     self._write(client, rows)
                     continue
-            self._wake.clear()
             self._direct = not resync
             try:
                 await self._wake.wait()

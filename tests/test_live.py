@@ -1083,3 +1083,71 @@ async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowle
                 message = await asyncio.wait_for(anext(received), 5)
                 assert json.loads(bytes(message.payload))["subject"] == f"INC-{call_id}"  # type: ignore[arg-type]
     assert len(withheld) >= 4  # presence, then two messages per incident: none acknowledged
+
+
+async def test_a_broker_restart_in_the_middle_of_a_burst_loses_no_output(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker goes away during a catch-up while the dispatcher has messages written and
+    not yet acknowledged, and more committed behind them: every incident still reaches the
+    operators (repeats allowed: same ids), and the outbox ends with nothing unsent. The
+    publisher's reads of the store are slowed, so acknowledgements arrive while it reads: it
+    must not miss them and wait for ever."""
+    from adapters.bench_live import FLAGGED, call_bytes
+
+    url = BrokerURL.parse(broker.url)
+    count = 1200
+    async with open_client(url, "console-under-test", persistent=True) as console:
+        await console.subscribe(f"{P}/operators/incidents", qos=1)
+    first = time.time() - count / 1000  # stamped as a feed of 1,000 calls a second sent them
+    calls = [
+        call_bytes(
+            "progress", f"B-{i}", f"+8613{i + 500_000_000:09d}", FLAGGED, 30, first + i / 1000
+        )
+        for i in range(count)
+    ]
+    store = tmp_path / "live.sqlite3"
+    in_flight_at_stop: list[int] = []
+    original_write = LiveService._write
+
+    def write(self: LiveService, client: aiomqtt.Client, rows: list[Any]) -> None:
+        original_write(self, client, rows)
+        if self.stats["published"] >= 100 and not in_flight_at_stop:
+            in_flight_at_stop.append(self._in_window)  # written, not yet acknowledged
+            broker.stop()  # at once: those acknowledgements never come
+
+    async with dispatcher(settings, broker, store):
+        pass  # its session now exists: the burst waits there for it, as after an outage
+    async with open_client(url) as feed:
+        for call in calls:
+            await feed.publish(f"{P}/events/{settings.service.region}/calls", call, qos=1)
+    original_unsent = Store.unsent
+
+    async def unsent(self: Store, *args: Any, **kwargs: Any) -> Any:
+        rows = await original_unsent(self, *args, **kwargs)
+        await asyncio.sleep(0.1)  # a slow read: acknowledgements arrive meanwhile
+        return rows
+
+    monkeypatch.setattr(LiveService, "_write", write)
+    monkeypatch.setattr(Store, "unsent", unsent)
+    async with dispatcher(settings, broker, store) as running:
+        await wait_until(lambda: bool(in_flight_at_stop), within=30)
+        await asyncio.sleep(0.5)
+        broker.start()
+        runtime = running.service.runtime
+        assert runtime is not None
+        await wait_until(lambda: len(runtime.state.incidents) == count, within=60)
+        await wait_until(lambda: running.service.stats["published"] >= 2 * count, within=60)
+    async with Store(store) as opened:
+        assert await opened.unsent(10) == []
+    subjects: set[str] = set()
+    async with open_client(url, "console-under-test", persistent=True) as console:
+        await console.subscribe(f"{P}/operators/incidents", qos=1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(20):
+                async for message in console.messages:
+                    subjects.add(json.loads(bytes(message.payload))["subject"])  # type: ignore[arg-type]
+                    if len(subjects) == count:
+                        break
+    assert subjects == {f"INC-B-{i}" for i in range(count)}
+    assert in_flight_at_stop[0] > 0
