@@ -24,6 +24,11 @@ AWAITING_REPLY: frozenset[str] = ENGAGED | {"offered"}  # the unit has yet to an
 IncidentCopies = list[tuple[str, dict[str, Any] | None, bool]]
 
 
+def incident_of_call(call_id: str) -> str:
+    """SPEC §4: ``"INC-" + call_id`` of the call that opened the incident."""
+    return f"INC-{call_id}"
+
+
 def dispatch_id(incident_id: str, unit_id: str) -> str:
     """SPEC §4: ``incident_id + ":" + unit_id`` (an incident id holds no colon: call ids
     match ``[A-Za-z0-9._-]``)."""

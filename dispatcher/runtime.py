@@ -35,6 +35,7 @@ from dispatcher.model import (
     TimerFired,
     TimerSet,
     dispatch_parts,
+    incident_of_call,
 )
 from dispatcher.settings import Settings
 from dispatcher.workflow import Workflow, timer_order
@@ -85,7 +86,7 @@ def _undo(state: State, msg: Inbound, before: IncidentCopies | None) -> None:
     if msg.kind == "calls":
         # the incident this call would have opened: a known id is never opened again, and
         # this one was not in memory before (its call would have been indexed to it)
-        opened = f"INC-{msg.data.call_id}"
+        opened = incident_of_call(msg.data.call_id)
         if all(i != opened for i, _, _ in copies) and opened in state.incidents:
             copies.append((opened, None, False))
     state.restore(copies)

@@ -42,6 +42,7 @@ from dispatcher.model import (
     TimerSet,
     dispatch_id,
     dispatch_parts,
+    incident_of_call,
 )
 from dispatcher.outbound import SEVERITY_TEXT, Messages
 from dispatcher.settings import FlaggedPattern, RuleSettings, Settings, Unit
@@ -207,7 +208,7 @@ class Workflow:
         if incident_id is None:
             if not matched:
                 return
-            new_id = "INC-" + data.call_id
+            new_id = incident_of_call(data.call_id)
             if new_id in state.known_incident_ids:
                 return  # this call already opened an incident, now closed and forgotten
             incident = self._open(
