@@ -19,8 +19,9 @@ Six tasks share one runtime:
   acknowledged without waiting; its pairs ride with the next commit, at most a second later;
 - **publisher**: sends the store's outbox in order (QoS 1, incident state retained) and marks
   each message sent once the broker acknowledged it; what was produced while disconnected goes
-  out after the reconnect. When it is idle, a commit's messages are written to the socket by
-  the commit itself, and the publisher only waits for their acknowledgements;
+  out after the reconnect. Up to ``PUBLISH_WINDOW`` messages are written ahead of their
+  acknowledgements, which it settles in order; while it waits for work, a commit's messages
+  are written to the socket by the commit itself;
 - **marker**: records in the store, a few times a second, which messages the broker took;
 - **heartbeat**: logs an ``alive`` line every minute, with what flowed and what waits.
 """
@@ -459,7 +460,7 @@ class LiveService:
         """The chunks at the head of the window the broker acknowledged, in order."""
         while self._window:
             _client, rows, waiting = self._window[0]
-            if waiting and not all(event.is_set() for event in reversed(waiting.values())):
+            if not all(event.is_set() for event in reversed(waiting.values())):
                 return  # acknowledgements come in order: the last one is checked first
             self._window.popleft()
             self._in_window -= len(rows)
