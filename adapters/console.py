@@ -38,6 +38,7 @@ from aiohttp import WSMsgType, web
 from adapters.mqtt import Backoff, BrokerURL, open_client
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
+from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 
 log = structlog.get_logger("console")
@@ -180,6 +181,7 @@ class Console:
         self.secure_cookies = secure_cookies
         self.session_s = session_hours * 3600
         self.prefix = settings.service.prefix
+        self.topics = Topics(self.prefix)
         self.board = Board(settings)
         self.sessions: dict[str, Session] = {}
         self.sockets: set[web.WebSocketResponse] = set()
@@ -456,10 +458,10 @@ class Console:
                     await client.subscribe(
                         [
                             (f"{p}/incidents/+", 1),
-                            (f"{p}/operators/incidents", 1),
+                            (self.topics.operators, 1),
                             (f"{p}/units/+/status", 1),
-                            (f"{p}/deadletter", 1),
-                            (f"{p}/dispatcher/status", 1),
+                            (self.topics.deadletter, 1),
+                            (self.topics.dispatcher_status, 1),
                         ]
                     )
                     self.client = client
@@ -483,7 +485,7 @@ class Console:
         if not isinstance(event, dict):
             return
         data = event.get("data")
-        if topic == f"{self.prefix}/dispatcher/status" and isinstance(data, dict):
+        if topic == self.topics.dispatcher_status and isinstance(data, dict):
             self.dispatcher = "online" if data.get("state") == "online" else "offline"
             await self.broadcast("dispatcher", {"state": self.dispatcher})
         elif topic.endswith("/status") and isinstance(data, dict):
