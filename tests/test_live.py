@@ -1015,27 +1015,40 @@ async def test_a_stop_while_the_dispatcher_subscribes_leaves_it_offline(
     assert json.loads(bytes(retained.payload))["data"] == {"state": "offline"}  # type: ignore[arg-type]
 
 
+def withhold_dispatcher_acknowledgements(
+    monkeypatch: pytest.MonkeyPatch, at_most: int | None = None
+) -> list[int]:
+    """The broker's acknowledgements of the dispatcher's messages never reach it (the first
+    ``at_most`` of them, or all); returns the message ids withheld."""
+    from adapters import mqtt
+
+    original = mqtt.Client._on_publish
+    withheld: list[int] = []
+
+    def on_publish(self: mqtt.Client, *args: Any) -> None:
+        if self.identifier == "dispatcher-under-test" and (
+            at_most is None or len(withheld) < at_most
+        ):
+            withheld.append(args[2])
+            return
+        original(self, *args)
+
+    monkeypatch.setattr(mqtt.Client, "_on_publish", on_publish)
+    return withheld
+
+
 async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers_presence(
     settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Behind a persistent session's backlog Mosquitto acknowledges the dispatcher's online
     announcement seconds late (it answers the dispatcher's packets in order, behind thousands
     of acknowledgements): offers must not wait for that. Here that acknowledgement never comes."""
-    from adapters import mqtt
     from adapters.bench_live import CHEN as RESIDENT
     from adapters.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
-    original = mqtt.Client._on_publish
-    withheld: list[int] = []
-
-    def on_publish(self: mqtt.Client, *args: Any) -> None:
-        if self.identifier == "dispatcher-under-test" and not withheld:
-            withheld.append(args[2])  # the connection's first QoS 1 message: its presence
-            return
-        original(self, *args)
-
-    monkeypatch.setattr(mqtt.Client, "_on_publish", on_publish)
+    # the connection's first QoS 1 message: its presence
+    withheld = withhold_dispatcher_acknowledgements(monkeypatch, at_most=1)
     async with open_client(url) as console:
         await console.subscribe(f"{P}/operators/incidents", qos=1)
         async with dispatcher(settings, broker, tmp_path / "live.sqlite3"):
@@ -1054,20 +1067,10 @@ async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowle
     backlog is through, while it routes the dispatcher's messages at once. The next
     incident's messages must not wait for the last one's acknowledgements; here they never
     come."""
-    from adapters import mqtt
     from adapters.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
-    original = mqtt.Client._on_publish
-    withheld: list[int] = []
-
-    def on_publish(self: mqtt.Client, *args: Any) -> None:
-        if self.identifier == "dispatcher-under-test":
-            withheld.append(args[2])
-            return
-        original(self, *args)
-
-    monkeypatch.setattr(mqtt.Client, "_on_publish", on_publish)
+    withheld = withhold_dispatcher_acknowledgements(monkeypatch)
     calls = f"{P}/events/{settings.service.region}/calls"
     async with open_client(url) as console:
         await console.subscribe(f"{P}/operators/incidents", qos=1)
