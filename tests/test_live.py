@@ -1040,9 +1040,9 @@ def withhold_dispatcher_acknowledgements(
 async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers_presence(
     settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Behind a persistent session's backlog Mosquitto acknowledges the dispatcher's online
-    announcement seconds late (it answers the dispatcher's packets in order, behind thousands
-    of acknowledgements): offers must not wait for that. Here that acknowledgement never comes."""
+    """While Mosquitto sends the dispatcher a persistent session's backlog it holds back its
+    acknowledgements of the dispatcher's own messages, the online announcement too, for
+    seconds: offers must not wait for that. Here that acknowledgement never comes."""
     from adapters.bench_live import CHEN as RESIDENT
     from adapters.bench_live import FLAGGED, call_bytes
 
