@@ -25,6 +25,7 @@ from pathlib import Path
 from adapters.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
 from adapters.store import OutboxRow, Store
 from dispatcher import logs
+from dispatcher.outbound import Topics
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -33,9 +34,8 @@ async def escalation_stages(
     settings: Settings, samples: int, pause_s: float
 ) -> tuple[list[float], list[float]]:
     """(handled ms, written ms) of ``samples`` escalations, each after ``pause_s`` idle."""
-    prefix, region = settings.service.prefix, settings.service.region
-    calls = f"{prefix}/events/{region}/calls"
-    actions = f"{prefix}/operators/bench/actions"
+    topics = Topics(settings.service.prefix)
+    calls, actions = topics.calls(settings.service.region), topics.actions("bench")
     handed_over: list[float] = []
 
     def written(_rows: list[OutboxRow]) -> None:

@@ -42,7 +42,7 @@ import aiomqtt
 from adapters.broker import local_broker
 from adapters.mqtt import BrokerURL, acknowledged, disconnected, open_client, publish_now
 from dispatcher.inbound import call_data, cloudevent
-from dispatcher.outbound import rfc3339
+from dispatcher.outbound import Topics, rfc3339
 from dispatcher.settings import Settings
 
 BACKLOG_RATE = 1000.0  # events/s of the feed whose backlog (b) drains
@@ -174,8 +174,8 @@ class DispatcherProcess:
 async def dispatcher_rate(
     settings: Settings, broker: BrokerURL, tmp: Path, count: int
 ) -> tuple[float, dict[str, Any], DispatcherProcess]:
-    prefix, region = settings.service.prefix, settings.service.region
-    calls = f"{prefix}/events/{region}/calls"
+    topics = Topics(settings.service.prefix)
+    calls = topics.calls(settings.service.region)
     dispatcher = DispatcherProcess(settings.path, broker, tmp / "bench.sqlite3")
     await dispatcher.start()  # creates its persistent session
     await dispatcher.stop()
@@ -197,7 +197,7 @@ async def dispatcher_rate(
 
     done = asyncio.Event()
     async with open_client(broker, f"bench-console-{uuid.uuid4().hex[:6]}") as console:
-        await console.subscribe(f"{prefix}/operators/incidents", qos=1)
+        await console.subscribe(topics.operators, qos=1)
 
         async def watch() -> None:
             async for message in console.messages:
@@ -299,9 +299,8 @@ async def _child(function: str, *args: str) -> asyncio.subprocess.Process:
 async def latencies(
     settings: Settings, broker: BrokerURL, samples: int, rate: float
 ) -> tuple[list[float], list[float], list[float], int]:
-    prefix, region = settings.service.prefix, settings.service.region
-    calls = f"{prefix}/events/{region}/calls"
-    actions = f"{prefix}/operators/bench/actions"
+    topics = Topics(settings.service.prefix)
+    calls, actions = topics.calls(settings.service.region), topics.actions("bench")
     stop = asyncio.Event()
     load = asyncio.create_task(background(broker, calls, rate, stop))
     offer_times: dict[str, float] = {}
@@ -314,11 +313,11 @@ async def latencies(
     children = [await _child("relay_process", str(broker))]
     try:
         handset = await _child(
-            "handset_process", str(broker), f"{prefix}/units/G-YJ-CH-01/dispatches", PING, RELAY_OUT
+            "handset_process", str(broker), topics.dispatches("G-YJ-CH-01"), PING, RELAY_OUT
         )
         children.append(handset)
         async with open_client(broker, f"bench-ops-{uuid.uuid4().hex[:6]}") as ops:
-            await ops.subscribe(f"{prefix}/operators/incidents", qos=1)
+            await ops.subscribe(topics.operators, qos=1)
 
             async def listen_handset() -> None:
                 assert handset.stdout is not None

@@ -180,8 +180,7 @@ class Console:
         self.users = users
         self.secure_cookies = secure_cookies
         self.session_s = session_hours * 3600
-        self.prefix = settings.service.prefix
-        self.topics = Topics(self.prefix)
+        self.topics = Topics(settings.service.prefix)
         self.board = Board(settings)
         self.sessions: dict[str, Session] = {}
         self.sockets: set[web.WebSocketResponse] = set()
@@ -346,7 +345,7 @@ class Console:
         while len(self.board.pending) > 1000:
             self.board.pending.popitem(last=False)
         await client.publish(
-            f"{self.prefix}/operators/{session.operator}/actions",
+            self.topics.actions(session.operator),
             json.dumps(event, ensure_ascii=False).encode(),
             qos=1,
         )
@@ -451,15 +450,14 @@ class Console:
 
     async def _mqtt(self) -> None:
         backoff = Backoff(cap=10.0)
-        p = self.prefix
         while True:
             try:
                 async with open_client(self.broker, f"console-{uuid.uuid4().hex[:8]}") as client:
                     await client.subscribe(
                         [
-                            (f"{p}/incidents/+", 1),
+                            (self.topics.all_incidents, 1),
                             (self.topics.operators, 1),
-                            (f"{p}/units/+/status", 1),
+                            (self.topics.all_unit_status, 1),
                             (self.topics.deadletter, 1),
                             (self.topics.dispatcher_status, 1),
                         ]

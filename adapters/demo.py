@@ -105,7 +105,6 @@ class Console:
         speed: float,
     ) -> None:
         self.topics = Topics(settings.service.prefix)
-        self.prefix = settings.service.prefix
         self.broker, self.timeline, self.script, self.speed = broker, timeline, script, speed
         self.shown: dict[str, int] = {}
         self.status: dict[str, str] = {}
@@ -167,7 +166,7 @@ class Console:
                 subject=payload["data"].get("incident_id"),
             )
             await client.publish(
-                f"{self.prefix}/operators/op-01/actions",
+                self.topics.actions("op-01"),
                 json.dumps(event, ensure_ascii=False).encode(),
                 qos=1,
             )

@@ -124,7 +124,7 @@ class Handset:
         self.script = script
         self.speed = speed
         self.show = show
-        self.status_topic = f"{settings.service.prefix}/units/{unit_id}/status"
+        self.status_topic = self.topics.unit_status(unit_id)
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self.received: list[dict[str, Any]] = []

@@ -43,11 +43,25 @@ SEVERITY_TEXT = {"warning": "预警", "critical": "紧急"}
 
 
 class Topics:
+    """Every topic of SPEC §3 for one deployment's prefix, named once: what the dispatcher
+    publishes and subscribes to, and what the console, handsets and benchmarks use."""
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.operators = f"{prefix}/operators/incidents"
         self.deadletter = f"{prefix}/deadletter"
         self.dispatcher_status = f"{prefix}/dispatcher/status"
+        # subscription filters
+        self.all_incidents = f"{prefix}/incidents/+"
+        self.all_actions = f"{prefix}/operators/+/actions"
+        self.all_replies = f"{prefix}/units/+/replies"
+        self.all_unit_status = f"{prefix}/units/+/status"
+
+    def calls(self, region: str) -> str:
+        return f"{self.prefix}/events/{region}/calls"
+
+    def actions(self, operator: str) -> str:
+        return f"{self.prefix}/operators/{operator}/actions"
 
     def incident(self, incident_id: str) -> str:
         return f"{self.prefix}/incidents/{incident_id}"
@@ -58,13 +72,12 @@ class Topics:
     def replies(self, unit_id: str) -> str:
         return f"{self.prefix}/units/{unit_id}/replies"
 
+    def unit_status(self, unit_id: str) -> str:
+        return f"{self.prefix}/units/{unit_id}/status"
+
     def inbound_filters(self, region: str) -> list[str]:
-        return [
-            f"{self.prefix}/events/{region}/calls",
-            f"{self.prefix}/operators/+/actions",
-            f"{self.prefix}/units/+/replies",
-            f"{self.prefix}/units/+/status",
-        ]
+        """What the dispatcher subscribes to."""
+        return [self.calls(region), self.all_actions, self.all_replies, self.all_unit_status]
 
 
 class Messages:

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from dispatcher.inbound import INBOUND_TYPES
-from dispatcher.protocol import INBOUND_EVENTS, OUTBOUND_TYPES, render_documents
+from dispatcher.outbound import Topics
+from dispatcher.protocol import CHANNELS, INBOUND_EVENTS, OUTBOUND_TYPES, render_documents
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
@@ -52,3 +53,40 @@ def test_the_protocol_document_names_every_topic_and_type() -> None:
         "/deadletter",
     ):
         assert topic in text, topic
+
+
+def test_the_topics_the_code_uses_are_the_documented_channels() -> None:
+    """What the dispatcher, the console, handsets and the benchmarks publish and subscribe
+    to comes from ``Topics``; the documents come from ``CHANNELS``: the two must agree."""
+    topics = Topics("acme/v1")
+    documented = {c["address"].replace("{prefix}", "acme/v1") for c in CHANNELS}
+    used = {
+        topics.calls("{region}"),
+        topics.actions("{operator_id}"),
+        topics.replies("{unit_id}"),
+        topics.unit_status("{unit_id}"),
+        topics.dispatches("{unit_id}"),
+        topics.operators,
+        topics.incident("{incident_id}"),
+        topics.dispatcher_status,
+        topics.deadletter,
+    }
+    assert used == documented
+    filters = {
+        "{region}": "hn",
+        "{operator_id}": "+",
+        "{unit_id}": "+",
+        "{incident_id}": "+",
+    }
+
+    def as_filter(address: str) -> str:
+        for name, value in filters.items():
+            address = address.replace(name, value)
+        return address
+
+    assert topics.inbound_filters("hn") == [
+        as_filter(c["address"].replace("{prefix}", "acme/v1"))
+        for c in CHANNELS
+        if c["action"] == "receive"
+    ]
+    assert topics.all_incidents == as_filter(topics.incident("{incident_id}"))
