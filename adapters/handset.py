@@ -5,6 +5,10 @@ out of coverage arrive when it comes back; announces itself with a retained ``on
 ``status`` topic, with ``offline`` as its will; shows each message as the radio or app would;
 drops duplicates by CloudEvent ``(source, id)``; and replies with single keys
 (1 accept, 2 decline, 3 arrived, 4 report, then the outcome) or by itself after set delays.
+
+A key never fails or waits for the network: each reply is queued and kept until the broker
+has acknowledged it, and one made while cut off, or lost with its connection, goes out (the
+same event) over the next connection, in order (decisions.md 52).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client
+from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client, publish_acknowledged
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
 from dispatcher.outbound import SEVERITY_TEXT, Topics
@@ -32,6 +36,7 @@ log = structlog.get_logger("handset")
 
 OUTCOME_KEYS = {"d": "dissuaded", "n": "not_home", "l": "loss", "f": "false_alarm"}
 VERB_KEYS = {"1": "accepted", "2": "declined", "3": "arrived", "4": "reported"}
+GOODBYE_S = 5.0  # at a clean exit, how long replies still queued may take to leave
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,9 @@ class Handset:
         self._seen: deque[tuple[str, str]] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcome_pending = False
+        # replies not yet acknowledged by the broker, oldest first: (topic, payload, label)
+        self._unsent: deque[tuple[str, bytes, str]] = deque()
+        self._changed = asyncio.Event()  # a reply queued or acknowledged, or the sender ended
 
     @property
     def current(self) -> str | None:
@@ -171,16 +179,24 @@ class Handset:
                     self.client = client
                     self.connected.set()
                     backoff.reset()
-                    await self._receive(client, stop)
-                    if stop.is_set():  # a clean goodbye: say offline before disconnecting
-                        await client.publish(
-                            self.status_topic,
-                            unit_event(
-                                self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}
-                            ),
-                            qos=1,
-                            retain=True,
-                        )
+                    sender = asyncio.create_task(self._send(client))
+                    sender.add_done_callback(lambda _: self._changed.set())
+                    try:
+                        await self._receive(client, stop)
+                        if stop.is_set():  # a clean goodbye: the replies, then offline
+                            await self._sent_all(sender)
+                            await client.publish(
+                                self.status_topic,
+                                unit_event(
+                                    self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}
+                                ),
+                                qos=1,
+                                retain=True,
+                            )
+                    finally:
+                        sender.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                            await sender
             except (BrokerError, aiomqtt.MqttError) as exc:
                 log.warning("handset_disconnected", unit=self.unit.id, error=str(exc))
             finally:
@@ -190,6 +206,10 @@ class Handset:
                 await asyncio.sleep(backoff.next_delay())
         for task in self._tasks:
             task.cancel()
+        if self._unsent:
+            for _topic, _payload, label in self._unsent:
+                self.show(f"    ⚠ 未能发出：{label.strip()}")
+            log.warning("handset_replies_unsent", unit=self.unit.id, count=len(self._unsent))
 
     async def _receive(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         async for message in messages_until(client, stop):
@@ -222,22 +242,47 @@ class Handset:
     # ---- replies ---------------------------------------------------------------------------
 
     async def reply(self, dispatch_id: str, verb: str, outcome: str | None = None) -> None:
+        """Send a reply. It is kept until the broker has acknowledged it: made while the
+        connection is down, or lost with it, it goes out over the next connection, with the
+        same CloudEvent id (the dispatcher handles a repeat once). Replies leave in the order
+        they were made; each is shown once the broker has it."""
         data: dict[str, Any] = {"dispatch_id": dispatch_id}
         if outcome:
             data["outcome"] = outcome
-        await self.connected.wait()
-        assert self.client is not None
-        await self.client.publish(
-            self.topics.replies(self.unit.id),
-            unit_event(self.unit.id, f"cn.antifraud.unit.{verb}", data),
-            qos=1,
+        label = f"{'📻' if self.unit.channel == 'radio' else '📱'} {self.unit.id} ▶ {verb}" + (
+            f" {outcome}" if outcome else ""
         )
-        self.show(
-            f"{'📻' if self.unit.channel == 'radio' else '📱'} {self.unit.id} ▶ {verb}"
-            + (f" {outcome}" if outcome else "")
-        )
+        payload = unit_event(self.unit.id, f"cn.antifraud.unit.{verb}", data)
+        self._unsent.append((self.topics.replies(self.unit.id), payload, label))
+        self._changed.set()
+        if not self.connected.is_set():
+            self.show(f"    {verb}：未连接，恢复连接后自动发送")
         if verb in ("declined", "reported"):
             self._close(dispatch_id)
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        """Send the queued replies over this connection, in order, each dropped from the queue
+        only once the broker has acknowledged it. Raises ``MqttError`` when the connection
+        is lost: what is left waits for the next one."""
+        while True:
+            if not self._unsent:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            topic, payload, label = self._unsent[0]
+            await publish_acknowledged(client, [(topic, payload, 1, False)])
+            self._unsent.popleft()
+            self._changed.set()
+            self.show(label)
+
+    async def _sent_all(self, sender: asyncio.Task[None]) -> None:
+        """Wait, at most ``GOODBYE_S``, until every queued reply is acknowledged (or the
+        sender has ended: the connection is gone)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(GOODBYE_S):
+                while self._unsent and not sender.done():
+                    self._changed.clear()
+                    await self._changed.wait()
 
     async def _play(self, dispatch_id: str, script: list[Step]) -> None:
         start = asyncio.get_running_loop().time()

@@ -367,6 +367,37 @@ async def acknowledged(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]
         forget(client, waiting)
 
 
+async def publish_acknowledged(
+    client: aiomqtt.Client,
+    messages: Sequence[tuple[str, bytes | None, int, bool]],
+) -> None:
+    """Publish ``messages`` (as ``publish_now``) and return once the broker acknowledged them.
+
+    Raises ``MqttError`` the moment the connection is lost; aiomqtt's ``publish()`` instead
+    waits out its whole operation timeout on a connection that is already gone. A link that
+    died without a word is noticed only by the keepalive (up to 45 s): a caller that cannot
+    wait that long bounds the call with ``asyncio.timeout``.
+    """
+    waiting = publish_now(client, messages)
+    if not waiting:
+        return
+    acked = asyncio.ensure_future(acknowledged(client, waiting))
+    lost = asyncio.ensure_future(disconnected(client))
+    try:
+        await asyncio.wait([acked, lost], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (acked, lost):
+            task.cancel()
+        await asyncio.wait([acked, lost])  # acknowledged() forgets what it still waited for
+    if not acked.cancelled():
+        if not lost.cancelled():
+            lost.exception()  # the connection ended just after: that is not this call's news
+        return
+    raise aiomqtt.MqttError(
+        "the connection was lost before the broker acknowledged"
+    ) from lost.exception()
+
+
 def forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
     """Stop waiting for the acknowledgements ``publish_now`` returned (the connection is
     gone: they will never come)."""

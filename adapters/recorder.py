@@ -15,7 +15,14 @@ import aiomqtt
 import structlog
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client, protocol_of
+from adapters.mqtt import (
+    Backoff,
+    BrokerURL,
+    messages_until,
+    open_client,
+    protocol_of,
+    publish_acknowledged,
+)
 from adapters.recording import read_lines, write_line
 from dispatcher.errors import BrokerError, RecordingError
 from dispatcher.outbound import Topics
@@ -133,13 +140,14 @@ async def publish_recording(
                 else json.dumps(line.payload, ensure_ascii=False).encode("utf-8")
             )
             try:
-                await client.publish(
-                    line.topic, payload, qos=1, retain=line.topic.endswith(status_suffix)
-                )
-            except aiomqtt.MqttError as exc:
+                retain = line.topic.endswith(status_suffix)
+                async with asyncio.timeout(client.timeout):
+                    await publish_acknowledged(client, [(line.topic, payload, 1, retain)])
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                why = str(exc) or f"no acknowledgement within {client.timeout:g} s"
                 raise BrokerError(
                     f"{broker}: the connection failed after {count} line(s) of {recording} "
-                    f"were published (line {line.number} may or may not have been): {exc}"
+                    f"were published (line {line.number} may or may not have been): {why}"
                 ) from None
             count += 1
     return count

@@ -565,21 +565,31 @@ async def test_recording_goes_on_across_a_broker_restart_and_leaves_no_session_b
 
 
 async def test_publishing_a_recording_onto_a_broker_that_dies_says_how_far_it_got(
-    settings: Settings, broker: Mosquitto, tmp_path: Path
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from adapters import recorder
     from dispatcher.errors import BrokerError
 
     script = Script()
     script.started(0, "C1", CHEN, CLEAN).started(3.0, "C2", ZHAO, CLEAN)
     recording = script.write(tmp_path / "two.jsonl")
     url = BrokerURL.parse(broker.url)
-    async with open_client(url) as watcher:
-        await watcher.subscribe(f"{P}/events/hengnan/calls", qos=1)
-        publishing = asyncio.create_task(publish_recording(recording, url, speed=1.0))
-        await asyncio.wait_for(anext(watcher.messages.__aiter__()), 10)  # the first line is out
+    acknowledged = asyncio.Event()
+    original = recorder.publish_acknowledged
+
+    async def publish_acknowledged(*args: Any) -> None:
+        await original(*args)
+        acknowledged.set()
+
+    monkeypatch.setattr(recorder, "publish_acknowledged", publish_acknowledged)
+    publishing = asyncio.create_task(publish_recording(recording, url, speed=1.0))
+    await asyncio.wait_for(acknowledged.wait(), 10)  # the broker has the first line
     broker.kill()  # before the second, 3 s after the first
+    started = time.monotonic()
     with pytest.raises(BrokerError, match=r"after 1 line\(s\) of .*two\.jsonl were published"):
         await asyncio.wait_for(publishing, 20)
+    # at the second line, not after the 10 s it could have waited for an acknowledgement
+    assert time.monotonic() - started < 8
 
 
 async def test_recording_refuses_a_file_that_already_holds_a_recording(
@@ -763,6 +773,114 @@ async def test_a_handset_key_never_acts_on_an_offer_that_was_stood_down(
     await handset.on_key("1")
     assert replied == [("INC-A:G-YJ-CH-02", "accepted")]
     assert shown[-1].strip() == "当前没有待处理的出警单  [q] 退出"
+
+
+@contextlib.asynccontextmanager
+async def guard_with_an_offer(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> AsyncIterator[tuple[Running, Handset, list[str]]]:
+    """A dispatcher on the real clock (the guard's offer stays open for 30 s), C1 escalated,
+    and the handset of guard G-YJ-CH-01 (with what it showed) once the offer reached it."""
+    url = BrokerURL.parse(broker.url)
+    script = Script()
+    script.escalated(0, "C1")
+    async with dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running:
+        shown: list[str] = []
+        handset = Handset(settings, "G-YJ-CH-01", url, show=shown.append)
+        stop = asyncio.Event()
+        task = asyncio.create_task(handset.run(stop))
+        try:
+            await asyncio.wait_for(handset.connected.wait(), 10)
+            await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=1000)
+            await wait_until(lambda: handset.current == "INC-C1:G-YJ-CH-01")
+            yield running, handset, shown
+        finally:
+            stop.set()
+            await task
+
+
+async def test_a_reply_made_while_the_handset_is_cut_off_goes_out_when_it_is_back(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The guard presses accept while his radio has no connection: the key does not fail,
+    he is told the reply will go when the connection is back, and it does."""
+    async with guard_with_an_offer(settings, broker, tmp_path) as (running, handset, shown):
+        broker.stop()
+        await wait_until(lambda: not handset.connected.is_set())
+        await asyncio.wait_for(handset.on_key("1"), 5)  # the key returns at once
+        assert shown[-1].strip() == "accepted：未连接，恢复连接后自动发送"
+        assert dispatch_status(running, "INC-C1:G-YJ-CH-01") == "offered"
+        broker.start()
+        await wait_until(
+            lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted", within=20
+        )
+        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ accepted" in shown)
+        assert shown.count("📻 G-YJ-CH-01 ▶ accepted") == 1
+
+
+async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_connection(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection dies between the guard's reply reaching the broker and its
+    acknowledgement reaching the radio: the radio cannot know it arrived, so it sends it
+    again (the same CloudEvent) over the next connection, and the dispatcher handles it once."""
+    from adapters import handset as handset_module
+
+    sent: list[bytes | None] = []
+    original = handset_module.publish_acknowledged
+
+    async def publish_acknowledged(
+        client: aiomqtt.Client, messages: list[tuple[str, bytes | None, int, bool]]
+    ) -> None:
+        sent.extend(payload for _topic, payload, _qos, _retain in messages)
+        await original(client, messages)
+
+    monkeypatch.setattr(handset_module, "publish_acknowledged", publish_acknowledged)
+    async with guard_with_an_offer(settings, broker, tmp_path) as (running, handset, shown):
+        assert handset.client is not None
+        paho = handset.client._client  # this connection's: the next one is not affected
+        withheld: list[int] = []
+        paho.on_publish = lambda *args: withheld.append(args[2])
+        await asyncio.wait_for(handset.on_key("1"), 5)
+        await wait_until(
+            lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted" and withheld
+        )
+        assert "📻 G-YJ-CH-01 ▶ accepted" not in shown  # not known to have arrived
+        runtime = running.service.runtime
+        assert runtime is not None
+        duplicates = runtime.counts["duplicates"]
+        broker.restart()
+        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ accepted" in shown, within=20)
+        await wait_until(lambda: runtime.counts["duplicates"] > duplicates, within=20)
+    assert len(sent) == 2 and sent[0] == sent[1]  # the same event, twice
+    accepted = [
+        e.kind
+        for e in runtime.state.incidents["INC-C1"].timeline
+        if e.dispatch_id == "INC-C1:G-YJ-CH-01" and e.kind == "accepted"
+    ]
+    assert accepted == ["accepted"]
+    assert runtime.counts["rejected"] == 0
+
+
+async def test_publishing_stops_at_once_when_the_broker_dies_before_acknowledging(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiomqtt's publish() would wait out its whole operation timeout for an acknowledgement
+    that can no longer come; ``publish_acknowledged`` says so the moment the connection ends."""
+    from adapters.mqtt import publish_acknowledged
+
+    withhold_acknowledgements(monkeypatch, client_id="impatient")
+    async with open_client(
+        BrokerURL.parse(broker.url), "impatient", operation_timeout=600
+    ) as client:
+        sending = asyncio.create_task(
+            publish_acknowledged(client, [(f"{P}/events/hengnan/calls", b"{}", 1, False)])
+        )
+        await asyncio.sleep(0.3)
+        assert not sending.done()  # its acknowledgement is withheld
+        broker.kill()
+        with pytest.raises(aiomqtt.MqttError, match="connection was lost"):
+            await asyncio.wait_for(sending, 20)
 
 
 def test_handset_scripts_count_each_delay_from_the_previous_step() -> None:
@@ -1015,20 +1133,21 @@ async def test_a_stop_while_the_dispatcher_subscribes_leaves_it_offline(
     assert json.loads(bytes(retained.payload))["data"] == {"state": "offline"}  # type: ignore[arg-type]
 
 
-def withhold_dispatcher_acknowledgements(
-    monkeypatch: pytest.MonkeyPatch, at_most: int | None = None
+def withhold_acknowledgements(
+    monkeypatch: pytest.MonkeyPatch,
+    at_most: int | None = None,
+    client_id: str = "dispatcher-under-test",
 ) -> list[int]:
-    """The broker's acknowledgements of the dispatcher's messages never reach it (the first
-    ``at_most`` of them, or all); returns the message ids withheld."""
+    """The broker's acknowledgements of the messages of client ``client_id`` (by default the
+    dispatcher) never reach it (the first ``at_most`` of them, or all); returns the message
+    ids withheld."""
     from adapters import mqtt
 
     original = mqtt.Client._on_publish
     withheld: list[int] = []
 
     def on_publish(self: mqtt.Client, *args: Any) -> None:
-        if self.identifier == "dispatcher-under-test" and (
-            at_most is None or len(withheld) < at_most
-        ):
+        if self.identifier == client_id and (at_most is None or len(withheld) < at_most):
             withheld.append(args[2])
             return
         original(self, *args)
@@ -1048,7 +1167,7 @@ async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers
 
     url = BrokerURL.parse(broker.url)
     # the connection's first QoS 1 message: its presence
-    withheld = withhold_dispatcher_acknowledgements(monkeypatch, at_most=1)
+    withheld = withhold_acknowledgements(monkeypatch, at_most=1)
     async with open_client(url) as console:
         await console.subscribe(f"{P}/operators/incidents", qos=1)
         async with dispatcher(settings, broker, tmp_path / "live.sqlite3"):
@@ -1070,7 +1189,7 @@ async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowle
     from adapters.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
-    withheld = withhold_dispatcher_acknowledgements(monkeypatch)
+    withheld = withhold_acknowledgements(monkeypatch)
     calls = f"{P}/events/{settings.service.region}/calls"
     async with open_client(url) as console:
         await console.subscribe(f"{P}/operators/incidents", qos=1)
