@@ -35,7 +35,7 @@ import aiomqtt
 import structlog
 from aiohttp import WSMsgType, web
 
-from adapters.mqtt import Backoff, BrokerURL, open_client
+from adapters.mqtt import Backoff, BrokerURL, open_client, publish_acknowledged
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
 from dispatcher.outbound import Topics
@@ -45,6 +45,8 @@ log = structlog.get_logger("console")
 
 STATIC = Path(__file__).resolve().parent / "console_static"
 COOKIE = "antifraud_session"
+ACTION_CONFIRM_S = 5.0  # how long an action may wait for the broker to confirm it
+UNCONFIRMED = "与消息服务器的连接中断，无法确认操作已送达：请看事件状态是否已变，再决定是否重做"
 ACTIONS = {
     "callback": {"result": ("no_answer", "busy", "answered_safe", "answered_at_risk")},
     "escalate": {},
@@ -344,11 +346,23 @@ class Console:
         self.board.pending[event_id] = session.operator
         while len(self.board.pending) > 1000:
             self.board.pending.popitem(last=False)
-        await client.publish(
-            self.topics.actions(session.operator),
-            json.dumps(event, ensure_ascii=False).encode(),
-            qos=1,
-        )
+        payload = json.dumps(event, ensure_ascii=False).encode()
+        try:
+            async with asyncio.timeout(ACTION_CONFIRM_S):
+                await publish_acknowledged(
+                    client, [(self.topics.actions(session.operator), payload, 1, False)]
+                )
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            # it may or may not have reached the broker: the operator must look, then decide
+            log.warning(
+                "console_action_unconfirmed",
+                operator=session.operator,
+                incident_id=incident_id,
+                action=action,
+                event_id=event_id,
+                error=str(exc) or f"no acknowledgement within {ACTION_CONFIRM_S:g} s",
+            )
+            raise web.HTTPServiceUnavailable(text=UNCONFIRMED) from None
         log.info(
             "console_action",
             operator=session.operator,

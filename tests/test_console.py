@@ -13,7 +13,7 @@ import pytest
 from aiohttp import ClientSession, CookieJar, web
 
 from adapters.broker import Mosquitto, free_port, mosquitto_binary
-from adapters.console import Console, Users, check_password, hash_password
+from adapters.console import UNCONFIRMED, Console, Users, check_password, hash_password
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, open_client
 from adapters.replay import replay
@@ -133,6 +133,39 @@ async def test_an_action_needs_the_csrf_token_and_is_published_as_the_operator(
         "cn.antifraud.operator.callback",
     )
     assert event["data"] == {"incident_id": "INC-C1", "result": "no_answer"}
+
+
+async def test_an_action_the_broker_may_not_have_is_reported_as_unconfirmed(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The console's connection dies after the action reached the broker but before the
+    broker's acknowledgement came back: the operator is told at once that it may or may not
+    have gone, not kept waiting and then shown a server error."""
+    url = BrokerURL.parse(broker.url)
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+        open_client(url) as spy,
+    ):
+        await spy.subscribe("antifraud/v1/operators/+/actions", qos=1)
+        state = await login(http, base)
+        assert console.client is not None
+        console.client._client.on_publish = lambda *args: None  # its acknowledgement is lost
+
+        async def escalate() -> tuple[int, str]:
+            async with http.post(
+                f"{base}/api/incidents/INC-C1/escalate",
+                json={},
+                headers={"X-CSRF-Token": state["csrf"]},
+            ) as response:
+                return response.status, await response.text()
+
+        acting = asyncio.create_task(escalate())
+        await asyncio.wait_for(anext(spy.messages.__aiter__()), 5)  # the broker has it
+        broker.kill()
+        status, text = await asyncio.wait_for(acting, 3)  # before the 5 s it may wait
+    assert status == 503
+    assert text == UNCONFIRMED
 
 
 async def test_a_refused_action_comes_back_with_the_dispatchers_reason(

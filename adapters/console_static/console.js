@@ -64,7 +64,11 @@ async function act(incident, action, body) {
     method: "POST", headers: { "Content-Type": "application/json", "X-CSRF-Token": state.csrf },
     body: JSON.stringify(body), credentials: "same-origin",
   });
-  if (!response.ok) toast(`操作未发送：${await response.text()}`);
+  // 503: no connection, or the broker never confirmed it: the server's text says which
+  if (!response.ok) {
+    const text = await response.text();
+    toast(response.status === 503 ? text : `操作未发送：${text}`);
+  }
 }
 
 function residentFacts(inc) {
