@@ -170,12 +170,7 @@ class Handset:
                     self.broker, f"handset-{self.unit.id}", persistent=True, will=will
                 ) as client:
                     await client.subscribe(self.topics.dispatches(self.unit.id), qos=1)
-                    await client.publish(
-                        self.status_topic,
-                        unit_event(self.unit.id, "cn.antifraud.unit.status", {"state": "online"}),
-                        qos=1,
-                        retain=True,
-                    )
+                    await self._say(client, "online")
                     self.client = client
                     self.connected.set()
                     backoff.reset()
@@ -185,14 +180,7 @@ class Handset:
                         await self._receive(client, stop)
                         if stop.is_set():  # a clean goodbye: the replies, then offline
                             await self._sent_all(sender)
-                            await client.publish(
-                                self.status_topic,
-                                unit_event(
-                                    self.unit.id, "cn.antifraud.unit.status", {"state": "offline"}
-                                ),
-                                qos=1,
-                                retain=True,
-                            )
+                            await self._say(client, "offline")
                     finally:
                         sender.cancel()
                         with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
@@ -210,6 +198,12 @@ class Handset:
             for _topic, _payload, label in self._unsent:
                 self.show(f"    ⚠ 未能发出：{label.strip()}")
             log.warning("handset_replies_unsent", unit=self.unit.id, count=len(self._unsent))
+
+    async def _say(self, client: aiomqtt.Client, state: str) -> None:
+        """Announce this unit's presence, retained (``MqttError`` as soon as the connection
+        is lost: the next attempt starts at once, not after a 10 s timeout)."""
+        status = unit_event(self.unit.id, "cn.antifraud.unit.status", {"state": state})
+        await publish_acknowledged(client, [(self.status_topic, status, 1, True)])
 
     async def _receive(self, client: aiomqtt.Client, stop: asyncio.Event) -> None:
         async for message in messages_until(client, stop):
