@@ -347,6 +347,9 @@ class Console:
         while len(self.board.pending) > 1000:
             self.board.pending.popitem(last=False)
         payload = json.dumps(event, ensure_ascii=False).encode()
+        logged = log.bind(
+            operator=session.operator, incident_id=incident_id, action=action, event_id=event_id
+        )
         try:
             async with asyncio.timeout(ACTION_CONFIRM_S):
                 await publish_acknowledged(
@@ -354,22 +357,12 @@ class Console:
                 )
         except (aiomqtt.MqttError, TimeoutError) as exc:
             # it may or may not have reached the broker: the operator must look, then decide
-            log.warning(
+            logged.warning(
                 "console_action_unconfirmed",
-                operator=session.operator,
-                incident_id=incident_id,
-                action=action,
-                event_id=event_id,
                 error=str(exc) or f"no acknowledgement within {ACTION_CONFIRM_S:g} s",
             )
             raise web.HTTPServiceUnavailable(text=UNCONFIRMED) from None
-        log.info(
-            "console_action",
-            operator=session.operator,
-            incident_id=incident_id,
-            action=action,
-            event_id=event_id,
-        )
+        logged.info("console_action")
         return web.json_response({"action_id": event_id})
 
     # ---- history ---------------------------------------------------------------------------

@@ -83,6 +83,18 @@ async def dispatcher(
             await running.finish()
 
 
+@contextlib.asynccontextmanager
+async def handset_running(handset: Handset) -> AsyncIterator[Handset]:
+    """``handset`` connected (and reconnecting) in the background; stopped cleanly after."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(handset.run(stop))
+    try:
+        yield handset
+    finally:
+        stop.set()
+        await task
+
+
 async def wait_until(predicate: Any, within: float = 10.0) -> None:
     deadline = asyncio.get_running_loop().time() + within
     while not predicate():
@@ -170,13 +182,10 @@ async def test_a_handset_offline_during_the_offer_receives_it_when_it_returns(
         await wait_until(lambda: running.service.stats["published"] >= 10)
         shown: list[str] = []
         handset = Handset(settings, "G-YJ-CH-01", url, show=shown.append)
-        stop = asyncio.Event()
-        task = asyncio.create_task(handset.run(stop))
-        await wait_until(
-            lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received)
-        )
-        stop.set()
-        await task
+        async with handset_running(handset):
+            await wait_until(
+                lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received)
+            )
     offer = next(e for e in handset.received if e["type"] == "cn.antifraud.dispatch.offered")
     assert offer["data"]["dispatch_id"] == "INC-C1:G-YJ-CH-01"
     assert any("陈女士" in line for line in shown)
@@ -288,17 +297,12 @@ async def offer_across_a_broker_restart(
     await wait_until(lambda: dispatch_status(running, "INC-C1:Q-YJ-YL") is not None)
     broker.start()
     handset = Handset(settings, "Q-YJ-YL", url, show=lambda _: None)
-    stop = asyncio.Event()
-    task = asyncio.create_task(handset.run(stop))
-    try:
+    async with handset_running(handset):
         await wait_until(
             lambda: any(e["type"] == "cn.antifraud.dispatch.offered" for e in handset.received),
             within=20,
         )
         yield handset
-    finally:
-        stop.set()
-        await task
 
 
 async def test_timers_fire_while_the_broker_is_away_and_their_offers_go_out_after(
@@ -787,16 +791,11 @@ async def guard_with_an_offer(
     async with dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running:
         shown: list[str] = []
         handset = Handset(settings, "G-YJ-CH-01", url, show=shown.append)
-        stop = asyncio.Event()
-        task = asyncio.create_task(handset.run(stop))
-        try:
+        async with handset_running(handset):
             await asyncio.wait_for(handset.connected.wait(), 10)
             await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=1000)
             await wait_until(lambda: handset.current == "INC-C1:G-YJ-CH-01")
             yield running, handset, shown
-        finally:
-            stop.set()
-            await task
 
 
 async def test_a_reply_made_while_the_handset_is_cut_off_goes_out_when_it_is_back(
