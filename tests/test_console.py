@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 from aiohttp import ClientSession, CookieJar, web
 
@@ -60,6 +61,21 @@ async def login(
         return await response.json()  # type: ignore[no-any-return]
 
 
+@contextlib.asynccontextmanager
+async def operator_watched(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> AsyncIterator[tuple[str, Console, ClientSession, dict[str, Any], aiomqtt.Client]]:
+    """The console served, op-01 logged in (its state: the CSRF token), and a client
+    subscribed to every operator's actions, to see what the console publishes."""
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+        open_client(BrokerURL.parse(broker.url)) as spy,
+    ):
+        await spy.subscribe("antifraud/v1/operators/+/actions", qos=1)
+        yield base, console, http, await login(http, base), spy
+
+
 def test_passwords_are_hashed_with_scrypt_and_checked(tmp_path: Path) -> None:
     stored = hash_password("s3cret-words")
     assert stored.startswith("scrypt$") and "s3cret-words" not in stored
@@ -100,14 +116,7 @@ async def test_pages_need_a_login_and_a_wrong_password_is_refused(
 async def test_an_action_needs_the_csrf_token_and_is_published_as_the_operator(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
-    url = BrokerURL.parse(broker.url)
-    async with (
-        serving(settings, broker, tmp_path) as (base, _),
-        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
-        open_client(url) as spy,
-    ):
-        await spy.subscribe("antifraud/v1/operators/+/actions", qos=1)
-        state = await login(http, base)
+    async with operator_watched(settings, broker, tmp_path) as (base, _, http, state, spy):
         target = f"{base}/api/incidents/INC-C1/callback"
         async with http.post(target, json={"result": "no_answer"}) as response:
             assert response.status == 403
@@ -141,14 +150,7 @@ async def test_an_action_the_broker_may_not_have_is_reported_as_unconfirmed(
     """The console's connection dies after the action reached the broker but before the
     broker's acknowledgement came back: the operator is told at once that it may or may not
     have gone, not kept waiting and then shown a server error."""
-    url = BrokerURL.parse(broker.url)
-    async with (
-        serving(settings, broker, tmp_path) as (base, console),
-        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
-        open_client(url) as spy,
-    ):
-        await spy.subscribe("antifraud/v1/operators/+/actions", qos=1)
-        state = await login(http, base)
+    async with operator_watched(settings, broker, tmp_path) as (base, console, http, state, spy):
         assert console.client is not None
         console.client._client.on_publish = lambda *args: None  # its acknowledgement is lost
 
