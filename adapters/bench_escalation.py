@@ -25,6 +25,7 @@ from pathlib import Path
 from adapters.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
 from adapters.store import OutboxRow, Store
 from dispatcher import logs
+from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
@@ -68,7 +69,7 @@ async def escalation_stages(
 
             for _ in range(samples):
                 call = f"ESC-{uuid.uuid4().hex[:8]}"
-                incident = f"INC-{call}"
+                incident = incident_of_call(call)
                 await step(calls, call_bytes("progress", call, CHEN, FLAGGED, 30))
                 escalate = event_bytes(
                     "operator.escalate", {"incident_id": incident}, "console/bench"

@@ -42,6 +42,7 @@ import aiomqtt
 from adapters.broker import local_broker
 from adapters.mqtt import BrokerURL, acknowledged, disconnected, open_client, publish_now
 from dispatcher.inbound import call_data, cloudevent
+from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics, rfc3339
 from dispatcher.settings import Settings
 
@@ -201,7 +202,7 @@ async def dispatcher_rate(
 
         async def watch() -> None:
             async for message in console.messages:
-                if json.loads(bytes(message.payload))["subject"] == f"INC-{marker}":
+                if json.loads(bytes(message.payload))["subject"] == incident_of_call(marker):
                     done.set()
                     return
 
@@ -346,7 +347,7 @@ async def latencies(
             await asyncio.sleep(0.5)  # the background load settles
             for _ in range(samples):
                 call = f"LAT-{uuid.uuid4().hex[:8]}"
-                incident = f"INC-{call}"
+                incident = incident_of_call(call)
                 await ops.publish(calls, call_bytes("progress", call, CHEN, FLAGGED, 30), qos=1)
                 await until(lambda incident=incident: states.get(incident) == "open")
                 arrived.clear()

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dispatcher.inbound import call_data, cloudevent
+from dispatcher.model import incident_of_call
 from dispatcher.settings import Settings
 
 PREFIX = "antifraud/v1"
@@ -116,7 +117,7 @@ def write_day(path: Path, settings: Settings, events: int, seed: int = 7) -> int
         start = 3600.0 + slot * 7200.0
         call_id = f"DK-{slot:03d}"
         other = flagged[slot % len(flagged)]
-        incident = f"INC-{call_id}"
+        incident = incident_of_call(call_id)
         add(start, "call", "started", call_id, sub, other)
         for k in range(1, 11):
             add(start + 30 * k, "call", "progress", call_id, sub, other, 30.0 * k)
