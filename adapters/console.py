@@ -460,15 +460,7 @@ class Console:
         while True:
             try:
                 async with open_client(self.broker, f"console-{uuid.uuid4().hex[:8]}") as client:
-                    await client.subscribe(
-                        [
-                            (self.topics.all_incidents, 1),
-                            (self.topics.operators, 1),
-                            (self.topics.all_unit_status, 1),
-                            (self.topics.deadletter, 1),
-                            (self.topics.dispatcher_status, 1),
-                        ]
-                    )
+                    await client.subscribe([(t, 1) for t in self.topics.console_filters()])
                     self.client = client
                     self.connected.set()
                     backoff.reset()

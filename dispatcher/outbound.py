@@ -79,6 +79,16 @@ class Topics:
         """What the dispatcher subscribes to."""
         return [self.calls(region), self.all_actions, self.all_replies, self.all_unit_status]
 
+    def console_filters(self) -> list[str]:
+        """What an operator console subscribes to (and the broker's ACL lets it read)."""
+        return [
+            self.all_incidents,
+            self.operators,
+            self.all_unit_status,
+            self.deadletter,
+            self.dispatcher_status,
+        ]
+
 
 class Messages:
     """Builds every outbound message of one deployment."""

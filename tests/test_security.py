@@ -311,18 +311,28 @@ async def test_an_operator_console_only_publishes_its_own_actions(
         )
 
 
-async def test_an_operator_console_reads_incidents_and_presence_not_dispatches(
-    secure: SecureBroker,
+@pytest.mark.parametrize("username", ["op-01", "console"])
+async def test_an_operator_console_reads_what_it_shows_and_not_dispatches(
+    secure: SecureBroker, username: str
 ) -> None:
-    async with listening(secure.url("op-01"), f"{P}/#") as got:
+    async with listening(secure.url(username), f"{P}/#") as got:
         async with open_client(secure.url("dispatcher", tls=False)) as dispatcher:
             await dispatcher.publish(f"{P}/units/G-YJ-CH-01/dispatches", b"forbidden", qos=1)
             await dispatcher.publish(f"{P}/units/G-YJ-CH-01/replies", b"forbidden", qos=1)
+            await dispatcher.publish(f"{P}/events/hengnan/calls", b"forbidden", qos=1)
             await dispatcher.publish(f"{P}/incidents/INC-X", b"state", qos=1)
             await dispatcher.publish(f"{P}/units/G-YJ-CH-01/status", b"presence", qos=1)
+            await dispatcher.publish(f"{P}/deadletter", b"rejected", qos=1)
+            await dispatcher.publish(f"{P}/dispatcher/status", b"dispatcher", qos=1)
             await dispatcher.publish(f"{P}/operators/incidents", b"control", qos=1)
         await arrives(got, b"control")
-    assert sorted(p for _, p in got) == [b"control", b"presence", b"state"]
+    assert sorted(p for _, p in got) == [
+        b"control",
+        b"dispatcher",
+        b"presence",
+        b"rejected",
+        b"state",
+    ]
 
 
 # ---- everything together -------------------------------------------------------------------
