@@ -7,8 +7,9 @@ every unit; consoles, sources and the dispatcher get a block each:
 
 - a handset may read only its own ``dispatches`` and write only its own ``replies``/``status``;
 - a call-warning source may only publish call events of its region;
-- an operator console may publish only its own actions and read the incident topics, unit
-  presence and the dispatcher's own;
+- an operator console may publish only its own actions, and the console server those of the
+  deployment's operators; both read what the console shows: the incident topics, unit
+  presence, the dead-letter topic and the dispatcher's own;
 - the dispatcher may read and write everything under the prefix.
 
 Passwords are random, kept in ``credentials.csv`` (mode 0600, for provisioning devices) and
@@ -102,7 +103,7 @@ def acl_text(settings: Settings) -> str:
         ]
     for operator in access.operators:
         lines += [
-            f"# Operator console {operator}: its own actions; incidents and unit presence.",
+            f"# Operator console {operator}: its own actions; what the console shows.",
             f"user {operator}",
             f"topic write {topics.actions(operator)}",
             *console_reads,

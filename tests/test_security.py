@@ -311,6 +311,25 @@ async def test_an_operator_console_only_publishes_its_own_actions(
         )
 
 
+@pytest.mark.parametrize(
+    "denied",
+    [
+        f"{P}/operators/op-99/actions",  # an operator the deployment does not have
+        f"{P}/units/G-YJ-CH-01/replies",
+        f"{P}/events/hengnan/calls",
+        f"{P}/units/G-YJ-CH-01/dispatches",
+        f"{P}/operators/incidents",
+    ],
+)
+async def test_the_console_server_only_publishes_its_operators_actions(
+    secure: SecureBroker, denied: str
+) -> None:
+    async with listening(secure.url("dispatcher", tls=False), f"{P}/#") as observer:
+        await publish_denied_then_allowed(
+            secure.url("console"), denied, f"{P}/operators/op-02/actions", observer
+        )
+
+
 @pytest.mark.parametrize("username", ["op-01", "console"])
 async def test_an_operator_console_reads_what_it_shows_and_not_dispatches(
     secure: SecureBroker, username: str
