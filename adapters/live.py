@@ -77,6 +77,11 @@ INLINE_MAX_RATE = 1000.0
 # a batch's log lines are written this long after its commit, once its messages have left
 # (from the commit itself, or from the publisher's next turn); warnings and errors at once
 LOG_RELEASE_S = 0.002
+# a commit written on the loop is flushed to the disk this long after it was written (its
+# messages are on their way by then): the flush wakes the kernel's journal and the disk on the cores
+# those messages need on their way to their subscribers (docs/decisions.md 54); its inbound
+# messages are acknowledged once it is flushed, as always
+FLUSH_AFTER_S = 0.005
 HEARTBEAT_S = 60.0  # one `alive` line this often: a quiet service told from a stuck one
 
 
@@ -172,6 +177,7 @@ class LiveService:
             tuple[asyncio.Future[None] | None, list[tuple[aiomqtt.Client, aiomqtt.Message]]]
         ] = asyncio.Queue()
         self._unacknowledged = 0  # messages in those batches
+        self._flushes: set[asyncio.Future[None]] = set()  # flushes not yet done
         # the publisher has something to do: messages committed, acknowledged, or a connection
         # gained or lost
         self._wake = asyncio.Event()
@@ -235,8 +241,13 @@ class LiveService:
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
+                for flush in list(self._flushes):  # waiting to start: flushed just below
+                    flush.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await flush
                 logs.release()
                 await runtime.commit()
+                await store.flush()
                 self._settle()
                 if self._sent:
                     await self._mark_sent(store)
@@ -393,9 +404,14 @@ class LiveService:
                 deferred_since is not None and loop.time() - deferred_since >= DEFER_BOOKKEEPING_S
             ):
                 # written (its messages handed to the publisher), then flushed while the next
-                # batch is handled; the acker acknowledges this batch once it is flushed
+                # batch is handled (FLUSH_AFTER_S later, unless a burst is being drained); the
+                # acker acknowledges this batch once it is flushed
                 await runtime.commit(flush=False, inline=not rate.busy)
-                flushed = asyncio.ensure_future(runtime.store.flush())
+                flushed = asyncio.ensure_future(
+                    self._flush(runtime.store, 0.0 if rate.busy else FLUSH_AFTER_S)
+                )
+                self._flushes.add(flushed)
+                flushed.add_done_callback(self._flushes.discard)
                 deferred_since = None
             elif batch and deferred_since is None:
                 deferred_since = loop.time()
@@ -405,6 +421,12 @@ class LiveService:
             # the publisher is woken by _written, and only when a commit has messages for it
             if release is None or loop.time() >= release.when():  # none pending
                 release = loop.call_later(LOG_RELEASE_S, logs.release)
+
+    @staticmethod
+    async def _flush(store: Store, after: float) -> None:
+        if after:
+            await asyncio.sleep(after)
+        await store.flush()
 
     async def _acker(self) -> None:
         """Acknowledges handled batches in the order they were received, each once its commit

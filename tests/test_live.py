@@ -445,6 +445,42 @@ async def test_outputs_leave_once_written_and_the_input_is_acknowledged_once_flu
         assert acked == sorted(acked)  # in the order received
 
 
+async def test_the_disk_flush_comes_after_the_commits_messages_have_left(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flush of a commit written on the loop starts FLUSH_AFTER_S after it (a second
+    here), so the disk's work stays off its messages' way to the subscribers; the call event
+    that opened the incident is acknowledged only after that flush."""
+    monkeypatch.setattr(live_module, "FLUSH_AFTER_S", 1.0)
+    acked = recorded_acks(monkeypatch)
+    event = Script().progress(0, "C1", CHEN, INVESTMENT, 30).lines[0]["payload"]
+    async with (
+        dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running,
+        open_client(BrokerURL.parse(broker.url)) as client,
+    ):
+        runtime = running.service.runtime
+        assert runtime is not None and runtime.store._log is not None
+        flushes: list[float] = []
+        real_flush = runtime.store._log.flush
+
+        def recorded_flush() -> None:  # on the store's flush thread
+            flushes.append(time.monotonic())
+            real_flush()
+
+        monkeypatch.setattr(runtime.store._log, "flush", recorded_flush)
+        await client.subscribe(f"{P}/operators/incidents", qos=1)
+        received = client.messages.__aiter__()
+        published = time.monotonic()
+        await client.publish(f"{P}/events/hengnan/calls", json.dumps(event), qos=1)
+        opened = await asyncio.wait_for(anext(received), 5)
+        seen = time.monotonic()
+        assert json.loads(bytes(opened.payload))["subject"] == "INC-C1"  # type: ignore[arg-type]
+        assert not [at for at in flushes if at > published] and acked == []
+        await wait_until(lambda: len(acked) == 1, within=5)
+        flushed = min(at for at in flushes if at > published)
+        assert flushed > seen and flushed - published >= 1.0
+
+
 async def stopped_by_a_refused_flush(running: Running) -> None:
     """The service stops by itself, soon, and with the flush's error (not stopped by a test
     timeout, whose shutdown commit would fail the same way)."""
