@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = bench.add_parser("live", help="the dispatcher on a private Mosquitto: rate and latency")
     b.add_argument("--config", default=DEFAULT_CONFIG)
     b.add_argument("--events", type=int, default=20_000)
-    b.add_argument("--samples", type=int, default=300, help="latency samples")
+    b.add_argument("--samples", type=int, default=1000, help="latency samples (a p99 wants many)")
     b.add_argument("--rate", type=float, default=500.0, help="background events/s")
     b.set_defaults(func=cmd_bench_live, quiet=True)
     b = bench.add_parser(
