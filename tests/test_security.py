@@ -292,42 +292,31 @@ async def test_a_call_warning_source_only_publishes_call_events(
         )
 
 
-@pytest.mark.parametrize(
-    "denied",
-    [
-        f"{P}/operators/op-02/actions",  # another operator's actions
-        f"{P}/units/G-YJ-CH-01/replies",
-        f"{P}/events/hengnan/calls",
-        f"{P}/units/G-YJ-CH-01/dispatches",
-        f"{P}/operators/incidents",
-    ],
-)
-async def test_an_operator_console_only_publishes_its_own_actions(
-    secure: SecureBroker, denied: str
-) -> None:
-    async with listening(secure.url("dispatcher", tls=False), f"{P}/#") as observer:
-        await publish_denied_then_allowed(
-            secure.url("op-01"), denied, f"{P}/operators/op-01/actions", observer
-        )
+# what no console may publish, besides the actions of operators that are not its own
+NOT_FOR_CONSOLES = [
+    f"{P}/units/G-YJ-CH-01/replies",
+    f"{P}/events/hengnan/calls",
+    f"{P}/units/G-YJ-CH-01/dispatches",
+    f"{P}/operators/incidents",
+]
 
 
 @pytest.mark.parametrize(
-    "denied",
+    ("username", "allowed", "denied"),
     [
-        f"{P}/operators/op-99/actions",  # an operator the deployment does not have
-        f"{P}/units/G-YJ-CH-01/replies",
-        f"{P}/events/hengnan/calls",
-        f"{P}/units/G-YJ-CH-01/dispatches",
-        f"{P}/operators/incidents",
+        # an operator's console: its own actions, not another operator's
+        *[("op-01", f"{P}/operators/op-01/actions", d) for d in NOT_FOR_CONSOLES],
+        ("op-01", f"{P}/operators/op-01/actions", f"{P}/operators/op-02/actions"),
+        # the console server: the actions of the deployment's operators, no one else's
+        *[("console", f"{P}/operators/op-02/actions", d) for d in NOT_FOR_CONSOLES],
+        ("console", f"{P}/operators/op-02/actions", f"{P}/operators/op-99/actions"),
     ],
 )
-async def test_the_console_server_only_publishes_its_operators_actions(
-    secure: SecureBroker, denied: str
+async def test_a_console_only_publishes_the_actions_of_its_operators(
+    secure: SecureBroker, username: str, allowed: str, denied: str
 ) -> None:
     async with listening(secure.url("dispatcher", tls=False), f"{P}/#") as observer:
-        await publish_denied_then_allowed(
-            secure.url("console"), denied, f"{P}/operators/op-02/actions", observer
-        )
+        await publish_denied_then_allowed(secure.url(username), denied, allowed, observer)
 
 
 @pytest.mark.parametrize("username", ["op-01", "console"])
