@@ -78,9 +78,9 @@ INLINE_MAX_RATE = 1000.0
 # (from the commit itself, or from the publisher's next turn); warnings and errors at once
 LOG_RELEASE_S = 0.002
 # a commit written on the loop is flushed to the disk this long after it was written (its
-# messages are on their way by then): the flush wakes the kernel's journal and the disk on the cores
-# those messages need on their way to their subscribers (docs/decisions.md 54); its inbound
-# messages are acknowledged once it is flushed, as always
+# messages are on their way by then): the flush wakes the kernel's journal and the disk on
+# the cores those messages need on their way to their subscribers (docs/decisions.md 54);
+# its inbound messages are acknowledged once it is flushed, as always
 FLUSH_AFTER_S = 0.005
 HEARTBEAT_S = 60.0  # one `alive` line this often: a quiet service told from a stuck one
 

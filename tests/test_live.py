@@ -448,10 +448,10 @@ async def test_outputs_leave_once_written_and_the_input_is_acknowledged_once_flu
 async def test_the_disk_flush_comes_after_the_commits_messages_have_left(
     settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The flush of a commit written on the loop starts FLUSH_AFTER_S after it (a second
+    """The flush of a commit written on the loop starts FLUSH_AFTER_S after it (two seconds
     here), so the disk's work stays off its messages' way to the subscribers; the call event
     that opened the incident is acknowledged only after that flush."""
-    monkeypatch.setattr(live_module, "FLUSH_AFTER_S", 1.0)
+    monkeypatch.setattr(live_module, "FLUSH_AFTER_S", 2.0)
     acked = recorded_acks(monkeypatch)
     event = Script().progress(0, "C1", CHEN, INVESTMENT, 30).lines[0]["payload"]
     async with (
@@ -478,7 +478,7 @@ async def test_the_disk_flush_comes_after_the_commits_messages_have_left(
         assert not [at for at in flushes if at > published] and acked == []
         await wait_until(lambda: len(acked) == 1, within=5)
         flushed = min(at for at in flushes if at > published)
-        assert flushed > seen and flushed - published >= 1.0
+        assert flushed > seen and flushed - published >= 2.0
 
 
 async def stopped_by_a_refused_flush(running: Running) -> None:
