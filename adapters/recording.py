@@ -46,10 +46,12 @@ def read_lines(path: Path, skip: int = 0) -> Iterator[Line]:
             if number <= skip:
                 continue
             try:
+                strict = True
                 try:
                     line = fast_loads(raw)
                 except ValueError:  # what only Python's parser reads: a raw payload's escaped
                     line = loads(raw)  # bytes (surrogates), integers beyond 64 bits
+                    strict = False
                 at = line["at"]
                 topic = line["topic"]
                 ok = (
@@ -68,6 +70,11 @@ def read_lines(path: Path, skip: int = 0) -> Iterator[Line]:
             payload = line.get("payload", _MISSING)
             if payload is _MISSING or "payload_raw" in line:
                 payload = _raw_payload(f"{path}:{number}", line)
+            elif not strict:
+                # a payload only Python's parser reads (a lone surrogate, an integer beyond
+                # 64 bits) is handed over as the bytes it stands for, which the dispatcher
+                # refuses as it would off the wire
+                payload = _loose_bytes(payload)
             last_at = at
             yield Line(number, float(at), topic, payload)
 
@@ -81,6 +88,10 @@ def _raw_payload(where: str, line: dict[str, Any]) -> bytes:
     if not isinstance(line["payload_raw"], str):
         raise RecordingError(f"{where}: 'payload_raw' must be a string")
     return line["payload_raw"].encode("utf-8", "surrogateescape")
+
+
+def _loose_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass")
 
 
 def _explain(where: str, raw: str, last_at: float) -> None:

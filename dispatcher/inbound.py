@@ -178,6 +178,7 @@ class TopicRouter:
         self._levels = len(self.prefix.split("/"))
         self._operator_id = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
         self._known: dict[str, tuple[TopicKind, str]] = {}
+        self._channels: dict[str, tuple[TopicKind, str, str]] = {}
 
     def route(self, topic: str) -> tuple[TopicKind, str]:
         """(kind, who speaks) for an inbound topic; ``InputError`` for any other topic."""
@@ -187,6 +188,18 @@ class TopicRouter:
             if len(self._known) >= 65536:  # valid topics are few; stay bounded regardless
                 self._known.clear()
             self._known[topic] = known
+        return known
+
+    def channel(self, topic: str) -> tuple[TopicKind, str, str]:
+        """``route`` and the channel the topic is: its kind and the party it names, such as
+        ``replies/G-YJ-CH-01``. Budgets and duplicates are counted per channel."""
+        known = self._channels.get(topic)
+        if known is None:
+            kind, party = self.route(topic)
+            known = (kind, party, f"{kind}/{party}")
+            if len(self._channels) >= 65536:
+                self._channels.clear()
+            self._channels[topic] = known
         return known
 
     def _route(self, topic: str) -> tuple[TopicKind, str]:
@@ -340,13 +353,20 @@ def parse_message(
     router: TopicRouter, topic: str, payload: bytes | Any, settings: Settings
 ) -> Inbound:
     """Validate one inbound message. ``payload`` is raw bytes or an already decoded JSON value."""
-    limits = settings.limits
     kind, party = router.route(topic)
-    event = (
-        decode_payload(bytes(payload), limits.max_payload_bytes, limits.max_json_depth)
-        if isinstance(payload, bytes | bytearray)
-        else payload
-    )
+    return parse_routed(kind, party, topic, payload, settings)
+
+
+def parse_routed(
+    kind: TopicKind, party: str, topic: str, payload: bytes | Any, settings: Settings
+) -> Inbound:
+    """``parse_message`` for a topic already routed to ``kind`` and ``party``."""
+    limits = settings.limits
+    if isinstance(payload, bytes | bytearray):
+        event = decode_payload(bytes(payload), limits.max_payload_bytes, limits.max_json_depth)
+    else:
+        event = payload
+        _check_decoded(event)
     if type(event) is not dict:
         raise InputError(
             f"not a CloudEvent: payload is a JSON {type(event).__name__}, not an object"
@@ -361,6 +381,16 @@ def parse_message(
     if INBOUND_TYPES[event_type][1] != kind:
         raise InputError(f"type {event_type} is not accepted on topic {_clip(topic)!r}")
     return Inbound(topic, kind, party, model.source, model.id, event_type, model.data, model.time)
+
+
+def _check_decoded(event: Any) -> None:
+    """A payload handed over already decoded (a recording line) must be what the wire could
+    carry: JSON the strict parser accepts. A lone surrogate or an integer beyond 64 bits,
+    which Python's own parser reads, is refused here, as its bytes would be."""
+    try:
+        orjson.dumps(event)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise InputError(f"not JSON: {exc}") from None
 
 
 _EXCESS_FRACTION = re.compile(r"(\.\d{6})\d+")

@@ -13,14 +13,16 @@ import asyncio
 import hashlib
 import heapq
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import structlog
 
 from adapters.store import OutboxRow, Store
 from dispatcher.errors import InputError
-from dispatcher.inbound import Inbound, TopicRouter, event_epoch, parse_message
+from dispatcher.inbound import Inbound, TopicRouter, event_epoch, parse_routed
 from dispatcher.limits import RateLimiter
 from dispatcher.model import (
     AWAITING_REPLY,
@@ -44,6 +46,9 @@ from rules.engine import RuleSet
 
 log = structlog.get_logger("dispatcher")
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+SEP = "\x1f"  # between the channel and the source of a stored processed pair
+UNROUTED = "#unrouted"  # the channel of input on a topic that names nobody
 RAW_SOURCE = "#raw"  # dedupe key source for input whose (source, id) cannot be read
 DEADLETTER_PAYLOAD_CHARS = 1024
 PRUNE_EVERY_S = 3600.0  # how often old dedupe pairs and contacts are deleted from the store
@@ -57,9 +62,9 @@ def _payload_text(payload: bytes | Any) -> str:
     if isinstance(payload, bytes | bytearray):
         return bytes(payload[: DEADLETTER_PAYLOAD_CHARS * 4]).decode("utf-8", "replace")
     try:
-        return json.dumps(payload, ensure_ascii=False, sort_keys=True)
+        return safe_text(json.dumps(payload, ensure_ascii=False, sort_keys=True))
     except (TypeError, ValueError, RecursionError):
-        return repr(payload)
+        return safe_text(repr(payload))
 
 
 def _before(state: State, msg: Inbound) -> IncidentCopies | None:
@@ -93,27 +98,55 @@ def _undo(state: State, msg: Inbound, before: IncidentCopies | None) -> None:
 
 
 def _identity(topic: str, payload: bytes | Any) -> tuple[str, str]:
-    """(source, id) of a payload if it has readable ones, else a digest of topic and bytes."""
+    """(source, id) of a payload if it has readable ones, else a digest of topic and bytes.
+
+    Bytes are read with the same strict parser as the inbound path: text Python's own
+    parser would take (lone surrogates, escaped or raw) has no readable (source, id), and
+    none of it may reach the store or a log line."""
     event = payload
-    if isinstance(payload, bytes | bytearray) and len(payload) <= 1 << 20:
+    if isinstance(payload, bytes | bytearray):
         try:
-            event = json.loads(payload)
-        except (ValueError, RecursionError):
+            event = orjson.loads(payload) if len(payload) <= 1 << 20 else None
+        except orjson.JSONDecodeError:
             event = None
     if isinstance(event, dict):
         source, event_id = event.get("source"), event.get("id")
         if (
             isinstance(source, str)
             and isinstance(event_id, str)
-            and source
-            and event_id
-            and len(source) <= 256
-            and len(event_id) <= 256
+            and 0 < len(source) <= 256
+            and 0 < len(event_id) <= 256
+            and _printable(source)
+            and _printable(event_id)
         ):
             return source, event_id
     body = payload if isinstance(payload, bytes | bytearray) else _payload_text(payload).encode()
-    digest = hashlib.sha256(topic.encode() + b"\0" + bytes(body)).hexdigest()
+    digest = hashlib.sha256(safe_text(topic).encode() + b"\0" + bytes(body)).hexdigest()
     return RAW_SOURCE, digest
+
+
+def _printable(text: str) -> bool:
+    """Text fit for the store and the logs: valid UTF-8 (no lone surrogate), no control
+    characters (which the dedupe keys use as separators)."""
+    return _CONTROL.search(text) is None and _encodes(text)
+
+
+def _encodes(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def safe_text(text: str) -> str:
+    """``text`` as valid UTF-8 for the store and the logs: a lone surrogate (which Python
+    strings may hold, from a recording or a lenient parser) is written as its escape."""
+    if _encodes(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Runtime:
@@ -137,21 +170,39 @@ class Runtime:
         self.meta: dict[str, str] = {}  # the store's meta, as loaded by start()
         self._timers: list[tuple[tuple[float, str, int, str], TimerSet]] = []
         self._scheduled: set[TimerSet] = set()
-        # processed (source, id) pairs as "source\0id" -> time: plain strings keep this large
+        # processed pairs as "channel\x1fsource\0id" -> time: plain strings keep this large
         # dict out of the garbage collector's way (ids never contain control characters)
         self._seen: dict[str, float] = {}
+        # pairs a store written before pairs were kept per channel holds, as "source\0id":
+        # they count on every channel until they leave the dedupe window
+        self._legacy_seen: dict[str, float] = {}
         self._expire_countdown = 0
         limits = settings.limits
-        # a source is over its rate limit only when it is over on both clocks: as its
-        # messages arrive, and as it stamped them (a backlog delivered at once after an
-        # outage arrives fast but was sent at an ordinary pace; a source whose clock stands
-        # still stamps fast but arrives at an ordinary pace)
-        self.limiter = RateLimiter(
+        # every channel's budget, spent as its messages arrive, before they are read. The
+        # call topic's is wide (a scam wave, a backlog after an outage) and it is over its
+        # limit only when it is over on both clocks: as its messages arrive, and as its
+        # source stamped them (a backlog delivered at once arrives fast but was sent at an
+        # ordinary pace; a source whose clock stands still stamps fast but arrives at an
+        # ordinary pace). A unit's or an operator's is narrow, on arrival alone: nobody but
+        # that party may write on its topic, and nobody presses buttons that fast.
+        self.call_limiter = RateLimiter(
             limits.rate_per_source, limits.burst_per_source, limits.max_sources
         )
         self.sent_limiter = RateLimiter(
             limits.rate_per_source, limits.burst_per_source, limits.max_sources
         )
+        self.party_limiter = RateLimiter(
+            limits.rate_per_party, limits.burst_per_party, limits.max_sources
+        )
+        # refusals a channel may have stored and dead-lettered; past that they are counted
+        self.refusals = RateLimiter(
+            limits.refusals_per_period / limits.refusal_period_s,
+            limits.refusals_per_period,
+            limits.max_sources,
+        )
+        # channel -> [suppressed count, since, a topic of it] until its summary is written
+        self._suppressed: dict[str, list[Any]] = {}
+        self._suppressed_changed = False  # kept in the store's meta with each commit
         self._committing: asyncio.Future[None] | None = None
         self._pruned_at = 0.0
         self.outbox = outbox
@@ -159,7 +210,14 @@ class Runtime:
         # as the commit is written (a crash of the process can no longer lose it), before the
         # commit is flushed to the disk and its inbound messages may be acknowledged
         self.on_written: Callable[[list[OutboxRow]], None] | None = None
-        self.counts = {"handled": 0, "rejected": 0, "duplicates": 0, "timers": 0, "published": 0}
+        self.counts = {
+            "handled": 0,
+            "rejected": 0,
+            "suppressed": 0,
+            "duplicates": 0,
+            "timers": 0,
+            "published": 0,
+        }
 
     # ---- start-up --------------------------------------------------------------------------
 
@@ -182,14 +240,18 @@ class Runtime:
         for subscriber, at, counterpart in snap.contacts:
             self.state.contacts.record(subscriber, counterpart, at)
         self.state.presence.update(snap.presence)
-        for source, event_id, at in snap.inbound:
-            self._seen[f"{source}\0{event_id}"] = at
+        for stored, event_id, at in snap.inbound:
+            if SEP in stored:
+                self._seen[f"{stored}\0{event_id}"] = at
+            else:
+                self._legacy_seen[f"{stored}\0{event_id}"] = at
         self.meta = snap.meta
+        self._suppressed = json.loads(snap.meta.get("suppressed", "{}"))
         log.info(
             "state_loaded",
             incidents=len(snap.incidents),
             timers=len(self._timers),
-            dedupe=len(self._seen),
+            dedupe=len(self._seen) + len(self._legacy_seen),
             clock=self.clock,
         )
         for incident in snap.incidents:
@@ -229,6 +291,8 @@ class Runtime:
             self._apply(effects, timer.due)
         if now > self.clock:
             self.clock = now
+        if self._suppressed:
+            self.report_suppressed(self.clock)
         self._expire_countdown -= 1
         if self._expire_countdown <= 0:
             self._expire_countdown = 1024
@@ -246,48 +310,88 @@ class Runtime:
     # ---- inbound ---------------------------------------------------------------------------
 
     def handle(self, topic: str, payload: bytes | Any, now: float) -> None:
-        """Process one inbound message received at ``now``. Never raises for bad input."""
+        """Process one inbound message received at ``now``. Never raises for bad input.
+
+        The topic names who speaks (its channel: the region's calls, an operator's actions, a
+        unit's replies or status); each channel has a budget, spent before anything of the
+        message is read, so that one party's flood costs little and touches nobody else's
+        messages, and (source, id) pairs are remembered per channel."""
         try:
-            msg = parse_message(self.router, topic, payload, self.settings)
+            kind, party, channel = self.router.channel(topic)
         except InputError as exc:
-            key = _identity(topic, payload)
-            if self._duplicate(key, now):
+            channel = UNROUTED
+            if not self.party_limiter.allow(channel, now):
+                self._over_rate(channel, topic, payload, now)
                 return
-            self._reject(topic, exc.reason, payload, key, now)
+            self._refuse(channel, topic, exc.reason, payload, now)
+            return
+        limiter = self.call_limiter if kind == "calls" else self.party_limiter
+        over = not limiter.allow(channel, now)
+        if over and kind != "calls":
+            self._over_rate(channel, topic, payload, now)
+            return
+        try:
+            msg = parse_routed(kind, party, topic, payload, self.settings)
+        except InputError as exc:
+            if over:
+                self._over_rate(channel, topic, payload, now)
+                return
+            self._refuse(channel, topic, exc.reason, payload, now)
             return
         key = (msg.source, msg.id)
-        arrived_ok = self.limiter.allow(msg.source, now)
-        if not self.sent_limiter.allow(msg.source, self._sent_at(msg, now)) and not arrived_ok:
-            # not remembered as seen: the sender may try the same message again later
-            limits = self.settings.limits
-            self._reject(
-                topic,
-                f"rate limit: source {msg.source!r} sent more than "
-                f"{limits.rate_per_source:g} messages/s (bursts of "
-                f"{limits.burst_per_source})",
-                payload,
-                key,
-                now,
-            )
+        if kind == "calls" and (
+            not self.sent_limiter.allow(channel, self._sent_at(msg, now)) and over
+        ):
+            # the call topic only: a source's backlog delivered at once after an outage
+            # arrives fast but was stamped at an ordinary pace, and only the source itself
+            # may write on its topic
+            self._over_rate(channel, topic, payload, now)
             return
-        if self._duplicate(key, now):
+        if self._duplicate(channel, key, now):
             return
         before = _before(self.state, msg)
         try:
             effects = self.workflow.step(msg, now)
         except InputError as exc:
             _undo(self.state, msg, before)
-            self._reject(topic, exc.reason, payload, key, now)
+            self._reject(channel, topic, exc.reason, payload, key, now)
             return
         except Exception as exc:  # a defect must not stop the service: dead-letter and go on
             # whatever the step changed before it failed is undone: the state must stay what
             # was announced and stored, not half of a step nobody heard about
             _undo(self.state, msg, before)
             log.exception("internal_error", topic=_clip(topic, 200), source=key[0], event_id=key[1])
-            self._reject(topic, f"internal error: {type(exc).__name__}: {exc}", payload, key, now)
+            self._reject(
+                channel, topic, f"internal error: {type(exc).__name__}: {exc}", payload, key, now
+            )
             return
         self.counts["handled"] += 1
         self._apply(effects, now)
+
+    def _over_rate(self, channel: str, topic: str, payload: bytes | Any, now: float) -> None:
+        """A message over its channel's rate: refused unread, and not remembered as seen (it
+        may be sent again later)."""
+        call = channel.startswith("calls/")
+        limits = self.settings.limits
+        rate = limits.rate_per_source if call else limits.rate_per_party
+        burst = limits.burst_per_source if call else limits.burst_per_party
+        if not self.refusals.allow(channel, now):
+            self._suppress(channel, topic, now)
+            return
+        reason = f"rate limit: {channel} sent more than {rate:g} messages/s (bursts of {burst})"
+        self._dead_letter(channel, topic, reason, payload, _identity(topic, payload), now)
+
+    def _refuse(
+        self, channel: str, topic: str, reason: str, payload: bytes | Any, now: float
+    ) -> None:
+        """Refuse input that is not a valid message, once per channel and content."""
+        if not self.refusals.allow(channel, now):
+            self._suppress(channel, topic, now)
+            return
+        key = _identity(topic, payload)
+        if self._duplicate(channel, key, now):
+            return
+        self._dead_letter(channel, topic, reason, payload, key, now)
 
     def _sent_at(self, msg: Inbound, now: float) -> float:
         """When the source says it sent ``msg`` (its CloudEvent ``time``), never later than its
@@ -298,32 +402,90 @@ class Runtime:
                 return sent - self.state.clock_origin
         return now
 
-    def _duplicate(self, key: tuple[str, str], now: float) -> bool:
-        seen_key = f"{key[0]}\0{key[1]}"
-        if seen_key in self._seen:
+    def _duplicate(self, channel: str, key: tuple[str, str], now: float) -> bool:
+        stored = f"{channel}{SEP}{key[0]}"
+        seen_key = f"{stored}\0{key[1]}"
+        seen = self._seen
+        if seen_key in seen or (self._legacy_seen and f"{key[0]}\0{key[1]}" in self._legacy_seen):
             self.counts["duplicates"] += 1
-            log.info("duplicate_dropped", source=key[0], event_id=key[1])
+            log.info("duplicate_dropped", channel=channel, source=key[0], event_id=key[1])
             return True
-        self._seen[seen_key] = now
-        if len(self._seen) > self.settings.limits.max_dedupe_entries:
-            del self._seen[next(iter(self._seen))]  # under a flood: forget the oldest first
-        self.store.add_inbound(key[0], key[1], now)
+        seen[seen_key] = now
+        if len(seen) > self.settings.limits.max_dedupe_entries:
+            del seen[next(iter(seen))]  # under a flood: forget the oldest first
+        self.store.add_inbound(stored, key[1], now)
         return False
 
     def _expire_seen(self, now: float) -> None:
-        """Forget pairs older than the dedupe window (the dict is in arrival order)."""
+        """Forget pairs older than the dedupe window (the dicts are in arrival order)."""
         horizon = now - self.settings.limits.dedupe_window_s
-        seen = self._seen
-        while seen:
-            key = next(iter(seen))
-            if seen[key] >= horizon:
-                break
-            del seen[key]
+        for seen in (self._seen, self._legacy_seen):
+            while seen:
+                key = next(iter(seen))
+                if seen[key] >= horizon:
+                    break
+                del seen[key]
+
+    def _suppress(self, channel: str, topic: str, now: float) -> None:
+        """A message over its channel's budget: counted, not read, stored or dead-lettered.
+        What was suppressed is said once a period (``report_suppressed``)."""
+        self.counts["suppressed"] += 1
+        self._suppressed_changed = True
+        pending = self._suppressed.get(channel)
+        if pending is None:
+            self._suppressed[channel] = [1, now, _clip(safe_text(topic), 200)]
+            log.warning(
+                "input_suppressed",
+                channel=channel,
+                topic=_clip(safe_text(topic), 200),
+                hint="over its channel's budget: counted, not processed; a summary follows",
+            )
+        else:
+            pending[0] += 1
+
+    def report_suppressed(self, now: float, force: bool = False) -> None:
+        """Once a refusal period has passed since a channel's first suppressed message: one
+        log line and one ``rejected`` row with the count (the report shows it)."""
+        period = self.settings.limits.refusal_period_s
+        for channel, (count, since, topic) in list(self._suppressed.items()):
+            if force or now - since >= period:
+                del self._suppressed[channel]
+                reason = (
+                    f"over budget: {count} messages on this channel since {since:.3f} "
+                    "were counted and not processed"
+                )
+                log.warning("input_suppressed_summary", channel=channel, count=count, since=since)
+                self.store.add_rejected(now, topic, reason, "")
+        self._suppressed_changed = True
 
     def _reject(
-        self, topic: str, reason: str, payload: bytes | Any, key: tuple[str, str], now: float
+        self,
+        channel: str,
+        topic: str,
+        reason: str,
+        payload: bytes | Any,
+        key: tuple[str, str],
+        now: float,
+    ) -> None:
+        """Refuse a message, within its channel's refusal budget: past it a channel's
+        refusals are only counted, as a flood of bad input must not grow the store or the
+        dead-letter topic."""
+        if not self.refusals.allow(channel, now):
+            self._suppress(channel, topic, now)
+            return
+        self._dead_letter(channel, topic, reason, payload, key, now)
+
+    def _dead_letter(
+        self,
+        channel: str,
+        topic: str,
+        reason: str,
+        payload: bytes | Any,
+        key: tuple[str, str],
+        now: float,
     ) -> None:
         self.counts["rejected"] += 1
+        topic, reason = safe_text(topic), safe_text(reason)
         text = _clip(_payload_text(payload))
         source, event_id = (None, None) if key[0] == RAW_SOURCE else key
         log.warning(
@@ -340,7 +502,7 @@ class Runtime:
             source,
             event_id,
             text,
-            f"{key[0]}/{key[1]}",
+            f"{channel}/{key[0]}/{key[1]}",
             now,
             self.state.clock_origin,
         )
@@ -411,6 +573,9 @@ class Runtime:
                 self.clock - self.state.contacts.horizon_s,
             )
         self.store.set_meta("clock", repr(self.clock))
+        if self._suppressed_changed:
+            self._suppressed_changed = False
+            self.store.set_meta("suppressed", json.dumps(self._suppressed))
 
     async def _commit_and_hand_over(self, flush: bool, inline: bool) -> None:
         await self.store.commit(self.on_written, flush, inline)

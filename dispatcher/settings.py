@@ -90,9 +90,16 @@ class LimitSettings(_Strict):
     max_dedupe_entries: int = Field(2_000_000, ge=1000)
     contacts_per_subscriber: int = Field(256, ge=8)
     max_contact_subscribers: int = Field(500_000, ge=100)
-    rate_per_source: float = Field(2000, gt=0)  # messages a second per CloudEvent source …
+    # the region's call topic: messages a second (on both clocks, decisions.md 39) …
+    rate_per_source: float = Field(2000, gt=0)
     burst_per_source: int = Field(10_000, ge=1)  # … with bursts of up to this many
-    max_sources: int = Field(10_000, ge=10)  # sources remembered by the rate limiter
+    # each unit's replies and status, and each operator's actions: messages a second …
+    rate_per_party: float = Field(50, gt=0)
+    burst_per_party: int = Field(500, ge=1)  # … with bursts of up to this many
+    # refusals a channel may have stored and dead-lettered a period; past that, counted
+    refusals_per_period: int = Field(20, ge=1)
+    refusal_period_s: float = Field(60, gt=0)
+    max_sources: int = Field(10_000, ge=10)  # channels remembered by the budgets
 
 
 class AccessSettings(_Strict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -27,12 +28,41 @@ TOPICS = [
     f"{P}/units/G-YJ-CH-01/status",
     f"{P}/deadletter",
     f"{P}/units/../replies",
+    f"{P}/units/G-YJ-CH-01\ud800/replies",
+    f"{P}/operators/op-\udcff/actions",
+    f"{P}/events/hengnan\U0001f600/calls",
+    "\udced\udca0\udc80",  # bytes that are not UTF-8, as a recording reads them
     "#",
     "",
 ]
 SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
 
-scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30)
+# What hypothesis' default text leaves out: lone surrogates (category Cs), and characters
+# beyond the Basic Multilingual Plane alongside them.
+NASTY_CHARS = ["\ud800", "\udbff", "\udc00", "\udfff", "\U0001f600", "\U0010ffff", "\x00", "\u2028"]
+any_text = st.text(st.characters(exclude_categories=()), max_size=12) | st.lists(
+    st.sampled_from([*NASTY_CHARS, "a", "C-1", "op-01"]), max_size=4
+).map("".join)
+# Every class of bytes that is not UTF-8: a surrogate encoded, overlong forms, beyond
+# U+10FFFF, truncated sequences, lone continuation bytes, bytes never used.
+INVALID_UTF8 = [
+    b"\xed\xa0\x80",  # U+D800 as UTF-8 would encode it
+    b"\xed\xbf\xbf",  # U+DFFF
+    b"\xc0\x80",  # overlong NUL
+    b"\xe0\x80\xaf",  # overlong '/'
+    b"\xf0\x82\x82\xac",  # overlong euro sign
+    b"\xf4\x90\x80\x80",  # beyond U+10FFFF
+    b"\xe2\x82",  # truncated
+    b"\xf0\x9f\x98",  # truncated four-byte
+    b"\x80",  # lone continuation
+    b"\xbf\xbf",
+    b"\xc1\xbf",
+    b"\xf5\x80\x80\x80",
+    b"\xfe",
+    b"\xff",
+]
+
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30) | any_text
 json_values = st.recursive(
     scalars,
     lambda inner: (
@@ -63,8 +93,8 @@ field_values = (
 events = st.fixed_dictionaries(
     {
         "specversion": st.sampled_from(["1.0", "1.0", "0.3", 1]),
-        "id": st.text(min_size=0, max_size=12),
-        "source": st.text(min_size=0, max_size=12),
+        "id": any_text,
+        "source": any_text,
         "type": st.sampled_from([*INBOUND_TYPES, "cn.antifraud.other", 7]),
         "data": st.dictionaries(
             st.sampled_from(
@@ -88,15 +118,34 @@ events = st.fixed_dictionaries(
         ),
     },
     optional={
-        "time": st.sampled_from(["2021-10-15T14:00:00Z", "nope", 5]),
-        "subject": st.text(max_size=5),
+        "time": st.sampled_from(["2021-10-15T14:00:00Z", "nope", 5, "2021-10-15T14:00:00\ud800Z"]),
+        "subject": any_text,
+        "datacontenttype": st.sampled_from(["application/json", "\udfff"]),
         "ext": scalars,
+        "\ud800": scalars,
     },
 )
+
+
+def _raw(value: Any) -> bytes:
+    """JSON text with every string written as-is, lone surrogates as their raw bytes."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+@st.composite
+def spliced(draw: st.DrawFn) -> bytes:
+    """A valid-looking event's bytes with a sequence that is not UTF-8 put into it."""
+    body = _raw(draw(events))
+    at = draw(st.integers(0, len(body)))
+    return body[:at] + draw(st.sampled_from(INVALID_UTF8)) + body[at:]
+
+
 payloads = (
     st.binary(max_size=200)
     | json_values.map(lambda v: json.dumps(v).encode())
-    | events.map(lambda e: json.dumps(e).encode())
+    | events.map(lambda e: json.dumps(e).encode())  # lone surrogates escaped
+    | events.map(_raw)  # and raw
+    | spliced()
     | events
 )
 
@@ -135,7 +184,12 @@ def seeded(settings: Settings, tmp_path_factory: Any) -> Iterator[Runtime]:
     loop = asyncio.new_event_loop()
     store = Store(tmp_path_factory.mktemp("fuzz") / "s.sqlite3")
     loop.run_until_complete(store.open())
-    runtime = Runtime(settings, store)
+    # budgets wide open: every example must reach the parser and the dead-letter path
+    wide = settings.limits.model_copy(
+        update={"burst_per_party": 10**9, "burst_per_source": 10**9, "refusals_per_period": 10**9}
+    )
+    runtime = Runtime(dataclasses.replace(settings, limits=wide), store)
+    runtime.loop = loop  # type: ignore[attr-defined]
     loop.run_until_complete(runtime.start())
     for line in SEED.read_text(encoding="utf-8").splitlines()[:14]:
         entry = json.loads(line)
@@ -165,6 +219,9 @@ def test_random_input_never_raises_and_rejections_change_nothing(
         runtime.handle(topic, payload, 400.0)  # must not raise, whatever it is given
         if runtime.counts["rejected"] > rejected:
             assert fingerprint(runtime) == before
+    # and whatever it queued can be written: a store that refuses a write stops the service
+    runtime.loop.run_until_complete(runtime.commit(flush=False))  # type: ignore[attr-defined]
+    assert runtime.counts["suppressed"] == 0
 
 
 async def test_a_defect_in_the_workflow_dead_letters_the_message_and_the_service_goes_on(

@@ -36,7 +36,23 @@ class TestRateLimiter:
         assert len(limiter) == 100
 
 
-async def test_a_flooding_source_is_dead_lettered_and_others_go_on(
+CALLS = "antifraud/v1/events/hengnan/calls"
+REPLIES = "antifraud/v1/units/G-YJ-CH-02/replies"
+STATUS = "antifraud/v1/units/G-YJ-CH-01/status"
+
+
+def _status(event_id: str, state: str = "online") -> dict[str, object]:
+    return {
+        "specversion": "1.0",
+        "id": event_id,
+        "source": "handset/G-YJ-CH-01",
+        "type": "cn.antifraud.unit.status",
+        "time": "2021-10-15T14:00:00+08:00",
+        "data": {"state": state},
+    }
+
+
+async def test_a_flooding_call_topic_is_refused_past_its_budget(
     settings: Settings, tmp_path: Path
 ) -> None:
     limits = settings.limits
@@ -45,24 +61,111 @@ async def test_a_flooding_source_is_dead_lettered_and_others_go_on(
         await runtime.start()
         template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
         for i in range(limits.burst_per_source + 20):  # all at the same instant
-            flood = json.loads(json.dumps(template)) | {"id": f"f{i}", "source": "flooder"}
+            flood = json.loads(json.dumps(template)) | {"id": f"f{i}", "source": f"src-{i}"}
             flood["data"] |= {"call_id": f"F{i}", "counterpart": CLEAN}
-            runtime.handle("antifraud/v1/events/hengnan/calls", flood, 1.0)
-        calm = json.loads(json.dumps(template)) | {"id": "c1", "source": "calm"}
-        runtime.handle("antifraud/v1/events/hengnan/calls", calm, 1.0)
+            runtime.handle(CALLS, flood, 1.0)
+        # another party's channel is untouched by the flood
+        runtime.handle(STATUS, _status("s1"), 1.0)
         await runtime.commit()
         reasons = [r for (r,) in await store.fetchall("SELECT reason FROM rejected")]
+        # varying the CloudEvent source does not help: the budget is the topic's
         assert len(reasons) == 20
-        assert all(r.startswith("rate limit: source 'flooder'") for r in reasons)
+        assert all(r.startswith("rate limit: calls/hengnan") for r in reasons)
         assert runtime.counts["handled"] == limits.burst_per_source + 1
-        # a second later the source has tokens again, and a refused message can be resent
-        runtime.handle(
-            "antifraud/v1/events/hengnan/calls",
-            json.loads(json.dumps(template))
-            | {"id": f"f{limits.burst_per_source}", "source": "flooder"},
-            2.0,
-        )
+        assert runtime.state.presence["G-YJ-CH-01"] == "online"
+        # a second later the topic has tokens again, and a refused message can be resent
+        again = json.loads(json.dumps(template)) | {"id": "f0-again", "source": "src-0"}
+        runtime.handle(CALLS, again, 2.0)
         assert runtime.counts["handled"] == limits.burst_per_source + 2
+
+
+async def test_a_flooding_unit_is_counted_not_stored_and_other_channels_go_on(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A handset sending garbage at full speed: past its channel's budget nothing of it is
+    read, stored or dead-lettered; it is counted, and summed up once a period."""
+    limits = settings.limits
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        count = 30_000
+        for i in range(count):
+            runtime.handle(REPLIES, b"garbage %d" % i, 1.0 + i / 100_000)
+        runtime.handle(STATUS, _status("s1"), 1.5)
+        await runtime.commit()
+        rows = await store.fetchall("SELECT reason FROM rejected")
+        assert len(rows) == limits.refusals_per_period
+        outbox = await store.fetchall("SELECT count(*) FROM outbox")
+        assert outbox[0][0] == limits.refusals_per_period  # their dead letters, no more
+        pairs = await store.fetchall("SELECT pairs FROM inbound")
+        stored = sum(len(json.loads(p)) for (p,) in pairs)
+        assert stored <= limits.refusals_per_period + 1
+        assert runtime.counts["suppressed"] == count - limits.refusals_per_period
+        assert runtime.state.presence["G-YJ-CH-01"] == "online"
+        # once a period has passed, one summary says how many were left unread
+        runtime.advance(1.0 + limits.refusal_period_s + 1)
+        await runtime.commit()
+        summary = await store.fetchall("SELECT topic, reason FROM rejected WHERE payload = ''")
+        assert summary == [
+            (
+                REPLIES,
+                f"over budget: {count - limits.refusals_per_period} messages on this channel "
+                "since 1.000 were counted and not processed",
+            )
+        ]
+
+
+async def test_a_pair_seen_on_one_channel_is_not_a_duplicate_on_another(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Dedupe poisoning: a guard publishing the call source's next (source, id) on its own
+    topic must not make the real call event a duplicate."""
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
+        poison = {"source": template["source"], "id": template["id"]}
+        runtime.handle(REPLIES, json.dumps(poison).encode(), 1.0)
+        runtime.handle(STATUS, json.dumps(template).encode(), 1.0)  # even a valid copy
+        runtime.handle(CALLS, json.dumps(template).encode(), 2.0)
+        assert runtime.counts["duplicates"] == 0
+        assert runtime.counts["handled"] == 1
+        assert runtime.counts["rejected"] == 2
+        # on its own channel a pair is still seen once
+        runtime.handle(CALLS, json.dumps(template).encode(), 3.0)
+        runtime.handle(REPLIES, json.dumps(poison).encode(), 3.0)
+        assert runtime.counts["duplicates"] == 2
+        await runtime.commit()
+    # and so after a restart, from what the store kept
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        runtime.handle(CALLS, json.dumps(template).encode(), 4.0)
+        runtime.handle(REPLIES, json.dumps(poison).encode(), 4.0)
+        assert runtime.counts["duplicates"] == 2
+        assert runtime.counts["handled"] == 0
+
+
+async def test_pairs_kept_before_channels_count_on_every_channel(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A store written when pairs were kept without their channel: its pairs still stop a
+    redelivered message, until they leave the dedupe window."""
+    async with Store(tmp_path / "s.sqlite3") as store:
+        store.add_inbound("app-warning/hengnan", "w-1", 1.0)
+        await store.commit()
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
+        event = template | {"source": "app-warning/hengnan", "id": "w-1"}
+        runtime.handle(CALLS, json.dumps(event).encode(), 2.0)
+        assert runtime.counts["duplicates"] == 1
+        runtime.advance(2.0 + settings.limits.dedupe_window_s + 10)
+        runtime._expire_countdown = 0
+        runtime.advance(3.0 + settings.limits.dedupe_window_s + 10)
+        runtime.handle(CALLS, json.dumps(event).encode(), 4.0 + settings.limits.dedupe_window_s)
+        assert runtime.counts["duplicates"] == 1
 
 
 def _stamp(epoch: float) -> str:
@@ -87,7 +190,8 @@ async def _rejected_for(
             }
             event["data"] |= {"call_id": f"B{i}", "counterpart": CLEAN}
             runtime.handle("antifraud/v1/events/hengnan/calls", event, at)
-        return runtime.counts["rejected"]
+        # refused: dead-lettered within the topic's refusal budget, counted past it
+        return runtime.counts["rejected"] + runtime.counts["suppressed"]
 
 
 async def test_a_backlog_delivered_at_once_is_not_taken_for_a_flood(
