@@ -1,10 +1,11 @@
 """A terminal handset for a guard's radio, a patrol's or a grid worker's app.
 
-It keeps a persistent session (client id ``handset-{unit}``) so offers published while it was
-out of coverage arrive when it comes back; announces itself with a retained ``online`` on its
-``status`` topic, with ``offline`` as its will; shows each message as the radio or app would;
-drops duplicates by CloudEvent ``(source, id)``; and replies with single keys
-(1 accept, 2 decline, 3 arrived, 4 report, then the outcome) or by itself after set delays.
+It keeps a persistent session (its client id is its unit id, which is also its broker
+username) so offers published while it was out of coverage arrive when it comes back;
+announces itself with a retained ``online`` on its ``status`` topic, with ``offline`` as
+its will; shows each message as the radio or app would; drops duplicates by CloudEvent
+``(source, id)``; and replies with single keys (1 accept, 2 decline, 3 arrived, 4 report,
+then the outcome) or by itself after set delays.
 
 A key never fails or waits for the network: each reply is queued and kept until the broker
 has acknowledged it, and one made while cut off, or lost with its connection, goes out (the
@@ -167,7 +168,7 @@ class Handset:
             )
             try:
                 async with open_client(
-                    self.broker, f"handset-{self.unit.id}", persistent=True, will=will
+                    self.broker, self.unit.id, persistent=True, will=will
                 ) as client:
                     await client.subscribe(self.topics.dispatches(self.unit.id), qos=1)
                     await self._say(client, "online")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import time
 import uuid
@@ -82,6 +83,12 @@ LOG_RELEASE_S = 0.002
 # the cores those messages need on their way to their subscribers (docs/decisions.md 54);
 # its inbound messages are acknowledged once it is flushed, as always
 FLUSH_AFTER_S = 0.005
+# a unit's QoS 0 messages waiting to be handled at most (QoS 1 is bounded by the broker)
+UNITS_QUEUED_QOS0 = 10_000
+# the dispatcher's sessions (``Topics.session_filters``), in the order they cause one another
+SESSION_ORDER = ("calls", "", "units")
+# on a reconnect, the longest the main session waits for the receiving ones before it sends
+RECEIVERS_WAIT_S = 2.0
 HEARTBEAT_S = 60.0  # one `alive` line this often: a quiet service told from a stuck one
 
 
@@ -162,7 +169,9 @@ class LiveService:
         self.broker = broker
         self.store_path = store_path
         self.clock = clock or Clock()
-        self.client_id = client_id or settings.service.client_id
+        # by default the broker username: a broker that binds client ids to usernames
+        # (config/mosquitto/production.conf) gives every session the id it asks for
+        self.client_id = client_id or broker.username or settings.service.client_id
         self.topics = Topics(settings.service.prefix)
         self.client: aiomqtt.Client | None = None
         # the open connection, from before it announces the dispatcher online until it is gone
@@ -171,7 +180,23 @@ class LiveService:
         self.connected = asyncio.Event()
         self.ready = asyncio.Event()  # subscribed at least once
         self.runtime: Runtime | None = None
-        self._inbox: asyncio.Queue[tuple[aiomqtt.Client, aiomqtt.Message]] = asyncio.Queue()
+        # received, not yet handled, by session: call warnings, then operators' actions, then
+        # units' messages are taken, in the order they cause one another (a call opens an
+        # incident an operator acts on, whose offers units answer), so that backlogs
+        # delivered at once after a restart are handled in that order, and a flooding
+        # handset's messages wait behind nobody's
+        self._calls: deque[tuple[aiomqtt.Client, aiomqtt.Message]] = deque()
+        self._inbox: deque[tuple[aiomqtt.Client, aiomqtt.Message]] = deque()
+        self._units: deque[tuple[aiomqtt.Client, aiomqtt.Message]] = deque()
+        self._arrived = asyncio.Event()
+        self._sessions_ready: set[str] = set()
+        # sessions connect in that order too, each once the one before has subscribed: the
+        # backlog of each arrives after the backlogs of what causes it
+        self._session_up = {suffix: asyncio.Event() for suffix in SESSION_ORDER}
+        self._up: set[str] = set()  # the sessions connected now
+        self._up_changed = asyncio.Event()
+        # set when another session connects: the broker is back, retry now, not after backoff
+        self._retry: dict[str, asyncio.Event] = {}
         # handled batches waiting for their commit's flush before they are acknowledged
         self._to_ack: asyncio.Queue[
             tuple[asyncio.Future[None] | None, list[tuple[aiomqtt.Client, aiomqtt.Message]]]
@@ -194,7 +219,7 @@ class LiveService:
         self._write_failed = False  # a write found the connection broken: send again from the store
         self._direct = False  # commits may write their messages themselves (see _written)
         self._sent: list[int] = []  # published, not yet marked in the store
-        self.stats = {"connects": 0, "received": 0, "published": 0}
+        self.stats = {"connects": 0, "received": 0, "published": 0, "dropped": 0}
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
@@ -220,6 +245,13 @@ class LiveService:
                 asyncio.create_task(coro, name=name)
                 for name, coro in (
                     ("connection", self._connection()),
+                    *(
+                        (f"session-{suffix}", self._session(suffix, filters))
+                        for suffix, filters in self.topics.session_filters(
+                            self.settings.service.region
+                        ).items()
+                        if suffix
+                    ),
                     ("processor", self._processor(runtime)),
                     ("acker", self._acker()),
                     ("publisher", self._publisher(store)),
@@ -246,6 +278,7 @@ class LiveService:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await flush
                 logs.release()
+                runtime.report_suppressed(runtime.clock, force=True)
                 await runtime.commit()
                 await store.flush()
                 self._settle()
@@ -271,7 +304,8 @@ class LiveService:
                 timers=counts["timers"],
                 produced=counts["published"],
                 sent=self.stats["published"],
-                received_not_yet_handled=self._inbox.qsize(),
+                received_not_yet_handled=len(self._calls) + len(self._inbox) + len(self._units),
+                dropped=self.stats["dropped"],
                 handled_not_yet_acknowledged=self._unacknowledged,
                 committed_not_yet_sent=len(self._ready) + self._in_window,  # or acknowledged
                 open_incidents=len(runtime.state.open_by_subscriber),  # one open per resident
@@ -306,9 +340,86 @@ class LiveService:
                 2.0,
             )
 
-    async def _connection(self) -> None:
+    def session_id(self, suffix: str) -> str:
+        """The client id of one of the dispatcher's sessions (see ``Topics.session_filters``)."""
+        return f"{self.client_id}-{suffix}" if suffix else self.client_id
+
+    def _session_broker(self, suffix: str) -> BrokerURL:
+        """The broker URL of a session: its own username, when the dispatcher has one (the
+        broker binds each session's client id to it), with the dispatcher's password."""
+        if not suffix or not self.broker.username:
+            return self.broker
+        return dataclasses.replace(self.broker, username=f"{self.broker.username}-{suffix}")
+
+    def _wake_others(self, suffix: str) -> None:
+        """A session has connected: the others retry at once."""
+        for other, retry in self._retry.items():
+            if other != suffix:
+                retry.set()
+
+    def _subscribed(self, suffix: str) -> None:
+        self._up.add(suffix)
+        self._up_changed.set()
+        self._wake_others(suffix)
+        self._sessions_ready.add(suffix)
+        self._session_up[suffix].set()
+        if len(self._sessions_ready) == len(SESSION_ORDER):
+            self.ready.set()
+
+    async def _after_previous(self, suffix: str) -> None:
+        """Wait until the session before ``suffix`` in ``SESSION_ORDER`` has subscribed once."""
+        index = SESSION_ORDER.index(suffix)
+        if index:
+            await self._session_up[SESSION_ORDER[index - 1]].wait()
+
+    async def _session(self, suffix: str, filters: list[str]) -> None:
+        """One of the sessions that only receive: persistent, QoS 1, reconnecting on its own
+        (the messages of the others go on meanwhile)."""
         backoff = Backoff()
-        filters = self.topics.inbound_filters(self.settings.service.region)
+        client_id = self.session_id(suffix)
+        broker = self._session_broker(suffix)
+        deliver = self._receive_unit if suffix == "units" else self._receive_call
+        await self._after_previous(suffix)
+        while True:
+            try:
+                async with open_client(
+                    broker, client_id, persistent=True, manual_acks=True, deliver=deliver
+                ) as client:
+                    await client.subscribe([(f, 1) for f in filters])
+                    self._subscribed(suffix)
+                    backoff.reset()
+                    log.info("broker_session_connected", client_id=client_id)
+                    await disconnected(client)
+            except (BrokerError, aiomqtt.MqttError) as exc:
+                log.warning(
+                    "broker_unavailable", broker=str(broker), client_id=client_id, error=str(exc)
+                )
+            finally:
+                self._up.discard(suffix)
+            await self._backoff(suffix, backoff.next_delay())
+
+    async def _backoff(self, suffix: str, delay: float) -> None:
+        """Wait ``delay`` before the next attempt, or less: until another of the sessions
+        has connected (the broker is back)."""
+        retry = self._retry.setdefault(suffix, asyncio.Event())
+        retry.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(retry.wait(), delay)
+
+    async def _others_up(self, within: float) -> None:
+        """Wait, at most ``within``, for the receiving sessions to be connected, so that
+        the replies to what is sent next are read at once."""
+        wanted = set(self.topics.session_filters("")) - {""}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while not wanted <= self._up:
+                    self._up_changed.clear()
+                    await self._up_changed.wait()
+
+    async def _connection(self) -> None:
+        await self._after_previous("")
+        backoff = Backoff()
+        filters = self.topics.session_filters(self.settings.service.region)[""]
         while True:
             log.info("broker_connecting", broker=str(self.broker), attempt=backoff.attempt + 1)
             try:
@@ -335,10 +446,13 @@ class LiveService:
                         client,
                         [(self.topics.dispatcher_status, self._status("online"), 1, True)],
                     )
+                    self._session_up[""].set()  # the units' session may connect now
+                    self._wake_others("")
+                    await self._others_up(RECEIVERS_WAIT_S)
                     self.client = client
                     self.stats["connects"] += 1
                     self.connected.set()
-                    self.ready.set()
+                    self._subscribed("")
                     self._wake.set()
                     backoff.reset()
                     log.info(
@@ -359,12 +473,29 @@ class LiveService:
                 self._wake.set()
             delay = backoff.next_delay()
             log.info("broker_reconnect_wait", seconds=round(delay, 2))
-            await asyncio.sleep(delay)
+            await self._backoff("", delay)
 
     def _receive(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         """Each message as paho decodes it, straight into the processor's queue."""
         self.stats["received"] += 1
-        self._inbox.put_nowait((client, message))
+        self._inbox.append((client, message))
+        self._arrived.set()
+
+    def _receive_call(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        self.stats["received"] += 1
+        self._calls.append((client, message))
+        self._arrived.set()
+
+    def _receive_unit(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        """A unit's message: into the queue taken after the others. Its length is bounded
+        by the broker's in-flight window for QoS 1; QoS 0, which no handset uses, is not
+        bounded by anything, so past a bound it is dropped (and counted)."""
+        self.stats["received"] += 1
+        if message.qos == 0 and len(self._units) >= UNITS_QUEUED_QOS0:
+            self.stats["dropped"] += 1
+            return
+        self._units.append((client, message))
+        self._arrived.set()
 
     # ---- processing ------------------------------------------------------------------------
 
@@ -379,12 +510,19 @@ class LiveService:
             if deferred_since is not None:
                 left = max(0.0, deferred_since + DEFER_BOOKKEEPING_S - loop.time())
                 timeout = left if timeout is None else min(timeout, left)
+            calls, inbox, units = self._calls, self._inbox, self._units
+            if not calls and not inbox and not units:
+                self._arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._arrived.wait()
             batch: list[tuple[aiomqtt.Client, aiomqtt.Message]] = []
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    batch.append(await self._inbox.get())
-            while batch and len(batch) < BATCH and not self._inbox.empty():
-                batch.append(self._inbox.get_nowait())
+            while calls and len(batch) < BATCH:
+                batch.append(calls.popleft())
+            while inbox and len(batch) < BATCH:
+                batch.append(inbox.popleft())
+            while units and len(batch) < BATCH:
+                batch.append(units.popleft())
             rate.add(len(batch), loop.time())
             # this batch's log lines wait until its messages are on their way (logs.py)
             logs.hold()

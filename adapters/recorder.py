@@ -69,7 +69,9 @@ async def record(
     """
     _refuse_a_recording(out)
     filters = Topics(settings.service.prefix).inbound_filters(settings.service.region)
-    identifier = client_id or f"antifraud-recorder-{socket.gethostname()}-{os.getpid()}"
+    identifier = (
+        client_id or broker.username or f"antifraud-recorder-{socket.gethostname()}-{os.getpid()}"
+    )
     deadline = None if duration is None else time.monotonic() + duration
     count, start, subscribed = 0, None, False
     backoff = Backoff()

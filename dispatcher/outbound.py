@@ -79,6 +79,17 @@ class Topics:
         """What the dispatcher subscribes to."""
         return [self.calls(region), self.all_actions, self.all_replies, self.all_unit_status]
 
+    def session_filters(self, region: str) -> dict[str, list[str]]:
+        """What each of the dispatcher's broker sessions subscribes to, by the suffix of its
+        client id (and username): the main session (``""``), which also publishes, reads the
+        operators' actions; the call warnings and the units' messages have a session each, so
+        that a broker's per-session queue limit can drop only what shares a flooder's."""
+        return {
+            "": [self.all_actions],
+            "calls": [self.calls(region)],
+            "units": [self.all_replies, self.all_unit_status],
+        }
+
     def console_filters(self) -> list[str]:
         """What an operator console subscribes to (and the broker's ACL lets it read)."""
         return [

@@ -107,6 +107,7 @@ class AccessSettings(_Strict):
 
     dispatcher_user: Ident = "dispatcher"
     console_user: Ident = "console"  # the console server, publishing for logged-in operators
+    recorder_user: Ident = "recorder"  # `antifraud record`: reads the inbound topics
     sources: list[Ident] = []
     operators: list[Ident] = []
 

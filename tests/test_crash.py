@@ -133,7 +133,7 @@ async def test_sigkill_at_random_moments_loses_nothing(
     async with contextlib.AsyncExitStack() as stack:
         for unit in units:  # each handset keeps a persistent session
             client = await stack.enter_async_context(
-                open_client(url, f"handset-{unit}", persistent=True)
+                open_client(url, unit, persistent=True)
             )
             await client.subscribe(f"antifraud/v1/units/{unit}/dispatches", qos=1)
 

@@ -172,7 +172,7 @@ async def test_a_handset_offline_during_the_offer_receives_it_when_it_returns(
 ) -> None:
     url = BrokerURL.parse(broker.url)
     # the radio registers its session once, then goes out of coverage without a will
-    async with open_client(url, "handset-G-YJ-CH-01", persistent=True) as radio:
+    async with open_client(url, "G-YJ-CH-01", persistent=True) as radio:
         await radio.subscribe(f"{P}/units/G-YJ-CH-01/dispatches", qos=1)
     script = Script()
     script.escalated(0, "C1")
@@ -309,7 +309,7 @@ async def test_timers_fire_while_the_broker_is_away_and_their_offers_go_out_afte
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
     url = BrokerURL.parse(broker.url)
-    async with open_client(url, "handset-Q-YJ-YL", persistent=True) as platform:
+    async with open_client(url, "Q-YJ-YL", persistent=True) as platform:
         await platform.subscribe(f"{P}/units/Q-YJ-YL/dispatches", qos=1)  # a session to fill
     async with (
         dispatcher(settings, broker, tmp_path / "live.sqlite3") as running,
@@ -1155,8 +1155,9 @@ async def test_a_stop_while_the_dispatcher_subscribes_leaves_it_offline(
     original_subscribe = mqtt.Client.subscribe
 
     async def subscribe(self: mqtt.Client, *args: Any, **kwargs: Any) -> Any:
-        stop.set()
-        await wait_until(lambda: service._stopping)  # offline is on its way first
+        if self.identifier == service.client_id:  # the session that says online
+            stop.set()
+            await wait_until(lambda: service._stopping)  # offline is on its way first
         return await original_subscribe(self, *args, **kwargs)
 
     monkeypatch.setattr(mqtt.Client, "subscribe", subscribe)
