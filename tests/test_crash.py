@@ -132,9 +132,7 @@ async def test_sigkill_at_random_moments_loses_nothing(
 
     async with contextlib.AsyncExitStack() as stack:
         for unit in units:  # each handset keeps a persistent session
-            client = await stack.enter_async_context(
-                open_client(url, unit, persistent=True)
-            )
+            client = await stack.enter_async_context(open_client(url, unit, persistent=True))
             await client.subscribe(f"antifraud/v1/units/{unit}/dispatches", qos=1)
 
             async def collect(client: Any = client, unit: str = unit) -> None:
