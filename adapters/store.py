@@ -85,7 +85,17 @@ OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain,
 CHECK_BUDGET_S = 10.0
 DEAD_LETTER = "cn.antifraud.input.rejected"  # the type of the outbox's dead letters
 # what every store holds, whatever its version
-TABLES = ("meta", "incidents", "dispatches", "timeline", "outbox", "inbound", "rejected")
+TABLES = (
+    "meta",
+    "incidents",
+    "dispatches",
+    "timeline",
+    "outbox",
+    "inbound",
+    "rejected",
+    "contacts",
+    "presence",
+)
 RESTORE = (
     "restore the store from its last backup (antifraud backup), or keep this file for "
     "salvage (sqlite3 FILE .recover) and start on another --store"
