@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,6 +87,18 @@ def _finish(process: subprocess.Popen[str], timeout: float = TIMEOUT_S) -> tuple
         _, err = process.communicate()
         pytest.fail(f"{process.args} still running after {timeout:g} s; stderr:\n{err}")
     return process.returncode, err
+
+
+@contextlib.contextmanager
+def _ended(started: list[Any]) -> Iterator[None]:
+    """Whatever happens, no process of ``started`` (each row's last item) outlives the test."""
+    try:
+        yield
+    finally:
+        for *_, process in started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
 
 
 def _antifraud(*args: str, timeout: float = TIMEOUT_S) -> tuple[int, str]:
@@ -181,16 +194,16 @@ def test_every_command_refuses_a_damaged_store_at_once_and_leaves_it_as_it_was(
     what is wrong, and neither the store nor its log is changed or replaced (where there was
     no log, a reader's read-only connection may leave SQLite's empty one)."""
     started = []
-    for name in COMMANDS:
-        folder = tmp_path / name
-        folder.mkdir()
-        store = folder / "store.sqlite3"
-        named, phrase = damage(kind, good_live_store if name == "run" else good_store, store)
-        wal = Path(f"{store}-wal")
-        before = (_sha(store), _sha(wal))
-        started.append((name, store, named, phrase, before, _start(_command(name, store))))
-    for name, store, named, phrase, before, process in started:
-        code, err = _finish(process)
+    with _ended(started):
+        for name in COMMANDS:
+            folder = tmp_path / name
+            folder.mkdir()
+            store = folder / "store.sqlite3"
+            named, phrase = damage(kind, good_live_store if name == "run" else good_store, store)
+            before = (_sha(store), _sha(Path(f"{store}-wal")))
+            started.append((name, store, named, phrase, before, _start(_command(name, store))))
+        finished = [(*rest, _finish(process)) for *rest, process in started]
+    for name, store, named, phrase, before, (code, err) in finished:
         assert code == 1, f"{name}: exit {code}; stderr:\n{err}"
         assert str(named) in err and phrase in err, f"{name}: {err}"
         assert "Traceback" not in err, f"{name}: {err}"
@@ -398,8 +411,9 @@ def test_a_second_process_on_the_same_store_through_a_symlink_is_refused(tmp_pat
         assert f"already in use by pid {first.pid} " in err, err
         assert first.poll() is None
     finally:
-        first.send_signal(signal.SIGTERM)
-        code, err = _finish(first)
+        with _ended([(first,)]):
+            first.send_signal(signal.SIGTERM)
+            code, err = _finish(first)
     assert code == 0, err
 
 
