@@ -75,7 +75,12 @@ def dump_report(report: dict[str, Any]) -> str:
 
 
 async def live_report(store_path: Path, settings: Settings) -> dict[str, Any]:
-    """The report of a live store: seconds since the first inbound message it stored."""
+    """The report of a live store: seconds since the first inbound message it stored.
+
+    A live store forgets refused input once it is older than the dedupe window
+    (``Store.prune``), so ``rejected``, and the dead letters among ``published``, cover that
+    window; the incidents and every other message published are all there. A damaged or
+    foreign store is refused (``Store.open``), a missing one is not created."""
     if not await asyncio.to_thread(store_path.is_file):
         raise StoreError(f"{store_path}: no such store")
     async with Store(store_path) as store:

@@ -34,16 +34,29 @@ milliseconds.
 
 The schema is versioned with ``PRAGMA user_version``; a store written by a newer version is
 refused rather than guessed at.
+
+The store on disk is checked each time it is opened, before anything reads or writes it
+(``inspect_store``): only a path where no file exists becomes a new store (made under another
+name and renamed into place once complete, so a half-made one is never left at the path); an
+existing file must be a whole SQLite database (its header, its size against the header's page
+count), with a write-ahead log whose header is SQLite's, a known schema version and the
+store's tables, and must pass ``PRAGMA quick_check`` within ``CHECK_BUDGET_S``. Anything else
+is refused with the file's name and what is wrong, and left as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import fcntl
 import json
 import os
 import socket
 import sqlite3
+import stat
+import struct
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,7 +71,7 @@ import structlog
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 T = TypeVar("T")
 log = structlog.get_logger("store")
 CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
@@ -66,6 +79,34 @@ CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most th
 # still written on aiosqlite's thread, so that the loop receives the next messages meanwhile
 INLINE_MAX_WRITES = 200
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
+# PRAGMA quick_check on open stops after this long (it reads every page: about 0.5 s per
+# 350 MB from the page cache on a 2-core machine, longer from a cold disk); a store it cannot
+# finish in time is opened all the same, with a warning (docs/RELIABILITY.md)
+CHECK_BUDGET_S = 10.0
+DEAD_LETTER = "cn.antifraud.input.rejected"  # the type of the outbox's dead letters
+LOCK_TRIES = 5  # taking the writer lock, 20 ms apart, before it is taken to be held
+# what every store holds, whatever its version
+TABLES = (
+    "meta",
+    "incidents",
+    "dispatches",
+    "timeline",
+    "outbox",
+    "inbound",
+    "rejected",
+    "contacts",
+    "presence",
+)
+RESTORE = (
+    "restore the store from its last backup (antifraud backup), or keep this file for "
+    "salvage (sqlite3 FILE .recover) and start on another --store"
+)
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # the log's checksums little- or big-endian
+_WAL_VERSION = 3007000
+# SQLite's primary result codes this module tells apart
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_IOERR, _SQLITE_NOTADB = 11, 13, 10, 26
+_SQLITE_INTERRUPT = 9
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -111,6 +152,12 @@ MIGRATIONS: dict[int, str] = {
     1: """
 CREATE INDEX IF NOT EXISTS dispatches_unit ON dispatches (unit, status);
 CREATE INDEX IF NOT EXISTS timeline_incident ON timeline (incident_id, seq);
+""",
+    # 3: prune refused input and its dead letters by age (``Store.prune``) without scanning;
+    # the outbox's index holds the dead letters alone
+    2: f"""
+CREATE INDEX IF NOT EXISTS rejected_at ON rejected (at);
+CREATE INDEX IF NOT EXISTS outbox_dead_letters ON outbox (at) WHERE type = '{DEAD_LETTER}';
 """,
 }
 
@@ -203,17 +250,277 @@ class _Log:
             self._fd = None
 
 
+def store_failure(path: Path, doing: str, exc: BaseException) -> StoreError:
+    """The error to stop with when SQLite or the file system refused ``doing`` on the store at
+    ``path``: a full disk and a damaged store are named as such, whatever SQLite's wording."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    full = primary == _SQLITE_FULL or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC)
+    if not full and primary == _SQLITE_IOERR:  # e.g. the shared-memory file could not grow
+        full = _no_space_left(path)
+    if full:
+        return StoreError(
+            f"{path}: the disk is full: {doing} failed ({exc}). Nothing was lost: what could "
+            "not be written was not acknowledged, and is handled again once the service is "
+            f"started again with free space on {path.parent}"
+        )
+    if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return StoreError(f"{path}: damaged store: {doing} failed ({exc}); {RESTORE}")
+    return StoreError(f"{path}: {doing} failed: {exc}")
+
+
+def _no_space_left(path: Path) -> bool:
+    try:
+        return os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        return False
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def inspect_store(path: Path, *, check_log: bool = True, shown: Path | None = None) -> bool:
+    """Check the files of the store at ``path`` before SQLite opens them, and say whether there
+    is one (False: no file at the path; only then may a new store be made).
+
+    Raises ``StoreError`` naming the file (``shown``, the path as given, else ``path``) for an
+    empty file, one that is not an SQLite database, one shorter than its own header says (a
+    store cut short; checked when no log holds later pages), a store with a second hard link
+    (SQLite names its log after the path, so two names would mean two logs), and, with
+    ``check_log``, a write-ahead log that does not start with SQLite's header (SQLite would
+    drop it, and with it every transaction it holds, without a word). ``check_log`` is false
+    for a reader while a writer holds the store: that writer checked the log when it opened
+    it, and is writing it now."""
+    shown = shown or path
+    wal = Path(f"{path}-wal")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if _size(wal):
+            raise StoreError(
+                f"{shown}-wal: a write-ahead log without its database {shown.name}: it holds "
+                "committed transactions. Put the database back beside it, or move the log "
+                "away if the store is really meant to start afresh"
+            ) from None
+        return False
+    except OSError as exc:
+        raise StoreError(f"{shown}: cannot read the store: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreError(f"{shown}: not a store: not a regular file; use another --store")
+    if info.st_nlink > 1:
+        raise StoreError(
+            f"{shown}: the store has {info.st_nlink} hard links (names for the same file); "
+            "SQLite keys its log on the name, so a second name can corrupt the store: remove "
+            f"the other names (find / -samefile {shown}) and keep one"
+        )
+    if info.st_size == 0:
+        raise StoreError(
+            f"{shown}: not a store: the file is empty (0 bytes). A new store is made only where "
+            "no file exists: if this was the store, restore it from its last backup "
+            "(antifraud backup); if not, remove the file or use another --store"
+        )
+    try:
+        with open(path, "rb") as file:
+            header = file.read(100)
+    except OSError as exc:
+        raise StoreError(f"{shown}: cannot read the store: {exc.strerror}") from None
+    if len(header) < 100 or not header.startswith(_SQLITE_HEADER):
+        raise StoreError(
+            f"{shown}: not an SQLite database (the file does not start with SQLite's header): "
+            f"a damaged store or another kind of file; {RESTORE}"
+        )
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        raise StoreError(f"{shown}: damaged store: its header names no valid page size; {RESTORE}")
+    wal_size = _size(wal)
+    pages = int.from_bytes(header[28:32], "big")
+    counted = header[24:28] == header[92:96]  # else the header's page count is stale
+    if info.st_size % page_size or (counted and not wal_size and info.st_size < pages * page_size):
+        raise StoreError(
+            f"{shown}: damaged store: truncated: the file holds {info.st_size} bytes, its header "
+            f"says {pages} pages of {page_size} ({pages * page_size} bytes); {RESTORE}"
+        )
+    if wal_size and check_log:
+        _inspect_log(wal, Path(f"{shown}-wal"), wal_size, page_size)
+    return True
+
+
+def _inspect_log(wal: Path, shown: Path, size: int, page_size: int) -> None:
+    try:
+        with open(wal, "rb") as file:
+            header = file.read(32)
+    except OSError as exc:
+        raise StoreError(f"{shown}: cannot read the store's log: {exc.strerror}") from None
+    problem = None
+    if len(header) < 32:
+        problem = f"{size} bytes, shorter than a log's header"
+    else:
+        magic, version, pages = struct.unpack(">III", header[:12])
+        if magic not in _WAL_MAGIC or version != _WAL_VERSION:
+            problem = "it does not start with SQLite's log header"
+        elif struct.unpack(">II", header[24:32]) != _wal_checksum(header[:24], magic & 1 == 1):
+            problem = "its header fails its checksum"
+        elif pages != page_size:
+            problem = f"its pages are {pages} bytes, the database's {page_size}"
+    if problem is not None:
+        raise StoreError(
+            f"{shown}: damaged write-ahead log of the store: {problem}. It may hold committed "
+            "transactions, which SQLite would drop without a word: keep a copy of it, then "
+            f"{RESTORE}; or move the log away to go on from "
+            "the database alone"
+        )
+
+
+def _wal_checksum(data: bytes, big_endian: bool) -> tuple[int, int]:
+    """SQLite's log checksum of ``data`` (a multiple of 8 bytes)."""
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    s0 = s1 = 0
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def check_database(path: Path, *, readonly: bool = False, shown: Path | None = None) -> None:
+    """Open the store at ``path`` (it exists; ``inspect_store`` passed) and check what only
+    SQLite can: a schema version this dispatcher knows, the store's tables, and
+    ``PRAGMA quick_check`` (within ``CHECK_BUDGET_S``: a store too large to finish in time is
+    used all the same, with a ``store_check_incomplete`` warning). Raises ``StoreError``."""
+    shown = shown or path
+    target = f"file:{path}?mode=ro" if readonly else str(path)
+    try:
+        db = sqlite3.connect(target, uri=readonly, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise store_failure(shown, "opening the store", exc) from None
+    try:
+        with contextlib.closing(db):
+            version = int(db.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{shown}: store schema version {version} is newer than this dispatcher "
+                    f"understands ({SCHEMA_VERSION}); upgrade the dispatcher or use another store"
+                )
+            tables = {
+                name
+                for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+            missing = [name for name in TABLES if name not in tables]
+            if version == 0:
+                what = (
+                    f"and tables of its own ({', '.join(sorted(tables)[:5])}): another "
+                    "application's database?"
+                    if tables
+                    else "and nothing in it"
+                )
+                raise StoreError(
+                    f"{shown}: not a store: an SQLite database with no schema version {what} "
+                    "A new store is made only where no file exists: use another --store"
+                )
+            if missing:
+                raise StoreError(
+                    f"{shown}: not a store: schema version {version}, but without the store's "
+                    f"tables {', '.join(missing)}; use another --store"
+                )
+            _quick_check(db, shown)
+    except sqlite3.Error as exc:
+        raise store_failure(shown, "checking the store", exc) from None
+
+
+def _quick_check(db: sqlite3.Connection, shown: Path) -> None:
+    started = time.monotonic()
+    deadline = started + CHECK_BUDGET_S
+    db.set_progress_handler(lambda: int(time.monotonic() > deadline), 1_000)
+    try:
+        rows = db.execute("PRAGMA quick_check(10)").fetchall()
+    except sqlite3.Error as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code != _SQLITE_INTERRUPT and str(exc) != "interrupted":
+            raise store_failure(shown, "PRAGMA quick_check", exc) from None
+        log.warning(
+            "store_check_incomplete",
+            store=str(shown),
+            seconds=CHECK_BUDGET_S,
+            size=_size(shown),
+            hint="PRAGMA quick_check did not finish in time; check the store offline",
+        )
+        return
+    finally:
+        db.set_progress_handler(None, 0)
+    if rows != [("ok",)]:
+        found = "; ".join(str(row[0]) for row in rows[:3])
+        raise StoreError(
+            f"{shown}: damaged store: PRAGMA quick_check found {len(rows)} problem(s): "
+            f"{found}; {RESTORE}"
+        )
+    log.debug("store_checked", store=str(shown), seconds=round(time.monotonic() - started, 3))
+
+
+def check_store(path: Path) -> bool:
+    """For a reader that opens the store itself (the console's history): refuse a damaged
+    or foreign store as ``Store`` does, never changing it; False if there is none yet."""
+    real = Path(os.path.realpath(path))
+    if not inspect_store(real, check_log=not WriterLock(path).held(), shown=path):
+        return False
+    check_database(real, readonly=True, shown=path)
+    return True
+
+
+def _create(path: Path, shown: Path) -> None:
+    """Make a new store at ``path`` (where no file exists): written under another name and
+    renamed into place once complete, so the path never holds half a store."""
+    partial = path.with_name(path.name + ".new")
+    leftovers = [partial, *(Path(f"{partial}{end}") for end in ("-journal", "-wal", "-shm"))]
+    for name in leftovers:
+        name.unlink(missing_ok=True)
+    try:
+        with contextlib.closing(sqlite3.connect(partial, isolation_level=None)) as db:
+            db.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nPRAGMA user_version=1;\nCOMMIT;")
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(partial, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (sqlite3.Error, OSError) as exc:
+        for name in leftovers:
+            with contextlib.suppress(OSError):
+                name.unlink(missing_ok=True)
+        raise store_failure(shown, "creating the store", exc) from None
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what is left of a failed transaction. SQLite has already rolled it back
+    itself after some failures (a full disk, for one): then there is nothing to do, and the
+    error to report is the one that failed it, not ``cannot rollback``."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+
+
 class WriterLock:
-    """One writer per store: ``PATH.lock`` beside it, locked (``flock``) for as long as a
-    live service or a replay holds the store. A second writer would keep its own idea of the
-    state in memory and write over the first one's; two live services would also share one
-    MQTT client id and keep taking the connection from each other. Readers (``report``, the
-    console's history, ``backup``) do not take it. The lock goes with the process, however
-    it ends; the file stays, naming the last holder."""
+    """One writer per store: ``REAL.lock`` beside the store's real path (symlinks and any
+    spelling of the path resolved), locked (``flock``) for as long as a live service or a
+    replay holds the store. A second writer would keep its own idea of the state in memory
+    and write over the first one's; two live services would also share one MQTT client id and
+    keep taking the connection from each other. Readers (``report``, the console's history,
+    ``backup``) do not take it. The lock goes with the process, however it ends; the file
+    stays, naming the last holder. (A second hard link to the store is refused outright:
+    ``inspect_store``.)"""
 
     def __init__(self, store: Path) -> None:
         self.store = store
-        self.path = store.with_name(store.name + ".lock")
+        self.real = Path(os.path.realpath(store))
+        self.path = self.real.with_name(self.real.name + ".lock")
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -223,18 +530,43 @@ class WriterLock:
             raise StoreError(
                 f"{self.path}: cannot create the store's lock: {exc.strerror}"
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for attempt in range(LOCK_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                # a reader asking whether a writer holds it (``held``) holds it for an instant
+                if attempt < LOCK_TRIES - 1:
+                    time.sleep(0.02)
+        else:
             holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
+            same = "" if self.real == Path(os.path.abspath(self.store)) else f" ({self.real})"
             raise StoreError(
-                f"{self.store}: already in use by {holder} (a live service or a replay writes "
-                "it); stop that one first, or use another --store"
+                f"{self.store}{same}: already in use by {holder} (a live service or a replay "
+                "writes it); stop that one first, or use another --store"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError as exc:
+            os.close(fd)
+            raise store_failure(self.store, "writing the store's lock", exc) from None
         self._fd = fd
+
+    def held(self) -> bool:
+        """Whether a writer (another process, or another ``Store`` here) holds the lock."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # a shared lock taken goes with it
+        return False
 
     def release(self) -> None:
         if self._fd is not None:
@@ -257,14 +589,16 @@ class Store:
         inline_writes: bool = False,
         writer: bool = False,
     ) -> None:
-        self.path = Path(path)
+        self.path = Path(path)  # as given, in messages
+        # the file itself, symlinks resolved: SQLite names its log after the path it opens
+        self._file = Path(os.path.realpath(self.path))
         # the live service and replay write the store: one of them at a time (WriterLock)
         self._lock = WriterLock(self.path) if writer else None
         self._inline = inline_writes
         self._writer: sqlite3.Connection | None = None  # with inline_writes: the loop's own
         if sync not in ("full", "normal"):
             raise ValueError(f"sync must be 'full' or 'normal', not {sync!r}")
-        self._log: _Log | None = _Log(self.path) if sync == "full" else None
+        self._log: _Log | None = _Log(self._file) if sync == "full" else None
         # flushes run on their own thread, so the next transaction is written meanwhile
         self._flusher = ThreadPoolExecutor(1, "store-flush") if self._log is not None else None
         self._flushing: asyncio.Future[None] | None = None
@@ -278,6 +612,7 @@ class Store:
         self._batch = _Batch()
         self._writing = asyncio.Lock()  # one write transaction at a time
         self._next_seq = 1  # of the outbox, assigned when queued
+        self._mode = ""  # meta "mode": "live", "replay", or not yet said
         self.migrated_from = SCHEMA_VERSION
 
     async def __aenter__(self) -> Store:
@@ -299,36 +634,42 @@ class Store:
         return self._db
 
     async def open(self) -> None:
+        """Open the store, refusing a damaged or foreign file (``inspect_store``,
+        ``check_database``); only where no file exists is a new store made."""
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if self._lock is not None:
             self._lock.acquire()
         try:
+            await asyncio.to_thread(self._prepare)
             await self._open()
         except BaseException:
-            if self._lock is not None:
-                self._lock.release()
+            try:
+                await self._close()  # no connection is left open: it would keep the process
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
             raise
+
+    def _prepare(self) -> None:
+        # a writer holds the lock, so no one else writes the log; a reader checks the log
+        # only while no writer holds the store
+        check_log = self._lock is not None or not WriterLock(self.path).held()
+        if inspect_store(self._file, check_log=check_log, shown=self.path):
+            check_database(self._file, shown=self.path)
+        else:
+            _create(self._file, self.path)
 
     async def _open(self) -> None:
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            self._db = await aiosqlite.connect(self._file, isolation_level=None)
             version = (await (await self._db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
-            if version > SCHEMA_VERSION:
-                await self._db.close()
-                self._db = None
-                raise StoreError(
-                    f"{self.path}: store schema version {version} is newer than this dispatcher "
-                    f"understands ({SCHEMA_VERSION}); upgrade the dispatcher or use another store"
-                )
+            if not 1 <= version <= SCHEMA_VERSION:  # checked just before; changed since
+                raise StoreError(f"{self.path}: store schema version {version} is unexpected")
             await self._db.execute("PRAGMA journal_mode=WAL")
             await self._db.execute("PRAGMA synchronous=NORMAL")  # the store flushes the log
             await self._db.execute("PRAGMA wal_autocheckpoint=0")  # and checkpoints it
             await self._db.execute("PRAGMA busy_timeout=5000")
-            if version == 0:
-                await self._db.executescript(SCHEMA)
-                await self._db.execute("PRAGMA user_version=1")
-                version = 1
             for step in range(version, SCHEMA_VERSION):
                 await self._db.executescript(
                     f"BEGIN IMMEDIATE;\n{MIGRATIONS[step]}\nPRAGMA user_version={step + 1};\n"
@@ -339,12 +680,16 @@ class Store:
                 await self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM outbox")
             ).fetchone()
             self._next_seq = int(row[0] if row else 0) + 1
+            row = await (
+                await self._db.execute("SELECT value FROM meta WHERE key = 'mode'")
+            ).fetchone()
+            self._mode = str(row[0]) if row else ""
             if self._inline:
-                self._writer = sqlite3.connect(self.path, isolation_level=None)
+                self._writer = sqlite3.connect(self._file, isolation_level=None)
                 for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", "busy_timeout=5000"):
                     self._writer.execute(f"PRAGMA {pragma}")
         except (aiosqlite.Error, sqlite3.Error) as exc:
-            raise StoreError(f"{self.path}: cannot open the store: {exc}") from None
+            raise store_failure(self.path, "opening the store", exc) from None
 
     async def close(self) -> None:
         try:
@@ -418,6 +763,8 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         self._batch.meta[key] = value
+        if key == "mode":
+            self._mode = value
 
     def save_incident(self, incident: Incident) -> None:
         self._batch.incidents[incident.id] = incident
@@ -544,8 +891,9 @@ class Store:
         try:
             await asyncio.get_running_loop().run_in_executor(self._flusher, self._log.flush)
         except OSError as exc:
+            full = " (the disk is full)" if exc.errno == errno.ENOSPC else ""
             self._flush_failed = FlushError(
-                f"{self.path}: flushing the store to the disk failed: {exc}"
+                f"{self.path}: flushing the store to the disk failed{full}: {exc}"
             )
             raise self._flush_failed from exc
         finally:
@@ -564,7 +912,7 @@ class Store:
     async def _checkpoint(self) -> None:
         try:
             if self._checkpointer is None:
-                self._checkpointer = await aiosqlite.connect(self.path, isolation_level=None)
+                self._checkpointer = await aiosqlite.connect(self._file, isolation_level=None)
             # PASSIVE: copies what no reader still needs, never waits for the writer
             await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except (aiosqlite.Error, sqlite3.Error) as exc:
@@ -581,10 +929,35 @@ class Store:
         return await db._execute(lambda: fn(db._conn, *args))  # type: ignore[no-untyped-call,no-any-return]
 
     async def prune(self, before_inbound: float, before_contacts: float) -> None:
-        """Forget dedupe pairs and contacts too old to matter (they are bounded by time)."""
+        """Forget what is too old to matter, in one transaction: dedupe pairs and contacts
+        (they are bounded by time), and refused input older than the dedupe window
+        (``before_inbound``): its ``rejected`` rows and its dead letters, once sent (an unsent
+        outbox row is never deleted). A replay's store keeps its rejections: its report lists
+        every one of the recording (SPEC §6), and a recording is finite."""
+        forget_refused = self._mode != "replay"
+
+        def prune(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("DELETE FROM inbound WHERE last_at < ?", (before_inbound,))
+                db.execute("DELETE FROM contacts WHERE at < ?", (before_contacts,))
+                if forget_refused:
+                    db.execute("DELETE FROM rejected WHERE at < ?", (before_inbound,))
+                    # the type spelled out, so that SQLite uses the dead letters' own index
+                    db.execute(
+                        f"DELETE FROM outbox WHERE type = '{DEAD_LETTER}' AND at < ? AND sent = 1",
+                        (before_inbound,),
+                    )
+                db.execute("COMMIT")
+            except BaseException:
+                _rollback(db)
+                raise
+
         async with self._writing:
-            await self.db.execute("DELETE FROM inbound WHERE last_at < ?", (before_inbound,))
-            await self.db.execute("DELETE FROM contacts WHERE at < ?", (before_contacts,))
+            try:
+                await self._in_thread(prune)
+            except sqlite3.Error as exc:
+                raise store_failure(self.path, "pruning the store", exc) from exc
 
     # ---- the outbox ------------------------------------------------------------------------
 
@@ -612,9 +985,12 @@ class Store:
                 try:
                     _mark_sent(writer, seqs)
                 except sqlite3.Error as exc:
-                    raise StoreError(f"{self.path}: marking messages sent failed: {exc}") from exc
+                    raise store_failure(self.path, "marking messages sent", exc) from exc
             else:
-                await self._in_thread(_mark_sent, seqs)
+                try:
+                    await self._in_thread(_mark_sent, seqs)
+                except sqlite3.Error as exc:
+                    raise store_failure(self.path, "marking messages sent", exc) from exc
 
     async def backup(self, target: Path) -> None:
         """A consistent copy of the store while it is in use (SQLite's online backup), written
@@ -705,7 +1081,7 @@ def _mark_sent(db: sqlite3.Connection, seqs: list[int]) -> None:
         db.executemany("UPDATE outbox SET sent = 1 WHERE seq = ?", [(s,) for s in seqs])
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        _rollback(db)
         raise
 
 
@@ -772,9 +1148,9 @@ def _write(
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", rows.meta)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            _rollback(db)
             raise
     except sqlite3.Error as exc:
-        raise StoreError(f"{path}: commit failed: {exc}") from exc
+        raise store_failure(path, "commit", exc) from exc
     hand_over(pending)
     return pending

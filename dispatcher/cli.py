@@ -212,8 +212,11 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     from adapters.console import Console, Users
     from adapters.mqtt import PASSWORD_ENV, BrokerURL
+    from adapters.store import check_store
 
     settings = _settings(args.config)
+    store = Path(args.store or settings.service.store)
+    check_store(store)  # history is read from it: a damaged or foreign store is refused now
     password = None
     if args.password_file:
         password = Path(args.password_file).read_text(encoding="utf-8").strip()
@@ -235,7 +238,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     console = Console(
         settings,
         broker,
-        Path(args.store or settings.service.store),
+        store,
         users,
         secure_cookies=settings.console.secure_cookies,
         session_hours=settings.console.session_hours,
