@@ -388,7 +388,9 @@ class Console:
             "frame-ancestors 'none'"
         )
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        # not "no-referrer": under it a browser sends "Origin: null" even for the console's
+        # own requests, and the origin check below could not tell them from a foreign page's
+        response.headers["Referrer-Policy"] = "same-origin"
         return response
 
     @web.middleware
