@@ -9,6 +9,12 @@ the board over a WebSocket; history comes from the dispatcher's store, read-only
 Operators log in with a password (scrypt-hashed in ``console.users_file``); sessions are
 random tokens in an HttpOnly, SameSite=Strict cookie, and every action must carry the
 session's CSRF token. Every asset is served from here: no internet is needed.
+
+Whoever holds one party's credentials (a handset's, an operator's) can at most spoil that
+party's own messages: every message read is checked against the published protocol before it
+reaches the board, presence is shown as the dispatcher accepted it, logins are throttled and
+hashed off the event loop, requests from other origins are refused, and a slow browser is
+dropped rather than waited for (docs/RELIABILITY.md, "Console").
 """
 
 from __future__ import annotations
@@ -21,24 +27,37 @@ import hashlib
 import hmac
 import io
 import json
+import math
+import os
+import re
 import secrets
 import sqlite3
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import structlog
 from aiohttp import WSMsgType, web
+from pydantic import ValidationError
 
 from adapters.mqtt import Backoff, BrokerURL, open_client, publish_acknowledged
-from dispatcher.errors import BrokerError
-from dispatcher.inbound import cloudevent
+from dispatcher.errors import BrokerError, InputError
+from dispatcher.inbound import (
+    INCIDENT_ID_RE,
+    TopicRouter,
+    cloudevent,
+    decode_payload,
+    parse_message,
+)
 from dispatcher.outbound import Topics
+from dispatcher.protocol import OUTBOUND_EVENTS
 from dispatcher.settings import Settings
 
 log = structlog.get_logger("console")
@@ -52,6 +71,31 @@ ACTIONS = {
     "escalate": {},
     "close": {"outcome": ("prevented", "loss", "false_alarm", "unreachable")},
 }
+NOTE_CHARS = 2000  # the dispatcher's limit for a closing note
+MAX_BODY_BYTES = 64 * 1024  # any request body: actions and the login form are a few hundred
+MAX_FEED_BYTES = 1 << 20  # an incident document off the broker (production allows 256 KiB)
+MAX_FEED_DEPTH = 32
+MAX_CLOSED_SHOWN = 500  # closed incidents kept in memory for the board
+VIEWER_QUEUE = 1000  # frames a browser may fall behind before it is dropped
+VIEWER_SEND_S = 10.0  # longest a browser may take to take one frame
+SWEEP_S = 1.0  # how often sessions are checked against the users file and their expiry
+PRESENCE_POLL_S = 2.0  # how often presence is read from the store when nothing is heard
+HASH_THREADS = 2  # password hashing runs on these threads, never on the event loop
+HASH_WAITING = 32  # logins waiting for a hashing thread before more are turned away
+OPERATOR_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+OUTCOMES = ("prevented", "loss", "false_alarm", "unreachable", "resolved_by_callback")
+ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(text: str, limit: int = 120) -> str:
+    """``text`` fit for a log line: cut, and anything that is not valid Unicode escaped."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def neutralise_cell(text: str) -> str:
+    """A CSV cell a spreadsheet will not run as a formula (OWASP: a leading single quote)."""
+    return "'" + text if text.startswith(FORMULA_START) else text
 
 
 # ---- operators and their passwords ----------------------------------------------------------
@@ -69,7 +113,7 @@ def check_password(password: str, stored: str) -> bool:
         if kind != "scrypt":
             return False
         actual = hashlib.scrypt(
-            password.encode("utf-8"),
+            password.encode("utf-8", "surrogatepass"),
             salt=base64.b64decode(salt),
             n=int(n),
             r=int(r),
@@ -81,17 +125,44 @@ def check_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, base64.b64decode(digest))
 
 
+# checked when the operator id is unknown or has no password: the same work either way
+_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+
+
+def fingerprint(stored: str) -> str:
+    """Stands for one password hash in a session: a new password, a new fingerprint."""
+    return hashlib.sha256(stored.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
 class Users:
-    """Operator id -> password hash, in a JSON file (mode 0600)."""
+    """Operator id -> password hash, in a JSON file (mode 0600), re-read when it changes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._stamp: tuple[int, int, int] | None = None
+        self._users: dict[str, str] = {}
 
     def load(self) -> dict[str, str]:
         if not self.path.exists():
             return {}
         data = json.loads(self.path.read_text(encoding="utf-8"))
         return {str(k): str(v) for k, v in data.items()}
+
+    def current(self) -> dict[str, str]:
+        """The users as the file says now (read again only when the file changed)."""
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            try:
+                self._users = self.load() if stamp is not None else {}
+            except (OSError, ValueError, AttributeError) as exc:
+                log.error("console_users_unreadable", path=str(self.path), error=str(exc))
+                self._users = {}
+            self._stamp = stamp
+        return self._users
 
     def set_password(self, operator: str, password: str) -> None:
         users = self.load()
@@ -102,12 +173,69 @@ class Users:
         tmp.chmod(0o600)
         tmp.replace(self.path)
 
-    def check(self, operator: str, password: str) -> bool:
-        stored = self.load().get(operator)
+    def verify(self, operator: str, password: str) -> str | None:
+        """The fingerprint of the operator's password hash when ``password`` is right, else
+        None; an unknown operator costs the same hashing as a wrong password."""
+        stored = self.current().get(operator)
         if stored is None:
-            check_password(password, hash_password("timing"))  # same work either way
-            return False
-        return check_password(password, stored)
+            check_password(password, _DUMMY_HASH)
+            return None
+        return fingerprint(stored) if check_password(password, stored) else None
+
+    def check(self, operator: str, password: str) -> bool:
+        return self.verify(operator, password) is not None
+
+    def fingerprint_of(self, operator: str) -> str | None:
+        stored = self.current().get(operator)
+        return None if stored is None else fingerprint(stored)
+
+
+class LoginThrottle:
+    """Failed logins per key (an operator id, a client address): ``free`` failures, then each
+    further one makes the key wait ``base_s`` doubled per failure, at most ``cap_s``; a key
+    quiet for ``forget_s`` starts afresh. At most ``max_keys`` keys, the oldest forgotten."""
+
+    def __init__(
+        self,
+        free: int,
+        base_s: float = 1.0,
+        cap_s: float = 900.0,
+        forget_s: float = 3600.0,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.free = free
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.forget_s = forget_s
+        self.max_keys = max_keys
+        self.clock = clock
+        # key -> (failures, locked until, last failure)
+        self.entries: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+
+    def wait(self, key: str) -> float:
+        """Seconds ``key`` must wait before its next try (0: it may try now)."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return 0.0
+        now = self.clock()
+        if now - entry[2] > self.forget_s:
+            del self.entries[key]
+            return 0.0
+        return max(0.0, entry[1] - now)
+
+    def failed(self, key: str) -> None:
+        now = self.clock()
+        failures, until, _ = self.entries.pop(key, (0, 0.0, now))
+        failures += 1
+        if failures >= self.free:
+            until = now + min(self.cap_s, self.base_s * 2.0 ** min(failures - self.free, 60))
+        self.entries[key] = (failures, until, now)
+        while len(self.entries) > self.max_keys:
+            self.entries.popitem(last=False)
+
+    def succeeded(self, key: str) -> None:
+        self.entries.pop(key, None)
 
 
 @dataclass
@@ -115,6 +243,26 @@ class Session:
     operator: str
     csrf: str
     expires: float
+    credential: str = ""  # fingerprint of the password hash it was opened with
+
+
+@dataclass(eq=False)
+class Viewer:
+    """One browser's live feed: frames wait in a bounded queue, a task of its own sends them."""
+
+    socket: web.WebSocketResponse
+    request: web.Request
+    token: str
+    queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(VIEWER_QUEUE))
+    writer: asyncio.Task[None] | None = None
+
+
+class Refused(Exception):
+    """A message the console does not take, with the reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # ---- the board ------------------------------------------------------------------------------
@@ -151,6 +299,14 @@ class Board:
             for u in sorted(self.settings.units.values(), key=lambda u: u.order)
         ]
 
+    def put(self, incident: dict[str, Any]) -> None:
+        self.incidents[incident["incident_id"]] = incident
+        closed = [i for i in self.incidents.values() if i["status"] == "closed"]
+        if len(closed) > MAX_CLOSED_SHOWN:
+            closed.sort(key=lambda i: i["closed_at"] or "")
+            for old in closed[: len(closed) - MAX_CLOSED_SHOWN]:
+                del self.incidents[old["incident_id"]]
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "incidents": [i for i in self.incidents.values() if i["status"] != "closed"]
@@ -183,17 +339,34 @@ class Console:
         self.secure_cookies = secure_cookies
         self.session_s = session_hours * 3600
         self.topics = Topics(settings.service.prefix)
+        self.router = TopicRouter(settings)
         self.board = Board(settings)
         self.sessions: dict[str, Session] = {}
-        self.sockets: set[web.WebSocketResponse] = set()
+        self.viewers: set[Viewer] = set()
         self.client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+        # the feed from the broker: connecting, live, reconnecting, or stopped (the board
+        # is then stale, and says so)
+        self.feed = "connecting"
+        self.mqtt_task: asyncio.Task[None] | None = None
+        self._closing = False
         # the dispatcher's own presence: online, offline, or unknown until it is heard from
         self.dispatcher = "unknown"
+        # without the dispatcher's store: status events taken, by (source, id), to take each once
+        self._status_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._presence_dirty = asyncio.Event()
+        self._refusals: dict[str, tuple[float, int]] = {}  # topic -> (last logged, not logged)
+        self.operator_throttle = LoginThrottle(free=5)
+        self.address_throttle = LoginThrottle(free=20)
+        self._hasher = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="console-hash")
+        self._hashing = 0
         self.app = self._app()
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[self._security_headers])
+        app = web.Application(
+            middlewares=[self._security_headers, self._same_origin],
+            client_max_size=MAX_BODY_BYTES,
+        )
         app.router.add_get("/", self.index)
         app.router.add_get("/login", self.login_page)
         app.router.add_post("/login", self.login)
@@ -204,7 +377,7 @@ class Console:
         app.router.add_get("/api/history.csv", self.history_csv)
         app.router.add_get("/ws", self.websocket)
         app.router.add_static("/static/", STATIC)
-        app.cleanup_ctx.append(self._mqtt_context)
+        app.cleanup_ctx.append(self._background)
         return app
 
     @web.middleware
@@ -215,15 +388,44 @@ class Console:
             "frame-ancestors 'none'"
         )
         response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["Referrer-Policy"] = "no-referrer"
+        # not "no-referrer": under it a browser sends "Origin: null" even for the console's
+        # own requests, and the origin check below could not tell them from a foreign page's
+        response.headers["Referrer-Policy"] = "same-origin"
         return response
+
+    @web.middleware
+    async def _same_origin(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """A browser says which page a request comes from; only the console's own may act
+        or read the live feed. (Other clients send no ``Origin`` and need the cookie.)"""
+        if request.method not in ("GET", "HEAD", "OPTIONS") or request.path == "/ws":
+            origin = request.headers.get("Origin")
+            if origin is not None and origin.lower() not in self._own_origins(request):
+                log.warning(
+                    "console_foreign_origin", origin=printable(origin), path=printable(request.path)
+                )
+                raise web.HTTPForbidden(text="请求来自调度台以外的页面，已拒绝")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def _own_origins(self, request: web.Request) -> set[str]:
+        host = request.host.lower()
+        schemes = {request.scheme, "https"} if self.secure_cookies else {request.scheme}
+        return {f"{scheme}://{host}" for scheme in schemes}
 
     # ---- sessions --------------------------------------------------------------------------
 
+    def _valid(self, session: Session) -> bool:
+        return session.expires >= time.time() and session.credential == self.users.fingerprint_of(
+            session.operator
+        )
+
     def session(self, request: web.Request) -> Session | None:
-        token = request.cookies.get(COOKIE)
-        session = self.sessions.get(token or "")
-        if session is None or session.expires < time.time():
+        token = request.cookies.get(COOKIE, "")
+        session = self.sessions.get(token)
+        if session is None:
+            return None
+        if not self._valid(session):
+            self._end_session(token)
             return None
         return session
 
@@ -233,20 +435,83 @@ class Console:
             raise web.HTTPUnauthorized(text="请先登录")
         return session
 
+    def _end_session(self, token: str) -> None:
+        self.sessions.pop(token, None)
+        for viewer in [v for v in self.viewers if v.token == token]:
+            self._drop(viewer, "session_ended")
+
+    def _sweep(self) -> None:
+        """End every session whose password changed or that expired, and its live feeds."""
+        for token, session in list(self.sessions.items()):
+            if not self._valid(session):
+                log.info("console_session_ended", operator=session.operator)
+                self._end_session(token)
+
     async def login_page(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC / "login.html")
 
+    async def _form(self, request: web.Request) -> tuple[str, str]:
+        try:
+            form = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            raise web.HTTPRequestEntityTooLarge(
+                MAX_BODY_BYTES, request.content_length or 0, text="登录表单过大"
+            ) from None
+        except Exception as exc:  # anything a client may send as a form: a 400, said why
+            log.warning("console_login_unreadable", error=printable(f"{type(exc).__name__}: {exc}"))
+            raise web.HTTPBadRequest(text="登录表单无法读取") from None
+        operator, password = form.get("operator", ""), form.get("password", "")
+        if not isinstance(operator, str) or not isinstance(password, str):
+            raise web.HTTPBadRequest(text="登录表单无法读取")
+        return operator, password
+
+    def _throttled(self, retry_s: float, text: str) -> web.Response:
+        seconds = max(1, math.ceil(retry_s))
+        body = (
+            '<!doctype html><html lang="zh-CN"><meta charset="utf-8"><title>请稍后再试</title>'
+            '<link rel="stylesheet" href="/static/console.css"><body class="login">'
+            f'<div class="login-box"><h1>反诈预警调度台</h1><p class="refused">{text}，'
+            f'请 {seconds} 秒后再试。</p><a href="/login">返回登录</a></div></body></html>'
+        )
+        return web.Response(
+            status=429,
+            text=body,
+            content_type="text/html",
+            headers={"Retry-After": str(seconds)},
+        )
+
     async def login(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
-        operator, password = str(form.get("operator", "")), str(form.get("password", ""))
-        if operator not in self.settings.access.operators or not self.users.check(
-            operator, password
-        ):
-            log.warning("console_login_failed", operator=operator[:64])
+        operator, password = await self._form(request)
+        address = request.remote or "unknown"
+        key = operator[:64]
+        wait = max(self.operator_throttle.wait(key), self.address_throttle.wait(address))
+        if wait > 0:
+            log.warning(
+                "console_login_throttled", operator=printable(key, 64), address=address, wait_s=wait
+            )
+            return self._throttled(wait, "登录失败次数过多")
+        if self._hashing >= HASH_WAITING:
+            return self._throttled(1, "登录请求过多")
+        known = operator in self.settings.access.operators and bool(OPERATOR_ID.match(operator))
+        self._hashing += 1
+        try:
+            credential = await asyncio.get_running_loop().run_in_executor(
+                self._hasher,
+                self.users.verify,
+                operator if known else "\0unknown",
+                password[:1024],
+            )
+        finally:
+            self._hashing -= 1
+        if credential is None or len(password) > 1024:
+            self.operator_throttle.failed(key)
+            self.address_throttle.failed(address)
+            log.warning("console_login_failed", operator=printable(key, 64), address=address)
             raise web.HTTPFound("/login?failed=1")
+        self.operator_throttle.succeeded(key)
         token = secrets.token_urlsafe(32)
         self.sessions[token] = Session(
-            operator, secrets.token_urlsafe(32), time.time() + self.session_s
+            operator, secrets.token_urlsafe(32), time.time() + self.session_s, credential
         )
         log.info("console_login", operator=operator)
         response = web.HTTPFound("/")
@@ -263,16 +528,16 @@ class Console:
     async def logout(self, request: web.Request) -> web.StreamResponse:
         session = self.require(request)
         self._check_csrf(request, session)
-        self.sessions.pop(request.cookies.get(COOKIE, ""), None)
+        self._end_session(request.cookies.get(COOKIE, ""))
         response = web.HTTPFound("/login")
         response.del_cookie(COOKIE)
         raise response
 
     @staticmethod
     def _check_csrf(request: web.Request, session: Session) -> None:
-        token = request.headers.get("X-CSRF-Token", "")
-        if not hmac.compare_digest(token, session.csrf):
-            raise web.HTTPForbidden(text="CSRF token missing or wrong")
+        token = request.headers.get("X-CSRF-Token", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(token, session.csrf.encode("ascii")):
+            raise web.HTTPForbidden(text="缺少或错误的 CSRF 令牌：请刷新页面后重试")
 
     # ---- pages and the board ---------------------------------------------------------------
 
@@ -288,6 +553,7 @@ class Console:
                 "operator": session.operator,
                 "csrf": session.csrf,
                 "connected": self.connected.is_set(),
+                "feed": self.feed,
                 "dispatcher": self.dispatcher,
                 "callback_max": self.settings.callback.max_attempts,
                 **self.board.snapshot(),
@@ -296,42 +562,87 @@ class Console:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         self.require(request)
-        socket = web.WebSocketResponse(heartbeat=20)
+        socket = web.WebSocketResponse(heartbeat=20, max_msg_size=4096)
         await socket.prepare(request)
-        self.sockets.add(socket)
+        viewer = Viewer(socket, request, request.cookies.get(COOKIE, ""))
+        viewer.writer = asyncio.create_task(self._send_frames(viewer))
+        self.viewers.add(viewer)
         try:
             async for message in socket:
                 if message.type == WSMsgType.ERROR:
                     break
         finally:
-            self.sockets.discard(socket)
+            self.viewers.discard(viewer)
+            viewer.writer.cancel()
         return socket
+
+    async def _send_frames(self, viewer: Viewer) -> None:
+        try:
+            while True:
+                text = await viewer.queue.get()
+                async with asyncio.timeout(VIEWER_SEND_S):
+                    await viewer.socket.send_str(text)
+        except (ConnectionError, RuntimeError, TimeoutError):
+            self._drop(viewer, "send_failed")
+
+    def _drop(self, viewer: Viewer, why: str) -> None:
+        """Cut one browser's feed at once (it reconnects and reloads the board if it may)."""
+        self.viewers.discard(viewer)
+        if viewer.writer is not None:
+            viewer.writer.cancel()
+        log.info("console_viewer_dropped", why=why)
+        transport = viewer.request.transport
+        if transport is not None:
+            transport.abort()
 
     async def broadcast(self, kind: str, data: Any) -> None:
         text = json.dumps({"kind": kind, "data": data}, ensure_ascii=False)
-        for socket in list(self.sockets):
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await socket.send_str(text)
+        for viewer in list(self.viewers):
+            try:
+                viewer.queue.put_nowait(text)
+            except asyncio.QueueFull:
+                self._drop(viewer, "too_slow")
 
     # ---- actions ---------------------------------------------------------------------------
+
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise web.HTTPRequestEntityTooLarge(
+                MAX_BODY_BYTES, request.content_length or 0, text="请求内容过大"
+            ) from None
+        try:
+            body = decode_payload(raw, MAX_BODY_BYTES, 8)
+        except InputError as exc:
+            raise web.HTTPBadRequest(text=f"请求内容不是有效的 JSON（{exc.reason}）") from None
+        if type(body) is not dict:
+            raise web.HTTPBadRequest(text="请求内容应为 JSON 对象")
+        return body
 
     async def act(self, request: web.Request) -> web.StreamResponse:
         session = self.require(request)
         self._check_csrf(request, session)
         incident_id, action = request.match_info["incident_id"], request.match_info["action"]
         if action not in ACTIONS:
-            raise web.HTTPNotFound(text=f"no action {action!r}")
-        try:
-            body = await request.json()
-        except ValueError:
-            raise web.HTTPBadRequest(text="the body must be JSON") from None
+            raise web.HTTPNotFound(text=f"没有这种操作：{printable(action, 40)}")
+        if not INCIDENT_ID_RE.match(incident_id):
+            raise web.HTTPBadRequest(text="事件编号无效")
+        body = await self._json_body(request)
         data: dict[str, Any] = {"incident_id": incident_id}
-        for field, allowed in ACTIONS[action].items():
-            if body.get(field) not in allowed:
-                raise web.HTTPBadRequest(text=f"{field} must be one of {', '.join(allowed)}")
-            data[field] = body[field]
-        if action == "close" and body.get("note"):
-            data["note"] = str(body["note"])[:2000]
+        for name, allowed in ACTIONS[action].items():
+            value = body.get(name)
+            if not isinstance(value, str) or value not in allowed:
+                raise web.HTTPBadRequest(text=f"{name} 应为以下之一：{', '.join(allowed)}")
+            data[name] = value
+        if action == "close":
+            note = body.get("note")
+            if note is not None and not isinstance(note, str):
+                raise web.HTTPBadRequest(text="备注应为文字")
+            if note and len(note) > NOTE_CHARS:
+                raise web.HTTPBadRequest(text=f"备注最多 {NOTE_CHARS} 字")
+            if note:
+                data["note"] = note
         client = self.client
         if client is None:
             raise web.HTTPServiceUnavailable(text="没有连接到消息服务器，操作未发送")
@@ -367,6 +678,32 @@ class Console:
 
     # ---- history ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _query(request: web.Request) -> dict[str, str]:
+        """The history filters, checked: a 400 saying which is wrong."""
+        query = {k: request.query.get(k, "").strip() for k in ("q", "outcome", "from", "to")}
+        for text in query.values():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise web.HTTPBadRequest(text="查询条件含有无效字符") from None
+        if len(query["q"]) > 100:
+            raise web.HTTPBadRequest(text="查询文字最多 100 字")
+        if query["outcome"] and query["outcome"] not in OUTCOMES:
+            raise web.HTTPBadRequest(text="结果筛选无效")
+        for name in ("from", "to"):
+            day = query[name]
+            if day:
+                try:
+                    if not ISO_DAY.match(day):
+                        raise ValueError(day)
+                    date.fromisoformat(day)
+                except ValueError:
+                    raise web.HTTPBadRequest(
+                        text="日期应写成 YYYY-MM-DD，例如 2021-10-15"
+                    ) from None
+        return query
+
     def _search(self, query: dict[str, str]) -> list[dict[str, Any]]:
         if self.store is None or not self.store.exists():
             return []
@@ -376,9 +713,9 @@ class Console:
                 "ORDER BY closed_at DESC LIMIT 5000"
             ).fetchall()
         found = []
-        text = query.get("q", "").strip()
-        outcome = query.get("outcome", "").strip()
-        since, until = query.get("from", "").strip(), query.get("to", "").strip()
+        text = query.get("q", "")
+        outcome = query.get("outcome", "")
+        since, until = query.get("from", ""), query.get("to", "")
         for (doc,) in rows:
             inc = json.loads(doc)
             sub = self.settings.subscribers.get(inc["subscriber"])
@@ -416,14 +753,20 @@ class Console:
             )
         return found
 
-    async def history(self, request: web.Request) -> web.StreamResponse:
+    async def _found(self, request: web.Request) -> list[dict[str, Any]]:
         self.require(request)
-        rows = await asyncio.to_thread(self._search, dict(request.query))
-        return web.json_response({"incidents": rows})
+        query = self._query(request)
+        try:
+            return await asyncio.to_thread(self._search, query)
+        except sqlite3.Error as exc:
+            log.warning("console_history_unavailable", error=str(exc))
+            raise web.HTTPServiceUnavailable(text="历史记录暂时无法读取，请稍后再试") from None
+
+    async def history(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"incidents": await self._found(request)})
 
     async def history_csv(self, request: web.Request) -> web.StreamResponse:
-        self.require(request)
-        rows = await asyncio.to_thread(self._search, dict(request.query))
+        rows = await self._found(request)
         out = io.StringIO()
         fields = [
             "incident_id",
@@ -438,7 +781,8 @@ class Console:
         ]
         writer = csv.DictWriter(out, fieldnames=fields)
         writer.writeheader()
-        writer.writerows(rows)
+        # a cell a spreadsheet would take for a formula (a note "=HYPERLINK(…)") is text
+        writer.writerows({k: neutralise_cell(str(v)) for k, v in row.items()} for row in rows)
         return web.Response(
             body=("\ufeff" + out.getvalue()).encode("utf-8"),  # Excel: BOM
             content_type="text/csv",
@@ -446,14 +790,45 @@ class Console:
             headers={"Content-Disposition": 'attachment; filename="incidents.csv"'},
         )
 
-    # ---- MQTT ------------------------------------------------------------------------------
+    # ---- background: the feed, presence, sessions ------------------------------------------
 
-    async def _mqtt_context(self, app: web.Application) -> Any:
-        task = asyncio.create_task(self._mqtt())
+    async def _background(self, app: web.Application) -> Any:
+        self.mqtt_task = asyncio.create_task(self._mqtt())
+        self.mqtt_task.add_done_callback(self._feed_ended)
+        others = [asyncio.create_task(self._presence_loop()), asyncio.create_task(self._sweeper())]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        self._closing = True
+        for task in [self.mqtt_task, *others]:
+            task.cancel()
+        for task in [self.mqtt_task, *others]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for viewer in list(self.viewers):
+            self._drop(viewer, "shutdown")
+        self._hasher.shutdown(wait=False, cancel_futures=True)
+
+    def _feed_ended(self, task: asyncio.Task[None]) -> None:
+        """The feed is meant to run as long as the console: if it ends anyway, the board is
+        stale and every browser is told so; actions are refused at once."""
+        if self._closing:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("console_feed_stopped", error=repr(error) if error else "cancelled")
+        self.client = None
+        self.connected.clear()
+        self.feed = "stopped"
+        asyncio.get_running_loop().create_task(self._announce_feed())
+
+    async def _announce_feed(self) -> None:
+        await self.broadcast("connection", {"connected": self.feed == "live", "feed": self.feed})
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                self._sweep()
+            except Exception:  # a defect here must not end sessions' checks for good
+                log.exception("console_sweep_failed")
 
     async def _mqtt(self) -> None:
         backoff = Backoff(cap=10.0)
@@ -463,44 +838,161 @@ class Console:
                     await client.subscribe([(t, 1) for t in self.topics.console_filters()])
                     self.client = client
                     self.connected.set()
+                    self.feed = "live"
                     backoff.reset()
-                    await self.broadcast("connection", {"connected": True})
+                    self._presence_dirty.set()
+                    await self._announce_feed()
                     async for message in client.messages:
-                        await self._on_message(str(message.topic), message.payload)
+                        await self.handle_message(str(message.topic), message.payload)
             except (BrokerError, aiomqtt.MqttError) as exc:
                 log.warning("console_broker_unavailable", error=str(exc))
+            except Exception:  # a defect: the feed reconnects rather than ends
+                log.exception("console_feed_failed")
             self.client = None
             self.connected.clear()
-            await self.broadcast("connection", {"connected": False})
+            self.feed = "reconnecting"
+            await self._announce_feed()
             await asyncio.sleep(backoff.next_delay())
 
-    async def _on_message(self, topic: str, payload: Any) -> None:
+    async def handle_message(self, topic: str, payload: Any) -> None:
+        """One message off the broker. Never raises: what it refuses is logged with why."""
         try:
-            event = json.loads(bytes(payload)) if payload else None
-        except (TypeError, ValueError):
+            raw = payload if isinstance(payload, bytes) else bytes(payload or b"")
+            await self._on_message(topic, raw)
+        except Refused as refused:
+            self._log_refusal(topic, refused.reason)
+        except Exception:
+            log.exception("console_message_failed", topic=printable(topic, 200))
+
+    def _log_refusal(self, topic: str, reason: str) -> None:
+        """One line per topic and second at most: a flood of junk does not flood the log."""
+        now = time.monotonic()
+        last, quiet = self._refusals.get(topic, (0.0, 0))
+        if now - last < 1.0:
+            self._refusals[topic] = (last, quiet + 1)
             return
-        if not isinstance(event, dict):
-            return
-        data = event.get("data")
-        if topic == self.topics.dispatcher_status and isinstance(data, dict):
-            self.dispatcher = "online" if data.get("state") == "online" else "offline"
+        if len(self._refusals) >= 4096:
+            self._refusals.clear()
+        self._refusals[topic] = (now, 0)
+        log.warning(
+            "console_message_refused",
+            topic=printable(topic, 200),
+            reason=printable(reason, 300),
+            not_logged_before=quiet,
+        )
+
+    def _event(self, topic: str, raw: bytes, types: tuple[str, ...]) -> Any:
+        """The message as the published protocol has it (its validated model), or Refused."""
+        try:
+            event = decode_payload(raw, MAX_FEED_BYTES, MAX_FEED_DEPTH)
+        except InputError as exc:
+            raise Refused(exc.reason) from None
+        kind = event.get("type") if type(event) is dict else None
+        if not isinstance(kind, str) or kind not in types:
+            raise Refused(f"not one of {', '.join(types)} (type {printable(repr(kind), 80)})")
+        try:
+            return OUTBOUND_EVENTS[kind].model_validate(event, strict=False)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise Refused(f"not a valid {kind}: {where}: {first['msg']}") from None
+
+    async def _on_message(self, topic: str, raw: bytes) -> None:
+        prefix = self.topics.prefix
+        parts = topic.split("/")
+        tail = parts[len(prefix.split("/")) :] if topic.startswith(prefix + "/") else []
+        if topic == self.topics.dispatcher_status:
+            model = self._event(topic, raw, ("cn.antifraud.dispatcher.status",))
+            self.dispatcher = model.data.state
             await self.broadcast("dispatcher", {"state": self.dispatcher})
-        elif topic.endswith("/status") and isinstance(data, dict):
-            unit = topic.split("/")[-2]
-            self.board.presence[unit] = str(data.get("state"))
-            await self.broadcast("units", self.board.units())
-        elif topic.endswith("/deadletter") and isinstance(data, dict):
-            operator = self.board.pending.pop(str(data.get("id")), None)
+        elif len(tail) == 3 and tail[0] == "units" and tail[2] == "status":
+            await self._on_status(topic, raw)
+        elif topic == self.topics.deadletter:
+            model = self._event(topic, raw, ("cn.antifraud.input.rejected",))
+            operator = self.board.pending.pop(model.data.id or "", None)
             if operator is not None:
                 await self.broadcast(
                     "refused",
-                    {
-                        "action_id": data.get("id"),
-                        "operator": operator,
-                        "reason": data.get("reason"),
-                    },
+                    {"action_id": model.data.id, "operator": operator, "reason": model.data.reason},
                 )
-        elif isinstance(data, dict) and "incident_id" in data and "timeline" in data:
-            self.board.incidents[data["incident_id"]] = data
-            await self.broadcast("incident", data)
+        elif topic == self.topics.operators or (len(tail) == 2 and tail[0] == "incidents"):
+            retained = topic != self.topics.operators
+            if not raw and retained:
+                return  # a retained incident cleared after its retention
+            model = self._event(
+                topic,
+                raw,
+                (
+                    "cn.antifraud.incident.opened",
+                    "cn.antifraud.incident.updated",
+                    "cn.antifraud.incident.closed",
+                ),
+            )
+            incident = model.data.model_dump(mode="json")
+            if retained and tail[1] != incident["incident_id"]:
+                raise Refused(f"incident {incident['incident_id']} on another incident's topic")
+            self.board.put(incident)
+            await self.broadcast("incident", incident)
             await self.broadcast("units", self.board.units())
+        else:
+            raise Refused("not a topic the console reads")
+
+    # ---- presence --------------------------------------------------------------------------
+
+    def _reads_store(self) -> bool:
+        return self.store is not None and self.store.exists()
+
+    async def _on_status(self, topic: str, raw: bytes) -> None:
+        """A unit's presence counts only as the dispatcher takes it: the same validation (a
+        known unit, on its own topic, a valid status event). With the dispatcher's store at
+        hand the board shows what the dispatcher stored (duplicates and refusals included);
+        the message only says it is time to look."""
+        try:
+            msg = parse_message(self.router, topic, raw, self.settings)
+        except InputError as exc:
+            raise Refused(exc.reason) from None
+        if self._reads_store():
+            self._presence_dirty.set()
+            return
+        key = (msg.source, msg.id)
+        if key in self._status_seen:
+            raise Refused(f"repeat of status event ({msg.source!r}, {msg.id!r})")
+        self._status_seen[key] = None
+        while len(self._status_seen) > 100_000:
+            self._status_seen.popitem(last=False)
+        if self.board.presence.get(msg.party) != msg.data.state:
+            self.board.presence[msg.party] = msg.data.state
+            await self.broadcast("units", self.board.units())
+
+    def _stored_presence(self) -> dict[str, str]:
+        assert self.store is not None
+        with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT unit, state FROM presence").fetchall()
+        return {
+            str(unit): str(state)
+            for unit, state in rows
+            if unit in self.settings.units and state in ("online", "offline")
+        }
+
+    async def _presence_loop(self) -> None:
+        """Presence from the dispatcher's store: at once after a status message (and for two
+        seconds after, while the dispatcher commits it), else every few seconds."""
+        loop = asyncio.get_running_loop()
+        busy_until = 0.0
+        while True:
+            wait = 0.1 if loop.time() < busy_until else PRESENCE_POLL_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._presence_dirty.wait(), wait)
+            if self._presence_dirty.is_set():
+                self._presence_dirty.clear()
+                busy_until = loop.time() + 2.0
+            if not self._reads_store():
+                continue
+            try:
+                stored = await asyncio.to_thread(self._stored_presence)
+            except sqlite3.Error as exc:
+                self._log_refusal("store presence", f"the store cannot be read: {exc}")
+                continue
+            if stored != self.board.presence:
+                self.board.presence = stored
+                await self.broadcast("units", self.board.units())

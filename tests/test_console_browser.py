@@ -152,3 +152,62 @@ async def test_an_operator_handles_the_seed_case_in_the_browser(
         for task in tasks:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, 10)
+
+
+async def test_the_header_says_when_the_board_is_stale(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A lone surrogate retained on a unit's status topic leaves the board live (the next
+    presence shows); should the console's feed stop anyway, the header and a banner say the
+    board is stale, not "connected"."""
+    from playwright.async_api import async_playwright, expect
+
+    from adapters.mqtt import open_client
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = BrokerURL.parse(broker.url)
+    async with open_client(url) as radio:
+        await radio.publish(
+            "antifraud/v1/units/G-YJ-CH-01/status",
+            b'{"data":{"state":"\xed\xa0\x80"}}',
+            qos=1,
+            retain=True,
+        )
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        async_playwright() as playwright,
+    ):
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await browser.new_page(viewport={"width": 1366, "height": 768}, locale="zh-CN")
+        await page.goto(f"{base}/login")
+        await page.fill("input[name=operator]", "op-01")
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("button[type=submit]")
+        await expect(page.locator("#link")).to_have_text("已连接")
+        await expect(page.locator("#stale")).to_be_hidden()
+        await page.click('button[data-tab="units"]')
+        async with open_client(url) as radio:
+            await radio.publish(
+                "antifraud/v1/units/G-YJ-CH-02/status",
+                json.dumps(
+                    {
+                        "specversion": "1.0",
+                        "id": "s1",
+                        "source": "unit/G-YJ-CH-02",
+                        "type": "cn.antifraud.unit.status",
+                        "data": {"state": "offline"},
+                    }
+                ),
+                qos=1,
+            )
+        row = page.locator('#unit-table tr[data-unit="G-YJ-CH-02"]')
+        await expect(row).to_contain_text("离线")
+        await expect(page.locator('#unit-table tr[data-unit="G-YJ-CH-01"]')).to_contain_text(
+            "未上报"
+        )
+        assert console.mqtt_task is not None
+        console.mqtt_task.cancel()  # the feed ends, whatever the cause
+        await expect(page.locator("#link")).to_have_text("消息中断：看板已停止更新")
+        await expect(page.locator("#stale")).to_be_visible()
+        await page.screenshot(path=ARTIFACTS / "6-feed-stopped.png")
+        await browser.close()

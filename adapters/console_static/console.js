@@ -186,21 +186,29 @@ async function search(event) {
 
 function connect() {
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  // frames missed while the socket was down: the whole board again once it is back
+  socket.onopen = () => { if (state.live === false) load(); };
   socket.onmessage = (message) => {
     const { kind, data } = JSON.parse(message.data);
     if (kind === "incident") { state.incidents.set(data.incident_id, data); renderBoard(); }
     else if (kind === "units") { state.units = data; renderUnits(); }
     else if (kind === "refused") toast(`操作被拒绝：${data.reason}`);
-    else if (kind === "connection") setLink(data.connected);
+    else if (kind === "connection") setLink(data.feed);
     else if (kind === "dispatcher") setDispatcher(data.state);
   };
-  socket.onclose = () => { setLink(false); setTimeout(connect, 2000); };
+  socket.onclose = () => { state.live = false; setLink("page"); setTimeout(connect, 2000); };
 }
 
-function setLink(up) {
+function setLink(feed) {
+  // the board is only current while the console's own feed is live and this page hears it
   const link = $("#link");
-  link.textContent = up ? "已连接" : "未连接";
+  const up = feed === "live";
+  link.textContent = {
+    live: "已连接", stopped: "消息中断：看板已停止更新", page: "与调度台断开：看板已停止更新",
+  }[feed] || "未连接：正在重连，看板可能不是最新";
   link.className = `link ${up ? "up" : "down"}`;
+  $("#stale").hidden = up;
+  document.body.classList.toggle("stale-board", !up);
 }
 
 function setDispatcher(presence) {
@@ -211,17 +219,23 @@ function setDispatcher(presence) {
   node.className = `link ${presence === "online" ? "up" : "down"}`;
 }
 
-async function start() {
+async function load() {
   const response = await fetch("/api/state", { credentials: "same-origin" });
-  if (response.status === 401) { location.href = "/login"; return; }
+  if (response.status === 401) { location.href = "/login"; return false; }
   const data = await response.json();
   Object.assign(state, { operator: data.operator, csrf: data.csrf, units: data.units, callbackMax: data.callback_max });
   for (const inc of data.incidents) state.incidents.set(inc.incident_id, inc);
+  state.live = true;
   $("#operator").textContent = `接线员 ${data.operator}`;
-  setLink(data.connected);
+  setLink(data.feed);
   setDispatcher(data.dispatcher);
   renderBoard();
   renderUnits();
+  return true;
+}
+
+async function start() {
+  if (!await load()) return;
   connect();
   setInterval(() => document.querySelectorAll("[data-since]").forEach((node) => {
     node.textContent = since(node.dataset.since || null);
