@@ -834,7 +834,9 @@ class Console:
         backoff = Backoff(cap=10.0)
         while True:
             try:
-                async with open_client(self.broker, f"console-{uuid.uuid4().hex[:8]}") as client:
+                async with open_client(
+                    self.broker, self.broker.username or f"console-{uuid.uuid4().hex[:8]}"
+                ) as client:
                     await client.subscribe([(t, 1) for t in self.topics.console_filters()])
                     self.client = client
                     self.connected.set()
