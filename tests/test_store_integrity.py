@@ -470,9 +470,9 @@ async def test_the_live_runtime_prunes_refused_input_a_day_later(
         runtime = Runtime(settings, store, outbox=True)
         await runtime.start()
         store.set_meta("mode", "live")
-        for n in range(50):
-            runtime.advance(start + n)
-            runtime.handle(topic, b"not json %d" % n, start + n)
+        for n in range(50):  # 3 s apart: within the channel's refusal budget, each stored
+            runtime.advance(start + 3 * n)
+            runtime.handle(topic, b"not json %d" % n, start + 3 * n)
         await runtime.commit()
         await store.mark_sent([seq for (seq,) in await store.fetchall("SELECT seq FROM outbox")])
         assert await store.fetchall("SELECT COUNT(*) FROM rejected") == [(50,)]
