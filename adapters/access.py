@@ -89,8 +89,10 @@ def dispatcher_users(settings: Settings) -> list[str]:
     session (``Topics.session_filters``), which the broker binds to client ids of the same
     name."""
     user = settings.access.dispatcher_user
-    suffixes = Topics(settings.service.prefix).session_filters(settings.service.region)
-    return [f"{user}-{suffix}" if suffix else user for suffix in suffixes]
+    suffixes = Topics(settings.service.prefix).session_filters(
+        settings.service.region, settings.units
+    )
+    return [user] + [f"{user}-{suffix}" for suffix in suffixes if suffix]
 
 
 def acl_text(settings: Settings) -> str:
@@ -109,7 +111,7 @@ def acl_text(settings: Settings) -> str:
         f"topic readwrite {topics.prefix}/#",
         "",
     ]
-    sessions = topics.session_filters(region)
+    sessions = topics.session_filters(region, settings.units)
     for user in dispatcher_users(settings)[1:]:
         suffix = user[len(access.dispatcher_user) + 1 :]
         lines += [

@@ -85,8 +85,6 @@ LOG_RELEASE_S = 0.002
 FLUSH_AFTER_S = 0.005
 # a unit's QoS 0 messages waiting to be handled at most (QoS 1 is bounded by the broker)
 UNITS_QUEUED_QOS0 = 10_000
-# the dispatcher's sessions (``Topics.session_filters``), in the order they cause one another
-SESSION_ORDER = ("calls", "", "units")
 # on a reconnect, the longest the main session waits for the receiving ones before it sends
 RECEIVERS_WAIT_S = 2.0
 HEARTBEAT_S = 60.0  # one `alive` line this often: a quiet service told from a stuck one
@@ -192,7 +190,9 @@ class LiveService:
         self._sessions_ready: set[str] = set()
         # sessions connect in that order too, each once the one before has subscribed: the
         # backlog of each arrives after the backlogs of what causes it
-        self._session_up = {suffix: asyncio.Event() for suffix in SESSION_ORDER}
+        # the sessions, by the suffix of their client ids, in the order they connect
+        self.sessions = self.topics.session_filters(settings.service.region, settings.units)
+        self._session_up = {suffix: asyncio.Event() for suffix in self.sessions}
         self._up: set[str] = set()  # the sessions connected now
         self._up_changed = asyncio.Event()
         # set when another session connects: the broker is back, retry now, not after backoff
@@ -247,9 +247,7 @@ class LiveService:
                     ("connection", self._connection()),
                     *(
                         (f"session-{suffix}", self._session(suffix, filters))
-                        for suffix, filters in self.topics.session_filters(
-                            self.settings.service.region
-                        ).items()
+                        for suffix, filters in self.sessions.items()
                         if suffix
                     ),
                     ("processor", self._processor(runtime)),
@@ -363,14 +361,17 @@ class LiveService:
         self._wake_others(suffix)
         self._sessions_ready.add(suffix)
         self._session_up[suffix].set()
-        if len(self._sessions_ready) == len(SESSION_ORDER):
+        if len(self._sessions_ready) == len(self.sessions):
             self.ready.set()
 
     async def _after_previous(self, suffix: str) -> None:
-        """Wait until the session before ``suffix`` in ``SESSION_ORDER`` has subscribed once."""
-        index = SESSION_ORDER.index(suffix)
-        if index:
-            await self._session_up[SESSION_ORDER[index - 1]].wait()
+        """Wait until what ``suffix``'s messages answer is read: the main session connects
+        once the call warnings' has subscribed, the units' sessions (all at once) once the
+        main one has."""
+        if suffix == "":
+            await self._session_up["calls"].wait()
+        elif suffix != "calls":
+            await self._session_up[""].wait()
 
     async def _session(self, suffix: str, filters: list[str]) -> None:
         """One of the sessions that only receive: persistent, QoS 1, reconnecting on its own
@@ -378,7 +379,7 @@ class LiveService:
         backoff = Backoff()
         client_id = self.session_id(suffix)
         broker = self._session_broker(suffix)
-        deliver = self._receive_unit if suffix == "units" else self._receive_call
+        deliver = self._receive_call if suffix == "calls" else self._receive_unit
         await self._after_previous(suffix)
         while True:
             try:
@@ -409,7 +410,7 @@ class LiveService:
     async def _others_up(self, within: float) -> None:
         """Wait, at most ``within``, for the receiving sessions to be connected, so that
         the replies to what is sent next are read at once."""
-        wanted = set(self.topics.session_filters("")) - {""}
+        wanted = set(self.sessions) - {""}
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 while not wanted <= self._up:
@@ -419,7 +420,7 @@ class LiveService:
     async def _connection(self) -> None:
         await self._after_previous("")
         backoff = Backoff()
-        filters = self.topics.session_filters(self.settings.service.region)[""]
+        filters = self.sessions[""]
         while True:
             log.info("broker_connecting", broker=str(self.broker), attempt=backoff.attempt + 1)
             try:
@@ -446,7 +447,7 @@ class LiveService:
                         client,
                         [(self.topics.dispatcher_status, self._status("online"), 1, True)],
                     )
-                    self._session_up[""].set()  # the units' session may connect now
+                    self._session_up[""].set()  # the units' sessions may connect now
                     self._wake_others("")
                     await self._others_up(RECEIVERS_WAIT_S)
                     self.client = client

@@ -7,6 +7,7 @@ name**. Police, quick-police platforms and operators get the full incident.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,6 +41,11 @@ def rfc3339(origin: float, at: float) -> str:
 
 
 SEVERITY_TEXT = {"warning": "预警", "critical": "紧急"}
+
+
+def unit_session(unit: str) -> str:
+    """The suffix of the dispatcher's session for ``unit``'s replies and status."""
+    return f"unit-{unit}"
 
 
 class Topics:
@@ -79,16 +85,16 @@ class Topics:
         """What the dispatcher subscribes to."""
         return [self.calls(region), self.all_actions, self.all_replies, self.all_unit_status]
 
-    def session_filters(self, region: str) -> dict[str, list[str]]:
+    def session_filters(self, region: str, units: Iterable[str]) -> dict[str, list[str]]:
         """What each of the dispatcher's broker sessions subscribes to, by the suffix of its
-        client id (and username): the main session (``""``), which also publishes, reads the
-        operators' actions; the call warnings and the units' messages have a session each, so
-        that a broker's per-session queue limit can drop only what shares a flooder's."""
-        return {
-            "": [self.all_actions],
-            "calls": [self.calls(region)],
-            "units": [self.all_replies, self.all_unit_status],
-        }
+        client id (and username), in the order they are connected and read: the call
+        warnings; the main session (``""``), which also publishes, for the operators'
+        actions; then a session for each unit, its replies and status. A broker's queue
+        limit is per session: a flooding party can only ever fill its own."""
+        sessions = {"calls": [self.calls(region)], "": [self.all_actions]}
+        for unit in units:
+            sessions[unit_session(unit)] = [self.replies(unit), self.unit_status(unit)]
+        return sessions
 
     def console_filters(self) -> list[str]:
         """What an operator console subscribes to (and the broker's ACL lets it read)."""

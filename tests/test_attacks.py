@@ -152,7 +152,7 @@ async def test_a_guards_credentials_cannot_take_the_dispatchers_or_another_units
     async with open_client(victim, VICTIM, persistent=True) as radio:
         await radio.subscribe(TOPICS.dispatches(VICTIM), qos=1)  # a session to queue into
     async with dispatching(settings, secure, tmp_path / "live.sqlite3") as service:
-        ids = [service.session_id(s) for s in ("", "calls", "units")]
+        ids = [service.session_id(s) for s in service.sessions]
         for _ in range(3):
             for client_id in [*ids, VICTIM]:  # kicking them, and wiping their sessions
                 async with open_client(secure.url(ATTACKER, tls=False), client_id):
