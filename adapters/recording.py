@@ -20,7 +20,9 @@ class Line(NamedTuple):
     number: int  # 1-based line number in the file
     at: float
     topic: str
-    payload: bytes | Any  # raw bytes (``payload_raw``) or the decoded JSON ``payload``
+    # raw bytes (``payload_raw``, or a payload only Python's parser reads) or the decoded
+    # JSON ``payload``, as the strict parser read it
+    payload: bytes | Any
 
 
 def fingerprint(path: Path) -> str:

@@ -80,7 +80,7 @@ async def _replay(
                     runtime.set_clock_origin(_origin(payload, at))
                     need_origin = False
                 runtime.advance(at)
-                runtime.handle(topic, payload, at)
+                runtime.handle(topic, payload, at, strict=True)  # as read_lines read it
                 cursor = number  # physical lines consumed so far
                 if cursor % COMMIT_EVERY == 0:
                     store.set_meta("replay.cursor", str(cursor))

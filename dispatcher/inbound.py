@@ -358,15 +358,22 @@ def parse_message(
 
 
 def parse_routed(
-    kind: TopicKind, party: str, topic: str, payload: bytes | Any, settings: Settings
+    kind: TopicKind,
+    party: str,
+    topic: str,
+    payload: bytes | Any,
+    settings: Settings,
+    strict: bool = False,
 ) -> Inbound:
-    """``parse_message`` for a topic already routed to ``kind`` and ``party``."""
+    """``parse_message`` for a topic already routed to ``kind`` and ``party``. ``strict``: a
+    decoded payload came from the strict parser, so it holds nothing the wire could not."""
     limits = settings.limits
     if isinstance(payload, bytes | bytearray):
         event = decode_payload(bytes(payload), limits.max_payload_bytes, limits.max_json_depth)
     else:
         event = payload
-        _check_decoded(event)
+        if not strict:
+            _check_decoded(event)
     if type(event) is not dict:
         raise InputError(
             f"not a CloudEvent: payload is a JSON {type(event).__name__}, not an object"

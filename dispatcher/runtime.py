@@ -309,13 +309,14 @@ class Runtime:
 
     # ---- inbound ---------------------------------------------------------------------------
 
-    def handle(self, topic: str, payload: bytes | Any, now: float) -> None:
+    def handle(self, topic: str, payload: bytes | Any, now: float, strict: bool = False) -> None:
         """Process one inbound message received at ``now``. Never raises for bad input.
 
         The topic names who speaks (its channel: the region's calls, an operator's actions, a
         unit's replies or status); each channel has a budget, spent before anything of the
         message is read, so that one party's flood costs little and touches nobody else's
-        messages, and (source, id) pairs are remembered per channel."""
+        messages, and (source, id) pairs are remembered per channel. ``strict``: a decoded
+        ``payload`` came from the strict parser (a recording's reader says so)."""
         try:
             kind, party, channel = self.router.channel(topic)
         except InputError as exc:
@@ -331,7 +332,7 @@ class Runtime:
             self._over_rate(channel, topic, payload, now)
             return
         try:
-            msg = parse_routed(kind, party, topic, payload, self.settings)
+            msg = parse_routed(kind, party, topic, payload, self.settings, strict)
         except InputError as exc:
             if over:
                 self._over_rate(channel, topic, payload, now)
