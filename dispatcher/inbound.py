@@ -324,7 +324,7 @@ def _reason(event: dict[str, Any], exc: ValidationError) -> str:
     parts = []
     for err in errors[:3]:
         loc = [str(p) for p in err["loc"][1:]]
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        msg = "unknown field" if err["type"] == "extra_forbidden" else _readable(err)
         if loc[0] == "data":
             parts.append(f"invalid data: {'.'.join(loc) or 'data'}: {msg}")
         elif loc[0] == "specversion":
@@ -335,6 +335,26 @@ def _reason(event: dict[str, Any], exc: ValidationError) -> str:
             parts.append(f"CloudEvent {'.'.join(loc)!r}: {msg}")
     more = len(errors) - 3
     return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+# what each pattern of the inbound models means, for a reason a sender can act on
+_PATTERNS = {
+    RFC3339.pattern: "must be an RFC 3339 date-time with an offset, like 2021-10-15T14:00:00+08:00",
+    f"^{CALL_ID}$": "must be 1 to 64 letters, digits, '.', '_' or '-'",
+    r"^\+[1-9][0-9]{1,14}$": "must be a phone number in E.164, like +8613800000001",
+    INCIDENT_ID_RE.pattern: "must be 'INC-' and a call id, like INC-C-20211015-0001",
+    DISPATCH_ID_RE.pattern: "must be an incident id, ':' and a unit id, like INC-C-1:G-YJ-CH-01",
+    PRINTABLE: "must not contain control characters",
+}
+
+
+def _readable(err: Any) -> str:
+    """pydantic's message, with a pattern named by what it means and the value received."""
+    if err["type"] == "string_pattern_mismatch":
+        meaning = _PATTERNS.get(err.get("ctx", {}).get("pattern", ""), "has the wrong form")
+        value = err.get("input")
+        return f"{meaning} (got {_clip(str(value), 40)!r})" if isinstance(value, str) else meaning
+    return str(err["msg"])
 
 
 def _check_extensions(extra: dict[str, Any]) -> None:

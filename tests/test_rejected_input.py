@@ -88,7 +88,15 @@ CASES = [
     ("no id", 300, CALLS, without(call(), "id"), None, "missing 'id'"),
     ("an id of 300 characters", 300, CALLS, call() | {"id": "x" * 300}, None, "'id'"),
     ("an id with control characters", 300, CALLS, call() | {"id": "a\nb"}, None, "'id'"),
-    ("a time that is not RFC 3339", 300, CALLS, call() | {"time": "yesterday"}, None, "'time'"),
+    (
+        "a time that is not RFC 3339",
+        300,
+        CALLS,
+        call() | {"time": "yesterday"},
+        None,
+        "'time': must be an RFC 3339 date-time with an offset, like 2021-10-15T14:00:00+08:00 "
+        "(got 'yesterday')",
+    ),
     ("a month 13 time", 300, CALLS, call() | {"time": "2021-13-01T00:00:00Z"}, None, "'time'"),
     (
         "datacontenttype text/plain",
@@ -148,7 +156,14 @@ CASES = [
         None,
         "data.subscriber",
     ),
-    ("a path-like call id", 300, CALLS, call(call_id="../../etc/passwd"), None, "data.call_id"),
+    (
+        "a path-like call id",
+        300,
+        CALLS,
+        call(call_id="../../etc/passwd"),
+        None,
+        "data.call_id: must be 1 to 64 letters, digits, '.', '_' or '-' (got '../../etc/passwd')",
+    ),
     ("a call id of 65 characters", 300, CALLS, call(call_id="c" * 65), None, "data.call_id"),
     ("an unknown topic", 300, f"{P}/foo/bar/baz", call(), None, "unknown topic"),
     (
