@@ -31,11 +31,15 @@ def fingerprint(path: Path) -> str:
         return hashlib.sha256(handle.readline()).hexdigest()[:16]
 
 
-def read_lines(path: Path, skip: int = 0) -> Iterator[Line]:
+def read_lines(
+    path: Path, skip: int = 0, skipped: list[RecordingError] | None = None
+) -> Iterator[Line]:
     """Yield the recording's lines after the first ``skip`` physical lines (not parsed).
 
     Blank lines are passed over. A line that is not a recording line (not JSON, no ``at`` or
-    ``topic``, ``at`` going backwards) raises ``RecordingError`` naming the file and line.
+    ``topic``, ``at`` going backwards) raises ``RecordingError`` naming the file and line;
+    with ``skipped``, it is passed over instead and its error appended there (a recording
+    whose last line was cut short by a crash, say).
     """
     last_at = 0.0
     try:
@@ -65,18 +69,24 @@ def read_lines(path: Path, skip: int = 0) -> Iterator[Line]:
                 )
             except (ValueError, RecursionError, KeyError, TypeError):
                 ok = False
-            if not ok:
-                if not raw.strip():
-                    continue
-                _explain(f"{path}:{number}", raw, last_at)
-            payload = line.get("payload", _MISSING)
-            if payload is _MISSING or "payload_raw" in line:
-                payload = _raw_payload(f"{path}:{number}", line)
-            elif not strict:
-                # a payload only Python's parser reads (a lone surrogate, an integer beyond
-                # 64 bits) is handed over as the bytes it stands for, which the dispatcher
-                # refuses as it would off the wire
-                payload = _loose_bytes(payload)
+            try:
+                if not ok:
+                    if not raw.strip():
+                        continue
+                    _explain(f"{path}:{number}", raw, last_at)
+                payload = line.get("payload", _MISSING)
+                if payload is _MISSING or "payload_raw" in line:
+                    payload = _raw_payload(f"{path}:{number}", line)
+                elif not strict:
+                    # a payload only Python's parser reads (a lone surrogate, an integer
+                    # beyond 64 bits) is handed over as the bytes it stands for, which the
+                    # dispatcher refuses as it would off the wire
+                    payload = _loose_bytes(payload)
+            except RecordingError as exc:
+                if skipped is None:
+                    raise
+                skipped.append(exc)
+                continue
             last_at = at
             yield Line(number, float(at), topic, payload)
 

@@ -38,16 +38,23 @@ async def replay(
     settings: Settings,
     store_path: Path | None = None,
     until: float | None = None,
+    skipped: list[RecordingError] | None = None,
 ) -> dict[str, Any]:
-    """Replay ``recording`` (resuming from the store's position) and return the report."""
+    """Replay ``recording`` (resuming from the store's position) and return the report.
+    With ``skipped``, lines that are not recording lines are passed over and listed there
+    instead of stopping the replay."""
     if store_path is None:
         with tempfile.TemporaryDirectory(prefix="antifraud-replay-") as tmp:
-            return await _replay(recording, settings, Path(tmp) / "store.sqlite3", until)
-    return await _replay(recording, settings, store_path, until)
+            return await _replay(recording, settings, Path(tmp) / "store.sqlite3", until, skipped)
+    return await _replay(recording, settings, store_path, until, skipped)
 
 
 async def _replay(
-    recording: Path, settings: Settings, store_path: Path, until: float | None
+    recording: Path,
+    settings: Settings,
+    store_path: Path,
+    until: float | None,
+    skipped: list[RecordingError] | None,
 ) -> dict[str, Any]:
     try:
         print_ = fingerprint(recording)
@@ -73,7 +80,7 @@ async def _replay(
         store.set_meta("replay.recording", print_)
         need_origin = "clock_origin" not in meta
         try:
-            for number, at, topic, payload in read_lines(recording, skip=start):
+            for number, at, topic, payload in read_lines(recording, start, skipped):
                 if until is not None and at > until:
                     break
                 if need_origin:

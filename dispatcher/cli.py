@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dispatcher import logs
-from dispatcher.errors import ConfigError, DispatcherError
+from dispatcher.errors import ConfigError, DispatcherError, RecordingError
 from dispatcher.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -298,9 +298,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
         )
         print(f"published {count} message(s) to {args.publish}", file=sys.stderr)
         return 0
+    skipped: list[RecordingError] | None = [] if args.skip_bad_lines else None
     report = asyncio.run(
-        replay(Path(args.recording), settings, Path(args.store) if args.store else None, args.until)
+        replay(
+            Path(args.recording),
+            settings,
+            Path(args.store) if args.store else None,
+            args.until,
+            skipped,
+        )
     )
+    for error in skipped or ():
+        print(f"skipped: {error}", file=sys.stderr)
+    if skipped:
+        print(f"skipped {len(skipped)} line(s) that are not recording lines", file=sys.stderr)
     _write(dump_report(report), args.report)
     if args.summary:
         from dispatcher.summary import render_summary
@@ -351,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="-", help="report file, or - for stdout (default)")
     p.add_argument("--store", help="SQLite store to keep the state in (default: a temporary one)")
     p.add_argument("--until", type=float, help="stop after the lines up to this `at`")
+    p.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="pass over lines that are not recording lines (such as a last line cut short by "
+        "a crash), each named on stderr, instead of stopping",
+    )
     p.add_argument(
         "--summary",
         action="store_true",

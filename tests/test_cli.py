@@ -116,3 +116,26 @@ def test_bench_escalation_prints_a_row_per_idle_pause() -> None:
     for row in rows:  # handled p50 / p90, written p50 / p90, both: all measured, all positive
         figures = [float(value) for value in row[2:] if value != "/"]
         assert len(figures) == 5 and all(value > 0 for value in figures), out
+
+
+def test_a_replay_can_pass_over_a_last_line_cut_short_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After a crash, a recording's last line is often cut short: by default the replay
+    stops at it, naming the line; with --skip-bad-lines it reports what it skipped and
+    writes the report of the rest, the same as the recording without that line."""
+    seed = Path(__file__).parent / "data" / "chen_case.jsonl"
+    whole = seed.read_text(encoding="utf-8")
+    cut = tmp_path / "cut.jsonl"
+    last = whole.splitlines()[-1]
+    cut.write_text(whole + last[: len(last) // 2], encoding="utf-8")
+    lines = len(whole.splitlines())
+    assert main(["replay", str(cut), "--report", str(tmp_path / "a.json")]) == 1
+    assert f"{cut}:{lines + 1}: not JSON" in capsys.readouterr().err
+    args = ["replay", str(cut), "--skip-bad-lines", "--report", str(tmp_path / "b.json")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert f"skipped: {cut}:{lines + 1}: not JSON" in err
+    assert "skipped 1 line(s)" in err
+    assert main(["replay", str(seed), "--report", str(tmp_path / "c.json")]) == 0
+    assert (tmp_path / "b.json").read_text() == (tmp_path / "c.json").read_text()
