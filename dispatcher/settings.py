@@ -6,6 +6,7 @@ CSV row), all of them at once, so a deployment can be fixed in one pass.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import re
 import tomllib
@@ -279,11 +280,25 @@ def describe_conditions(when: Conditions) -> str:
     return ", ".join(parts) or "always"
 
 
-def _pydantic_problems(where: str, exc: ValidationError) -> list[str]:
+def _pydantic_problems(
+    where: str, exc: ValidationError, raw: dict[str, Any] | None = None
+) -> list[str]:
     problems = []
+    rules = raw.get("rules") if raw is not None else None
     for err in exc.errors():
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
         key = key.lstrip(".") or "(top level)"
+        loc = err["loc"]
+        if (
+            len(loc) >= 2
+            and loc[0] == "rules"
+            and isinstance(loc[1], int)
+            and isinstance(rules, list)
+            and loc[1] < len(rules)
+            and isinstance(rules[loc[1]], dict)
+            and isinstance(rules[loc[1]].get("id"), str)
+        ):  # a rule is named by its id too
+            key = key.replace(f"rules[{loc[1]}]", f"rules[{loc[1]}] ({rules[loc[1]]['id']})", 1)
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -295,7 +310,12 @@ Row = dict[str, str]
 T = TypeVar("T")
 
 
-def _read_csv(path: Path, columns: list[str], problems: list[str]) -> list[tuple[int, Row]]:
+def _read_csv(
+    path: Path, columns: list[str], problems: list[str], what: str = ""
+) -> list[tuple[int, Row]]:
+    """The rows of a registry; with ``what``, a registry without rows is a problem too (a
+    deployment with no units, say, would start and never send anyone)."""
+    before = len(problems)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
@@ -319,6 +339,8 @@ def _read_csv(path: Path, columns: list[str], problems: list[str]) -> list[tuple
                     )
                     continue
                 rows.append((line_no, {c: v.strip() for c, v in zip(columns, values, strict=True)}))
+            if not rows and what and len(problems) == before:
+                problems.append(f"{path}: no {what}: the file has a header and no rows")
             return rows
     except FileNotFoundError:
         problems.append(f"{path}: file not found")
@@ -367,15 +389,25 @@ def load_settings(path: str | Path) -> Settings:
     try:
         doc = FileSettings.model_validate(raw)
     except ValidationError as exc:
-        problems = _pydantic_problems(str(path), exc)
-        # Still check the registries when their paths and the stations can be read, so that
-        # one run lists the problems of every file.
-        try:
-            registries = RegistryPaths.model_validate(raw.get("registries"))
+        problems = _pydantic_problems(str(path), exc, raw)
+        # Still check everything that can be read (the registries, each rule that is valid
+        # on its own, the default station), so that one run lists every problem.
+        stations: dict[str, StationSettings] = {}
+        flagged_found: list[FlaggedPattern] | None = None
+        with contextlib.suppress(ValidationError):  # the registries need both
             stations = _STATIONS.validate_python(raw.get("stations"))
-        except ValidationError:
-            raise ConfigError(problems) from None
-        _load_registries(path.parent, registries, stations, problems)
+            registries = RegistryPaths.model_validate(raw.get("registries"))
+            flagged_found = _load_registries(path.parent, registries, stations, problems)[3]
+        rules = []
+        raw_rules = raw.get("rules")
+        for index, rule in enumerate(raw_rules if isinstance(raw_rules, list) else []):
+            with contextlib.suppress(ValidationError):
+                rules.append((index, RuleSettings.model_validate(rule)))
+        _check_rules(path, rules, flagged_found, "the flagged numbers", problems)
+        service = raw.get("service")
+        station = service.get("default_station") if isinstance(service, dict) else None
+        if isinstance(station, str) and stations and station not in stations:
+            problems.append(f"{path}: service.default_station: unknown station {station!r}")
         raise ConfigError(problems) from None
 
     estates, units, subscribers, flagged = _load_registries(
@@ -383,27 +415,7 @@ def load_settings(path: str | Path) -> Settings:
     )
     stations = doc.stations
     flagged_path = path.parent / doc.registries.flagged_numbers
-
-    # rules and service cross-references
-    categories = {f.category for f in flagged}
-    seen_rules: dict[str, int] = {}
-    for index, rule in enumerate(doc.rules):
-        if rule.id in seen_rules:
-            problems.append(
-                f"{path}: rules[{index}].id: duplicate rule id {rule.id!r} "
-                f"(first at rules[{seen_rules[rule.id]}])"
-            )
-        seen_rules.setdefault(rule.id, index)
-        for category in rule.when.categories or []:
-            if category not in categories:
-                problems.append(
-                    f"{path}: rules[{index}].when.categories: {category!r} is no category "
-                    f"of {flagged_path.name} (known: {', '.join(sorted(categories))})"
-                )
-        if rule.when.categories is not None and rule.when.flagged is False:
-            problems.append(
-                f"{path}: rules[{index}].when: categories and flagged = false contradict"
-            )
+    _check_rules(path, list(enumerate(doc.rules)), flagged, flagged_path.name, problems)
     if doc.service.default_station not in stations:
         problems.append(
             f"{path}: service.default_station: unknown station {doc.service.default_station!r}"
@@ -443,6 +455,36 @@ def load_settings(path: str | Path) -> Settings:
 _STATIONS: TypeAdapter[dict[str, StationSettings]] = TypeAdapter(dict[Ident, StationSettings])
 
 
+def _check_rules(
+    path: Path,
+    rules: list[tuple[int, RuleSettings]],
+    flagged: list[FlaggedPattern] | None,
+    flagged_name: str,
+    problems: list[str],
+) -> None:
+    """Cross-check the rules: unique ids, known categories, no contradiction. Each is
+    named by its position and its id. ``flagged`` None: the flagged numbers could not be
+    read, so categories are not checked."""
+    categories = {f.category for f in flagged} if flagged is not None else None
+    seen: dict[str, int] = {}
+    for index, rule in rules:
+        where = f"{path}: rules[{index}] ({rule.id})"
+        if rule.id in seen:
+            problems.append(
+                f"{path}: rules[{index}].id: duplicate rule id {rule.id!r} "
+                f"(first at rules[{seen[rule.id]}])"
+            )
+        seen.setdefault(rule.id, index)
+        for category in rule.when.categories or []:
+            if categories is not None and category not in categories:
+                problems.append(
+                    f"{where}.when.categories: {category!r} is no category of {flagged_name} "
+                    f"(known: {', '.join(sorted(categories))})"
+                )
+        if rule.when.categories is not None and rule.when.flagged is False:
+            problems.append(f"{where}.when: categories and flagged = false contradict")
+
+
 def _load_registries(
     base: Path,
     registries: RegistryPaths,
@@ -460,7 +502,7 @@ def _load_registries(
     # estates
     estates_path = base / registries.estates
     estate_cols = ["id", "name", "kind", "township", "grid", "station", "address"]
-    estate_rows = _read_csv(estates_path, estate_cols, problems)
+    estate_rows = _read_csv(estates_path, estate_cols, problems, "estates")
 
     def build_estate(line_no: int, row: Row) -> Estate | None:
         where = f"{estates_path}:{line_no}"
@@ -496,7 +538,7 @@ def _load_registries(
     # units
     units_path = base / registries.units
     unit_cols = ["id", "kind", "channel", "estate", "grid", "station", "name"]
-    unit_rows = _read_csv(units_path, unit_cols, problems)
+    unit_rows = _read_csv(units_path, unit_cols, problems, "units")
     order = iter(range(len(unit_rows)))
 
     def build_unit(line_no: int, row: Row) -> Unit | None:
@@ -550,7 +592,7 @@ def _load_registries(
     # subscribers
     subs_path = base / registries.subscribers
     sub_cols = ["msisdn", "name", "display_name", "estate", "address", "grid", "vulnerable"]
-    sub_rows = _read_csv(subs_path, sub_cols, problems)
+    sub_rows = _read_csv(subs_path, sub_cols, problems, "subscribers")
 
     def build_subscriber(line_no: int, row: Row) -> Subscriber | None:
         where = f"{subs_path}:{line_no}"
@@ -589,7 +631,9 @@ def _load_registries(
 
     # flagged numbers
     flagged_path = base / registries.flagged_numbers
-    flagged_rows = _read_csv(flagged_path, ["pattern", "match", "category", "label"], problems)
+    flagged_rows = _read_csv(
+        flagged_path, ["pattern", "match", "category", "label"], problems, "flagged numbers"
+    )
     flagged: list[FlaggedPattern] = []
     seen_patterns: dict[tuple[str, str], int] = {}
     for line_no, row in flagged_rows:

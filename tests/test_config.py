@@ -85,19 +85,25 @@ def problems_of(path: Path) -> list[str]:
         pytest.param(
             lambda t: t.replace('categories = ["impersonation"]', 'categories = ["impersonaton"]'),
             {},
-            ["hengnan.toml: rules[2].when.categories: 'impersonaton' is no category"],
+            [
+                "hengnan.toml: rules[2] (impersonation_long_call).when.categories: "
+                "'impersonaton' is no category"
+            ],
             id="a rule naming a category no flagged number has",
         ),
         pytest.param(
             lambda t: t.replace("min_duration_s = 30", "min_duration = 30"),
             {},
-            ["hengnan.toml: rules[0].when.min_duration: unknown key"],
+            ["hengnan.toml: rules[0] (flagged_call_watch).when.min_duration: unknown key"],
             id="a misspelt rule condition",
         ),
         pytest.param(
             lambda t: t.replace('severity = "warning"', 'severity = "urgent"', 1),
             {},
-            ["hengnan.toml: rules[0].severity: Input should be 'warning' or 'critical'"],
+            [
+                "hengnan.toml: rules[0] (flagged_call_watch).severity: "
+                "Input should be 'warning' or 'critical'"
+            ],
             id="an unknown severity",
         ),
         pytest.param(
@@ -216,3 +222,46 @@ class TestCheckConfigCommand:
         err = capsys.readouterr().err
         assert "callback.retries: unknown key" in err
         assert "units.csv:2: estate: unknown estate 'E-NOWHERE'" in err
+
+
+def test_one_run_lists_every_problem_of_every_stage(deployment: Callable[..., Path]) -> None:
+    """A key that is not allowed, a rule naming a category nobody has, a bad registry row
+    and an unknown default station: all four in one run, each rule named by its id."""
+
+    def edit(text: str) -> str:
+        text = text.replace("[callback]", "[callback]\nretries = 3")
+        text = text.replace('categories = ["impersonation"]', 'categories = ["impersonaton"]')
+        return text.replace('default_station = "PS-YJ"', 'default_station = "PS-X"')
+
+    problems = problems_of(
+        deployment(
+            edit_toml=edit,
+            flagged_numbers="pattern,match,category,label\n+85251230001,glob,impersonation,y\n"
+            "+85251230002,exact,investment,z\n",
+        )
+    )
+    for fragment in (
+        "hengnan.toml: callback.retries: unknown key",
+        "hengnan.toml: rules[2] (impersonation_long_call).when.categories: 'impersonaton'",
+        "flagged_numbers.csv:2: match: 'glob' is not 'exact' or 'prefix'",
+        "hengnan.toml: service.default_station: unknown station 'PS-X'",
+    ):
+        assert any(fragment in p for p in problems), f"{fragment!r} not in {problems}"
+
+
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("units", "units"),
+        ("estates", "estates"),
+        ("subscribers", "subscribers"),
+        ("flagged_numbers", "flagged numbers"),
+    ],
+)
+def test_a_registry_with_a_header_and_no_rows_is_refused(
+    deployment: Callable[..., Path], name: str, what: str
+) -> None:
+    source = Path(__file__).parents[1] / "config" / "hengnan" / f"{name}.csv"
+    header = source.read_text(encoding="utf-8").splitlines()[0] + "\n"
+    problems = problems_of(deployment(**{name: header}))
+    assert any(f"{name}.csv: no {what}: the file has a header and no rows" in p for p in problems)
