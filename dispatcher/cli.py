@@ -340,6 +340,10 @@ def cmd_bench_escalation(args: argparse.Namespace) -> int:
     return asyncio.run(run_escalation_bench(_settings(args.config), args.samples, args.idle))
 
 
+CONFIG_HELP = f"the deployment's TOML file (default {DEFAULT_CONFIG})"
+BROKER_HELP = "mqtt://[user@]host[:port] or mqtts://… (default: the config's service.broker)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="antifraud", description="Real-time anti-fraud alert dispatcher."
@@ -353,12 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("check-config", help="validate a deployment and print its summary")
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG)
+    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.set_defaults(func=cmd_check_config, quiet=True)
 
     p = sub.add_parser("replay", help="replay a recording in virtual time and write the report")
-    p.add_argument("recording")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("recording", help="the recording: JSON Lines, one inbound message a line")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--report", default="-", help="report file, or - for stdout (default)")
     p.add_argument("--store", help="SQLite store to keep the state in (default: a temporary one)")
     p.add_argument("--until", type=float, help="stop after the lines up to this `at`")
@@ -387,25 +391,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_replay, quiet=True)
 
     p = sub.add_parser("run", help="run the dispatcher on a live broker")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--broker", help="mqtt://[user@]host[:port] (default: the config's)")
     p.add_argument("--store", help="SQLite store (default: the config's service.store)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("handset", help="a terminal handset for one unit")
-    p.add_argument("--unit", required=True)
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--broker")
+    p.add_argument("--unit", required=True, help="the unit id (units.csv), also its username")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--broker", help=BROKER_HELP)
     p.add_argument(
         "--auto",
         action="store_true",
         help="reply automatically after the delays below instead of keys",
     )
-    p.add_argument("--accept-after", type=float, default=5.0, metavar="S")
-    p.add_argument("--arrive-after", type=float, default=60.0, metavar="S")
-    p.add_argument("--report-after", type=float, default=60.0, metavar="S")
     p.add_argument(
-        "--outcome", default="dissuaded", choices=["dissuaded", "not_home", "loss", "false_alarm"]
+        "--accept-after",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="with --auto: accept an offer after S seconds (default 5)",
+    )
+    p.add_argument(
+        "--arrive-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="with --auto: report arrival S seconds after accepting (default 60)",
+    )
+    p.add_argument(
+        "--report-after",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="with --auto: report the outcome S seconds after arriving (default 60)",
+    )
+    p.add_argument(
+        "--outcome",
+        default="dissuaded",
+        choices=["dissuaded", "not_home", "loss", "false_alarm"],
+        help="with --auto: the outcome reported (default dissuaded)",
     )
     p.add_argument("--decline", action="store_true", help="with --auto: decline every offer")
     p.add_argument(
@@ -417,20 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_handset, quiet=True)
 
     p = sub.add_parser("record", help="record live inbound traffic as a replayable recording")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--broker")
-    p.add_argument("--out", required=True)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--broker", help=BROKER_HELP)
+    p.add_argument("--out", required=True, help="a new file for the recording (never overwritten)")
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("report", help="the SPEC §6 report of a live dispatcher's store")
-    p.add_argument("--store", required=True)
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--report", default="-")
+    p.add_argument("--store", required=True, help="the live dispatcher's SQLite store")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--report", default="-", help="report file, or - for stdout (default)")
     p.set_defaults(func=cmd_report, quiet=True)
 
     p = sub.add_parser("demo", help="the seed case, live, on a real broker, in under a minute")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--broker", help="use this broker instead of starting a private one")
     p.add_argument("--speed", type=float, default=60.0, help="clock speed (default 60x)")
     p.add_argument("--recording", help="another recording to play (default: the seed case)")
@@ -450,18 +475,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, quiet=True)
 
     p = sub.add_parser("console", help="the operator console (a web page)")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--broker")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--broker", help=BROKER_HELP)
     p.add_argument("--store", help="the dispatcher's store, read for history")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
     p.add_argument("--password-file", help="the console's broker password")
-    p.add_argument("--ca-file")
+    p.add_argument("--ca-file", help="CA certificate for an mqtts:// broker")
     p.set_defaults(func=cmd_console)
 
     p = sub.add_parser("console-user", help="set an operator's console password")
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--operator", required=True)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    p.add_argument("--operator", required=True, help="the operator id that logs in")
     p.add_argument(
         "--password-stdin",
         action="store_true",
@@ -470,15 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_console_user, quiet=True)
 
     p = sub.add_parser("backup", help="a consistent copy of a store, even while it is in use")
-    p.add_argument("--store", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--store", required=True, help="the store to copy (it may be in use)")
+    p.add_argument("--out", required=True, help="the copy's path")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_backup, quiet=True)
 
     p = sub.add_parser(
         "broker-credentials", help="passwords, a Mosquitto password file and ACL for the deployment"
     )
-    p.add_argument("--config", default=DEFAULT_CONFIG)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--out", required=True, help="folder for credentials.csv, mosquitto.passwd, acl")
     p.set_defaults(func=cmd_broker_credentials, quiet=True)
 
@@ -489,8 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print figures")
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("replay", help="replay a synthetic day and print throughput and memory")
-    b.add_argument("--config", default=DEFAULT_CONFIG)
-    b.add_argument("--events", type=int, default=100_000)
+    b.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    b.add_argument(
+        "--events", type=int, default=100_000, help="events of the synthetic day (default 100,000)"
+    )
     b.add_argument(
         "--active",
         type=int,
@@ -500,15 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is shown)")
     b.set_defaults(func=cmd_bench, quiet=True)
     b = bench.add_parser("live", help="the dispatcher on a private Mosquitto: rate and latency")
-    b.add_argument("--config", default=DEFAULT_CONFIG)
-    b.add_argument("--events", type=int, default=20_000)
+    b.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    b.add_argument(
+        "--events", type=int, default=20_000, help="events of the backlog drained (default 20,000)"
+    )
     b.add_argument("--samples", type=int, default=1000, help="latency samples (a p99 wants many)")
     b.add_argument("--rate", type=float, default=500.0, help="background events/s")
     b.set_defaults(func=cmd_bench_live, quiet=True)
     b = bench.add_parser(
         "escalation", help="one escalation's work in-process, after chosen idle pauses"
     )
-    b.add_argument("--config", default=DEFAULT_CONFIG)
+    b.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     b.add_argument("--samples", type=int, default=300, help="escalations per pause")
     b.add_argument(
         "--idle",

@@ -139,3 +139,25 @@ def test_a_replay_can_pass_over_a_last_line_cut_short_and_says_so(
     assert "skipped 1 line(s)" in err
     assert main(["replay", str(seed), "--report", str(tmp_path / "c.json")]) == 0
     assert (tmp_path / "b.json").read_text() == (tmp_path / "c.json").read_text()
+
+
+def test_every_command_and_option_says_what_it_is_for() -> None:
+    import argparse
+
+    from dispatcher.cli import build_parser
+
+    silent: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    walk(sub, f"{name} {command}")
+                for choice in action._choices_actions:
+                    if not choice.help:
+                        silent.append(f"{name} {choice.dest}")
+            elif not action.help:
+                silent.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "antifraud")
+    assert silent == []
