@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import json
 import tempfile
 import time
@@ -36,10 +37,11 @@ from adapters.recording import Line, read_lines
 from adapters.replay import replay
 from adapters.report import build_report
 from adapters.store import Store
-from dispatcher.inbound import cloudevent
+from dispatcher.inbound import cloudevent, event_epoch
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 from dispatcher.summary import render_summary
+from dispatcher.workflow import OUTCOME_TEXT
 
 DEFAULT_RECORDING = (
     Path(__file__).resolve().parent.parent / "config" / "hengnan" / "recordings" / "chen_case.jsonl"
@@ -47,14 +49,47 @@ DEFAULT_RECORDING = (
 
 
 class Timeline:
-    """Prints lines stamped with the demo clock (mm:ss since the case started)."""
+    """Prints lines stamped with the demo clock (mm:ss since the case started), in the order
+    things happened on the dispatcher's clock: each line is held ``HOLD_S`` so that a cause
+    seen late (the console's copy of an escalation) is still printed before its effect seen
+    early (a radio's offer)."""
+
+    HOLD_S = 0.3
 
     def __init__(self, clock: Clock, out: TextIO) -> None:
         self.clock, self.out = clock, out
         self.origin = clock.now()
+        # (at on the dispatcher's clock, rank, sequence, who, text, seen at, monotonic)
+        self._held: list[tuple[float, int, int, str, str, float]] = []
+        self._seq = 0
+        self._release: asyncio.TimerHandle | None = None
 
-    def say(self, who: str, text: str) -> None:
-        minutes, seconds = divmod(max(0.0, self.clock.now() - self.origin), 60)
+    def say(self, who: str, text: str, at: float | None = None, rank: int = 1) -> None:
+        """A line about what happened at ``at`` (default: now); at one moment, lower ranks
+        (the dispatcher's own record) print before higher ones (what a radio showed)."""
+        self._seq += 1
+        when = self.clock.now() if at is None else at
+        heapq.heappush(self._held, (when, rank, self._seq, who, text, time.monotonic()))
+        with contextlib.suppress(RuntimeError):  # no loop: printed by flush()
+            if self._release is None:
+                self._release = asyncio.get_running_loop().call_later(self.HOLD_S, self._due)
+
+    def _due(self) -> None:
+        self._release = None
+        horizon = time.monotonic() - self.HOLD_S
+        while self._held and self._held[0][5] <= horizon:
+            self._print(heapq.heappop(self._held))
+        if self._held:
+            self._release = asyncio.get_running_loop().call_later(self.HOLD_S / 3, self._due)
+
+    def flush(self) -> None:
+        """Print every line still held."""
+        while self._held:
+            self._print(heapq.heappop(self._held))
+
+    def _print(self, item: tuple[float, int, int, str, str, float]) -> None:
+        at, _rank, _seq, who, text, _seen = item
+        minutes, seconds = divmod(max(0.0, at - self.origin), 60)
         self.out.write(f"[{int(minutes):02d}:{int(seconds):02d}] {who:<12} {text}\n")
         self.out.flush()
 
@@ -91,6 +126,27 @@ def _scripts(
                 Step(verb, line.at - offered[data["dispatch_id"]], data.get("outcome"))
             )
     return calls, operator, units
+
+
+CALLBACK_TEXT = {
+    "no_answer": "无人接听",
+    "busy": "占线",
+    "answered_safe": "接通，确认安全",
+    "answered_at_risk": "接通，仍有风险",
+}
+
+
+def _pressed(payload: dict[str, Any]) -> str:
+    """What the simulated operator pressed, as the console's buttons say it."""
+    verb = str(payload["type"]).rsplit(".", 1)[-1]
+    data = payload["data"]
+    if verb == "callback":
+        return f"按下：回拨结果 {CALLBACK_TEXT.get(data.get('result'), data.get('result'))}"
+    if verb == "escalate":
+        return "按下：立即上门"
+    if verb == "close":
+        return f"按下：结案 {OUTCOME_TEXT.get(data.get('outcome'), data.get('outcome'))}"
+    return f"按下：{verb}"
 
 
 class Console:
@@ -138,7 +194,8 @@ class Console:
                     else f"  {entry['by']}"
                 )
             )
-            self.timeline.say(who, f"{incident}  {entry['text']}")
+            at = event_epoch(entry["at"]) if isinstance(entry["at"], str) else None
+            self.timeline.say(who, f"{incident}  {entry['text']}", at=at, rank=0)
         self.shown[incident] = len(timeline)
         if self.expected and all(self.status.get(i) == "closed" for i in self.expected):
             self.all_closed.set()
@@ -157,7 +214,7 @@ class Console:
             wait = start + delay / self.speed - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            verb = str(payload["type"]).rsplit(".", 1)[-1]
+            pressed = self.timeline.clock.now()  # its effects come after it
             event = cloudevent(
                 f"op-01-{uuid.uuid4().hex[:16]}",
                 "console/op-01",
@@ -172,8 +229,9 @@ class Console:
             )
             self.timeline.say(
                 "👤 operator",
-                f"presses {verb}: "
-                + ", ".join(f"{k}={v}" for k, v in payload["data"].items() if k != "incident_id"),
+                f"{payload['data'].get('incident_id')}  {_pressed(payload)}",
+                at=pressed,
+                rank=0,
             )
 
 
@@ -284,6 +342,7 @@ async def run_demo(
             for task in tasks:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(task, 5)
+        timeline.flush()
         async with Store(store_path) as store:
             report = await build_report(store, settings, base=timeline.origin)
     out.write("\n" + render_summary(report) + "\n")

@@ -174,8 +174,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args.config)
     recording = Path(args.recording) if args.recording else DEFAULT_RECORDING
-    return asyncio.run(
-        run_demo(
+
+    async def demo() -> int:
+        # SIGTERM (and SIGINT) end the demo as a person would expect: its broker stopped,
+        # its temporary files removed
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        return await run_demo(
             settings,
             recording,
             args.broker,
@@ -184,7 +192,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console_port=args.console,
             linger_s=args.linger if args.console else 0.0,
         )
-    )
+
+    try:
+        return asyncio.run(demo())
+    except asyncio.CancelledError:
+        print("demo stopped; its broker and temporary files are gone", file=sys.stderr)
+        return 143
 
 
 def cmd_backup(args: argparse.Namespace) -> int:

@@ -29,6 +29,12 @@ def render_summary(report: dict[str, Any]) -> str:
             f"escalated {_t(inc['escalated_at'])}  closed {_t(inc['closed_at'])}"
         )
         for d in inc["dispatches"]:
+            if d["status"] == "notified":  # told, nothing asked: no reply to show
+                lines.append(
+                    f"    {d['unit']:<12} {d['role']:<12} {d['status']:<10} "
+                    f"notified {_t(d['offered_at'])}"
+                )
+                continue
             lines.append(
                 f"    {d['unit']:<12} {d['role']:<12} {d['status']:<10} "
                 f"offered {_t(d['offered_at'])}  accepted {_t(d['accepted_at'])}  "

@@ -161,3 +161,46 @@ def test_every_command_and_option_says_what_it_is_for() -> None:
 
     walk(build_parser(), "antifraud")
     assert silent == []
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_sigterm_to_the_demo_stops_its_broker_and_removes_its_files(tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    private = tmp_path / "tmp"
+    private.mkdir()
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "dispatcher.cli", "demo", "--speed", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "TMPDIR": str(private)},
+    )
+    try:
+        assert demo.stdout is not None
+        for line in demo.stdout:  # the case is under way
+            if "playing" in line:
+                break
+        children = subprocess.run(
+            ["ps", "-o", "pid=,comm=", "--ppid", str(demo.pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        pairs = zip(children[::2], children[1::2], strict=True)
+        brokers = [int(pid) for pid, name in pairs if "mosq" in name]
+        assert brokers, children
+        assert any(private.iterdir())  # the broker's and the store's folders
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(20) == 143
+        deadline = time.monotonic() + 5
+        while any(os.path.exists(f"/proc/{pid}") for pid in brokers):
+            assert time.monotonic() < deadline, "the demo's broker outlived it"
+            time.sleep(0.05)
+        assert list(private.iterdir()) == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
