@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds")
     p.set_defaults(func=cmd_record)
 
-    p = sub.add_parser("report", help="the SPEC §6 report of a live dispatcher's store")
+    p = sub.add_parser("report", help="the report (docs/contract.md) of a live dispatcher's store")
     p.add_argument("--store", required=True, help="the live dispatcher's SQLite store")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--report", default="-", help="report file, or - for stdout (default)")
