@@ -79,6 +79,15 @@ CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most th
 # still written on aiosqlite's thread, so that the loop receives the next messages meanwhile
 INLINE_MAX_WRITES = 200
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
+# the largest outbound payload handed to the publisher: below the 256 KiB packet limit of
+# config/mosquitto/production.conf, with room for the topic and the packet's header
+MAX_MESSAGE_BYTES = 250_000
+
+
+def _too_large(text: str) -> bool:
+    return len(text.encode()) > MAX_MESSAGE_BYTES
+
+
 # PRAGMA quick_check on open stops after this long (it reads every page: about 0.5 s per
 # 350 MB from the page cache on a 2-core machine, longer from a cold disk); a store it cannot
 # finish in time is opened all the same, with a warning (docs/RELIABILITY.md)
@@ -1102,6 +1111,19 @@ def _write(
             text = texts.get(id(payload))
             if text is None:
                 text = texts[id(payload)] = _dumps(payload)
+            if not sent and len(text) * 4 > MAX_MESSAGE_BYTES and _too_large(text):
+                # a broker disconnects a client that sends a packet over its limit, and the
+                # outbox goes in order: such a message would stop every one behind it, for
+                # ever. It is kept, marked as never to be sent, and said loudly.
+                log.error(
+                    "outbound_too_large",
+                    seq=seq,
+                    topic=topic,
+                    type=type_,
+                    bytes=len(text.encode()),
+                    limit=MAX_MESSAGE_BYTES,
+                )
+                sent = True
         outbox.append((seq, at, topic, qos, int(retain), type_, text, int(sent)))
         if not sent:
             pending.append((seq, topic, qos, retain, None if text is None else text.encode()))

@@ -194,6 +194,9 @@ class Runtime:
         self.party_limiter = RateLimiter(
             limits.rate_per_party, limits.burst_per_party, limits.max_sources
         )
+        self.subscriber_limiter = RateLimiter(
+            limits.rate_per_subscriber, limits.burst_per_subscriber, limits.max_sources
+        )
         # refusals a channel may have stored and dead-lettered; past that they are counted
         self.refusals = RateLimiter(
             limits.refusals_per_period / limits.refusal_period_s,
@@ -348,6 +351,19 @@ class Runtime:
             # may write on its topic
             self._over_rate(channel, topic, payload, now)
             return
+        if kind == "calls" and not self.subscriber_limiter.allow(msg.data.subscriber, now):
+            # one resident's calls cost more the longer the incident they join: a flood of
+            # them would slow everyone's messages
+            limits = self.settings.limits
+            self._over_rate(
+                channel,
+                topic,
+                payload,
+                now,
+                f"rate limit: calls of {msg.data.subscriber} arrived faster than "
+                f"{limits.rate_per_subscriber:g}/s (bursts of {limits.burst_per_subscriber})",
+            )
+            return
         if self._duplicate(channel, key, now):
             return
         before = _before(self.state, msg)
@@ -369,7 +385,9 @@ class Runtime:
         self.counts["handled"] += 1
         self._apply(effects, now)
 
-    def _over_rate(self, channel: str, topic: str, payload: bytes | Any, now: float) -> None:
+    def _over_rate(
+        self, channel: str, topic: str, payload: bytes | Any, now: float, reason: str = ""
+    ) -> None:
         """A message over its channel's rate: refused unread, and not remembered as seen (it
         may be sent again later)."""
         call = channel.startswith("calls/")
@@ -379,7 +397,10 @@ class Runtime:
         if not self.refusals.allow(channel, now):
             self._suppress(channel, topic, now)
             return
-        reason = f"rate limit: {channel} sent more than {rate:g} messages/s (bursts of {burst})"
+        reason = (
+            reason
+            or f"rate limit: {channel} sent more than {rate:g} messages/s (bursts of {burst})"
+        )
         self._dead_letter(channel, topic, reason, payload, _identity(topic, payload), now)
 
     def _refuse(

@@ -97,6 +97,10 @@ class LimitSettings(_Strict):
     # each unit's replies and status, and each operator's actions: messages a second …
     rate_per_party: float = Field(50, gt=0)
     burst_per_party: int = Field(500, ge=1)  # … with bursts of up to this many
+    # call events of one resident, on arrival: a resident has a call or two at a time, each
+    # reporting its progress now and then; the burst covers a backlog after an outage
+    rate_per_subscriber: float = Field(10, gt=0)
+    burst_per_subscriber: int = Field(1000, ge=1)
     # refusals a channel may have stored and dead-lettered a period; past that, counted
     refusals_per_period: int = Field(20, ge=1)
     refusal_period_s: float = Field(60, gt=0)

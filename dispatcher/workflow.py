@@ -50,6 +50,12 @@ from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
 from rules.flagged import FlaggedNumbers
 
 SYSTEM = "dispatcher"
+# an incident lists at most this many calls, and records repeatable timeline entries (calls
+# joining or ending, actions that do not count) only while its timeline is shorter than
+# MAX_TIMELINE: what it publishes stays far below a broker's packet limit (decisions.md 62)
+MAX_CALLS = 50
+MAX_TIMELINE = 100
+TIMELINE_FULL = "timeline_full"
 TIMER_RANK = {"callback_window": 0, "slot": 1, "retention": 2}
 CLOSE_OUTCOMES = ("loss", "dissuaded", "false_alarm")
 REPORT_TO_OUTCOME = {"loss": "loss", "dissuaded": "prevented", "false_alarm": "false_alarm"}
@@ -219,9 +225,12 @@ class Workflow:
         category = flag.category if flag else None
         call = incident.calls.get(data.call_id)
         if call is None:
+            # past MAX_CALLS a call still joins (its severity and duration count) without
+            # being listed: a resident's or a source's flood of calls cannot grow it
             call = Call(data.call_id, data.counterpart, category, joined_at=now)
-            incident.calls[data.call_id] = call
-            state.call_incident[data.call_id] = incident.id
+            if len(incident.calls) < MAX_CALLS:
+                incident.calls[data.call_id] = call
+                state.call_incident[data.call_id] = incident.id
             if not opened_now:
                 self._note(
                     incident,
@@ -230,6 +239,7 @@ class Workflow:
                     data.subscriber,
                     f"同一用户的另一通电话加入事件（对方{data.counterpart}）",
                     changes,
+                    repeatable=True,
                 )
             changes.mark(incident)
         if duration > call.max_duration_s:
@@ -247,6 +257,7 @@ class Workflow:
                 data.subscriber,
                 f"通话结束，时长{duration:g}秒",
                 changes,
+                repeatable=True,
             )
         fresh = [r for r in matched if r.id not in call.rules]
         if fresh:
@@ -388,6 +399,7 @@ class Workflow:
                 who,
                 f"回拨结果：{label}（{why}，不计入）",
                 changes,
+                repeatable=True,
             )
             return
         if result in ("no_answer", "busy"):
@@ -425,7 +437,13 @@ class Workflow:
             changes.mark(incident)
         else:
             self._note(
-                incident, now, "escalate_ignored", who, "事件已升级，本次操作无变化", changes
+                incident,
+                now,
+                "escalate_ignored",
+                who,
+                "事件已升级，本次操作无变化",
+                changes,
+                repeatable=True,
             )
 
     # ---- escalation and dispatch -----------------------------------------------------------
@@ -773,7 +791,21 @@ class Workflow:
         text: str,
         changes: Changes,
         dispatch_id: str | None = None,
+        repeatable: bool = False,
     ) -> None:
+        """Record a timeline entry. A ``repeatable`` one changes nothing (another call
+        joining, an action that does not count): once the timeline holds ``MAX_TIMELINE``
+        entries these are no longer recorded one by one, and one entry says so, so that no
+        party can grow an incident, and the messages that carry it, without bound."""
+        if repeatable and len(incident.timeline) >= MAX_TIMELINE:
+            if any(e.kind == TIMELINE_FULL for e in reversed(incident.timeline)):
+                return
+            kind, by, text, dispatch_id = (
+                TIMELINE_FULL,
+                SYSTEM,
+                f"时间线已达{MAX_TIMELINE}条：此后不改变事件的通话与操作不再逐条记录",
+                None,
+            )
         entry = TimelineEntry(at=now, kind=kind, by=by, text=text, dispatch_id=dispatch_id)
         incident.timeline.append(entry)
         changes.effects.append(Noted(incident.id, entry))

@@ -319,3 +319,44 @@ async def test_a_flooding_handset_costs_nobody_else_anything(
     assert counts["rejected"] <= 2 * settings.limits.refusals_per_period
     assert growth - quiet < 2_000_000
     assert ratio <= 10
+
+
+# ---- an incident grown without bound ---------------------------------------------------------
+
+
+async def test_the_call_source_and_an_operator_cannot_grow_an_incident_past_the_packet_limit(
+    settings: Settings, secure: SecureBroker, tmp_path: Path
+) -> None:
+    """The source floods one resident's open incident with new calls, an operator floods it
+    with actions that change nothing: the incident's messages used to outgrow the broker's
+    packet limit, and the broker then cut the dispatcher off on every attempt to send. Now
+    another resident's escalation still reaches its guard, over the first connection."""
+    li, li_guard = "+8613800000004", "G-ST-XH-01"  # 星海花园
+    async with (
+        dispatching(settings, secure, tmp_path / "live.sqlite3") as service,
+        open_client(secure.url(li_guard, tls=False), li_guard, persistent=True) as guard,
+        open_client(secure.url(SOURCE, tls=False)) as source,
+        open_client(secure.url("op-01", tls=False)) as console,
+    ):
+        await guard.subscribe(TOPICS.dispatches(li_guard), qos=1)
+        await source.publish(TOPICS.calls("hengnan"), critical_call(0, CHEN), qos=1)
+        await until(lambda: incident_count(service) == 1)
+        for k in range(1500):
+            call = call_bytes("started", f"F-{k}", CHEN, FLAGGED)
+            await source.publish(TOPICS.calls("hengnan"), call, qos=1)
+        for k in range(600):
+            callback = cloudevent(
+                f"cb-{k}", "console/op-01", "cn.antifraud.operator.escalate",
+                {"incident_id": "INC-A-0"},
+            )  # fmt: skip
+            await console.publish(TOPICS.actions("op-01"), json.dumps(callback), qos=1)
+        await source.publish(TOPICS.calls("hengnan"), critical_call(1, li), qos=1)
+        await until(lambda: incident_count(service) == 2)
+        escalate = cloudevent(  # by another operator: op-01 spent its own budget
+            "esc-li", "console/op-02", "cn.antifraud.operator.escalate", {"incident_id": "INC-A-1"}
+        )
+        async with open_client(secure.url("op-02", tls=False)) as other:
+            await other.publish(TOPICS.actions("op-02"), json.dumps(escalate), qos=1)
+        offer = await asyncio.wait_for(anext(aiter(guard.messages)), 15)
+        assert json.loads(bytes(offer.payload))["type"] == "cn.antifraud.dispatch.offered"
+        assert service.stats["connects"] == 1

@@ -62,7 +62,7 @@ async def test_a_flooding_call_topic_is_refused_past_its_budget(
         template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
         for i in range(limits.burst_per_source + 20):  # all at the same instant
             flood = json.loads(json.dumps(template)) | {"id": f"f{i}", "source": f"src-{i}"}
-            flood["data"] |= {"call_id": f"F{i}", "counterpart": CLEAN}
+            flood["data"] |= {"call_id": f"F{i}", "counterpart": CLEAN, "subscriber": _resident(i)}
             runtime.handle(CALLS, flood, 1.0)
         # another party's channel is untouched by the flood
         runtime.handle(STATUS, _status("s1"), 1.0)
@@ -168,6 +168,10 @@ async def test_pairs_kept_before_channels_count_on_every_channel(
         assert runtime.counts["duplicates"] == 1
 
 
+def _resident(i: int) -> str:
+    return f"+86139{i:08d}"
+
+
 def _stamp(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
 
@@ -188,7 +192,8 @@ async def _rejected_for(
                 "source": "carrier",
                 "time": _stamp(stamp),
             }
-            event["data"] |= {"call_id": f"B{i}", "counterpart": CLEAN}
+            # many residents, as in a real backlog (one resident's calls have a budget too)
+            event["data"] |= {"call_id": f"B{i}", "counterpart": CLEAN, "subscriber": _resident(i)}
             runtime.handle("antifraud/v1/events/hengnan/calls", event, at)
         # refused: dead-lettered within the topic's refusal budget, counted past it
         return runtime.counts["rejected"] + runtime.counts["suppressed"]
@@ -262,3 +267,27 @@ async def test_limits_never_touch_normal_traffic(play: Player) -> None:
         s.call(k * 10.0, f"C{k}", CHEN, CLEAN, until_s=60, step=1)  # 61 events a call, dense
     r = await play(s)
     assert r.report["rejected"] == []
+
+
+async def test_one_residents_flood_of_calls_is_refused_past_its_budget(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Each call of a resident with an open incident costs more the longer that incident:
+    one resident's calls have a budget of their own, and others' calls go on."""
+    limits = settings.limits
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
+        for i in range(limits.burst_per_subscriber + 30):  # one resident, at one instant
+            event = json.loads(json.dumps(template)) | {"id": f"r{i}"}
+            event["data"] |= {"call_id": f"R{i}", "counterpart": CLEAN}
+            runtime.handle(CALLS, event, 1.0)
+        other = json.loads(json.dumps(template)) | {"id": "o1"}
+        other["data"] |= {"call_id": "O1", "counterpart": CLEAN, "subscriber": _resident(1)}
+        runtime.handle(CALLS, other, 1.0)
+        assert runtime.counts["handled"] == limits.burst_per_subscriber + 1
+        assert runtime.counts["rejected"] + runtime.counts["suppressed"] == 30
+        await runtime.commit()
+        reasons = [r for (r,) in await store.fetchall("SELECT reason FROM rejected")]
+        assert reasons and all(r.startswith("rate limit: calls of +86138") for r in reasons)
