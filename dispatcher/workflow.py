@@ -706,6 +706,8 @@ class Workflow:
 
     def _on_status(self, msg: Inbound, now: float, changes: Changes) -> None:
         assert isinstance(msg.data, UnitStatus)
+        if self.state.presence.get(msg.party) == msg.data.state:
+            return  # what the dispatcher knew already: nothing to write or log
         self.state.presence[msg.party] = msg.data.state
         changes.effects.append(PresenceSeen(msg.party, msg.data.state, now))
 

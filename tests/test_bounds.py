@@ -15,6 +15,8 @@ from scenario import CHEN, INVESTMENT, Player, Script
 
 from adapters.store import MAX_MESSAGE_BYTES, Store
 from dispatcher.model import Publish
+from dispatcher.runtime import Runtime
+from dispatcher.settings import Settings
 from dispatcher.workflow import MAX_CALLS, MAX_TIMELINE, TIMELINE_FULL
 
 REPEATABLE = {"call_joined", "call_ended", "escalate_ignored"}
@@ -82,3 +84,27 @@ async def test_a_message_over_the_packet_limit_is_set_aside_not_left_to_stop_the
         await store.commit(handed.extend)
         assert [row[1] for row in handed] == ["t/small"]  # type: ignore[index]
         assert [row[1] for row in await store.unsent(10)] == ["t/small"]
+
+
+async def test_a_unit_repeating_its_presence_writes_and_logs_it_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A radio flapping the same status, within its budget, cost a store write and a log
+    line each time."""
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        for k in range(50):
+            status = {
+                "specversion": "1.0",
+                "id": f"s{k}",
+                "source": "unit/G-YJ-CH-01",
+                "type": "cn.antifraud.unit.status",
+                "data": {"state": "online"},
+            }
+            runtime.handle(
+                "antifraud/v1/units/G-YJ-CH-01/status", json.dumps(status).encode(), 1.0 + k
+            )
+        await runtime.commit()
+        rows = await store.fetchall("SELECT unit, state, at FROM presence")
+    assert rows == [("G-YJ-CH-01", "online", 1.0)]
