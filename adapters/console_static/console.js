@@ -291,7 +291,9 @@ function actionBar(inc) {
     }
   }
   if (inc.status === "open") {
-    buttons.push(el("button", { class: "danger", "data-action": "escalate", onclick: stop(() => act(inc, "escalate", {}, ACTION_LABEL.escalate)) }, "立即上门"));
+    // a resident not in the registry has no door to knock on: escalating sends police
+    const word = inc.subscriber.known ? ACTION_LABEL.escalate : ACTION_LABEL.police;
+    buttons.push(el("button", { class: "danger", "data-action": "escalate", onclick: stop(() => act(inc, "escalate", {}, word)) }, word));
   } else if (inc.alerts.some((a) => a === "no_address" || a === "unknown_subscriber")
              && !inc.dispatches.some((d) => d.role === "police")) {
     // no door to knock on: the operator may still send the station's police
