@@ -709,10 +709,10 @@ class Console:
         if self._heard is None:
             now = time.time()
         else:
-            stamp, at = self._heard
-            now = stamp + (time.monotonic() - at)
-        stamp = datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds")
-        return stamp.replace("+00:00", "Z")
+            heard, at = self._heard
+            now = heard + (time.monotonic() - at)
+        text = datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds")
+        return text.replace("+00:00", "Z")
 
     def _hear(self, stamp: str | None, retained: bool) -> None:
         """A live message's CloudEvent time sets the dispatcher's clock (a retained one was
