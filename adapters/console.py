@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiomqtt
 import structlog
@@ -56,9 +57,11 @@ from dispatcher.inbound import (
     decode_payload,
     parse_message,
 )
-from dispatcher.outbound import Topics
+from dispatcher.model import Incident
+from dispatcher.outbound import Messages, Topics
 from dispatcher.protocol import OUTBOUND_EVENTS
-from dispatcher.settings import Settings
+from dispatcher.settings import Conditions, Settings
+from dispatcher.workflow import OUTCOME_TEXT
 
 log = structlog.get_logger("console")
 
@@ -86,6 +89,67 @@ OPERATOR_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 OUTCOMES = ("prevented", "loss", "false_alarm", "unreachable", "resolved_by_callback")
 ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+ACK_FILE = "console-acknowledgements.jsonl"  # beside the users file: operators' acknowledgements
+ACKS_KEPT = 20_000  # acknowledgements kept (the oldest forgotten first)
+
+# A dead end (IncidentDetail.alerts) as an operator acts on it: who could not be reached, and
+# what to do now. One text per code; a code this console does not know still alarms.
+ALERT_TEXT = {
+    "door_exhausted": "无人可上门：保安、网格员、快警均未接警，请电话联系派出所安排上门",
+    "police_exhausted": "无民警接警：请用对讲机直接调度民警",
+    "no_address": "地址不明：请电话核实住址；需出警请点「派民警」",
+    "unknown_subscriber": "未登记用户：请电话核实身份和住址；需出警请点「派民警」",
+}
+
+# The dispatcher's dead letters give their reason in English (for whoever fixes a sender);
+# an operator reads it in Chinese. Matched from the start of the reason; the code is kept.
+REFUSAL_TEXT = (
+    (re.compile(r"^incident \S+ is closed"), "事件已结案，操作未执行"),
+    (re.compile(r"^unknown incident "), "调度服务中没有这个事件（可能已被清除），操作未执行"),
+    (re.compile(r"^rate limit: "), "操作过于频繁，调度服务已限流：请稍等几秒再试"),
+    (re.compile(r"^type \S+ is not accepted"), "调度服务不接受这种操作"),
+    (re.compile(r"^operator id "), "接线员编号无效，操作未执行"),
+    (
+        re.compile(r"^(not JSON|not UTF-8|not a CloudEvent|payload is|empty payload|JSON nests)"),
+        "操作消息格式无效，调度服务未执行",
+    ),
+    (
+        re.compile(r"^(data|id|source|type|time|specversion|subject)\b"),
+        "操作内容无效，调度服务未执行",
+    ),
+)
+
+
+def refusal_text(reason: str) -> str:
+    """The dispatcher's reason for refusing an action, for an operator: Chinese, and for a
+    reason not known here a Chinese sentence that still shows the dispatcher's own words."""
+    for pattern, text in REFUSAL_TEXT:
+        if pattern.match(reason):
+            return text
+    return f"调度服务拒绝了此操作（原因：{printable(reason, 200)}）"
+
+
+def rule_label(when: Conditions, categories: dict[str, str]) -> str:
+    """A rule in words an operator reads at a glance (the rule ids are configuration names)."""
+    parts: list[str] = []
+    if when.vulnerable:
+        parts.append("易受骗居民")
+    elif when.vulnerable is False:
+        parts.append("非易受骗居民")
+    if when.categories:
+        parts.append("与" + "/".join(categories.get(c, c) for c in when.categories) + "号码")
+    elif when.flagged:
+        parts.append("与涉诈号码")
+    elif when.flagged is False:
+        parts.append("与非涉诈号码")
+    if when.min_duration_s is not None:
+        parts.append(f"通话满{when.min_duration_s:g}秒")
+    if when.distinct_flagged_contacts is not None:
+        c = when.distinct_flagged_contacts
+        hours = c.window_s / 3600
+        span = f"{hours:g}小时" if hours >= 1 else f"{c.window_s:g}秒"
+        parts.append(f"{span}内被{c.min_distinct}个不同涉诈号码联系")
+    return "".join(parts) or "任意通话"
 
 
 def printable(text: str, limit: int = 120) -> str:
@@ -265,6 +329,61 @@ class Refused(Exception):
         self.reason = reason
 
 
+# ---- acknowledgements -----------------------------------------------------------------------
+
+
+class Acknowledgements:
+    """Operators' acknowledgements of dead ends, one JSON line each, appended and flushed to
+    disk before they count, read back on start: an alarm acknowledged stays acknowledged
+    across a restart of the console, and the record says who and when."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.by_incident: dict[str, list[dict[str, Any]]] = {}
+        self._count = 0
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as exc:
+            log.error("console_acknowledgements_unreadable", path=str(self.path), error=str(exc))
+            return
+        for number, line in enumerate(lines[-ACKS_KEPT:], 1):
+            try:
+                record = json.loads(line)
+                if not (
+                    isinstance(record, dict)
+                    and isinstance(record.get("incident_id"), str)
+                    and isinstance(record.get("alerts"), list)
+                    and isinstance(record.get("by"), str)
+                    and isinstance(record.get("at"), str)
+                ):
+                    raise ValueError("not an acknowledgement")
+            except ValueError as exc:  # a line cut by a crash mid-write: the rest still count
+                log.warning("console_acknowledgement_skipped", line=number, error=str(exc))
+                continue
+            self._keep(record)
+
+    def _keep(self, record: dict[str, Any]) -> None:
+        self.by_incident.setdefault(record["incident_id"], []).append(record)
+        self._count += 1
+        while self._count > ACKS_KEPT and self.by_incident:
+            oldest = next(iter(self.by_incident))
+            self._count -= len(self.by_incident.pop(oldest))
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._keep(record)
+
+
 # ---- the board ------------------------------------------------------------------------------
 
 
@@ -331,8 +450,15 @@ class Console:
         users: Users,
         secure_cookies: bool = False,
         session_hours: float = 12,
+        acknowledgements: Path | None = None,
     ) -> None:
         self.settings = settings
+        self.zone = ZoneInfo(settings.service.timezone)
+        self.messages = Messages(settings)
+        self.acks = Acknowledgements(acknowledgements or users.path.parent / ACK_FILE)
+        # the dispatcher's clock, as the latest live message stamped it: (its CloudEvent
+        # time in epoch seconds, this process's monotonic clock when it came)
+        self._heard: tuple[float, float] | None = None
         self.broker = broker
         self.store = store
         self.users = users
@@ -373,9 +499,11 @@ class Console:
         app.router.add_post("/logout", self.logout)
         app.router.add_get("/api/state", self.state)
         app.router.add_post("/api/incidents/{incident_id}/{action}", self.act)
+        app.router.add_get("/api/incidents/{incident_id}", self.incident)
         app.router.add_get("/api/history", self.history)
         app.router.add_get("/api/history.csv", self.history_csv)
         app.router.add_get("/ws", self.websocket)
+        app.router.add_get("/favicon.ico", self.favicon)
         app.router.add_static("/static/", STATIC)
         app.cleanup_ctx.append(self._background)
         return app
@@ -556,9 +684,83 @@ class Console:
                 "feed": self.feed,
                 "dispatcher": self.dispatcher,
                 "callback_max": self.settings.callback.max_attempts,
+                "dispatcher_now": self.dispatcher_now(),
+                "acknowledgements": self.acks.by_incident,
+                **self.vocabulary(),
                 **self.board.snapshot(),
             }
         )
+
+    def vocabulary(self) -> dict[str, Any]:
+        """What the page needs to say everything in Chinese, in the deployment's time zone."""
+        categories = {f.category: f.label for f in self.settings.flagged}
+        return {
+            "timezone": self.settings.service.timezone,
+            "outcomes": dict(OUTCOME_TEXT),
+            "alert_text": ALERT_TEXT,
+            "rules": {r.id: rule_label(r.when, categories) for r in self.settings.rules},
+            "stations": {k: v.name for k, v in self.settings.stations.items()},
+            "unit_names": {u.id: u.name for u in self.settings.units.values()},
+        }
+
+    def dispatcher_now(self) -> str:
+        """The dispatcher's clock now, as far as its messages tell (RFC 3339, UTC): a
+        sped-up or skewed dispatcher clock is what every duration is measured on."""
+        if self._heard is None:
+            now = time.time()
+        else:
+            heard, at = self._heard
+            now = heard + (time.monotonic() - at)
+        text = datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds")
+        return text.replace("+00:00", "Z")
+
+    def _hear(self, stamp: str | None, retained: bool) -> None:
+        """A live message's CloudEvent time sets the dispatcher's clock (a retained one was
+        stamped whenever it was published, so it says nothing about now)."""
+        if retained or not stamp:
+            return
+        with contextlib.suppress(ValueError):
+            moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            if moment.tzinfo is not None:
+                self._heard = (moment.timestamp(), time.monotonic())
+
+    async def favicon(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / "favicon.svg", headers={"Content-Type": "image/svg+xml"})
+
+    async def incident(self, request: web.Request) -> web.StreamResponse:
+        """One incident, as the board has it or, once off the board, from the store."""
+        self.require(request)
+        incident_id = request.match_info["incident_id"]
+        if not INCIDENT_ID_RE.match(incident_id):
+            raise web.HTTPBadRequest(text="事件编号无效")
+        found = self.board.incidents.get(incident_id)
+        if found is None:
+            try:
+                found = await asyncio.to_thread(self._stored_incident, incident_id)
+            except sqlite3.Error as exc:
+                log.warning("console_history_unavailable", error=str(exc))
+                raise web.HTTPServiceUnavailable(text="历史记录暂时无法读取，请稍后再试") from None
+        if found is None:
+            raise web.HTTPNotFound(text="没有这个事件")
+        return web.json_response(
+            {"incident": found, "acknowledgements": self.acks.by_incident.get(incident_id, [])}
+        )
+
+    def _stored_incident(self, incident_id: str) -> dict[str, Any] | None:
+        if self.store is None or not self.store.exists():
+            return None
+        with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT doc FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+            origin = self._origin(db)
+        if row is None:
+            return None
+        return self.messages.incident_detail(Incident.from_doc(json.loads(row[0])), origin)
+
+    @staticmethod
+    def _origin(db: sqlite3.Connection) -> float:
+        """Epoch seconds at the store's clock 0 (a replay's clock starts at its recording)."""
+        row = db.execute("SELECT value FROM meta WHERE key = 'clock_origin'").fetchone()
+        return float(row[0]) if row else 0.0
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         self.require(request)
@@ -595,8 +797,13 @@ class Console:
         if transport is not None:
             transport.abort()
 
-    async def broadcast(self, kind: str, data: Any) -> None:
-        text = json.dumps({"kind": kind, "data": data}, ensure_ascii=False)
+    async def broadcast(self, kind: str, data: Any, stamp: str | None = None) -> None:
+        """A frame to every browser; ``stamp`` is the CloudEvent time of a live message, from
+        which the page learns the dispatcher's clock."""
+        frame: dict[str, Any] = {"kind": kind, "data": data}
+        if stamp:
+            frame["time"] = stamp
+        text = json.dumps(frame, ensure_ascii=False)
         for viewer in list(self.viewers):
             try:
                 viewer.queue.put_nowait(text)
@@ -624,6 +831,8 @@ class Console:
         session = self.require(request)
         self._check_csrf(request, session)
         incident_id, action = request.match_info["incident_id"], request.match_info["action"]
+        if action == "acknowledge":
+            return await self.acknowledge(request, session, incident_id)
         if action not in ACTIONS:
             raise web.HTTPNotFound(text=f"没有这种操作：{printable(action, 40)}")
         if not INCIDENT_ID_RE.match(incident_id):
@@ -676,6 +885,43 @@ class Console:
         logged.info("console_action")
         return web.json_response({"action_id": event_id})
 
+    async def acknowledge(
+        self, request: web.Request, session: Session, incident_id: str
+    ) -> web.StreamResponse:
+        """An operator has taken on an incident's dead ends: the alarm stops for everyone and
+        the incident's timeline on the console says who and when. The dispatcher has no
+        message for it (decisions.md 65): the console keeps it, on disk."""
+        if not INCIDENT_ID_RE.match(incident_id):
+            raise web.HTTPBadRequest(text="事件编号无效")
+        body = await self._json_body(request)
+        alerts = body.get("alerts")
+        if (
+            not isinstance(alerts, list)
+            or not alerts
+            or len(alerts) > 16
+            or not all(isinstance(a, str) and len(a) <= 64 for a in alerts)
+        ):
+            raise web.HTTPBadRequest(text="alerts 应为要确认的警报代码列表")
+        incident = self.board.incidents.get(incident_id)
+        if incident is None or incident["status"] == "closed":
+            raise web.HTTPConflict(text="事件不在看板上或已结案，无需确认")
+        if not set(alerts) <= set(incident["alerts"]):
+            raise web.HTTPConflict(text="事件的警报已变化：请看清后再确认")
+        record = {
+            "incident_id": incident_id,
+            "alerts": sorted(set(alerts)),
+            "by": f"operator/{session.operator}",
+            "at": self.dispatcher_now(),
+        }
+        try:
+            await asyncio.to_thread(self.acks.add, record)
+        except OSError as exc:
+            log.error("console_acknowledgement_unsaved", error=str(exc))
+            raise web.HTTPServiceUnavailable(text="确认未能保存，请重试") from None
+        log.info("console_acknowledged", operator=session.operator, incident_id=incident_id)
+        await self.broadcast("acknowledged", record)
+        return web.json_response(record)
+
     # ---- history ---------------------------------------------------------------------------
 
     @staticmethod
@@ -712,6 +958,7 @@ class Console:
                 "SELECT doc FROM incidents WHERE status = 'closed' "
                 "ORDER BY closed_at DESC LIMIT 5000"
             ).fetchall()
+            origin = self._origin(db)
         found = []
         text = query.get("q", "")
         outcome = query.get("outcome", "")
@@ -719,7 +966,9 @@ class Console:
         for (doc,) in rows:
             inc = json.loads(doc)
             sub = self.settings.subscribers.get(inc["subscriber"])
-            closed = datetime.fromtimestamp(inc["closed_at"], tz=UTC).astimezone()
+            # the deployment's zone, whatever the server's: the same day boundaries and
+            # clock times as the board, for every operator
+            closed = datetime.fromtimestamp(origin + inc["closed_at"], tz=self.zone)
             day = closed.date().isoformat()
             resident = " ".join(
                 filter(
@@ -741,7 +990,7 @@ class Console:
             found.append(
                 {
                     "incident_id": inc["id"],
-                    "closed": closed.isoformat(timespec="seconds"),
+                    "closed": closed.isoformat(sep=" ", timespec="seconds"),
                     "subscriber": inc["subscriber"],
                     "name": sub.name if sub else "",
                     "counterpart": inc["counterpart"],
@@ -845,7 +1094,9 @@ class Console:
                     self._presence_dirty.set()
                     await self._announce_feed()
                     async for message in client.messages:
-                        await self.handle_message(str(message.topic), message.payload)
+                        await self.handle_message(
+                            str(message.topic), message.payload, bool(message.retain)
+                        )
             except (BrokerError, aiomqtt.MqttError) as exc:
                 log.warning("console_broker_unavailable", error=str(exc))
             except Exception:  # a defect: the feed reconnects rather than ends
@@ -856,11 +1107,11 @@ class Console:
             await self._announce_feed()
             await asyncio.sleep(backoff.next_delay())
 
-    async def handle_message(self, topic: str, payload: Any) -> None:
+    async def handle_message(self, topic: str, payload: Any, retained: bool = False) -> None:
         """One message off the broker. Never raises: what it refuses is logged with why."""
         try:
             raw = payload if isinstance(payload, bytes) else bytes(payload or b"")
-            await self._on_message(topic, raw)
+            await self._on_message(topic, raw, retained)
         except Refused as refused:
             self._log_refusal(topic, refused.reason)
         except Exception:
@@ -899,23 +1150,30 @@ class Console:
             where = ".".join(str(p) for p in first["loc"])
             raise Refused(f"not a valid {kind}: {where}: {first['msg']}") from None
 
-    async def _on_message(self, topic: str, raw: bytes) -> None:
+    async def _on_message(self, topic: str, raw: bytes, retained_copy: bool = False) -> None:
         prefix = self.topics.prefix
         parts = topic.split("/")
         tail = parts[len(prefix.split("/")) :] if topic.startswith(prefix + "/") else []
         if topic == self.topics.dispatcher_status:
             model = self._event(topic, raw, ("cn.antifraud.dispatcher.status",))
+            self._hear(model.time, retained_copy)
             self.dispatcher = model.data.state
             await self.broadcast("dispatcher", {"state": self.dispatcher})
         elif len(tail) == 3 and tail[0] == "units" and tail[2] == "status":
             await self._on_status(topic, raw)
         elif topic == self.topics.deadletter:
             model = self._event(topic, raw, ("cn.antifraud.input.rejected",))
+            self._hear(model.time, retained_copy)
             operator = self.board.pending.pop(model.data.id or "", None)
             if operator is not None:
                 await self.broadcast(
                     "refused",
-                    {"action_id": model.data.id, "operator": operator, "reason": model.data.reason},
+                    {
+                        "action_id": model.data.id,
+                        "operator": operator,
+                        "reason": model.data.reason,
+                        "text": refusal_text(model.data.reason),
+                    },
                 )
         elif topic == self.topics.operators or (len(tail) == 2 and tail[0] == "incidents"):
             retained = topic != self.topics.operators
@@ -934,7 +1192,8 @@ class Console:
             if retained and tail[1] != incident["incident_id"]:
                 raise Refused(f"incident {incident['incident_id']} on another incident's topic")
             self.board.put(incident)
-            await self.broadcast("incident", incident)
+            self._hear(model.time, retained_copy)
+            await self.broadcast("incident", incident, model.time if not retained_copy else None)
             await self.broadcast("units", self.board.units())
         else:
             raise Refused("not a topic the console reads")

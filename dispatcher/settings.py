@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -56,6 +57,19 @@ class ServiceSettings(_Strict):
     broker_password: SecretStr | None = None
     broker_ca_file: str | None = None  # for mqtts:// when the broker's CA is not a public one
     client_id: Ident = "antifraud-dispatcher"
+    # the deployment's time zone (IANA name): every time the operator console shows or exports
+    timezone: str = "Asia/Shanghai"
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(
+                f"{value!r} is not an IANA time zone name (e.g. 'Asia/Shanghai')"
+            ) from None
+        return value
 
     @field_validator("prefix")
     @classmethod

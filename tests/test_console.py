@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import dataclasses
+import io
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,13 +16,24 @@ from typing import Any
 import aiomqtt
 import pytest
 from aiohttp import ClientSession, CookieJar, web
+from scenario import INVESTMENT, STRANGER, Player, Script
 
 from adapters.broker import Mosquitto, free_port, mosquitto_binary
-from adapters.console import UNCONFIRMED, Console, Users, check_password, hash_password
+from adapters.console import (
+    ALERT_TEXT,
+    UNCONFIRMED,
+    Console,
+    Users,
+    check_password,
+    hash_password,
+    refusal_text,
+)
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, open_client
 from adapters.replay import replay
-from dispatcher.settings import Settings
+from dispatcher.errors import ConfigError
+from dispatcher.protocol import IncidentDetail
+from dispatcher.settings import Settings, load_settings
 
 pytestmark = [
     pytest.mark.broker,
@@ -265,8 +280,10 @@ async def test_history_is_searchable_and_exports_csv(
             ({"q": "王阿姨"}, 0),
             ({"outcome": "prevented"}, 1),
             ({"outcome": "loss"}, 0),
-            ({"from": "1970-01-01", "to": "1970-01-02"}, 1),
-            ({"from": "2000-01-01"}, 0),
+            # the seed case closed on 15 October 2021 (its recording's clock), not in 1970
+            ({"from": "2021-10-15", "to": "2021-10-15"}, 1),
+            ({"to": "2021-10-14"}, 0),
+            ({"from": "2021-10-16"}, 0),
         ]:
             async with http.get(f"{base}/api/history", params=query) as response:
                 assert len((await response.json())["incidents"]) == found, query
@@ -352,3 +369,158 @@ async def test_a_person_can_watch_the_demo_in_the_console(settings: Settings) ->
                 await asyncio.sleep(0.1)
         assert await demo == 0
     assert {"open", "escalated", "closed"} <= seen
+
+
+def zoned(settings: Settings, zone: str) -> Settings:
+    return dataclasses.replace(
+        settings, service=settings.service.model_copy(update={"timezone": zone})
+    )
+
+
+@pytest.mark.parametrize(
+    ("zone", "day", "clock", "offset"),
+    [
+        ("Asia/Shanghai", "2021-10-15", "2021-10-15 14:", "+08:00"),
+        # the same moment, where it is still the evening before
+        ("America/Los_Angeles", "2021-10-14", "2021-10-14 23:", "-07:00"),
+    ],
+)
+async def test_history_and_csv_are_in_the_deployments_time_zone(
+    settings: Settings,
+    broker: Mosquitto,
+    tmp_path: Path,
+    zone: str,
+    day: str,
+    clock: str,
+    offset: str,
+) -> None:
+    """Whatever the server's own zone, history, its day filters and the CSV all use
+    ``service.timezone``: the seed case closed at 14:2x in Hengnan (06:2x UTC)."""
+    store = tmp_path / "history.sqlite3"
+    await replay(SEED, settings, store)
+    async with (
+        serving(zoned(settings, zone), broker, tmp_path, store) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        state = await login(http, base)
+        assert state["timezone"] == zone
+        async with http.get(f"{base}/api/history", params={"from": day, "to": day}) as response:
+            (found,) = (await response.json())["incidents"]
+        assert found["closed"].startswith(clock) and found["closed"].endswith(offset)
+        other = "2021-10-16" if day == "2021-10-15" else "2021-10-15"
+        async with http.get(f"{base}/api/history", params={"from": other}) as response:
+            assert (await response.json())["incidents"] == []
+        async with http.get(f"{base}/api/history.csv", params={"to": day}) as response:
+            rows = list(csv.DictReader(io.StringIO((await response.read()).decode("utf-8-sig"))))
+        assert len(rows) == 1
+        assert rows[0]["closed"].startswith(clock) and rows[0]["closed"].endswith(offset)
+
+
+def test_the_default_time_zone_is_the_deployments_and_a_wrong_one_is_named(
+    deployment: Any,
+) -> None:
+    assert load_settings(deployment()).service.timezone == "Asia/Shanghai"
+    for wrong in ("Asia/Shangai", "+08:00", "../../etc/passwd", "Asia"):
+        toml = deployment(
+            edit_toml=lambda t, w=wrong: t.replace("[service]\n", f'[service]\ntimezone = "{w}"\n')
+        )
+        with pytest.raises(ConfigError) as error:
+            load_settings(toml)
+        (problem,) = error.value.problems
+        assert problem.startswith(f"{toml}: service.timezone: "), problem
+        assert "IANA" in problem
+    toml = deployment(
+        edit_toml=lambda t: t.replace("[service]\n", '[service]\ntimezone = "Europe/Berlin"\n')
+    )
+    assert load_settings(toml).service.timezone == "Europe/Berlin"
+
+
+def test_the_dispatchers_refusals_are_told_in_chinese() -> None:
+    assert refusal_text("incident INC-X is closed") == "事件已结案，操作未执行"
+    assert "没有这个事件" in refusal_text("unknown incident INC-NOPE")
+    assert "限流" in refusal_text("rate limit: op-01 sent more than 50 messages/s (bursts of 500)")
+    unknown = refusal_text("something new went wrong")
+    assert unknown.startswith("调度服务拒绝了此操作") and "something new went wrong" in unknown
+    assert set(ALERT_TEXT) == {
+        "door_exhausted",
+        "police_exhausted",
+        "no_address",
+        "unknown_subscriber",
+    }
+    assert all(
+        re.search(r"请", text) and not re.search(r"[a-z]_[a-z]", text)
+        for text in ALERT_TEXT.values()
+    )
+
+
+async def test_an_acknowledgement_says_who_and_survives_a_console_restart(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A dead end (a resident not in the registry) is acknowledged by an operator: the record
+    says who and when, every browser hears it, and a console started again still has it."""
+    script = Script().call(0, "C-ACK", STRANGER, INVESTMENT, 200)
+    result = await Player(settings, tmp_path)(script)
+    events = [
+        m["payload"]
+        for m in result.outbox()
+        if m["topic"] == "antifraud/v1/operators/incidents" and m["payload"]
+    ]
+    incident = "INC-C-ACK"
+    assert "unknown_subscriber" in events[-1]["data"]["alerts"]
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        for event in events:
+            await console.handle_message(
+                "antifraud/v1/operators/incidents", json.dumps(event).encode()
+            )
+        state = await login(http, base)
+        headers = {"X-CSRF-Token": state["csrf"]}
+        url = f"{base}/api/incidents/{incident}/acknowledge"
+        async with http.post(url, json={"alerts": ["unknown_subscriber"]}) as response:
+            assert response.status == 403  # the CSRF token is needed, as for every action
+        async with http.post(url, json={}, headers=headers) as response:
+            assert response.status == 400
+        async with http.post(url, json={"alerts": ["door_exhausted"]}, headers=headers) as response:
+            assert response.status == 409  # not the incident's alert: nothing to acknowledge
+        async with http.ws_connect(f"{base}/ws") as ws:
+            async with http.post(
+                url, json={"alerts": ["unknown_subscriber"]}, headers=headers
+            ) as response:
+                assert response.status == 200
+                record = await response.json()
+            frame = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+        assert frame == {"kind": "acknowledged", "data": record}
+        assert record["by"] == "operator/op-01" and record["alerts"] == ["unknown_subscriber"]
+        assert record["at"].endswith("Z")
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        state = await login(http, base)
+        assert state["acknowledgements"][incident] == [record]
+
+
+async def test_an_incident_off_the_board_opens_from_the_store_and_the_favicon_is_served(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    store = tmp_path / "history.sqlite3"
+    await replay(SEED, settings, store)
+    async with (
+        serving(settings, broker, tmp_path, store) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        async with http.get(f"{base}/api/incidents/INC-C-20211015-0001") as response:
+            assert response.status == 401
+        await login(http, base)
+        async with http.get(f"{base}/api/incidents/INC-C-20211015-0001") as response:
+            incident = (await response.json())["incident"]
+        IncidentDetail.model_validate(incident)
+        assert incident["outcome"] == "prevented"
+        assert incident["closed_at"].startswith("2021-10-15T06:")  # the recording's clock
+        async with http.get(f"{base}/api/incidents/INC-NOPE") as response:
+            assert response.status == 404
+        async with http.get(f"{base}/favicon.ico") as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("image/svg+xml")

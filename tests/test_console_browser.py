@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_console import PASSWORD, serving
@@ -20,8 +23,9 @@ from test_console import PASSWORD, serving
 from adapters.broker import Mosquitto, mosquitto_binary
 from adapters.handset import Handset, Step
 from adapters.live import Clock, LiveService
-from adapters.mqtt import BrokerURL
+from adapters.mqtt import BrokerURL, open_client
 from adapters.recorder import publish_recording
+from dispatcher.inbound import cloudevent
 from dispatcher.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -46,6 +50,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    # the alarm sounds without a click first, as on the operators' kiosk browsers
+    "--autoplay-policy=no-user-gesture-required",
 ]
 
 
@@ -134,10 +140,12 @@ async def test_an_operator_handles_the_seed_case_in_the_browser(
             # the board at 1366x768: nothing wider than the screen, the actions in view
             assert await page.evaluate("document.documentElement.scrollWidth") <= 1366
             assert await page.evaluate("document.body.scrollWidth") <= 1366
-            box = await card.locator('button[data-action="escalate"]').bounding_box()
+            # (escalated now: 立即上门 is gone, closing is what remains)
+            box = await card.locator('button[data-action="close"]').bounding_box()
             assert box is not None and box["x"] + box["width"] <= 1366
 
-            await expect(detail.locator(".badge")).to_have_text("已劝阻", timeout=30_000)
+            # the incident's outcome is "prevented" (已阻止); the guard's report was "dissuaded"
+            await expect(detail.locator(".badge")).to_have_text("已阻止", timeout=30_000)
             await expect(page.locator(f'#closed [data-incident="{INCIDENT}"]')).to_be_visible()
             await page.screenshot(path=ARTIFACTS / "4-closed.png")
             await playing
@@ -211,3 +219,197 @@ async def test_the_header_says_when_the_board_is_stale(
         await expect(page.locator("#stale")).to_be_visible()
         await page.screenshot(path=ARTIFACTS / "6-feed-stopped.png")
         await browser.close()
+
+
+AHEAD_S = 600.0  # the dispatcher's clock runs this far ahead of the browser's
+CALLS = "antifraud/v1/events/hengnan/calls"
+STRANGER, WANG, ZHAO, LI = "+8613999999999", "+8613800000003", "+8613800000005", "+8613800000004"
+INVESTMENT, IMPERSONATION, REFUND = "+85251230002", "+85251230001", "+8617100009999"
+
+
+async def call(url: BrokerURL, call_id: str, subscriber: str, counterpart: str, s: float) -> None:
+    """A call-warning source: the call started and has lasted ``s`` seconds."""
+    data = {"call_id": call_id, "subscriber": subscriber, "counterpart": counterpart}
+    async with open_client(url) as source:
+        for n, (verb, extra) in enumerate(
+            [("started", {"direction": "inbound"}), ("progress", {"duration_s": s})]
+        ):
+            event = cloudevent(
+                f"{call_id}-{n}", "app-warning/hengnan", f"cn.antifraud.call.{verb}", data | extra
+            )
+            await source.publish(CALLS, json.dumps(event), qos=1)
+
+
+@contextlib.asynccontextmanager
+async def ahead_dispatcher(settings: Settings, broker: Mosquitto, tmp_path: Path) -> Any:
+    """A live dispatcher whose clock is AHEAD_S ahead (as the demo's sped-up clock runs
+    ahead), the console, and a logged-in operator's page at 1366x768."""
+    from playwright.async_api import async_playwright, expect
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    url = BrokerURL.parse(broker.url)
+    stop = asyncio.Event()
+    store = tmp_path / "live.sqlite3"
+    service = LiveService(settings, url, store, Clock(1.0, time.time() + AHEAD_S))
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    try:
+        async with (
+            serving(settings, broker, tmp_path, store) as (base, console),
+            async_playwright() as playwright,
+        ):
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = await browser.new_page(viewport={"width": 1366, "height": 768}, locale="zh-CN")
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            await page.goto(f"{base}/login")
+            await page.fill("input[name=operator]", "op-01")
+            await page.fill("input[name=password]", PASSWORD)
+            await page.click("button[type=submit]")
+            await expect(page.locator("#dispatcher")).to_have_text("调度服务运行中")
+            yield page, url, console
+            assert not errors, errors  # no 404 (favicon included), no script error
+            await browser.close()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def seconds(text: str) -> int:
+    found = re.search(r"(\d+)分(\d+)秒", text)
+    assert found, text
+    return int(found.group(1)) * 60 + int(found.group(2))
+
+
+async def test_dead_ends_alarm_until_acknowledged_on_a_board_sorted_by_urgency(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    async with ahead_dispatcher(settings, broker, tmp_path) as (page, url, _):
+        board = page.locator("#critical")
+        await expect(board).to_contain_text("当前没有需要处置的事件")
+        await call(url, "C-DEAD", STRANGER, INVESTMENT, 200)  # nobody knows where she lives
+        await call(url, "C-WAIT", WANG, INVESTMENT, 70)  # vulnerable: critical at 60 s
+        await call(url, "C-RUN", ZHAO, IMPERSONATION, 130)
+        await call(url, "C-LOOK", LI, REFUND, 40)  # a warning only
+        dead, wait, run = (
+            board.locator(f'[data-incident="INC-{c}"]') for c in ("C-DEAD", "C-WAIT", "C-RUN")
+        )
+        await expect(run).to_be_visible(timeout=10_000)
+        await run.locator('button[data-action="escalate"]').click()
+        # every press answers at once, then says it was applied
+        await expect(run.locator(".feedback")).to_be_visible(timeout=1_000)
+        await expect(run.locator(".feedback")).to_contain_text("已生效", timeout=10_000)
+        await expect(run.locator('button[data-action="escalate"]')).to_have_count(0)
+        await expect(run.locator('button[data-action="no_answer"]')).to_have_count(0)
+        await expect(run).to_contain_text(re.compile(r"剩\d+秒"))  # the guards' accept deadline
+
+        # dead ends first, then critical awaiting callback, then running dispatches
+        order = await board.locator("article").evaluate_all("a => a.map(n => n.dataset.incident)")
+        assert order == ["INC-C-DEAD", "INC-C-WAIT", "INC-C-RUN"], order
+        await expect(dead).to_contain_text("未登记用户：请电话核实身份和住址")
+        assert "unknown_subscriber" not in await dead.inner_text()
+        colour = "el => getComputedStyle(el).borderLeftColor"
+        assert await dead.evaluate(colour) != await run.evaluate(colour)
+        await expect(wait).to_contain_text("易受骗")
+        warning = page.locator('#warnings [data-incident="INC-C-LOOK"]')
+        await expect(warning).to_be_visible()
+        assert "待回拨" not in await warning.inner_text()
+
+        # the alarm sounds, again and again, until someone acknowledges it
+        alarm = "() => ({...window.consoleAlarm, context: window.consoleAlarm.context()})"
+        first = await page.evaluate(alarm)
+        assert first["active"] and first["context"] == "running", first
+        await page.wait_for_timeout(3_500)
+        assert (await page.evaluate(alarm))["beeps"] >= first["beeps"] + 2
+        await page.screenshot(path=ARTIFACTS / "7-board-three-cards.png")
+        await run.click()
+        detail = page.locator("#detail")
+        await expect(detail.locator("#dispatch-table")).to_be_visible()
+        await page.screenshot(path=ARTIFACTS / "8-detail-open.png")
+        # at 1366x768 with the detail open: headers on one line, the third card's buttons in view
+        for height in await detail.locator("#dispatch-table th").evaluate_all(
+            "hs => hs.map(h => h.getBoundingClientRect().height)"
+        ):
+            assert height < 30, height
+        box = await run.locator('button[data-action="close"]').bounding_box()
+        assert (
+            box is not None and box["x"] + box["width"] <= 1366 and box["y"] + box["height"] <= 768
+        )
+        assert await page.evaluate("document.documentElement.scrollWidth") <= 1366
+
+        await dead.locator('button[data-action="acknowledge"]').click()
+        await expect(dead.locator('button[data-action="acknowledge"]')).to_have_count(0)
+        stopped = await page.evaluate(alarm)
+        assert not stopped["active"], stopped
+        await page.wait_for_timeout(2_500)
+        assert (await page.evaluate(alarm))["beeps"] == stopped["beeps"]
+        await dead.click()
+        acknowledged = detail.locator('li[data-kind="acknowledged"]')
+        await expect(acknowledged).to_contain_text("接线员 op-01")
+        # the timeline speaks one language: no rule ids, station codes or "dispatcher"
+        for text in await detail.locator(".timeline li").all_inner_texts():
+            assert not re.search(r"[A-Za-z_]{4,}", text), text
+        await detail.locator("button.close-detail").click()
+        await expect(detail).to_be_hidden()
+
+        await page.reload()  # the acknowledgement was the console's to keep
+        await expect(dead).to_be_visible()
+        await expect(dead.locator('button[data-action="acknowledge"]')).to_have_count(0)
+        assert not (await page.evaluate(alarm))["active"]
+
+
+async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_dispatchers(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    async with ahead_dispatcher(settings, broker, tmp_path) as (page, url, console):
+        await call(url, "C-WAIT", WANG, INVESTMENT, 70)
+        card = page.locator('#critical [data-incident="INC-C-WAIT"]')
+        clock = card.locator("[data-clock=critical]")
+        await expect(clock).to_be_visible(timeout=10_000)
+        await page.wait_for_timeout(3_000)
+        # on the browser's clock the incident would turn critical 10 minutes from now
+        assert 2 <= seconds(await clock.inner_text()) < 30
+
+        # an incident the dispatcher does not know: its refusal comes back in Chinese
+        ghost = dict(console.board.incidents["INC-C-WAIT"], incident_id="INC-GHOST")
+        event = {
+            "specversion": "1.0",
+            "id": "ghost-1",
+            "source": "antifraud/dispatcher/hengnan",
+            "type": "cn.antifraud.incident.opened",
+            "time": console.dispatcher_now(),
+            "subject": "INC-GHOST",
+            "datacontenttype": "application/json",
+            "data": ghost,
+        }
+        async with open_client(url) as other:
+            await other.publish("antifraud/v1/operators/incidents", json.dumps(event), qos=1)
+        phantom = page.locator('#critical [data-incident="INC-GHOST"]')
+        await phantom.locator('button[data-action="busy"]').click()
+        await expect(phantom.locator(".feedback")).to_contain_text(
+            "被拒绝：调度服务中没有这个事件", timeout=10_000
+        )
+        await page.screenshot(path=ARTIFACTS / "9-refused.png")
+
+        # closing: no outcome chosen, no close; then a confirmation
+        close = card.locator('button[data-action="close"]')
+        await expect(close).to_be_disabled()
+        await card.locator('select[data-field="outcome"]').select_option(label="已阻止")
+        await close.click()
+        confirm = card.locator('button[data-action="confirm-close"]')
+        await expect(confirm).to_contain_text("确认结案：已阻止")
+        await page.wait_for_timeout(500)
+        assert console.board.incidents["INC-C-WAIT"]["status"] == "open"
+        await confirm.click()
+        closed = page.locator('#closed [data-incident="INC-C-WAIT"]')
+        await expect(closed).to_contain_text("已阻止", timeout=10_000)
+        await closed.click()
+        shown = page.locator("#detail [data-clock=critical]")
+        first = seconds(await shown.inner_text())
+        await page.wait_for_timeout(2_500)
+        assert seconds(await shown.inner_text()) == first  # stopped at close
+        assert first < 60

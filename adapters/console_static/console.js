@@ -1,26 +1,39 @@
 "use strict";
 // The operator console: the board over a WebSocket, actions over POST with the CSRF token.
+// Every duration is measured on the dispatcher's clock (learnt from the CloudEvent time of
+// live messages), every time shown in the deployment's time zone.
 
 const LABEL = {
   no_answer: "无人接听", busy: "占线", answered_safe: "接通·已安全", answered_at_risk: "接通·仍有风险",
-  prevented: "已劝阻", loss: "已被骗", false_alarm: "误报", unreachable: "未联系上",
-  resolved_by_callback: "回拨解除", open: "待回拨", escalated: "已派单上门", closed: "已结案",
+  open: "待回拨", escalated: "上门处置中", closed: "已结案",
   critical: "紧急", warning: "预警", guard: "保安", police: "民警", quick_police: "快警平台",
-  grid_worker: "网格员", offered: "已派单", accepted: "已接警", declined: "已拒绝", expired: "超时",
+  grid_worker: "网格员", offered: "待接警", accepted: "已接警", declined: "已拒绝", expired: "超时未接",
   cancelled: "已撤回", arrived: "已到达", reported: "已反馈", notified: "已知会",
-  online: "在线", offline: "离线", unknown: "未上报", dissuaded: "已劝阻", not_home: "无人在家",
+  online: "在线", offline: "离线", unknown: "未上报",
 };
-const label = (key) => LABEL[key] || key || "—";
-const state = { operator: null, csrf: null, incidents: new Map(), units: [], selected: null,
-                seenCritical: new Set(), callbackMax: 3, first: true };
+const ACTION_LABEL = {
+  no_answer: "回拨：无人接听", busy: "回拨：占线", answered_safe: "回拨：接通·已安全",
+  answered_at_risk: "回拨：接通·仍有风险", escalate: "立即上门", police: "派民警", close: "结案",
+  acknowledge: "确认警报",
+};
+const CLOSE_OUTCOMES = ["prevented", "loss", "false_alarm", "unreachable"];
+const state = {
+  operator: null, csrf: null, incidents: new Map(), viewed: new Map(), units: [], selected: null,
+  seen: new Set(), first: true, offset: 0, acks: new Map(), feedback: new Map(), drafts: new Map(),
+  vocab: { outcomes: {}, alert_text: {}, rules: {}, stations: {}, unit_names: {}, timezone: "Asia/Shanghai" },
+  feed: "connecting",
+};
 const $ = (selector) => document.querySelector(selector);
+// one word per outcome everywhere: the dispatcher's own (incident and unit outcomes)
+const label = (key) => state.vocab.outcomes[key] || LABEL[key] || key || "—";
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
     if (key === "class") node.className = value;
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else if (value !== null && value !== undefined) node.setAttribute(key, value);
+    else if (value === true) node.setAttribute(key, "");
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, value);
   }
   for (const child of children.flat()) {
     if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
@@ -28,16 +41,488 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-const time = (iso) => iso ? new Date(iso).toLocaleTimeString("zh-CN", { hour12: false }) : "—";
-function since(iso) {
-  if (!iso) return "—";
-  const s = Math.max(0, Math.floor((Date.now() - new Date(iso)) / 1000));
+// ---- time: the dispatcher's clock, the deployment's zone ----------------------------------
+
+const dispatcherNow = () => Date.now() + state.offset;
+function learnClock(iso) {
+  const at = Date.parse(iso || "");
+  if (!Number.isNaN(at)) state.offset = at - Date.now();
+}
+let clockFormat = null;
+let dayFormat = null;
+function setZone(zone) {
+  clockFormat = new Intl.DateTimeFormat("zh-CN", { timeZone: zone, hour12: false, hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  dayFormat = new Intl.DateTimeFormat("zh-CN", { timeZone: zone, hour12: false, month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+setZone("Asia/Shanghai");
+const time = (iso) => iso ? clockFormat.format(new Date(iso)) : "—";
+const stamp = (iso) => iso ? dayFormat.format(new Date(iso)) : "—";
+function span(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
   return `${Math.floor(s / 60)}分${String(s % 60).padStart(2, "0")}秒`;
 }
 function between(a, b) {
   if (!a || !b) return "—";
-  const s = Math.round((new Date(b) - new Date(a)) / 1000);
-  return `${Math.floor(s / 60)}分${String(s % 60).padStart(2, "0")}秒`;
+  return span((Date.parse(b) - Date.parse(a)) / 1000);
+}
+// a running clock from ``from`` (stopped at ``to`` once there is one)
+function clock(kind, from, to) {
+  const node = el("span", { "data-clock": kind, "data-from": from || "", "data-to": to || "" });
+  tickClock(node);
+  return node;
+}
+function tickClock(node) {
+  const from = node.dataset.from;
+  if (!from) { node.textContent = "—"; return; }
+  const end = node.dataset.to ? Date.parse(node.dataset.to) : dispatcherNow();
+  node.textContent = span((end - Date.parse(from)) / 1000);
+}
+function countdown(until, prefix = "剩") {
+  const node = el("span", { class: "countdown", "data-until": until, "data-prefix": prefix });
+  tickCountdown(node);
+  return node;
+}
+function tickCountdown(node) {
+  const left = Math.ceil((Date.parse(node.dataset.until) - dispatcherNow()) / 1000);
+  node.textContent = left > 0 ? `${node.dataset.prefix}${left >= 60 ? span(left) : `${left}秒`}` : "已到时限";
+  node.classList.toggle("due", left <= 10);
+}
+
+// ---- words --------------------------------------------------------------------------------
+
+function who(by) {
+  if (!by || by === "dispatcher") return "系统";
+  if (by.startsWith("operator/")) return `接线员 ${by.slice(9)}`;
+  if (state.vocab.unit_names[by]) return state.vocab.unit_names[by];
+  if (by.startsWith("+")) return "居民";
+  return by;
+}
+// the dispatcher's timeline names rules, stations and units by id, outcomes with their code
+function readable(text) {
+  let out = text.replace(/规则([A-Za-z0-9._-]+)/g, (_, id) => `规则「${state.vocab.rules[id] || id}」`);
+  for (const [id, name] of Object.entries(state.vocab.unit_names)) out = out.split(`（${id}）`).join("");
+  for (const [id, name] of Object.entries(state.vocab.stations)) out = out.split(id).join(name);
+  return out.replace(/（[a-z_]+）/g, "");
+}
+const alertText = (code) => state.vocab.alert_text[code] || `需人工处置（警报代码 ${code}）`;
+
+// ---- the alarm: a dead end sounds until an operator acknowledges it -----------------------
+
+const alarm = { active: false, beeps: 0, ctx: null };
+window.consoleAlarm = {
+  get active() { return alarm.active; }, get beeps() { return alarm.beeps; },
+  context: () => alarm.ctx ? alarm.ctx.state : "none",
+};
+function audio() {
+  if (!alarm.ctx) {
+    try { alarm.ctx = new AudioContext(); } catch (e) { return null; }
+  }
+  if (alarm.ctx.state === "suspended") alarm.ctx.resume().catch(() => {});
+  return alarm.ctx;
+}
+function tone(ctx, frequency, start, length) {
+  const osc = ctx.createOscillator();
+  const gain = ctx.createGain();
+  osc.type = "square";
+  osc.frequency.value = frequency;
+  gain.gain.value = 0.15;
+  osc.connect(gain).connect(ctx.destination);
+  osc.start(ctx.currentTime + start);
+  osc.stop(ctx.currentTime + start + length);
+}
+function beep(alarming) {
+  const ctx = audio();
+  if (!ctx) return;
+  if (alarming) { tone(ctx, 988, 0, 0.18); tone(ctx, 740, 0.22, 0.18); tone(ctx, 988, 0.44, 0.18); }
+  else tone(ctx, 880, 0, 0.3);
+  alarm.beeps += 1;
+  $("#sound-off").hidden = ctx.state === "running";
+}
+function setAlarm(active) {
+  const was = alarm.active;
+  alarm.active = active;
+  document.body.classList.toggle("alarming", active);
+  if (active && !was) beep(true);
+  if (!active) $("#sound-off").hidden = true;
+}
+setInterval(() => { if (alarm.active) beep(true); }, 1500);
+document.addEventListener("click", () => { if (alarm.ctx && alarm.ctx.state === "suspended") alarm.ctx.resume(); });
+
+function acknowledged(inc) {
+  const done = new Set((state.acks.get(inc.incident_id) || []).flatMap((a) => a.alerts));
+  return inc.alerts.every((a) => done.has(a));
+}
+const deadEnd = (inc) => inc.status !== "closed" && inc.alerts.length > 0;
+const alarming = (inc) => deadEnd(inc) && !acknowledged(inc);
+
+// ---- actions and their feedback -----------------------------------------------------------
+
+function mine(inc) {
+  return inc.timeline.filter((t) => t.by === `operator/${state.operator}`).length;
+}
+function feedback(id, status, text) {
+  const current = state.feedback.get(id) || {};
+  state.feedback.set(id, { ...current, status, text });
+  renderBoard();
+}
+
+async function act(inc, action, body, word) {
+  const id = inc.incident_id;
+  state.feedback.set(id, { status: "sent", text: word, mark: mine(inc), action });
+  renderBoard();
+  let response;
+  try {
+    response = await fetch(`/api/incidents/${encodeURIComponent(id)}/${action}`, {
+      method: "POST", headers: { "Content-Type": "application/json", "X-CSRF-Token": state.csrf },
+      body: JSON.stringify(body), credentials: "same-origin",
+    });
+  } catch (e) {
+    feedback(id, "failed", `${word}未发送：与调度台的连接中断`);
+    return;
+  }
+  if (!response.ok) {
+    // 503: no connection, or the broker never confirmed it: the server's text says which
+    const text = await response.text();
+    feedback(id, "failed", response.status === 503 ? text : `${word}未发送：${text}`);
+    return;
+  }
+  const answer = await response.json();
+  const current = state.feedback.get(id);
+  if (current && current.status === "sent") {
+    current.actionId = answer.action_id;
+    const early = earlyRefusals.get(answer.action_id);
+    if (early) feedback(id, "refused", early.text || early.reason);
+    else if (action === "acknowledge") feedback(id, "applied", word);
+  }
+}
+// a refusal may come over the socket before the POST that sent the action has returned
+const earlyRefusals = new Map();
+
+function applied(inc) {
+  const pending = state.feedback.get(inc.incident_id);
+  if (pending && pending.status === "sent" && pending.action !== "acknowledge" && mine(inc) > pending.mark) {
+    pending.status = "applied";
+  }
+}
+
+function refused(data) {
+  for (const [id, pending] of state.feedback) {
+    if (pending.actionId === data.action_id) {
+      feedback(id, "refused", data.text || data.reason);
+      return;
+    }
+  }
+  if (data.operator !== state.operator) return;
+  earlyRefusals.set(data.action_id, data);
+  setTimeout(() => {
+    if (earlyRefusals.delete(data.action_id)) {
+      if (![...state.feedback.values()].some((f) => f.actionId === data.action_id)) toast(`操作被拒绝：${data.text || data.reason}`);
+    }
+  }, 10000);
+}
+
+function feedbackLine(inc) {
+  const fb = state.feedback.get(inc.incident_id);
+  if (!fb) return null;
+  const text = {
+    sent: `已发送：${fb.text}，等待调度服务…`, applied: `已生效：${fb.text}`,
+    refused: `被拒绝：${fb.text}`, failed: fb.text,
+  }[fb.status];
+  return el("p", { class: `feedback ${fb.status}`, role: "status" }, text);
+}
+
+// ---- the board ----------------------------------------------------------------------------
+
+function residentFacts(inc, full) {
+  const sub = inc.subscriber;
+  const end = inc.closed_at;
+  return el("dl", { class: "facts" },
+    el("dt", {}, "居民"), el("dd", { class: "big" }, sub.known ? `${sub.name}（${sub.display_name}）` : "未登记用户",
+      sub.vulnerable ? el("span", { class: "tag vulnerable" }, "易受骗人群") : null),
+    el("dt", {}, "小区"), el("dd", {}, sub.estate_name ? `${sub.estate_name}（${sub.estate}）` : "—"),
+    el("dt", {}, "地址"), el("dd", {}, sub.address || "地址不详"),
+    el("dt", {}, "手机"), el("dd", {}, sub.msisdn),
+    el("dt", {}, "涉诈号码"), el("dd", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
+    el("dt", {}, "通话时长"), el("dd", {}, el("b", {}, `${Math.round(inc.duration_s)}秒`),
+      full ? ` · 规则「${state.vocab.rules[inc.rule] || inc.rule}」` : ""),
+    inc.critical_at ? [el("dt", {}, "紧急已持续"), el("dd", { class: "big" }, clock("critical", inc.critical_at, end))]
+      : [el("dt", {}, "已开启"), el("dd", {}, clock("opened", inc.opened_at, end))],
+    inc.severity === "critical" ? [el("dt", {}, "回拨"), el("dd", {}, `${inc.callback.attempts}/${inc.callback.max_attempts} 次未接通`,
+      inc.status === "open" && inc.callback.window_ends_at ? [" · ", countdown(inc.callback.window_ends_at, "自动上门倒计时 ")] : null)] : null,
+  );
+}
+
+function closeControl(inc) {
+  const id = inc.incident_id;
+  const draft = state.drafts.get(id) || { outcome: "", note: "", confirming: false };
+  state.drafts.set(id, draft);
+  const keep = (event) => event.stopPropagation();
+  if (draft.confirming) {
+    return el("span", { class: "confirm", onclick: keep },
+      el("button", { class: "danger", "data-action": "confirm-close", onclick: () => {
+        draft.confirming = false;
+        state.drafts.delete(id);
+        act(inc, "close", draft.note ? { outcome: draft.outcome, note: draft.note } : { outcome: draft.outcome }, `结案：${label(draft.outcome)}`);
+      } }, `确认结案：${label(draft.outcome)}`),
+      el("button", { "data-action": "cancel-close", onclick: () => { draft.confirming = false; renderBoard(); } }, "取消"));
+  }
+  const select = el("select", { "data-field": "outcome", "data-for": id, onchange: (e) => { draft.outcome = e.target.value; renderBoard(); } },
+    el("option", { value: "", disabled: true, selected: !draft.outcome }, "结案结果…"),
+    CLOSE_OUTCOMES.map((o) => el("option", { value: o, selected: draft.outcome === o }, label(o))));
+  const note = el("input", { placeholder: "备注", "data-field": "note", "data-for": id, maxlength: "200", value: draft.note,
+    oninput: (e) => { draft.note = e.target.value; } });
+  return el("span", { class: "close-control", onclick: keep }, select, note,
+    el("button", { "data-action": "close", disabled: !draft.outcome, title: draft.outcome ? "" : "先选择结案结果",
+      onclick: () => { draft.confirming = true; renderBoard(); } }, "结案"));
+}
+
+// only the actions that apply to the incident's state
+function actionBar(inc) {
+  if (inc.status === "closed") return null;
+  const stop = (fn) => (event) => { event.stopPropagation(); fn(); };
+  const buttons = [];
+  if (alarming(inc)) {
+    buttons.push(el("button", { class: "alarm", "data-action": "acknowledge",
+      onclick: stop(() => act(inc, "acknowledge", { alerts: inc.alerts }, ACTION_LABEL.acknowledge)) }, "确认警报（我来处理）"));
+  }
+  if (inc.status === "open" && inc.severity === "critical") {
+    for (const r of ["no_answer", "busy", "answered_safe", "answered_at_risk"]) {
+      buttons.push(el("button", { "data-action": r, onclick: stop(() => act(inc, "callback", { result: r }, ACTION_LABEL[r])) }, label(r)));
+    }
+  }
+  if (inc.status === "open") {
+    // a resident not in the registry has no door to knock on: escalating sends police
+    const word = inc.subscriber.known ? ACTION_LABEL.escalate : ACTION_LABEL.police;
+    buttons.push(el("button", { class: "danger", "data-action": "escalate", onclick: stop(() => act(inc, "escalate", {}, word)) }, word));
+  } else if (inc.alerts.some((a) => a === "no_address" || a === "unknown_subscriber")
+             && !inc.dispatches.some((d) => d.role === "police")) {
+    // no door to knock on: the operator may still send the station's police
+    buttons.push(el("button", { class: "danger", "data-action": "police", onclick: stop(() => act(inc, "escalate", {}, ACTION_LABEL.police)) }, "派民警"));
+  }
+  return el("div", { class: "actions" }, buttons, closeControl(inc));
+}
+
+function dispatchSummary(inc) {
+  const shown = inc.dispatches.filter((d) => d.status !== "notified");
+  if (!shown.length) return null;
+  return el("p", { class: "dispatches" }, shown.map((d, i) => el("span", { class: `d ${d.status}` }, i ? "；" : "",
+    `${d.unit_name} ${label(d.status)}`, d.status === "offered" && d.expires_at && inc.status !== "closed" ? ["（", countdown(d.expires_at), "）"] : null,
+    d.outcome ? `：${label(d.outcome)}` : "")));
+}
+
+function statusWord(inc) {
+  if (inc.status === "closed") return label(inc.outcome);
+  if (inc.status === "escalated") return "上门处置中";
+  return inc.severity === "critical" ? "紧急·待回拨" : "预警·关注中";
+}
+
+function group(inc) {
+  if (deadEnd(inc)) return 0;
+  if (inc.status === "open" && inc.severity === "critical") return 1;
+  if (inc.status === "escalated") return 2;
+  return 3;
+}
+const groupClass = ["deadend", "awaiting", "running", ""];
+const newest = (a, b) => (b.critical_at || b.opened_at).localeCompare(a.critical_at || a.opened_at);
+
+function card(inc) {
+  const g = group(inc);
+  const badge = g === 0 ? (alarming(inc) ? "无法自动处置" : "已确认·人工处置中") : statusWord(inc);
+  const node = el("article", { class: `card ${groupClass[g]}${alarming(inc) ? " alarming" : ""}`, "data-incident": inc.incident_id,
+                               onclick: () => select(inc.incident_id) },
+    el("h3", {}, inc.incident_id, el("span", { class: `badge ${groupClass[g]}` }, badge)),
+    inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", { "data-alert": a }, alertText(a)))) : null,
+    residentFacts(inc, false),
+    dispatchSummary(inc),
+    feedbackLine(inc),
+    actionBar(inc));
+  if (!state.first && !state.seen.has(inc.incident_id)) {
+    node.classList.add("new");
+    if (!alarming(inc)) beep(false);
+  }
+  state.seen.add(inc.incident_id);
+  return node;
+}
+
+function row(inc, closed) {
+  const status = closed ? label(inc.outcome) : "预警·关注中";
+  return el("div", { class: "row", "data-incident": inc.incident_id, onclick: () => select(inc.incident_id) },
+    el("span", {}, inc.incident_id), el("span", {}, inc.subscriber.display_name || inc.subscriber.msisdn),
+    el("span", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
+    el("span", {}, `${Math.round(inc.duration_s)}秒`), el("span", { class: "row-status" }, status),
+    closed ? el("span", {}, `结案 ${time(inc.closed_at)}`) : null);
+}
+
+function renderBoard() {
+  const focus = document.activeElement;
+  const refocus = focus && focus.dataset && focus.dataset.for && focus.dataset.field
+    ? [focus.dataset.for, focus.dataset.field, focus.selectionStart] : null;
+  const all = [...state.incidents.values()];
+  all.forEach(applied);
+  const cards = all.filter((i) => i.status !== "closed" && group(i) < 3);
+  cards.sort((a, b) => group(a) - group(b) || newest(a, b));
+  const warnings = all.filter((i) => i.status !== "closed" && group(i) === 3).sort(newest);
+  const closed = all.filter((i) => i.status === "closed")
+    .sort((a, b) => (b.closed_at || "").localeCompare(a.closed_at || "")).slice(0, 20);
+  $("#critical").replaceChildren(...(cards.length ? cards.map(card)
+    : [el("p", { class: "empty" }, "当前没有需要处置的事件：新的紧急预警会在这里出现并响铃")]));
+  $("#warnings").replaceChildren(...(warnings.length ? warnings.map((i) => row(i, false)) : [el("p", { class: "empty-quiet" }, "无")]));
+  $("#closed").replaceChildren(...closed.map((i) => row(i, true)));
+  state.first = false;
+  setAlarm(all.some(alarming));
+  renderDetail();
+  if (refocus) {
+    const again = document.querySelector(`[data-for="${CSS.escape(refocus[0])}"][data-field="${refocus[1]}"]`);
+    if (again) { again.focus(); if (refocus[2] != null && again.setSelectionRange) again.setSelectionRange(refocus[2], refocus[2]); }
+  }
+}
+
+function select(id) { state.selected = id; renderDetail(); }
+
+function timeline(inc) {
+  const acks = (state.acks.get(inc.incident_id) || []).map((a) => ({
+    at: a.at, kind: "acknowledged", by: a.by, text: `确认警报，人工处置：${a.alerts.map(alertText).join("；")}`,
+  }));
+  const items = [...inc.timeline, ...acks].sort((a, b) => a.at.localeCompare(b.at));
+  return el("ol", { class: "timeline" }, items.map((t) =>
+    el("li", { "data-kind": t.kind, class: t.kind === "alert" || t.kind === "acknowledged" ? t.kind : "" },
+      el("time", {}, time(t.at)), el("b", {}, who(t.by)), " ", readable(t.text))));
+}
+
+function renderDetail() {
+  const box = $("#detail");
+  const inc = state.selected && (state.incidents.get(state.selected) || state.viewed.get(state.selected));
+  if (!inc) { box.hidden = true; return; }
+  box.hidden = false;
+  const accepted = inc.dispatches.map((d) => d.accepted_at).filter(Boolean).sort()[0];
+  const arrived = inc.dispatches.map((d) => d.arrived_at).filter(Boolean).sort()[0];
+  box.replaceChildren(...[
+    el("div", { class: "detail-head" },
+      el("h2", {}, inc.incident_id, " ", el("span", { class: `badge ${inc.status}` }, statusWord(inc))),
+      el("button", { class: "close-detail", title: "关闭详情", "aria-label": "关闭详情", onclick: () => select(null) }, "×")),
+    inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", {}, alertText(a)))) : null,
+    residentFacts(inc, true),
+    el("dl", { class: "facts" },
+      el("dt", {}, "开启"), el("dd", {}, stamp(inc.opened_at), inc.closed_at ? ` · 结案 ${stamp(inc.closed_at)}` : ""),
+      el("dt", {}, "预警→紧急"), el("dd", {}, between(inc.opened_at, inc.critical_at)),
+      el("dt", {}, "→上门派单"), el("dd", {}, between(inc.critical_at || inc.opened_at, inc.escalated_at)),
+      el("dt", {}, "→首位接警"), el("dd", {}, between(inc.escalated_at, accepted)),
+      el("dt", {}, "→首位到达"), el("dd", {}, between(inc.escalated_at, arrived))),
+    inc.dispatches.length ? [el("h3", {}, "派单"),
+      el("table", { id: "dispatch-table" }, el("tr", {}, ["单位", "状态", "派单", "接警", "到达", "结果"].map((h) => el("th", {}, h))),
+        inc.dispatches.map((d) => el("tr", { "data-unit": d.unit, "data-status": d.status },
+          el("td", {}, d.unit_name, el("small", {}, ` ${label(d.role)}`)),
+          el("td", {}, label(d.status), d.status === "offered" && d.expires_at && inc.status !== "closed" ? [" ", countdown(d.expires_at)] : null),
+          el("td", {}, time(d.offered_at)), el("td", {}, time(d.accepted_at)), el("td", {}, time(d.arrived_at)),
+          el("td", {}, d.outcome ? label(d.outcome) : "—"))))] : null,
+    el("h3", {}, "时间线"),
+    timeline(inc),
+  ].flat().filter(Boolean));
+}
+
+function renderUnits() {
+  $("#unit-table tbody").replaceChildren(...state.units.map((u) => el("tr", { "data-unit": u.id },
+    el("td", {}, u.id), el("td", {}, u.name), el("td", {}, label(u.kind)),
+    el("td", { class: u.presence }, label(u.presence)), el("td", {}, u.busy ? "处置中" : "空闲"),
+    el("td", {}, u.incident || ""))));
+}
+
+// ---- history ------------------------------------------------------------------------------
+
+const filters = () => new URLSearchParams(new FormData($("#search")));
+async function search(event) {
+  if (event) event.preventDefault();
+  const query = filters();
+  $("#export").href = `/api/history.csv?${query}`;
+  const response = await fetch(`/api/history?${query}`, { credentials: "same-origin" });
+  if (!response.ok) { toast(await response.text()); return; }
+  const { incidents } = await response.json();
+  $("#history-table tbody").replaceChildren(...incidents.map((i) => el("tr", { "data-incident": i.incident_id, class: "clickable", onclick: () => view(i.incident_id) },
+    el("td", {}, i.incident_id), el("td", {}, i.closed.slice(0, 19)), el("td", {}, `${i.name} ${i.subscriber}`),
+    el("td", {}, i.counterpart), el("td", {}, label(i.severity)), el("td", {}, label(i.outcome)), el("td", {}, i.note))));
+}
+async function view(id) {
+  const response = await fetch(`/api/incidents/${encodeURIComponent(id)}`, { credentials: "same-origin" });
+  if (!response.ok) { toast(await response.text()); return; }
+  const { incident, acknowledgements } = await response.json();
+  state.viewed.set(id, incident);
+  if (acknowledgements.length) state.acks.set(id, acknowledgements);
+  select(id);
+}
+
+// ---- connection ---------------------------------------------------------------------------
+
+function connect() {
+  const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+  // frames missed while the socket was down: the whole board again once it is back
+  socket.onopen = () => { if (state.live === false) load(); };
+  socket.onmessage = (message) => {
+    const { kind, data, time: at } = JSON.parse(message.data);
+    if (at) learnClock(at);
+    if (kind === "incident") { state.incidents.set(data.incident_id, data); renderBoard(); }
+    else if (kind === "units") { state.units = data; renderUnits(); }
+    else if (kind === "refused") refused(data);
+    else if (kind === "acknowledged") {
+      state.acks.set(data.incident_id, [...(state.acks.get(data.incident_id) || []), data]);
+      renderBoard();
+    }
+    else if (kind === "connection") setLink(data.feed);
+    else if (kind === "dispatcher") setDispatcher(data.state);
+  };
+  socket.onclose = () => { state.live = false; setLink("page"); setTimeout(connect, 2000); };
+}
+
+function setLink(feed) {
+  // the board is only current while the console's own feed is live and this page hears it
+  state.feed = feed;
+  const link = $("#link");
+  const up = feed === "live";
+  link.textContent = {
+    live: "已连接", stopped: "消息中断：看板已停止更新", page: "与调度台断开：看板已停止更新",
+  }[feed] || "未连接：正在重连，看板可能不是最新";
+  link.className = `link ${up ? "up" : "down"}`;
+  $("#stale").hidden = up;
+  document.body.classList.toggle("stale-board", !up);
+  setDispatcher(state.dispatcher);
+}
+
+function setDispatcher(presence) {
+  // an operator must see at once when nobody is dispatching: incidents then wait on them;
+  // while this console cannot hear the broker it cannot know, and says only that
+  state.dispatcher = presence;
+  const node = $("#dispatcher");
+  if (state.feed !== "live") {
+    node.textContent = "无法获知：本台未连上消息服务器";
+    node.className = "link unknown";
+    return;
+  }
+  node.textContent = { online: "调度服务运行中", offline: "调度服务已停止：预警不会自动处置" }[presence]
+    || "调度服务状态未知";
+  node.className = `link ${presence === "online" ? "up" : "down"}`;
+}
+
+async function load() {
+  const response = await fetch("/api/state", { credentials: "same-origin" });
+  if (response.status === 401) { location.href = "/login"; return false; }
+  const data = await response.json();
+  learnClock(data.dispatcher_now);
+  Object.assign(state, { operator: data.operator, csrf: data.csrf, units: data.units });
+  state.vocab = { timezone: data.timezone, outcomes: data.outcomes, alert_text: data.alert_text,
+                  rules: data.rules, stations: data.stations, unit_names: data.unit_names };
+  setZone(data.timezone);
+  state.acks = new Map(Object.entries(data.acknowledgements));
+  for (const inc of data.incidents) state.incidents.set(inc.incident_id, inc);
+  state.live = true;
+  $("#operator").textContent = `接线员 ${data.operator}`;
+  $("#zone").textContent = `时区 ${data.timezone}`;
+  const outcome = $("#search select[name=outcome]");
+  outcome.replaceChildren(el("option", { value: "" }, "全部结果"),
+    [...CLOSE_OUTCOMES, "resolved_by_callback"].map((o) => el("option", { value: o }, label(o))));
+  state.dispatcher = data.dispatcher;
+  setLink(data.feed);
+  renderBoard();
+  renderUnits();
+  return true;
 }
 
 function toast(text) {
@@ -48,198 +533,13 @@ function toast(text) {
   toast.timer = setTimeout(() => { box.hidden = true; }, 8000);
 }
 
-function beep() {
-  try {
-    const ctx = new AudioContext();
-    const osc = ctx.createOscillator();
-    osc.frequency.value = 880;
-    osc.connect(ctx.destination);
-    osc.start();
-    osc.stop(ctx.currentTime + 0.35);
-  } catch (e) { /* no sound device: the card still flashes */ }
-}
-
-async function act(incident, action, body) {
-  const response = await fetch(`/api/incidents/${encodeURIComponent(incident)}/${action}`, {
-    method: "POST", headers: { "Content-Type": "application/json", "X-CSRF-Token": state.csrf },
-    body: JSON.stringify(body), credentials: "same-origin",
-  });
-  // 503: no connection, or the broker never confirmed it: the server's text says which
-  if (!response.ok) {
-    const text = await response.text();
-    toast(response.status === 503 ? text : `操作未发送：${text}`);
-  }
-}
-
-function residentFacts(inc) {
-  const sub = inc.subscriber;
-  return el("dl", { class: "facts" },
-    el("dt", {}, "居民"), el("dd", { class: "big" }, sub.known ? `${sub.name}（${sub.display_name}）` : "未登记用户"),
-    el("dt", {}, "小区"), el("dd", {}, sub.estate_name ? `${sub.estate_name}（${sub.estate}）` : "—"),
-    el("dt", {}, "地址"), el("dd", {}, sub.address || "地址不详"),
-    el("dt", {}, "手机"), el("dd", {}, sub.msisdn),
-    el("dt", {}, "涉诈号码"), el("dd", {}, `${inc.counterpart}（${inc.category_label || inc.category || "未分类"}）`),
-    el("dt", {}, "通话时长"), el("dd", { class: "big" }, `${Math.round(inc.duration_s)}秒`),
-    el("dt", {}, "紧急已"), el("dd", { "data-since": inc.critical_at || "" }, since(inc.critical_at)),
-    el("dt", {}, "回拨"), el("dd", {}, `${inc.callback.attempts}/${inc.callback.max_attempts} 次未接通`),
-  );
-}
-
-function actionBar(inc) {
-  const id = inc.incident_id;
-  const outcome = el("select", { "data-field": "outcome" },
-    ["prevented", "loss", "false_alarm", "unreachable"].map((o) => el("option", { value: o }, label(o))));
-  const note = el("input", { placeholder: "备注", "data-field": "note", maxlength: "200" });
-  const stop = (fn) => (event) => { event.stopPropagation(); fn(); };
-  return el("div", { class: "actions" },
-    ["no_answer", "busy", "answered_safe", "answered_at_risk"].map((r) =>
-      el("button", { "data-action": r, onclick: stop(() => act(id, "callback", { result: r })) }, label(r))),
-    el("button", { class: "danger", "data-action": "escalate", onclick: stop(() => act(id, "escalate", {})) }, "立即上门"),
-    el("span", { onclick: (e) => e.stopPropagation() }, outcome, " ", note, " ",
-      el("button", { "data-action": "close", onclick: stop(() => act(id, "close", { outcome: outcome.value, note: note.value })) }, "结案")),
-  );
-}
-
-function card(inc) {
-  const node = el("article", { class: `card ${inc.status}`, "data-incident": inc.incident_id,
-                               onclick: () => select(inc.incident_id) },
-    el("h3", {}, inc.incident_id, el("span", { class: `badge ${inc.status}` }, `${label(inc.severity)} · ${label(inc.status)}`)),
-    residentFacts(inc),
-    inc.alerts.length ? el("p", { class: "refused" }, `需人工处置：${inc.alerts.join("、")}`) : null,
-    el("p", {}, inc.dispatches.filter((d) => d.status !== "notified")
-      .map((d) => `${d.unit_name} ${label(d.status)}`).join("；")),
-    actionBar(inc));
-  if (!state.first && !state.seenCritical.has(inc.incident_id)) {
-    node.classList.add("new");
-    beep();
-  }
-  state.seenCritical.add(inc.incident_id);
-  return node;
-}
-
-function row(inc) {
-  return el("div", { class: "row", "data-incident": inc.incident_id, onclick: () => select(inc.incident_id) },
-    el("span", {}, inc.incident_id), el("span", {}, inc.subscriber.display_name || inc.subscriber.msisdn),
-    el("span", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
-    el("span", {}, `${Math.round(inc.duration_s)}秒`), el("span", {}, label(inc.outcome || inc.status)));
-}
-
-function renderBoard() {
-  const all = [...state.incidents.values()];
-  const critical = all.filter((i) => i.status !== "closed" && (i.severity === "critical" || i.status === "escalated"));
-  const warnings = all.filter((i) => i.status === "open" && i.severity === "warning");
-  const closed = all.filter((i) => i.status === "closed").slice(-20).reverse();
-  critical.sort((a, b) => (a.critical_at || a.opened_at).localeCompare(b.critical_at || b.opened_at));
-  $("#critical").replaceChildren(...critical.map(card));
-  $("#warnings").replaceChildren(...warnings.map(row));
-  $("#closed").replaceChildren(...closed.map(row));
-  state.first = false;
-  renderDetail();
-}
-
-function select(id) { state.selected = id; renderDetail(); }
-
-function renderDetail() {
-  const box = $("#detail");
-  const inc = state.selected && state.incidents.get(state.selected);
-  if (!inc) { box.hidden = true; return; }
-  box.hidden = false;
-  const accepted = inc.dispatches.map((d) => d.accepted_at).filter(Boolean).sort()[0];
-  const arrived = inc.dispatches.map((d) => d.arrived_at).filter(Boolean).sort()[0];
-  box.replaceChildren(
-    el("h2", {}, inc.incident_id, " ", el("span", { class: `badge ${inc.status}` }, label(inc.outcome || inc.status))),
-    residentFacts(inc),
-    el("dl", { class: "facts" },
-      el("dt", {}, "预警→紧急"), el("dd", {}, between(inc.opened_at, inc.critical_at)),
-      el("dt", {}, "→上门派单"), el("dd", {}, between(inc.critical_at || inc.opened_at, inc.escalated_at)),
-      el("dt", {}, "→首位接警"), el("dd", {}, between(inc.escalated_at, accepted)),
-      el("dt", {}, "→首位到达"), el("dd", {}, between(inc.escalated_at, arrived))),
-    el("h3", {}, "派单"),
-    el("table", { id: "dispatch-table" }, el("tr", {}, ["单位", "角色", "状态", "派单", "接警", "到达", "结果"].map((h) => el("th", {}, h))),
-      inc.dispatches.map((d) => el("tr", { "data-unit": d.unit, "data-status": d.status },
-        el("td", {}, d.unit_name), el("td", {}, label(d.role)), el("td", {}, label(d.status)),
-        el("td", {}, time(d.offered_at)), el("td", {}, time(d.accepted_at)), el("td", {}, time(d.arrived_at)),
-        el("td", {}, label(d.outcome))))),
-    el("h3", {}, "时间线"),
-    el("ol", { class: "timeline" }, inc.timeline.map((t) =>
-      el("li", { "data-kind": t.kind }, el("time", {}, time(t.at)), el("b", {}, t.by.replace("operator/", "接线员 ")), " ", t.text))),
-  );
-}
-
-function renderUnits() {
-  $("#unit-table tbody").replaceChildren(...state.units.map((u) => el("tr", { "data-unit": u.id },
-    el("td", {}, u.id), el("td", {}, u.name), el("td", {}, label(u.kind)),
-    el("td", { class: u.presence }, label(u.presence)), el("td", {}, u.busy ? "处置中" : "空闲"),
-    el("td", {}, u.incident || ""))));
-}
-
-async function search(event) {
-  if (event) event.preventDefault();
-  const query = new URLSearchParams(new FormData($("#search")));
-  $("#export").href = `/api/history.csv?${query}`;
-  const response = await fetch(`/api/history?${query}`, { credentials: "same-origin" });
-  const { incidents } = await response.json();
-  $("#history-table tbody").replaceChildren(...incidents.map((i) => el("tr", {},
-    el("td", {}, i.incident_id), el("td", {}, i.closed.replace("T", " ")), el("td", {}, `${i.name} ${i.subscriber}`),
-    el("td", {}, i.counterpart), el("td", {}, label(i.severity)), el("td", {}, label(i.outcome)), el("td", {}, i.note))));
-}
-
-function connect() {
-  const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
-  // frames missed while the socket was down: the whole board again once it is back
-  socket.onopen = () => { if (state.live === false) load(); };
-  socket.onmessage = (message) => {
-    const { kind, data } = JSON.parse(message.data);
-    if (kind === "incident") { state.incidents.set(data.incident_id, data); renderBoard(); }
-    else if (kind === "units") { state.units = data; renderUnits(); }
-    else if (kind === "refused") toast(`操作被拒绝：${data.reason}`);
-    else if (kind === "connection") setLink(data.feed);
-    else if (kind === "dispatcher") setDispatcher(data.state);
-  };
-  socket.onclose = () => { state.live = false; setLink("page"); setTimeout(connect, 2000); };
-}
-
-function setLink(feed) {
-  // the board is only current while the console's own feed is live and this page hears it
-  const link = $("#link");
-  const up = feed === "live";
-  link.textContent = {
-    live: "已连接", stopped: "消息中断：看板已停止更新", page: "与调度台断开：看板已停止更新",
-  }[feed] || "未连接：正在重连，看板可能不是最新";
-  link.className = `link ${up ? "up" : "down"}`;
-  $("#stale").hidden = up;
-  document.body.classList.toggle("stale-board", !up);
-}
-
-function setDispatcher(presence) {
-  // an operator must see at once when nobody is dispatching: incidents then wait on them
-  const node = $("#dispatcher");
-  node.textContent = { online: "调度服务运行中", offline: "调度服务已停止：预警不会自动处置" }[presence]
-    || "调度服务状态未知";
-  node.className = `link ${presence === "online" ? "up" : "down"}`;
-}
-
-async function load() {
-  const response = await fetch("/api/state", { credentials: "same-origin" });
-  if (response.status === 401) { location.href = "/login"; return false; }
-  const data = await response.json();
-  Object.assign(state, { operator: data.operator, csrf: data.csrf, units: data.units, callbackMax: data.callback_max });
-  for (const inc of data.incidents) state.incidents.set(inc.incident_id, inc);
-  state.live = true;
-  $("#operator").textContent = `接线员 ${data.operator}`;
-  setLink(data.feed);
-  setDispatcher(data.dispatcher);
-  renderBoard();
-  renderUnits();
-  return true;
-}
-
 async function start() {
   if (!await load()) return;
   connect();
-  setInterval(() => document.querySelectorAll("[data-since]").forEach((node) => {
-    node.textContent = since(node.dataset.since || null);
-  }), 1000);
+  setInterval(() => {
+    document.querySelectorAll("[data-clock]").forEach(tickClock);
+    document.querySelectorAll("[data-until]").forEach(tickCountdown);
+  }, 1000);
 }
 
 document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click", () => {
@@ -248,6 +548,14 @@ document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click",
   if (tab.dataset.tab === "history") search();
 }));
 $("#search").addEventListener("submit", search);
+// the list and the export always follow the filters as they stand in the form
+let searching = null;
+$("#search").addEventListener("input", () => {
+  $("#export").href = `/api/history.csv?${filters()}`;
+  clearTimeout(searching);
+  searching = setTimeout(search, 300);
+});
+$("#export").addEventListener("click", () => { $("#export").href = `/api/history.csv?${filters()}`; });
 $("#logout").addEventListener("click", async () => {
   await fetch("/logout", { method: "POST", headers: { "X-CSRF-Token": state.csrf }, credentials: "same-origin" });
   location.href = "/login";
