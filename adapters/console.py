@@ -82,7 +82,8 @@ MAX_CLOSED_SHOWN = 500  # closed incidents kept in memory for the board
 VIEWER_QUEUE = 1000  # frames a browser may fall behind before it is dropped
 VIEWER_SEND_S = 10.0  # longest a browser may take to take one frame
 SWEEP_S = 1.0  # how often sessions are checked against the users file and their expiry
-PRESENCE_POLL_S = 2.0  # how often presence is read from the store when nothing is heard
+OPERATOR_WAIT_CAP_S = 30.0  # the longest failures elsewhere can make an operator wait
+PRESENCE_POLL_S = 1.0  # how often presence is read from the store when nothing is heard
 HASH_THREADS = 2  # password hashing runs on these threads, never on the event loop
 HASH_WAITING = 32  # logins waiting for a hashing thread before more are turned away
 OPERATOR_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -482,8 +483,13 @@ class Console:
         self._status_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._presence_dirty = asyncio.Event()
         self._refusals: dict[str, tuple[float, int]] = {}  # topic -> (last logged, not logged)
-        self.operator_throttle = LoginThrottle(free=5)
+        # failed logins: of an operator from one address (the guesser's own, up to 15 min),
+        # from one address over every operator id (up to 15 min), and of an operator from
+        # anywhere, whose wait stays short (30 s at most): guessers on many addresses are
+        # slowed, and nobody can lock an operator out of the console from elsewhere
+        self.pair_throttle = LoginThrottle(free=5)
         self.address_throttle = LoginThrottle(free=20)
+        self.operator_throttle = LoginThrottle(free=10, cap_s=OPERATOR_WAIT_CAP_S)
         self._hasher = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="console-hash")
         self._hashing = 0
         self.app = self._app()
@@ -612,7 +618,12 @@ class Console:
         operator, password = await self._form(request)
         address = request.remote or "unknown"
         key = operator[:64]
-        wait = max(self.operator_throttle.wait(key), self.address_throttle.wait(address))
+        pair = f"{key}\0{address}"
+        wait = max(
+            self.pair_throttle.wait(pair),
+            self.address_throttle.wait(address),
+            self.operator_throttle.wait(key),
+        )
         if wait > 0:
             log.warning(
                 "console_login_throttled", operator=printable(key, 64), address=address, wait_s=wait
@@ -632,10 +643,12 @@ class Console:
         finally:
             self._hashing -= 1
         if credential is None or len(password) > 1024:
-            self.operator_throttle.failed(key)
+            self.pair_throttle.failed(pair)
             self.address_throttle.failed(address)
+            self.operator_throttle.failed(key)
             log.warning("console_login_failed", operator=printable(key, 64), address=address)
             raise web.HTTPFound("/login?failed=1")
+        self.pair_throttle.succeeded(pair)
         self.operator_throttle.succeeded(key)
         token = secrets.token_urlsafe(32)
         self.sessions[token] = Session(
@@ -1086,7 +1099,7 @@ class Console:
                 async with open_client(
                     self.broker, self.broker.username or f"console-{uuid.uuid4().hex[:8]}"
                 ) as client:
-                    await client.subscribe([(t, 1) for t in self.topics.console_filters()])
+                    await client.subscribe([(t, 1) for t in self._filters()])
                     self.client = client
                     self.connected.set()
                     self.feed = "live"
@@ -1202,6 +1215,16 @@ class Console:
 
     def _reads_store(self) -> bool:
         return self.store is not None and self.store.exists()
+
+    def _filters(self) -> list[str]:
+        """What the console subscribes to. With the dispatcher's store it reads presence
+        there and not from the units' status topics: its one broker session then holds no
+        message a unit sent, so a radio flooding its own status cannot fill the queue the
+        incidents reach the board through (RELIABILITY.md, "Console")."""
+        filters = self.topics.console_filters()
+        if self._reads_store():
+            filters = [f for f in filters if f != self.topics.all_unit_status]
+        return filters
 
     async def _on_status(self, topic: str, raw: bytes) -> None:
         """A unit's presence counts only as the dispatcher takes it: the same validation (a

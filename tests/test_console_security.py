@@ -507,7 +507,7 @@ async def test_login_is_throttled_per_operator_and_per_address(
         serving(settings, broker, tmp_path) as (base, console),
         ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
     ):
-        free = console.operator_throttle.free
+        free = console.pair_throttle.free
         for _ in range(free):
             response = await post_login(http, base, "op-01", "wrong")
             assert response.headers["Location"] == "/login?failed=1"
@@ -529,8 +529,9 @@ async def test_login_is_throttled_per_operator_and_per_address(
         response = await post_login(http, base, "op-y", "wrong")
         assert response.status == 429
         # the wait passes: op-01 may try again, and the right password works
-        console.operator_throttle.entries.clear()
+        console.pair_throttle.entries.clear()
         console.address_throttle.entries.clear()
+        console.operator_throttle.entries.clear()
         await login(http, base)
 
 
@@ -545,7 +546,8 @@ async def test_guessers_do_not_slow_the_board(
         ClientSession() as guessers,
     ):
         await login(http, base)
-        console.operator_throttle.free = console.address_throttle.free = 10**9  # guess freely
+        console.pair_throttle.free = console.address_throttle.free = 10**9  # guess freely
+        console.operator_throttle.free = 10**9
 
         async def sample(n: int) -> list[float]:
             times = []
@@ -854,3 +856,36 @@ async def test_the_csv_export_does_not_pass_formulas(
         not cell.startswith(("=", "+", "-", "@", "\t", "\r")) for r in rows for cell in r.values()
     )
     assert shown[0]["note"] == formula  # the page shows it as written
+
+
+async def test_guessing_from_other_addresses_cannot_lock_an_operator_out(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """Someone who can reach the console but has no password fails op-01's login fifty
+    times from ten other addresses: op-01, from its own, waits at most a short while, not
+    the quarter of an hour that used to lock it out."""
+    from adapters.console import OPERATOR_WAIT_CAP_S
+
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        now = [0.0]  # the operator-wide throttle's clock, moved on past each wait it sets
+        console.operator_throttle.clock = lambda: now[0]
+        for host in range(2, 12):  # ten other loopback addresses, five failures each
+            connector = aiohttp.TCPConnector(local_addr=(f"127.0.0.{host}", 0))
+            async with ClientSession(connector=connector) as guesser:
+                for _ in range(console.pair_throttle.free):
+                    now[0] += console.operator_throttle.wait("op-01") + 0.001
+                    async with guesser.post(
+                        f"{base}/login",
+                        data={"operator": "op-01", "password": "wrong"},
+                        allow_redirects=False,
+                    ) as response:
+                        await response.read()
+                        assert response.headers.get("Location") == "/login?failed=1"
+        response = await post_login(http, base, "op-01", PASSWORD)
+        assert response.status == 429
+        assert int(response.headers["Retry-After"]) <= OPERATOR_WAIT_CAP_S
+        now[0] += OPERATOR_WAIT_CAP_S  # the short wait passes
+        await login(http, base)
