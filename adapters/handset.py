@@ -7,9 +7,11 @@ its will; shows each message as the radio or app would; drops duplicates by Clou
 ``(source, id)``; and replies with single keys (1 accept, 2 decline, 3 arrived, 4 report,
 then the outcome) or by itself after set delays.
 
-A key never fails or waits for the network: each reply is queued and kept until the broker
-has acknowledged it, and one made while cut off, or lost with its connection, goes out (the
-same event) over the next connection, in order (decisions.md 52).
+A key never fails or waits for the network: each reply is queued and kept until its
+receipt arrives from the dispatcher; one made while cut off, lost with its connection, or
+acknowledged by the broker but not yet answered, goes out (the same event) over the next
+connection, in order (decisions.md 52, 62). Receipts, the link and the seconds left to
+accept an offer are shown in Chinese; the handset's own log never goes to the screen.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiomqtt
@@ -38,6 +42,10 @@ log = structlog.get_logger("handset")
 OUTCOME_KEYS = {"d": "dissuaded", "n": "not_home", "l": "loss", "f": "false_alarm"}
 VERB_KEYS = {"1": "accepted", "2": "declined", "3": "arrived", "4": "reported"}
 GOODBYE_S = 5.0  # at a clean exit, how long replies still queued may take to leave
+COUNTDOWN_EVERY_S = 10.0  # how often the seconds left to accept a pending offer are shown
+RECEIPT = "cn.antifraud.reply.receipt"
+LINK_UP = "📶 已连接"
+LINK_DOWN = "⚠ 连接中断，正在重连…"
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,18 @@ def unit_event(unit: str, type_: str, data: dict[str, Any]) -> bytes:
     return json.dumps(event, ensure_ascii=False).encode("utf-8")
 
 
+def epoch(stamp: object) -> float | None:
+    """Epoch seconds of an RFC 3339 timestamp, or None."""
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.fromisoformat(
+            stamp.replace("Z", "+00:00").replace("z", "+00:00")
+        ).timestamp()
+    except ValueError:
+        return None
+
+
 def render(unit: Unit, event: dict[str, Any]) -> list[str]:
     """What the radio screen (guard, grid worker) or the app (police) shows for a message."""
     data = event.get("data", {})
@@ -111,6 +131,9 @@ def render(unit: Unit, event: dict[str, Any]) -> list[str]:
         ]
     if kind in ("cancelled", "notice"):
         return [f"{head} ◀ {data.get('text')}"]
+    if event.get("type") == RECEIPT:
+        mark = "✔" if data.get("status") == "applied" else "✖"
+        return [f"{head} ◀ {mark} {data.get('text')}"]
     return [f"{head} ◀ {event.get('type')}"]
 
 
@@ -140,8 +163,13 @@ class Handset:
         self._seen: deque[tuple[str, str]] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task[None]] = set()
         self._outcome_pending = False
-        # replies not yet acknowledged by the broker, oldest first: (topic, payload, label)
-        self._unsent: deque[tuple[str, bytes, str]] = deque()
+        # replies to send over the next connection, oldest first: (id, topic, payload, label)
+        self._unsent: deque[tuple[str, str, bytes, str]] = deque()
+        # replies the broker acknowledged whose receipt has not come yet, by id, in order:
+        # sent again after a reconnect
+        self._unanswered: dict[str, tuple[str, str, bytes, str]] = {}
+        self._answered: set[str] = set()  # dispatches accepted or declined from this handset
+        self._answered_replies: deque[str] = deque(maxlen=1000)  # replies with a receipt
         self._changed = asyncio.Event()  # a reply queued or acknowledged, or the sender ended
 
     @property
@@ -159,6 +187,7 @@ class Handset:
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(cap=10.0)
+        link_shown = False  # the link's state last shown: up (True) or down
         while not stop.is_set():
             will = aiomqtt.Will(
                 self.status_topic,
@@ -174,7 +203,10 @@ class Handset:
                     await self._say(client, "online")
                     self.client = client
                     self.connected.set()
+                    self.show(LINK_UP)
+                    link_shown = True
                     backoff.reset()
+                    self._resend_unanswered()
                     sender = asyncio.create_task(self._send(client))
                     sender.add_done_callback(lambda _: self._changed.set())
                     try:
@@ -192,11 +224,14 @@ class Handset:
                 self.client = None
                 self.connected.clear()
             if not stop.is_set():
+                if link_shown:
+                    self.show(LINK_DOWN)
+                    link_shown = False
                 await asyncio.sleep(backoff.next_delay())
         for task in self._tasks:
             task.cancel()
         if self._unsent:
-            for _topic, _payload, label in self._unsent:
+            for _id, _topic, _payload, label in self._unsent:
                 self.show(f"    ⚠ 未能发出：{label.strip()}")
             log.warning("handset_replies_unsent", unit=self.unit.id, count=len(self._unsent))
 
@@ -223,16 +258,81 @@ class Handset:
         for line in render(self.unit, event):
             self.show(line)
         data = event.get("data", {})
+        if event.get("type") == RECEIPT:
+            self._receipt(data)
         if event.get("type") == "cn.antifraud.dispatch.cancelled":
             self._close(data.get("dispatch_id"))  # a key pressed now must not act on it
         if event.get("type") == "cn.antifraud.dispatch.offered":
             dispatch_id = str(data.get("dispatch_id"))
             if dispatch_id not in self._open:
                 self._open.append(dispatch_id)
+                self._count_down(dispatch_id, event)
             if self.script:
                 task = asyncio.create_task(self._play(dispatch_id, self.script))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    def _receipt(self, data: dict[str, Any]) -> None:
+        """The dispatcher has the reply: it is never sent again. A refused accept or
+        decline leaves the dispatch as the dispatcher has it (an offer taken by another,
+        closed, or expired is over for this unit)."""
+        reply_id = str(data.get("reply_id"))
+        self._unanswered.pop(reply_id, None)
+        for entry in list(self._unsent):
+            if entry[0] == reply_id:  # also one being sent: if it is lost, it stays lost
+                self._unsent.remove(entry)
+        self._answered_replies.append(reply_id)
+        if data.get("status") == "refused" and data.get("code") in (
+            "incident_closed",
+            "taken",
+            "expired",
+            "not_your_dispatch",
+            "unknown_dispatch",
+        ):
+            self._close(data.get("dispatch_id"))
+        self._changed.set()
+
+    def _resend_unanswered(self) -> None:
+        """Replies the broker took whose receipt never came go again, first, in order."""
+        queued = {entry[0] for entry in self._unsent}
+        again = [entry for rid, entry in self._unanswered.items() if rid not in queued]
+        self._unanswered.clear()
+        self._unsent.extendleft(reversed(again))
+        if again:
+            self._changed.set()
+
+    def _count_down(self, dispatch_id: str, offer: dict[str, Any]) -> None:
+        """Show the seconds left to accept the offer, counted from its ``expires_at``,
+        until it is answered, stood down or over."""
+        data = offer.get("data") or {}
+        expires, sent = epoch(data.get("expires_at")), epoch(offer.get("time"))
+        if expires is None:
+            return
+        # on the dispatcher's own clock (which a demo speeds up), from when it sent the
+        # offer; on a real clock also no later than the wall clock says, for an offer
+        # delivered late
+        left = expires - sent if sent is not None else expires - time.time()
+        if self.speed == 1.0:
+            left = min(left, expires - time.time())
+        left = max(left, 0.0)
+        task = asyncio.get_running_loop().create_task(self._tick(dispatch_id, left))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _pending(self, dispatch_id: str) -> bool:
+        return dispatch_id in self._open and dispatch_id not in self._answered
+
+    async def _tick(self, dispatch_id: str, left: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + left / self.speed
+        while self._pending(dispatch_id):
+            remaining = round((deadline - loop.time()) * self.speed)
+            if remaining <= 0:
+                self.show(f"    ⌛ 接警时限已过：{dispatch_id}")
+                return
+            self.show(f"    ⏳ 请在{remaining}秒内接警（按1接受，按2拒绝）")
+            step = min(COUNTDOWN_EVERY_S, float(remaining)) / self.speed
+            await asyncio.sleep(step)
 
     # ---- replies ---------------------------------------------------------------------------
 
@@ -248,10 +348,13 @@ class Handset:
             f" {outcome}" if outcome else ""
         )
         payload = unit_event(self.unit.id, f"cn.antifraud.unit.{verb}", data)
-        self._unsent.append((self.topics.replies(self.unit.id), payload, label))
+        reply_id = json.loads(payload)["id"]
+        self._unsent.append((reply_id, self.topics.replies(self.unit.id), payload, label))
         self._changed.set()
         if not self.connected.is_set():
             self.show(f"    {verb}：未连接，恢复连接后自动发送")
+        if verb in ("accepted", "declined"):
+            self._answered.add(dispatch_id)
         if verb in ("declined", "reported"):
             self._close(dispatch_id)
 
@@ -264,9 +367,13 @@ class Handset:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            topic, payload, label = self._unsent[0]
+            entry = self._unsent[0]
+            reply_id, topic, payload, label = entry
             await publish_acknowledged(client, [(topic, payload, 1, False)])
-            self._unsent.popleft()
+            if self._unsent and self._unsent[0] is entry:
+                self._unsent.popleft()
+            if reply_id not in self._answered_replies:
+                self._unanswered[reply_id] = entry  # until its receipt comes
             self._changed.set()
             self.show(label)
 

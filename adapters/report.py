@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapters.store import Store
+from adapters.store import RECEIPT, Store
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident
 from dispatcher.settings import Settings
@@ -55,12 +55,20 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
                 ],
             }
         )
-    published = [
-        {"at": t(at), "topic": topic, "type": type_}
-        for at, topic, type_ in await store.fetchall(
-            "SELECT at, topic, type FROM outbox ORDER BY seq"
-        )
-    ]
+    # a reply receipt is listed once: sent again to a redelivered reply, it is the same
+    # message (same id), and a duplicated line changes nothing in the report (SPEC §6)
+    published = []
+    receipts: set[str] = set()
+    for at, topic, type_, receipt in await store.fetchall(
+        "SELECT at, topic, type, CASE WHEN type = ? THEN json_extract(payload, '$.id') END "
+        "FROM outbox ORDER BY seq",
+        (RECEIPT,),
+    ):
+        if receipt is not None:
+            if receipt in receipts:
+                continue
+            receipts.add(receipt)
+        published.append({"at": t(at), "topic": topic, "type": type_})
     rejected = [
         {"at": t(at), "topic": topic, "reason": reason}
         for at, topic, reason in await store.fetchall(

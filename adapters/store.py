@@ -71,7 +71,7 @@ import structlog
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 T = TypeVar("T")
 log = structlog.get_logger("store")
 CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
@@ -93,6 +93,7 @@ def _too_large(text: str) -> bool:
 # finish in time is opened all the same, with a warning (docs/RELIABILITY.md)
 CHECK_BUDGET_S = 10.0
 DEAD_LETTER = "cn.antifraud.input.rejected"  # the type of the outbox's dead letters
+RECEIPT = "cn.antifraud.reply.receipt"  # the type of the outbox's reply receipts
 LOCK_TRIES = 5  # taking the writer lock, 20 ms apart, before it is taken to be held
 # what every store holds, whatever its version
 TABLES = (
@@ -168,6 +169,11 @@ CREATE INDEX IF NOT EXISTS timeline_incident ON timeline (incident_id, seq);
 CREATE INDEX IF NOT EXISTS rejected_at ON rejected (at);
 CREATE INDEX IF NOT EXISTS outbox_dead_letters ON outbox (at) WHERE type = '{DEAD_LETTER}';
 """,
+    # 4: a starting process reads the reply receipts of the dedupe window (a redelivered
+    # reply is answered with its receipt again) without scanning the outbox
+    3: f"""
+CREATE INDEX IF NOT EXISTS outbox_receipts ON outbox (at) WHERE type = '{RECEIPT}';
+""",
 }
 
 
@@ -181,6 +187,7 @@ class Snapshot:
     contacts: list[tuple[str, float, str]]
     presence: dict[str, str]
     inbound: list[tuple[str, str, float]]
+    receipts: list[tuple[float, str, str]] = field(default_factory=list)  # at, topic, payload
 
 
 @dataclass
@@ -763,7 +770,16 @@ class Store:
             for source, event_id, at in json.loads(pairs)
             if at >= since
         ]
-        return Snapshot(meta, incidents, ids, contacts, presence, inbound)
+        # the type spelled out, so that SQLite uses the receipts' own index
+        receipts = [
+            (at, topic, payload)
+            for at, topic, payload in await db.execute_fetchall(
+                f"SELECT at, topic, payload FROM outbox WHERE type = '{RECEIPT}' AND at >= ? "
+                "ORDER BY seq",
+                (since,),
+            )
+        ]
+        return Snapshot(meta, incidents, ids, contacts, presence, inbound, receipts)
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in await self.db.execute_fetchall(sql, tuple(params))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import signal
 import sys
@@ -131,6 +132,13 @@ def cmd_handset(args: argparse.Namespace) -> int:
             return 1
     from adapters.mqtt import PASSWORD_ENV, BrokerURL
 
+    # the screen is the guard's: the handset's JSON log goes to a file when asked, to
+    # stderr only when a log level is asked for, and nowhere otherwise
+    if args.log_file:
+        log_file = Path(args.log_file).open("a", encoding="utf-8")  # noqa: SIM115
+        logs.configure(args.log_level or "info", log_file)
+    elif args.log_level is None:
+        logs.configure("critical", io.StringIO())
     secret = os.environ.get(PASSWORD_ENV) or password
     broker = BrokerURL.parse(url, secret, args.unit if secret else None, args.ca_file)
     handset = Handset(settings, args.unit, broker, script)
@@ -233,6 +241,13 @@ def cmd_console(args: argparse.Namespace) -> int:
     password = None
     if args.password_file:
         password = Path(args.password_file).read_text(encoding="utf-8").strip()
+    # the screen is the guard's: the handset's JSON log goes to a file when asked, to
+    # stderr only when a log level is asked for, and nowhere otherwise
+    if args.log_file:
+        log_file = Path(args.log_file).open("a", encoding="utf-8")  # noqa: SIM115
+        logs.configure(args.log_level or "info", log_file)
+    elif args.log_level is None:
+        logs.configure("critical", io.StringIO())
     secret = os.environ.get(PASSWORD_ENV) or password
     broker = BrokerURL.parse(
         args.broker or settings.service.broker,
@@ -452,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         "unit id); or set ANTIFRAUD_BROKER_PASSWORD",
     )
     p.add_argument("--ca-file", help="CA certificate for an mqtts:// broker")
+    p.add_argument(
+        "--log-file",
+        metavar="PATH",
+        help="append the handset's JSON log here (otherwise it is not written, unless "
+        "--log-level asks for it on stderr)",
+    )
     p.set_defaults(func=cmd_handset, quiet=True)
 
     p = sub.add_parser("record", help="record live inbound traffic as a replayable recording")

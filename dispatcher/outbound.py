@@ -17,6 +17,16 @@ from rules.flagged import FlaggedNumbers
 
 SPECVERSION = "1.0"
 RADIO_ROLES = frozenset({"guard", "grid_worker"})
+RECEIPT = "cn.antifraud.reply.receipt"
+REPLY_VERBS = ("accepted", "declined", "arrived", "reported")
+# a receipt's text when its reply was applied, by reply (a report adds its outcome)
+APPLIED_TEXT = {
+    "accepted": "接警成功：此任务由您负责，请立即上门",
+    "declined": "已拒绝：任务将转派他人",
+    "arrived": "已记录到达：请立即敲门劝阻",
+    "reported": "已反馈处置结果：{outcome}，任务完成",
+}
+REFUSED_PREFIX = "操作被拒绝："
 
 CANCEL_TEXT = {
     "taken": "已由其他人员接警，您无需前往。",
@@ -361,6 +371,40 @@ class Messages:
             f"（规则{incident.rule}）。"
         )
 
+    # ---- reply receipts --------------------------------------------------------------------
+
+    def receipt(
+        self,
+        unit: str,
+        source: str,
+        reply_id: str,
+        dispatch: str,
+        reply: str,
+        at: float,
+        origin: float,
+        *,
+        text: str,
+        code: str | None = None,
+        reason: str | None = None,
+    ) -> Publish:
+        """The answer to one reply, on the speaking unit's dispatches topic: ``applied``, or
+        ``refused`` with a ``code`` and a short ``reason``. Its CloudEvent id is made of the
+        reply's channel and (source, id) alone, so a redelivered reply is answered with the
+        same event, which a handset drops as a duplicate if it already has it."""
+        data: dict[str, Any] = {
+            "reply_id": reply_id,
+            "dispatch_id": dispatch,
+            "reply": reply,
+            "status": "applied" if code is None else "refused",
+            "text": text,
+        }
+        if code is not None:
+            data |= {"code": code, "reason": reason}
+        event = self.envelope(
+            receipt_id(unit, source, reply_id), RECEIPT, dispatch, at, origin, data
+        )
+        return Publish(self.topics.dispatches(unit), RECEIPT, event, dispatch_id=dispatch)
+
     # ---- dead letters ----------------------------------------------------------------------
 
     def rejected(
@@ -378,6 +422,11 @@ class Messages:
         data = {"topic": topic, "reason": reason, "source": source, "id": event_id, "payload": raw}
         event = self.envelope(f"rejected/{key}", type_, topic, at, origin, data)
         return Publish(self.topics.deadletter, type_, event)
+
+
+def receipt_id(unit: str, source: str, reply_id: str) -> str:
+    """The CloudEvent id of the receipt of ``unit``'s reply (``source``, ``reply_id``)."""
+    return f"receipt/replies/{unit}/{source}/{reply_id}"
 
 
 def full_address(estate_address: str, unit_address: str) -> str:

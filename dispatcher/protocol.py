@@ -154,6 +154,41 @@ class Notice(_Out):
     text: str
 
 
+_REPLY = Literal["accepted", "declined", "arrived", "reported"]
+
+
+class ReceiptApplied(_Out):
+    """The reply was taken: an accepted offer is now the unit's job."""
+
+    reply_id: str = Field(description="the CloudEvent id of the reply answered")
+    dispatch_id: str = Field(description="the dispatch the reply named")
+    reply: _REPLY
+    status: Literal["applied"]
+    text: str = Field(description="short Chinese text for a radio screen or text-to-speech")
+
+
+class ReceiptRefused(_Out):
+    """The reply changed nothing; ``code`` says why, ``reason`` says it to the unit."""
+
+    reply_id: str = Field(description="the CloudEvent id of the reply answered")
+    dispatch_id: str = Field(description="the dispatch the reply named")
+    reply: _REPLY
+    status: Literal["refused"]
+    text: str = Field(description="操作被拒绝：followed by the reason")
+    code: Literal[
+        "incident_closed",
+        "taken",
+        "expired",
+        "not_your_dispatch",
+        "unknown_dispatch",
+        "out_of_order",
+        "no_reply_expected",
+        "invalid",
+        "internal_error",
+    ] = Field(description="stable machine code of the refusal")
+    reason: str = Field(description="short Chinese reason for a radio screen or text-to-speech")
+
+
 class InputRejected(_Out):
     topic: str
     reason: str
@@ -179,6 +214,10 @@ OUTBOUND_TYPES: dict[str, Any] = {
     ],
     "cn.antifraud.dispatch.cancelled": Cancelled,
     "cn.antifraud.dispatch.notice": Notice,
+    "cn.antifraud.reply.receipt": Annotated[
+        Union[ReceiptApplied, ReceiptRefused],  # noqa: UP007
+        Field(discriminator="status"),
+    ],
     "cn.antifraud.input.rejected": InputRejected,
     "cn.antifraud.dispatcher.status": DispatcherStatus,
 }
@@ -273,6 +312,7 @@ CHANNELS: list[dict[str, Any]] = [
             "cn.antifraud.dispatch.offered",
             "cn.antifraud.dispatch.cancelled",
             "cn.antifraud.dispatch.notice",
+            "cn.antifraud.reply.receipt",
         ],
     },
     {

@@ -22,7 +22,13 @@ import structlog
 
 from adapters.store import OutboxRow, Store
 from dispatcher.errors import InputError
-from dispatcher.inbound import Inbound, TopicRouter, event_epoch, parse_routed
+from dispatcher.inbound import (
+    DISPATCH_ID_RE,
+    Inbound,
+    TopicRouter,
+    event_epoch,
+    parse_routed,
+)
 from dispatcher.limits import RateLimiter
 from dispatcher.model import (
     AWAITING_REPLY,
@@ -39,8 +45,9 @@ from dispatcher.model import (
     dispatch_parts,
     incident_of_call,
 )
+from dispatcher.outbound import RECEIPT, REFUSED_PREFIX, REPLY_VERBS, receipt_id
 from dispatcher.settings import Settings
-from dispatcher.workflow import Workflow, timer_order
+from dispatcher.workflow import INVALID_REPLY, Workflow, timer_order
 from rules.contacts import ContactLog
 from rules.engine import RuleSet
 
@@ -52,6 +59,8 @@ UNROUTED = "#unrouted"  # the channel of input on a topic that names nobody
 RAW_SOURCE = "#raw"  # dedupe key source for input whose (source, id) cannot be read
 DEADLETTER_PAYLOAD_CHARS = 1024
 PRUNE_EVERY_S = 3600.0  # how often old dedupe pairs and contacts are deleted from the store
+RESEND = "#resend"  # the suffix of a channel's budget for receipts sent again to duplicates
+REPLY_TYPES = {f"cn.antifraud.unit.{verb}": verb for verb in REPLY_VERBS}
 
 
 def _clip(text: str, limit: int = DEADLETTER_PAYLOAD_CHARS) -> str:
@@ -97,18 +106,38 @@ def _undo(state: State, msg: Inbound, before: IncidentCopies | None) -> None:
     state.restore(copies)
 
 
+def _event_of(payload: bytes | Any) -> Any:
+    """The JSON value of a payload as the strict parser reads it, or None."""
+    if isinstance(payload, bytes | bytearray):
+        try:
+            return orjson.loads(payload) if len(payload) <= 1 << 20 else None
+        except orjson.JSONDecodeError:
+            return None
+    return payload
+
+
+def _readable_reply(payload: bytes | Any) -> tuple[str, str] | None:
+    """(reply, dispatch id) of a reply refused unread as one, when both can be read: a
+    reply type and a dispatch id of the form SPEC §4 gives; otherwise None."""
+    event = _event_of(payload)
+    if not isinstance(event, dict):
+        return None
+    verb, data = REPLY_TYPES.get(event.get("type")), event.get("data")  # type: ignore[arg-type]
+    if verb is None or not isinstance(data, dict):
+        return None
+    named = data.get("dispatch_id")
+    if not isinstance(named, str) or not DISPATCH_ID_RE.match(named):
+        return None
+    return verb, named
+
+
 def _identity(topic: str, payload: bytes | Any) -> tuple[str, str]:
     """(source, id) of a payload if it has readable ones, else a digest of topic and bytes.
 
     Bytes are read with the same strict parser as the inbound path: text Python's own
     parser would take (lone surrogates, escaped or raw) has no readable (source, id), and
     none of it may reach the store or a log line."""
-    event = payload
-    if isinstance(payload, bytes | bytearray):
-        try:
-            event = orjson.loads(payload) if len(payload) <= 1 << 20 else None
-        except orjson.JSONDecodeError:
-            event = None
+    event = _event_of(payload)
     if isinstance(event, dict):
         source, event_id = event.get("source"), event.get("id")
         if (
@@ -176,6 +205,9 @@ class Runtime:
         # pairs a store written before pairs were kept per channel holds, as "source\0id":
         # they count on every channel until they leave the dedupe window
         self._legacy_seen: dict[str, float] = {}
+        # the receipt of each reply within the dedupe window, by its CloudEvent id, with
+        # when it was made: a redelivered reply is answered with it again
+        self._receipts: dict[str, tuple[float, Publish]] = {}
         self._expire_countdown = 0
         limits = settings.limits
         # every channel's budget, spent as its messages arrive, before they are read. The
@@ -248,6 +280,8 @@ class Runtime:
                 self._seen[f"{stored}\0{event_id}"] = at
             else:
                 self._legacy_seen[f"{stored}\0{event_id}"] = at
+        for at, topic, payload in snap.receipts:
+            self._remember(Publish(topic, RECEIPT, json.loads(payload)), at)
         self.meta = snap.meta
         self._suppressed = json.loads(snap.meta.get("suppressed", "{}"))
         log.info(
@@ -327,7 +361,7 @@ class Runtime:
             if not self.party_limiter.allow(channel, now):
                 self._over_rate(channel, topic, payload, now)
                 return
-            self._refuse(channel, topic, exc.reason, payload, now)
+            self._refuse(channel, topic, exc.reason, payload, now, None)
             return
         limiter = self.call_limiter if kind == "calls" else self.party_limiter
         over = not limiter.allow(channel, now)
@@ -340,7 +374,9 @@ class Runtime:
             if over:
                 self._over_rate(channel, topic, payload, now)
                 return
-            self._refuse(channel, topic, exc.reason, payload, now)
+            self._refuse(
+                channel, topic, exc.reason, payload, now, party if kind == "replies" else None
+            )
             return
         key = (msg.source, msg.id)
         if kind == "calls" and (
@@ -371,16 +407,15 @@ class Runtime:
             effects = self.workflow.step(msg, now)
         except InputError as exc:
             _undo(self.state, msg, before)
-            self._reject(channel, topic, exc.reason, payload, key, now)
+            self._reject(channel, topic, exc.reason, payload, key, now, msg, exc)
             return
         except Exception as exc:  # a defect must not stop the service: dead-letter and go on
             # whatever the step changed before it failed is undone: the state must stay what
             # was announced and stored, not half of a step nobody heard about
             _undo(self.state, msg, before)
             log.exception("internal_error", topic=_clip(topic, 200), source=key[0], event_id=key[1])
-            self._reject(
-                channel, topic, f"internal error: {type(exc).__name__}: {exc}", payload, key, now
-            )
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            self._reject(channel, topic, reason, payload, key, now, msg, exc)
             return
         self.counts["handled"] += 1
         self._apply(effects, now)
@@ -404,15 +439,39 @@ class Runtime:
         self._dead_letter(channel, topic, reason, payload, _identity(topic, payload), now)
 
     def _refuse(
-        self, channel: str, topic: str, reason: str, payload: bytes | Any, now: float
+        self,
+        channel: str,
+        topic: str,
+        reason: str,
+        payload: bytes | Any,
+        now: float,
+        unit: str | None,
     ) -> None:
-        """Refuse input that is not a valid message, once per channel and content."""
+        """Refuse input that is not a valid message, once per channel and content. On a
+        unit's replies topic (``unit``), a reply whose (source, id), type and dispatch id can
+        be read is answered with an ``invalid`` receipt; anything less gets none."""
         if not self.refusals.allow(channel, now):
             self._suppress(channel, topic, now)
             return
         key = _identity(topic, payload)
         if self._duplicate(channel, key, now):
             return
+        readable = None if unit is None or key[0] == RAW_SOURCE else _readable_reply(payload)
+        if unit is not None and readable is not None:
+            code, text = INVALID_REPLY
+            receipt = self.messages.receipt(
+                unit,
+                key[0],
+                key[1],
+                readable[1],
+                readable[0],
+                now,
+                self.state.clock_origin,
+                text=REFUSED_PREFIX + text,
+                code=code,
+                reason=text,
+            )
+            self._apply([receipt], now)
         self._dead_letter(channel, topic, reason, payload, key, now)
 
     def _sent_at(self, msg: Inbound, now: float) -> float:
@@ -431,6 +490,8 @@ class Runtime:
         if seen_key in seen or (self._legacy_seen and f"{key[0]}\0{key[1]}" in self._legacy_seen):
             self.counts["duplicates"] += 1
             log.info("duplicate_dropped", channel=channel, source=key[0], event_id=key[1])
+            if channel.startswith("replies/"):
+                self._answer_again(channel, key, now)
             return True
         seen[seen_key] = now
         if len(seen) > self.settings.limits.max_dedupe_entries:
@@ -438,8 +499,26 @@ class Runtime:
         self.store.add_inbound(stored, key[1], now)
         return False
 
+    def _answer_again(self, channel: str, key: tuple[str, str], now: float) -> None:
+        """A redelivered reply gets its receipt again: the same event, queued anew in the
+        outbox, within a budget of its channel's own (a radio repeating one reply
+        endlessly must not make the dispatcher repeat itself endlessly)."""
+        found = self._receipts.get(receipt_id(channel.partition("/")[2], *key))
+        if found is None or not self.refusals.allow(channel + RESEND, now):
+            return
+        self.counts["published"] += 1
+        self.store.add_outbox(now, found[1], sent=not self.outbox)
+
+    def _remember(self, receipt: Publish, at: float) -> None:
+        assert receipt.payload is not None
+        receipts = self._receipts
+        receipts[receipt.payload["id"]] = (at, receipt)
+        if len(receipts) > self.settings.limits.max_dedupe_entries:
+            del receipts[next(iter(receipts))]
+
     def _expire_seen(self, now: float) -> None:
-        """Forget pairs older than the dedupe window (the dicts are in arrival order)."""
+        """Forget pairs (and receipts) older than the dedupe window (the dicts are in
+        arrival order)."""
         horizon = now - self.settings.limits.dedupe_window_s
         for seen in (self._seen, self._legacy_seen):
             while seen:
@@ -447,6 +526,12 @@ class Runtime:
                 if seen[key] >= horizon:
                     break
                 del seen[key]
+        receipts = self._receipts
+        while receipts:
+            key = next(iter(receipts))
+            if receipts[key][0] >= horizon:
+                break
+            del receipts[key]
 
     def _suppress(self, channel: str, topic: str, now: float) -> None:
         """A message over its channel's budget: counted, not read, stored or dead-lettered.
@@ -488,13 +573,18 @@ class Runtime:
         payload: bytes | Any,
         key: tuple[str, str],
         now: float,
+        msg: Inbound | None = None,
+        exc: Exception | None = None,
     ) -> None:
         """Refuse a message, within its channel's refusal budget: past it a channel's
         refusals are only counted, as a flood of bad input must not grow the store or the
-        dead-letter topic."""
+        dead-letter topic. A reply refused within the budget is answered with a receipt
+        (before its dead letter); past it, with nothing."""
         if not self.refusals.allow(channel, now):
             self._suppress(channel, topic, now)
             return
+        if msg is not None and exc is not None and msg.kind == "replies":
+            self._apply([self.workflow.refusal_receipt(msg, exc, now)], now)
         self._dead_letter(channel, topic, reason, payload, key, now)
 
     def _dead_letter(
@@ -538,6 +628,8 @@ class Runtime:
             if isinstance(effect, Publish):
                 self.counts["published"] += 1
                 store.add_outbox(now, effect, sent=not self.outbox)
+                if effect.type == RECEIPT:
+                    self._remember(effect, now)
             elif isinstance(effect, Noted):
                 entry = effect.entry
                 store.add_timeline(effect.incident_id, entry)

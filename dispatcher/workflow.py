@@ -34,6 +34,7 @@ from dispatcher.model import (
     IncidentSaved,
     Noted,
     PresenceSeen,
+    Publish,
     Slot,
     SlotName,
     State,
@@ -44,7 +45,7 @@ from dispatcher.model import (
     dispatch_parts,
     incident_of_call,
 )
-from dispatcher.outbound import SEVERITY_TEXT, Messages
+from dispatcher.outbound import APPLIED_TEXT, REFUSED_PREFIX, SEVERITY_TEXT, Messages
 from dispatcher.settings import FlaggedPattern, RuleSettings, Settings, Unit
 from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
 from rules.flagged import FlaggedNumbers
@@ -69,6 +70,36 @@ OUTCOME_TEXT = {
     "unreachable": "未能联系到居民",
     "resolved_by_callback": "回拨确认安全",
 }
+
+
+class ReplyRefused(InputError):
+    """A reply the workflow refuses: ``reason`` for the dead-letter topic, and for the
+    unit's receipt a stable ``code`` and a short Chinese ``text`` for a radio screen."""
+
+    def __init__(self, reason: str, code: str, text: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.text = text
+
+
+# the receipt of a reply that could not be read as one, or whose handling failed
+INVALID_REPLY = ("invalid", "回复格式有误，未被受理")
+INTERNAL_ERROR = ("internal_error", "系统暂时无法受理，请电话联系值班员")
+# a reply refused for being out of order, by (the dispatch's status, the reply)
+OUT_OF_ORDER_TEXT = {
+    ("offered", "arrived"): "请先确认接警再报到达",
+    ("offered", "reported"): "请先确认接警再反馈结果",
+    ("accepted", "accepted"): "已接警，无需重复确认",
+    ("accepted", "declined"): "已接警，不能再拒绝",
+    ("arrived", "accepted"): "已接警，无需重复确认",
+    ("arrived", "declined"): "已接警，不能再拒绝",
+    ("arrived", "arrived"): "已报到达，无需重复",
+    ("declined", "accepted"): "您已拒绝此任务",
+    ("declined", "declined"): "您已拒绝此任务",
+    ("declined", "arrived"): "您已拒绝此任务",
+    ("declined", "reported"): "您已拒绝此任务",
+}
+DONE_TEXT = "已反馈结果，任务已完成"  # any reply after the unit's report
 
 
 def outcome_text(code: str) -> str:
@@ -622,21 +653,42 @@ class Workflow:
         named: str = msg.data.dispatch_id
         incident_id, unit_id = dispatch_parts(named)
         if unit_id != msg.party:
-            raise InputError(
-                f"reply on the topic of unit {msg.party} names dispatch {named} of unit {unit_id}"
+            raise ReplyRefused(
+                f"reply on the topic of unit {msg.party} names dispatch {named} of unit {unit_id}",
+                "not_your_dispatch",
+                "此任务不是派给本机的",
             )
         incident = self.state.incidents.get(incident_id)
         if incident is None:
             if incident_id in self.state.known_incident_ids:
-                raise InputError(f"incident {incident_id} is closed")
-            raise InputError(f"unknown dispatch {named} (no incident {incident_id})")
+                raise ReplyRefused(
+                    f"incident {incident_id} is closed", "incident_closed", "事件已结案，无需前往"
+                )
+            raise ReplyRefused(
+                f"unknown dispatch {named} (no incident {incident_id})",
+                "unknown_dispatch",
+                "没有这个任务，请核对",
+            )
         d = incident.dispatches.get(named)
         if d is None:
-            raise InputError(f"unknown dispatch {named}")
+            raise ReplyRefused(
+                f"unknown dispatch {named}", "unknown_dispatch", "没有这个任务，请核对"
+            )
         if incident.status == "closed":
-            raise InputError(f"incident {incident_id} is closed")
+            raise ReplyRefused(
+                f"incident {incident_id} is closed", "incident_closed", "事件已结案，无需前往"
+            )
         verb = msg.verb
         self._check_order(d, verb)
+        # the answer to the press comes first, before anything the reply causes
+        text = APPLIED_TEXT[verb]
+        if isinstance(msg.data, UnitReported):
+            text = text.format(outcome=OUTCOME_TEXT[msg.data.outcome])
+        changes.effects.append(
+            self.messages.receipt(
+                msg.party, msg.source, msg.id, named, verb, now, self.state.clock_origin, text=text
+            )
+        )
         label = self._unit_label(d.unit)
         slot = incident.slots.get(d.slot)
         if verb == "accepted":
@@ -696,11 +748,43 @@ class Workflow:
         if d.status in allowed:
             return
         if d.status == "notified":
-            raise InputError(f"dispatch {d.id} is a notice and expects no reply")
+            raise ReplyRefused(
+                f"dispatch {d.id} is a notice and expects no reply",
+                "no_reply_expected",
+                "此为知悉通知，无需回复",
+            )
+        taken = d.reason == "taken"
+        code, text = (
+            ("taken", "该任务已由他人接警") if taken else ("expired", "接警已超时，任务已转派")
+        )
         if d.status in ("expired", "cancelled") and verb in ("accepted", "declined"):
-            why = "was taken by another unit" if d.reason == "taken" else f"has {d.status}"
-            raise InputError(f"{verb} too late: the offer {d.id} {why}")
-        raise InputError(f"{verb} out of order: dispatch {d.id} is {d.status}")
+            why = "was taken by another unit" if taken else f"has {d.status}"
+            raise ReplyRefused(f"{verb} too late: the offer {d.id} {why}", code, text)
+        reason = f"{verb} out of order: dispatch {d.id} is {d.status}"
+        if d.status in ("expired", "cancelled"):
+            raise ReplyRefused(reason, code, text)
+        text = DONE_TEXT if d.status == "reported" else OUT_OF_ORDER_TEXT[(d.status, verb)]
+        raise ReplyRefused(reason, "out_of_order", text)
+
+    def refusal_receipt(self, msg: Inbound, exc: Exception, now: float) -> Publish:
+        """The receipt of a reply the workflow refused (or failed on: ``exc`` is then not an
+        ``InputError``), for the speaking unit."""
+        if isinstance(exc, ReplyRefused):
+            code, text = exc.code, exc.text
+        else:
+            code, text = INVALID_REPLY if isinstance(exc, InputError) else INTERNAL_ERROR
+        return self.messages.receipt(
+            msg.party,
+            msg.source,
+            msg.id,
+            msg.data.dispatch_id,
+            msg.verb,
+            now,
+            self.state.clock_origin,
+            text=REFUSED_PREFIX + text,
+            code=code,
+            reason=text,
+        )
 
     # ---- presence --------------------------------------------------------------------------
 

@@ -876,6 +876,17 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
         paho = handset.client._client  # this connection's: the next one is not affected
         withheld: list[int] = []
         paho.on_publish = lambda *args: withheld.append(args[2])
+        # nothing about the reply comes back over this connection: neither the broker's
+        # acknowledgement nor the dispatcher's receipt (a receipt would stop the re-send)
+        on_message = handset.on_message
+
+        def lose_receipts(message: aiomqtt.Message) -> None:
+            current = handset.client is not None and handset.client._client is paho
+            receipt = b"cn.antifraud.reply.receipt" in bytes(message.payload)  # type: ignore[arg-type]
+            if not (current and receipt):
+                on_message(message)
+
+        handset.on_message = lose_receipts  # type: ignore[method-assign]
         await asyncio.wait_for(handset.on_key("1"), 5)
         await wait_until(
             lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted" and withheld
@@ -895,6 +906,79 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
     ]
     assert accepted == ["accepted"]
     assert runtime.counts["rejected"] == 0
+    # the repeat was answered with the receipt, shown once
+    assert sum(line.endswith("◀ ✔ 接警成功：此任务由您负责，请立即上门") for line in shown) == 1
+
+
+async def test_a_receipt_stops_the_handset_sending_its_reply_again(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's acknowledgement of the guard's accept is lost, but the dispatcher's
+    receipt arrives: the handset knows the reply is in, shows it in Chinese, and does not
+    send it again after the reconnect."""
+    from adapters import handset as handset_module
+
+    sent: list[bytes | None] = []
+    original = handset_module.publish_acknowledged
+
+    async def publish_acknowledged(
+        client: aiomqtt.Client, messages: list[tuple[str, bytes | None, int, bool]]
+    ) -> None:
+        sent.extend(payload for topic, payload, _, _ in messages if topic.endswith("/replies"))
+        await original(client, messages)
+
+    monkeypatch.setattr(handset_module, "publish_acknowledged", publish_acknowledged)
+    async with guard_with_an_offer(settings, broker, tmp_path) as (running, handset, shown):
+        assert any(line.strip().startswith("⏳ 请在") for line in shown)  # the countdown
+        assert handset.client is not None
+        handset.client._client.on_publish = lambda *args: None  # acknowledgements lost
+        await asyncio.wait_for(handset.on_key("1"), 5)
+        receipt = "◀ ✔ 接警成功：此任务由您负责，请立即上门"
+        await wait_until(lambda: any(line.endswith(receipt) for line in shown), within=20)
+        assert not handset._unsent and not handset._unanswered
+        runtime = running.service.runtime
+        assert runtime is not None
+        broker.restart()
+        await wait_until(lambda: handset.connected.is_set(), within=20)
+        await asyncio.sleep(1.0)
+    assert len(sent) == 1
+    assert "⚠ 连接中断，正在重连…" in shown and shown.count("📶 已连接") == 2
+
+
+def test_a_handset_shows_a_refusal_in_chinese_and_lets_go_of_the_offer(
+    settings: Settings,
+) -> None:
+    shown: list[str] = []
+    handset = Handset(
+        settings, "G-YJ-CH-02", BrokerURL.parse("mqtt://127.0.0.1:9"), show=shown.append
+    )
+    topic = f"{P}/units/G-YJ-CH-02/dispatches"
+    offer = {
+        "id": "o1",
+        "source": "s",
+        "type": "cn.antifraud.dispatch.offered",
+        "data": {"dispatch_id": "INC-A:G-YJ-CH-02", "text": "t"},
+    }
+    handset.on_message(aiomqtt.Message(topic, json.dumps(offer).encode(), 1, False, 1, None))
+    assert handset.current == "INC-A:G-YJ-CH-02"
+    receipt = {
+        "id": "r1",
+        "source": "s",
+        "type": "cn.antifraud.reply.receipt",
+        "data": {
+            "reply_id": "x",
+            "dispatch_id": "INC-A:G-YJ-CH-02",
+            "reply": "accepted",
+            "status": "refused",
+            "code": "incident_closed",
+            "reason": "事件已结案，无需前往",
+            "text": "操作被拒绝：事件已结案，无需前往",
+        },
+    }
+    handset.on_message(aiomqtt.Message(topic, json.dumps(receipt).encode(), 1, False, 2, None))
+    assert shown[-1].endswith("◀ ✖ 操作被拒绝：事件已结案，无需前往")
+    assert handset.current is None
+    assert not any(line.lstrip().startswith("{") for line in shown)
 
 
 async def test_publishing_stops_at_once_when_the_broker_dies_before_acknowledging(
@@ -1309,3 +1393,65 @@ async def test_a_broker_restart_in_the_middle_of_a_burst_loses_no_output(
                         break
     assert subjects == {f"INC-B-{i}" for i in range(count)}
     assert in_flight_at_stop[0] > 0
+
+
+async def test_every_reply_on_the_broker_gets_its_receipt_applied_or_refused(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """On a real broker: an accept, its redelivery, a second guard's accept (taken), a reply
+    naming another unit's dispatch and one for no dispatch each get a receipt on the
+    speaker's own dispatches topic, valid against its schema; the duplicate's is the same."""
+    from dispatcher.inbound import cloudevent
+    from dispatcher.protocol import validate_outbound
+
+    url = BrokerURL.parse(broker.url)
+    script = Script()
+    script.escalated(0, "C1")
+
+    def reply(n: int, unit: str, verb: str, dispatch: str) -> tuple[str, bytes]:
+        event = cloudevent(
+            f"r-{n}", f"unit/{unit}", f"cn.antifraud.unit.{verb}", {"dispatch_id": dispatch}
+        )
+        return f"{P}/units/{unit}/replies", json.dumps(event).encode()
+
+    sends = [
+        reply(1, "G-YJ-CH-01", "accepted", "INC-C1:G-YJ-CH-01"),
+        reply(1, "G-YJ-CH-01", "accepted", "INC-C1:G-YJ-CH-01"),  # redelivered
+        reply(2, "G-YJ-CH-02", "accepted", "INC-C1:G-YJ-CH-02"),  # taken
+        reply(3, "G-YJ-CH-02", "arrived", "INC-C1:G-YJ-CH-01"),  # not its dispatch
+        reply(4, "P-YJ-01", "accepted", "INC-NONE:P-YJ-01"),  # unknown
+    ]
+    got: list[tuple[str, dict[str, Any]]] = []
+    async with (
+        dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running,
+        open_client(url, "receipt-watcher") as watcher,
+    ):
+        await watcher.subscribe(f"{P}/units/+/dispatches", qos=1)
+        await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=1000)
+        await wait_until(lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "offered")
+
+        async def collect() -> None:
+            async for message in watcher.messages:
+                event = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+                if event["type"] == "cn.antifraud.reply.receipt":
+                    validate_outbound(event)
+                    got.append((str(message.topic).split("/")[-2], event))
+
+        collecting = asyncio.create_task(collect())
+        async with open_client(url, "reply-sender") as sender:
+            for topic, payload in sends:
+                await sender.publish(topic, payload, qos=1)
+                await asyncio.sleep(0.2)
+        await wait_until(lambda: len(got) == len(sends), within=20)
+        collecting.cancel()
+    summary = [
+        (unit, e["data"]["reply_id"], e["data"]["status"], e["data"].get("code")) for unit, e in got
+    ]
+    assert summary == [
+        ("G-YJ-CH-01", "r-1", "applied", None),
+        ("G-YJ-CH-01", "r-1", "applied", None),
+        ("G-YJ-CH-02", "r-2", "refused", "taken"),
+        ("G-YJ-CH-02", "r-3", "refused", "not_your_dispatch"),
+        ("P-YJ-01", "r-4", "refused", "unknown_dispatch"),
+    ]
+    assert got[0][1] == got[1][1]  # the same event again

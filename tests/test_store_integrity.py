@@ -493,14 +493,15 @@ async def test_an_old_store_is_migrated_to_the_current_version(tmp_path: Path) -
     with contextlib.closing(sqlite3.connect(path)) as db:
         db.execute("DROP INDEX rejected_at")
         db.execute("DROP INDEX outbox_dead_letters")
+        db.execute("DROP INDEX outbox_receipts")
         db.execute("PRAGMA user_version=2")
         db.commit()
     async with Store(path) as store:
         assert store.migrated_from == 2
         assert await store.fetchall("SELECT reason FROM rejected") == [("r",)]
         indexes = {name for (name,) in await store.fetchall("SELECT name FROM sqlite_master")}
-        assert {"rejected_at", "outbox_dead_letters"} <= indexes
-    assert SCHEMA_VERSION == 3
+        assert {"rejected_at", "outbox_dead_letters", "outbox_receipts"} <= indexes
+    assert SCHEMA_VERSION == 4
 
 
 async def test_a_check_that_runs_out_of_time_opens_the_store_and_says_so(
