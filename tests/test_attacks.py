@@ -360,3 +360,68 @@ async def test_the_call_source_and_an_operator_cannot_grow_an_incident_past_the_
         offer = await asyncio.wait_for(anext(aiter(guard.messages)), 15)
         assert json.loads(bytes(offer.payload))["type"] == "cn.antifraud.dispatch.offered"
         assert service.stats["connects"] == 1
+
+
+# ---- the console -----------------------------------------------------------------------------
+
+
+async def test_a_radio_flooding_its_status_does_not_hold_back_the_console(
+    settings: Settings, secure: SecureBroker, tmp_path: Path
+) -> None:
+    """100,000 status messages at full speed from one guard's radio: the console, which reads
+    presence from the dispatcher's store and subscribes to no unit's status, still shows a
+    new incident at once. Over one session with the status topics, the broker's queue for
+    the console filled and the incident's messages waited behind the flood or were dropped."""
+    from aiohttp import ClientSession, CookieJar, web
+    from test_console import PASSWORD, login
+
+    from adapters.broker import free_port
+    from adapters.console import Console, Users
+
+    store = tmp_path / "live.sqlite3"
+    users = Users(tmp_path / "users.json")
+    users.set_password("op-01", PASSWORD)
+    async with dispatching(settings, secure, store) as service:
+        console = Console(settings, secure.url("console", tls=False), store, users)
+        runner = web.AppRunner(console.app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            await asyncio.wait_for(console.connected.wait(), 10)
+            base = f"http://127.0.0.1:{port}"
+            async with (
+                ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+                open_client(secure.url(SOURCE, tls=False)) as source,
+            ):
+                await login(http, base)
+                status = cloudevent("s", f"unit/{ATTACKER}", "cn.antifraud.unit.status", {})
+                status["data"] = {"state": "online"}
+                line = json.dumps(status)
+                client = shutil.which("mosquitto_pub")
+                assert client is not None, "mosquitto_pub is needed"
+                flooder = await asyncio.create_subprocess_exec(
+                    *(client, "-h", "127.0.0.1", "-p", str(secure.local_port), "-q", "0"),
+                    *("-u", ATTACKER, "-P", secure.passwords[ATTACKER], "-l"),
+                    *("-t", TOPICS.unit_status(ATTACKER)),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                assert flooder.stdin is not None
+                flooder.stdin.write(("\n".join([line] * 100_000) + "\n").encode())
+                flooder.stdin.close()
+                await asyncio.sleep(0.3)  # the flood is under way
+                await source.publish(TOPICS.calls("hengnan"), critical_call(1, stranger(1)), qos=1)
+                await until(lambda: incident_count(service) == 1)
+                seen = time.monotonic()
+                while True:
+                    async with http.get(f"{base}/api/state") as response:
+                        board = (await response.json())["incidents"]
+                    if any(i["incident_id"] == "INC-A-1" for i in board):
+                        break
+                    assert time.monotonic() - seen < 3, "the incident did not reach the board"
+                    await asyncio.sleep(0.05)
+                await asyncio.wait_for(flooder.wait(), 30)
+        finally:
+            await runner.cleanup()
