@@ -36,6 +36,10 @@ from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
 from dispatcher.outbound import SEVERITY_TEXT, Topics
 from dispatcher.settings import Settings, Unit
+from dispatcher.workflow import OUTCOME_TEXT
+
+# a reply as the guard's screen echoes it once the broker has it
+PRESSED = {"accepted": "接受", "declined": "拒绝", "arrived": "已到达", "reported": "反馈结果"}
 
 log = structlog.get_logger("handset")
 
@@ -344,9 +348,10 @@ class Handset:
         data: dict[str, Any] = {"dispatch_id": dispatch_id}
         if outcome:
             data["outcome"] = outcome
-        label = f"{'📻' if self.unit.channel == 'radio' else '📱'} {self.unit.id} ▶ {verb}" + (
-            f" {outcome}" if outcome else ""
+        said = PRESSED.get(verb, verb) + (
+            f"：{OUTCOME_TEXT.get(outcome, outcome)}" if outcome else ""
         )
+        label = f"{'📻' if self.unit.channel == 'radio' else '📱'} {self.unit.id} ▶ {said}"
         payload = unit_event(self.unit.id, f"cn.antifraud.unit.{verb}", data)
         reply_id = json.loads(payload)["id"]
         self._unsent.append((reply_id, self.topics.replies(self.unit.id), payload, label))

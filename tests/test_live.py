@@ -756,7 +756,7 @@ async def test_the_demo_runs_to_the_end(settings: Settings, kind: str, tmp_path:
     text = out.getvalue()
     assert code == 0, text
     assert "the live run ends as its replay does" in text
-    assert "G-YJ-CH-01 ▶ accepted" in text and "事件结案：已阻止（prevented）" in text
+    assert "G-YJ-CH-01 ▶ 接受" in text and "事件结案：已阻止（prevented）" in text
 
 
 def test_the_live_clock_is_not_moved_by_a_step_of_the_system_clock() -> None:
@@ -849,8 +849,8 @@ async def test_a_reply_made_while_the_handset_is_cut_off_goes_out_when_it_is_bac
         await wait_until(
             lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted", within=20
         )
-        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ accepted" in shown)
-        assert shown.count("📻 G-YJ-CH-01 ▶ accepted") == 1
+        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ 接受" in shown)
+        assert shown.count("📻 G-YJ-CH-01 ▶ 接受") == 1
 
 
 async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_connection(
@@ -891,12 +891,12 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
         await wait_until(
             lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted" and withheld
         )
-        assert "📻 G-YJ-CH-01 ▶ accepted" not in shown  # not known to have arrived
+        assert "📻 G-YJ-CH-01 ▶ 接受" not in shown  # not known to have arrived
         runtime = running.service.runtime
         assert runtime is not None
         duplicates = runtime.counts["duplicates"]
         broker.restart()
-        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ accepted" in shown, within=20)
+        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ 接受" in shown, within=20)
         await wait_until(lambda: runtime.counts["duplicates"] > duplicates, within=20)
     assert len(sent) == 2 and sent[0] == sent[1]  # the same event, twice
     accepted = [
