@@ -2,7 +2,8 @@
 
 Two cases are published onto a private Mosquitto (the seed case, and a case whose guards
 decline so the quick-police platforms take it), their pace compressed 50 times; the timers
-keep their real lengths, so a restart's downtime never changes what happens. A real
+keep their real lengths, so a restart's downtime never changes what happens; each unit's
+reply goes once the unit has the offer it answers, as a real radio's does. A real
 ``antifraud run`` process is killed at random moments at least 20 times and restarted on the
 same store each time. Then: the final report says what the uninterrupted replay says, every
 offer and notice reached its unit, no unit saw an offer that does not exist, and the store
@@ -27,7 +28,7 @@ from scenario import LI, Script
 
 from adapters.broker import Mosquitto, mosquitto_binary
 from adapters.mqtt import BrokerURL, open_client
-from adapters.recorder import publish_recording
+from adapters.recording import read_lines
 from adapters.replay import replay
 from adapters.report import live_report
 from dispatcher.settings import Settings
@@ -130,6 +131,7 @@ async def test_sigkill_at_random_moments_loses_nothing(
     store = tmp_path / "crash.sqlite3"
     units = sorted({d["unit"] for i in expected["incidents"] for d in i["dispatches"]})
     received: dict[str, list[dict[str, Any]]] = {u: [] for u in units}
+    arrived = asyncio.Event()  # a unit received something
 
     async with contextlib.AsyncExitStack() as stack:
         for unit in units:  # each handset keeps a persistent session
@@ -139,13 +141,14 @@ async def test_sigkill_at_random_moments_loses_nothing(
             async def collect(client: Any = client, unit: str = unit) -> None:
                 async for message in client.messages:
                     received[unit].append(json.loads(bytes(message.payload)))
+                    arrived.set()
 
             stack.push_async_callback(_cancel, asyncio.create_task(collect()))
 
         dispatcher = Dispatcher(settings.path, broker.url, store)
         await dispatcher.start()
         await asyncio.sleep(1.0)  # its persistent session exists before anything is published
-        publishing = asyncio.create_task(publish_recording(path, url, speed=1.0))
+        publishing = asyncio.create_task(publish_causally(path, url, received, arrived))
         kills = 0
         made = False  # a kill before the first process made the store leaves none to check
         while kills < KILLS or not publishing.done():
@@ -192,6 +195,41 @@ async def test_sigkill_at_random_moments_loses_nothing(
         assert len({m["data"]["dispatch_id"] for m in offers}) == len({m["id"] for m in offers}), (
             f"{unit} saw one dispatch under different event ids"
         )
+
+
+async def publish_causally(
+    path: Path, url: BrokerURL, received: dict[str, list[dict[str, Any]]], arrived: asyncio.Event
+) -> None:
+    """Publish the recording at its pace, each unit's reply once that unit has the offer it
+    answers, as a real radio can only answer what it was sent. The broker keeps no order
+    between the dispatcher's sessions (a session per unit, decisions.md 61), so replies sent
+    blind, before their offers, could be read before the replies that caused those offers."""
+    loop = asyncio.get_running_loop()
+    async with open_client(url) as client:
+        start = loop.time()
+        for line in read_lines(path):
+            delay = start + line.at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            parts = line.topic.split("/")
+            if parts[-1] == "replies" and isinstance(line.payload, dict):
+                unit, dispatch = parts[-2], line.payload["data"]["dispatch_id"]
+                deadline = loop.time() + 60
+
+                def offered(unit: str = unit, dispatch: str = dispatch) -> bool:
+                    return any(
+                        m["type"] == "cn.antifraud.dispatch.offered"
+                        and m["data"].get("dispatch_id") == dispatch
+                        for m in received.get(unit, [])
+                    )
+
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        while not offered():
+                            arrived.clear()
+                            await arrived.wait()
+            payload = json.dumps(line.payload, ensure_ascii=False).encode()
+            await client.publish(line.topic, payload, qos=1)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
