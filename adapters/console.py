@@ -60,7 +60,7 @@ from dispatcher.inbound import (
 from dispatcher.model import Incident
 from dispatcher.outbound import Messages, Topics
 from dispatcher.protocol import OUTBOUND_EVENTS
-from dispatcher.settings import Conditions, Settings
+from dispatcher.settings import Settings
 from dispatcher.workflow import OUTCOME_TEXT
 
 log = structlog.get_logger("console")
@@ -73,6 +73,7 @@ ACTIONS = {
     "callback": {"result": ("no_answer", "busy", "answered_safe", "answered_at_risk")},
     "escalate": {},
     "close": {"outcome": ("prevented", "loss", "false_alarm", "unreachable")},
+    "acknowledge": {},  # and ``alerts``: the dead ends taken on, checked below
 }
 NOTE_CHARS = 2000  # the dispatcher's limit for a closing note
 MAX_BODY_BYTES = 64 * 1024  # any request body: actions and the login form are a few hundred
@@ -90,8 +91,6 @@ OPERATOR_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 OUTCOMES = ("prevented", "loss", "false_alarm", "unreachable", "resolved_by_callback")
 ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-ACK_FILE = "console-acknowledgements.jsonl"  # beside the users file: operators' acknowledgements
-ACKS_KEPT = 20_000  # acknowledgements kept (the oldest forgotten first)
 
 # A dead end (IncidentDetail.alerts) as an operator acts on it: who could not be reached, and
 # what to do now. One text per code; a code this console does not know still alarms.
@@ -106,16 +105,17 @@ ALERT_TEXT = {
 # an operator reads it in Chinese. Matched from the start of the reason; the code is kept.
 REFUSAL_TEXT = (
     (re.compile(r"^incident \S+ is closed"), "事件已结案，操作未执行"),
+    (re.compile(r"^incident \S+ has no alert "), "事件的警报已变化：请看清后再确认"),
     (re.compile(r"^unknown incident "), "调度服务中没有这个事件（可能已被清除），操作未执行"),
     (re.compile(r"^rate limit: "), "操作过于频繁，调度服务已限流：请稍等几秒再试"),
-    (re.compile(r"^type \S+ is not accepted"), "调度服务不接受这种操作"),
+    (re.compile(r"^(type \S+ is not accepted|unknown type )"), "调度服务不接受这种操作"),
     (re.compile(r"^operator id "), "接线员编号无效，操作未执行"),
     (
         re.compile(r"^(not JSON|not UTF-8|not a CloudEvent|payload is|empty payload|JSON nests)"),
         "操作消息格式无效，调度服务未执行",
     ),
     (
-        re.compile(r"^(data|id|source|type|time|specversion|subject)\b"),
+        re.compile(r"^(invalid data|CloudEvent |(data|id|source|type|time|specversion|subject)\b)"),
         "操作内容无效，调度服务未执行",
     ),
 )
@@ -128,29 +128,6 @@ def refusal_text(reason: str) -> str:
         if pattern.match(reason):
             return text
     return f"调度服务拒绝了此操作（原因：{printable(reason, 200)}）"
-
-
-def rule_label(when: Conditions, categories: dict[str, str]) -> str:
-    """A rule in words an operator reads at a glance (the rule ids are configuration names)."""
-    parts: list[str] = []
-    if when.vulnerable:
-        parts.append("易受骗居民")
-    elif when.vulnerable is False:
-        parts.append("非易受骗居民")
-    if when.categories:
-        parts.append("与" + "/".join(categories.get(c, c) for c in when.categories) + "号码")
-    elif when.flagged:
-        parts.append("与涉诈号码")
-    elif when.flagged is False:
-        parts.append("与非涉诈号码")
-    if when.min_duration_s is not None:
-        parts.append(f"通话满{when.min_duration_s:g}秒")
-    if when.distinct_flagged_contacts is not None:
-        c = when.distinct_flagged_contacts
-        hours = c.window_s / 3600
-        span = f"{hours:g}小时" if hours >= 1 else f"{c.window_s:g}秒"
-        parts.append(f"{span}内被{c.min_distinct}个不同涉诈号码联系")
-    return "".join(parts) or "任意通话"
 
 
 def printable(text: str, limit: int = 120) -> str:
@@ -330,61 +307,6 @@ class Refused(Exception):
         self.reason = reason
 
 
-# ---- acknowledgements -----------------------------------------------------------------------
-
-
-class Acknowledgements:
-    """Operators' acknowledgements of dead ends, one JSON line each, appended and flushed to
-    disk before they count, read back on start: an alarm acknowledged stays acknowledged
-    across a restart of the console, and the record says who and when."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.by_incident: dict[str, list[dict[str, Any]]] = {}
-        self._count = 0
-        self._load()
-
-    def _load(self) -> None:
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            return
-        except (OSError, UnicodeDecodeError) as exc:
-            log.error("console_acknowledgements_unreadable", path=str(self.path), error=str(exc))
-            return
-        for number, line in enumerate(lines[-ACKS_KEPT:], 1):
-            try:
-                record = json.loads(line)
-                if not (
-                    isinstance(record, dict)
-                    and isinstance(record.get("incident_id"), str)
-                    and isinstance(record.get("alerts"), list)
-                    and isinstance(record.get("by"), str)
-                    and isinstance(record.get("at"), str)
-                ):
-                    raise ValueError("not an acknowledgement")
-            except ValueError as exc:  # a line cut by a crash mid-write: the rest still count
-                log.warning("console_acknowledgement_skipped", line=number, error=str(exc))
-                continue
-            self._keep(record)
-
-    def _keep(self, record: dict[str, Any]) -> None:
-        self.by_incident.setdefault(record["incident_id"], []).append(record)
-        self._count += 1
-        while self._count > ACKS_KEPT and self.by_incident:
-            oldest = next(iter(self.by_incident))
-            self._count -= len(self.by_incident.pop(oldest))
-
-    def add(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self._keep(record)
-
-
 # ---- the board ------------------------------------------------------------------------------
 
 
@@ -451,12 +373,10 @@ class Console:
         users: Users,
         secure_cookies: bool = False,
         session_hours: float = 12,
-        acknowledgements: Path | None = None,
     ) -> None:
         self.settings = settings
         self.zone = ZoneInfo(settings.service.timezone)
         self.messages = Messages(settings)
-        self.acks = Acknowledgements(acknowledgements or users.path.parent / ACK_FILE)
         # the dispatcher's clock, as the latest live message stamped it: (its CloudEvent
         # time in epoch seconds, this process's monotonic clock when it came)
         self._heard: tuple[float, float] | None = None
@@ -698,7 +618,6 @@ class Console:
                 "dispatcher": self.dispatcher,
                 "callback_max": self.settings.callback.max_attempts,
                 "dispatcher_now": self.dispatcher_now(),
-                "acknowledgements": self.acks.by_incident,
                 **self.vocabulary(),
                 **self.board.snapshot(),
             }
@@ -706,12 +625,11 @@ class Console:
 
     def vocabulary(self) -> dict[str, Any]:
         """What the page needs to say everything in Chinese, in the deployment's time zone."""
-        categories = {f.category: f.label for f in self.settings.flagged}
         return {
             "timezone": self.settings.service.timezone,
             "outcomes": dict(OUTCOME_TEXT),
             "alert_text": ALERT_TEXT,
-            "rules": {r.id: rule_label(r.when, categories) for r in self.settings.rules},
+            "rules": {r.id: self.settings.rule_name(r.id) for r in self.settings.rules},
             "stations": {k: v.name for k, v in self.settings.stations.items()},
             "unit_names": {u.id: u.name for u in self.settings.units.values()},
         }
@@ -755,9 +673,7 @@ class Console:
                 raise web.HTTPServiceUnavailable(text="历史记录暂时无法读取，请稍后再试") from None
         if found is None:
             raise web.HTTPNotFound(text="没有这个事件")
-        return web.json_response(
-            {"incident": found, "acknowledgements": self.acks.by_incident.get(incident_id, [])}
-        )
+        return web.json_response({"incident": found})
 
     def _stored_incident(self, incident_id: str) -> dict[str, Any] | None:
         if self.store is None or not self.store.exists():
@@ -844,8 +760,6 @@ class Console:
         session = self.require(request)
         self._check_csrf(request, session)
         incident_id, action = request.match_info["incident_id"], request.match_info["action"]
-        if action == "acknowledge":
-            return await self.acknowledge(request, session, incident_id)
         if action not in ACTIONS:
             raise web.HTTPNotFound(text=f"没有这种操作：{printable(action, 40)}")
         if not INCIDENT_ID_RE.match(incident_id):
@@ -857,6 +771,15 @@ class Console:
             if not isinstance(value, str) or value not in allowed:
                 raise web.HTTPBadRequest(text=f"{name} 应为以下之一：{', '.join(allowed)}")
             data[name] = value
+        if action == "acknowledge":
+            alerts = body.get("alerts")
+            if (
+                not isinstance(alerts, list)
+                or not alerts
+                or not all(isinstance(a, str) and a in ALERT_TEXT for a in alerts)
+            ):
+                raise web.HTTPBadRequest(text="alerts 应为要确认的警报代码列表")
+            data["alerts"] = sorted(set(alerts))
         if action == "close":
             note = body.get("note")
             if note is not None and not isinstance(note, str):
@@ -897,43 +820,6 @@ class Console:
             raise web.HTTPServiceUnavailable(text=UNCONFIRMED) from None
         logged.info("console_action")
         return web.json_response({"action_id": event_id})
-
-    async def acknowledge(
-        self, request: web.Request, session: Session, incident_id: str
-    ) -> web.StreamResponse:
-        """An operator has taken on an incident's dead ends: the alarm stops for everyone and
-        the incident's timeline on the console says who and when. The dispatcher has no
-        message for it (decisions.md 65): the console keeps it, on disk."""
-        if not INCIDENT_ID_RE.match(incident_id):
-            raise web.HTTPBadRequest(text="事件编号无效")
-        body = await self._json_body(request)
-        alerts = body.get("alerts")
-        if (
-            not isinstance(alerts, list)
-            or not alerts
-            or len(alerts) > 16
-            or not all(isinstance(a, str) and len(a) <= 64 for a in alerts)
-        ):
-            raise web.HTTPBadRequest(text="alerts 应为要确认的警报代码列表")
-        incident = self.board.incidents.get(incident_id)
-        if incident is None or incident["status"] == "closed":
-            raise web.HTTPConflict(text="事件不在看板上或已结案，无需确认")
-        if not set(alerts) <= set(incident["alerts"]):
-            raise web.HTTPConflict(text="事件的警报已变化：请看清后再确认")
-        record = {
-            "incident_id": incident_id,
-            "alerts": sorted(set(alerts)),
-            "by": f"operator/{session.operator}",
-            "at": self.dispatcher_now(),
-        }
-        try:
-            await asyncio.to_thread(self.acks.add, record)
-        except OSError as exc:
-            log.error("console_acknowledgement_unsaved", error=str(exc))
-            raise web.HTTPServiceUnavailable(text="确认未能保存，请重试") from None
-        log.info("console_acknowledged", operator=session.operator, incident_id=incident_id)
-        await self.broadcast("acknowledged", record)
-        return web.json_response(record)
 
     # ---- history ---------------------------------------------------------------------------
 

@@ -130,7 +130,7 @@ def render(unit: Unit, event: dict[str, Any]) -> list[str]:
             f" {sub.get('msisdn', '')}  {sub.get('address', '地址不详')}",
             f"    涉诈号码 {inc.get('counterpart')}（{inc.get('category_label') or '未分类'}）"
             f"  风险 {SEVERITY_TEXT.get(inc.get('severity'), inc.get('severity'))} / "
-            f"{inc.get('rule')}  通话{inc.get('duration_s')}秒",
+            f"{inc.get('rule_label') or inc.get('rule')}  通话{inc.get('duration_s')}秒",
             "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果",
         ]
     if kind in ("cancelled", "notice"):

@@ -72,6 +72,16 @@ class OperatorClose(_Data):
     note: Annotated[str, Field(max_length=2000)] | None = None
 
 
+AlertCode = Literal["unknown_subscriber", "no_address", "door_exhausted", "police_exhausted"]
+
+
+class OperatorAcknowledge(_Data):
+    """An operator has taken on the incident's dead ends (its ``alerts``) by hand."""
+
+    incident_id: IncidentId
+    alerts: Annotated[list[AlertCode], Field(min_length=1, max_length=4)]
+
+
 class UnitReply(_Data):
     dispatch_id: DispatchId
 
@@ -95,6 +105,7 @@ INBOUND_TYPES: dict[str, tuple[type[_Data], TopicKind]] = {
     "cn.antifraud.operator.callback": (OperatorCallback, "actions"),
     "cn.antifraud.operator.escalate": (OperatorEscalate, "actions"),
     "cn.antifraud.operator.close": (OperatorClose, "actions"),
+    "cn.antifraud.operator.acknowledge": (OperatorAcknowledge, "actions"),
     "cn.antifraud.unit.accepted": (UnitReply, "replies"),
     "cn.antifraud.unit.declined": (UnitReply, "replies"),
     "cn.antifraud.unit.arrived": (UnitReply, "replies"),

@@ -86,6 +86,7 @@ class TimelineEntry:
     by: str
     text: str
     dispatch_id: str | None = None
+    action_id: str | None = None  # the operator action this entry records, by its event id
 
 
 @dataclass(slots=True)
@@ -112,6 +113,7 @@ class Incident:
     dispatches: dict[str, Dispatch] = field(default_factory=dict)
     slots: dict[str, Slot] = field(default_factory=dict)
     alerts: list[str] = field(default_factory=list)
+    acknowledged: list[str] = field(default_factory=list)  # alerts an operator took on
     timeline: list[TimelineEntry] = field(default_factory=list)
     seq: int = 0  # messages published for this incident: the tail of their CloudEvent ids
 
@@ -131,6 +133,7 @@ class Incident:
             key: {name: getattr(s, name) for name in _SLOT_FIELDS} for key, s in self.slots.items()
         }
         doc["alerts"] = list(self.alerts)
+        doc["acknowledged"] = list(self.acknowledged)
         doc["timeline"] = [
             {name: getattr(e, name) for name in _ENTRY_FIELDS} for e in self.timeline
         ]
@@ -278,7 +281,7 @@ class TimerFired:
     due: float
 
 
-_CONTAINERS = ("calls", "dispatches", "slots", "alerts", "timeline")
+_CONTAINERS = ("calls", "dispatches", "slots", "alerts", "acknowledged", "timeline")
 _INCIDENT_SCALARS = tuple(f.name for f in fields(Incident) if f.name not in _CONTAINERS)
 _CALL_SCALARS = tuple(f.name for f in fields(Call) if f.name != "rules")
 _DISPATCH_FIELDS = tuple(f.name for f in fields(Dispatch))

@@ -209,6 +209,7 @@ class Messages:
             "status": incident.status,
             "severity": incident.severity,
             "rule": incident.rule,
+            "rule_label": self.settings.rule_name(incident.rule),
             "subscriber": self.subscriber_detail(incident),
             "counterpart": incident.counterpart,
             "category": incident.category,
@@ -253,6 +254,7 @@ class Messages:
                 for d in incident.dispatches.values()
             ],
             "alerts": list(incident.alerts),
+            "acknowledged": list(incident.acknowledged),
             "timeline": [
                 {
                     "at": t(e.at),
@@ -260,6 +262,7 @@ class Messages:
                     "by": e.by,
                     "text": e.text,
                     "dispatch_id": e.dispatch_id,
+                    "action_id": e.action_id,
                 }
                 for e in incident.timeline
             ],
@@ -368,7 +371,7 @@ class Messages:
             f"反诈出警：{who}，地址{where}，正与涉诈号码{incident.counterpart}"
             f"（{category or '未分类'}）通话，已持续{incident.duration_s:g}秒，"
             f"风险等级{SEVERITY_TEXT.get(incident.severity, incident.severity)}"
-            f"（规则{incident.rule}）。"
+            f"（规则：{self.settings.rule_name(incident.rule)}）。"
         )
 
     # ---- reply receipts --------------------------------------------------------------------

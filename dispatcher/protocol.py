@@ -72,6 +72,10 @@ class TimelineItem(_Out):
     by: str = Field(description="dispatcher, operator/{id}, a unit id, or the subscriber")
     text: str
     dispatch_id: str | None
+    action_id: str | None = Field(
+        description="the CloudEvent id of the operator action this entry records: the "
+        "console that sent it sees it applied"
+    )
 
 
 class IncidentDetail(_Out):
@@ -81,6 +85,7 @@ class IncidentDetail(_Out):
     status: Literal["open", "escalated", "closed"]
     severity: Literal["warning", "critical"]
     rule: str = Field(description="the rule that last raised the severity")
+    rule_label: str = Field(description="that rule as operators and police read it (Chinese)")
     subscriber: SubscriberDetail
     counterpart: str
     category: str | None
@@ -100,6 +105,10 @@ class IncidentDetail(_Out):
     alerts: list[str] = Field(
         description="dead ends the operators must handle: "
         "unknown_subscriber, no_address, door_exhausted, police_exhausted"
+    )
+    acknowledged: list[str] = Field(
+        description="the alerts an operator has acknowledged (operator.acknowledge): a "
+        "console sounds its alarm for the others only"
     )
     timeline: list[TimelineItem]
 
@@ -276,6 +285,7 @@ CHANNELS: list[dict[str, Any]] = [
             "cn.antifraud.operator.callback",
             "cn.antifraud.operator.escalate",
             "cn.antifraud.operator.close",
+            "cn.antifraud.operator.acknowledge",
         ],
     },
     {

@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -167,7 +168,33 @@ class RuleSettings(_Strict):
     id: Ident
     severity: Severity
     description: str = ""
+    # what operators and police read (the timeline, the board, the apps' text); without
+    # one, the rule's conditions in words
+    label: Annotated[str, Field(min_length=1, max_length=40)] | None = None
     when: Conditions
+
+
+def conditions_text(when: Conditions, categories: dict[str, str]) -> str:
+    """A rule's conditions in words an operator reads at a glance (Chinese)."""
+    parts: list[str] = []
+    if when.vulnerable:
+        parts.append("易受骗居民")
+    elif when.vulnerable is False:
+        parts.append("非易受骗居民")
+    if when.categories:
+        parts.append("与" + "/".join(categories.get(c, c) for c in when.categories) + "号码")
+    elif when.flagged:
+        parts.append("与涉诈号码")
+    elif when.flagged is False:
+        parts.append("与非涉诈号码")
+    if when.min_duration_s is not None:
+        parts.append(f"通话满{when.min_duration_s:g}秒")
+    if when.distinct_flagged_contacts is not None:
+        c = when.distinct_flagged_contacts
+        hours = c.window_s / 3600
+        span = f"{hours:g}小时" if hours >= 1 else f"{c.window_s:g}秒"
+        parts.append(f"{span}内被{c.min_distinct}个不同涉诈号码联系")
+    return "".join(parts) or "任意通话"
 
 
 class FileSettings(_Strict):
@@ -254,6 +281,16 @@ class Settings:
         handled, not fail on every message."""
         unit = self.units.get(unit_id)
         return unit.name if unit is not None else f"{unit_id}（已不在单位配置中）"
+
+    def rule_name(self, rule_id: str) -> str:
+        """How operators and police read a rule: its ``label``, else its conditions in words
+        (a rule id no longer configured, named in an old incident, is shown as it is)."""
+        return self._rule_names.get(rule_id, rule_id)
+
+    @cached_property
+    def _rule_names(self) -> dict[str, str]:
+        categories = {f.category: f.label for f in self.flagged}
+        return {r.id: r.label or conditions_text(r.when, categories) for r in self.rules}
 
     def summary(self) -> str:
         """A one-screen description of the deployment, for ``antifraud check-config``."""

@@ -18,6 +18,7 @@ from dispatcher.inbound import (
     CallProgress,
     CallStarted,
     Inbound,
+    OperatorAcknowledge,
     OperatorCallback,
     OperatorClose,
     UnitReported,
@@ -102,6 +103,15 @@ OUT_OF_ORDER_TEXT = {
 DONE_TEXT = "已反馈结果，任务已完成"  # any reply after the unit's report
 
 
+# how the timeline names a dead end (the operators' consoles say what to do about it)
+ALERT_NAME = {
+    "unknown_subscriber": "未登记用户",
+    "no_address": "地址不明",
+    "door_exhausted": "无人可上门",
+    "police_exhausted": "无民警接警",
+}
+
+
 def outcome_text(code: str) -> str:
     return f"{OUTCOME_TEXT.get(code, code)}（{code}）"
 
@@ -118,6 +128,7 @@ class Changes:
     def __init__(self) -> None:
         self.effects: list[Effect] = []
         self.changed: dict[str, str] = {}  # incident_id -> opened / updated / closed
+        self.action_id: str | None = None  # the operator action being handled, if one is
 
     def mark(self, incident: Incident, kind: str = "updated") -> None:
         current = self.changed.get(incident.id)
@@ -329,7 +340,8 @@ class Workflow:
             now,
             "opened",
             SYSTEM,
-            f"规则{first.id}触发，事件开启" + ("" if sub else "（用户不在登记名单，地址不详）"),
+            f"规则「{self.settings.rule_name(first.id)}」触发，事件开启"
+            + ("" if sub else "（用户不在登记名单，地址不详）"),
             changes,
         )
         if sub is None:
@@ -359,7 +371,7 @@ class Workflow:
                 now,
                 "rule_fired",
                 SYSTEM,
-                f"规则{rule.id}（{SEVERITY_TEXT[rule.severity]}）触发",
+                f"规则「{self.settings.rule_name(rule.id)}」（{SEVERITY_TEXT[rule.severity]}）触发",
                 changes,
             )
         best = strongest(fresh)
@@ -395,6 +407,8 @@ class Workflow:
     def _on_action(self, msg: Inbound, now: float, changes: Changes) -> None:
         incident = self._open_incident_for(msg.data.incident_id)
         who = f"operator/{msg.party}"
+        # every entry the action leads to names it: the operator's console sees it applied
+        changes.action_id = msg.id
         if isinstance(msg.data, OperatorCallback):
             self._on_callback(incident, msg.data.result, who, now, changes)
         elif isinstance(msg.data, OperatorClose):
@@ -408,8 +422,45 @@ class Workflow:
                 changes,
             )
             self._close(incident, msg.data.outcome, now, who, changes, note=msg.data.note)
+        elif isinstance(msg.data, OperatorAcknowledge):
+            self._on_acknowledge(incident, msg.data.alerts, who, now, changes)
         else:
             self._on_escalate(incident, who, now, changes)
+
+    def _on_acknowledge(
+        self, incident: Incident, alerts: list[str], who: str, now: float, changes: Changes
+    ) -> None:
+        """An operator takes the incident's dead ends on by hand: the consoles stop sounding
+        their alarm. Only the dead ends the incident has can be acknowledged (what the
+        operator saw); a dead end that comes later sounds again."""
+        unknown = [a for a in alerts if a not in incident.alerts]
+        if unknown:
+            raise InputError(
+                f"incident {incident.id} has no alert {', '.join(unknown)}: its alerts are "
+                + (", ".join(incident.alerts) or "none")
+            )
+        new = [a for a in dict.fromkeys(alerts) if a not in incident.acknowledged]
+        if not new:
+            self._note(
+                incident,
+                now,
+                "acknowledge_ignored",
+                who,
+                "警报已有人确认，本次操作无变化",
+                changes,
+                repeatable=True,
+            )
+            return
+        incident.acknowledged.extend(new)
+        self._note(
+            incident,
+            now,
+            "acknowledged",
+            who,
+            "接线员确认警报，转人工处置：" + "、".join(ALERT_NAME.get(a, a) for a in new),
+            changes,
+        )
+        changes.mark(incident)
 
     def _on_callback(
         self, incident: Incident, result: str, who: str, now: float, changes: Changes
@@ -892,7 +943,14 @@ class Workflow:
                 f"时间线已达{MAX_TIMELINE}条：此后不改变事件的通话与操作不再逐条记录",
                 None,
             )
-        entry = TimelineEntry(at=now, kind=kind, by=by, text=text, dispatch_id=dispatch_id)
+        entry = TimelineEntry(
+            at=now,
+            kind=kind,
+            by=by,
+            text=text,
+            dispatch_id=dispatch_id,
+            action_id=changes.action_id,
+        )
         incident.timeline.append(entry)
         changes.effects.append(Noted(incident.id, entry))
 

@@ -16,7 +16,6 @@ from typing import Any
 import aiomqtt
 import pytest
 from aiohttp import ClientSession, CookieJar, web
-from scenario import INVESTMENT, STRANGER, Player, Script
 
 from adapters.broker import Mosquitto, free_port, mosquitto_binary
 from adapters.console import (
@@ -438,6 +437,13 @@ def test_the_default_time_zone_is_the_deployments_and_a_wrong_one_is_named(
 def test_the_dispatchers_refusals_are_told_in_chinese() -> None:
     assert refusal_text("incident INC-X is closed") == "事件已结案，操作未执行"
     assert "没有这个事件" in refusal_text("unknown incident INC-NOPE")
+    assert refusal_text("incident INC-X has no alert no_address: its alerts are none") == (
+        "事件的警报已变化：请看清后再确认"
+    )
+    invalid = "invalid data: data.alerts: List should have at least 1 item after validation"
+    assert refusal_text(invalid) == "操作内容无效，调度服务未执行"
+    assert refusal_text("CloudEvent 'time': bad") == "操作内容无效，调度服务未执行"
+    assert refusal_text("unknown type 'cn.antifraud.operator.x'") == "调度服务不接受这种操作"
     assert "限流" in refusal_text("rate limit: op-01 sent more than 50 messages/s (bursts of 500)")
     unknown = refusal_text("something new went wrong")
     assert unknown.startswith("调度服务拒绝了此操作") and "something new went wrong" in unknown
@@ -451,55 +457,6 @@ def test_the_dispatchers_refusals_are_told_in_chinese() -> None:
         re.search(r"请", text) and not re.search(r"[a-z]_[a-z]", text)
         for text in ALERT_TEXT.values()
     )
-
-
-async def test_an_acknowledgement_says_who_and_survives_a_console_restart(
-    settings: Settings, broker: Mosquitto, tmp_path: Path
-) -> None:
-    """A dead end (a resident not in the registry) is acknowledged by an operator: the record
-    says who and when, every browser hears it, and a console started again still has it."""
-    script = Script().call(0, "C-ACK", STRANGER, INVESTMENT, 200)
-    result = await Player(settings, tmp_path)(script)
-    events = [
-        m["payload"]
-        for m in result.outbox()
-        if m["topic"] == "antifraud/v1/operators/incidents" and m["payload"]
-    ]
-    incident = "INC-C-ACK"
-    assert "unknown_subscriber" in events[-1]["data"]["alerts"]
-    async with (
-        serving(settings, broker, tmp_path) as (base, console),
-        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
-    ):
-        for event in events:
-            await console.handle_message(
-                "antifraud/v1/operators/incidents", json.dumps(event).encode()
-            )
-        state = await login(http, base)
-        headers = {"X-CSRF-Token": state["csrf"]}
-        url = f"{base}/api/incidents/{incident}/acknowledge"
-        async with http.post(url, json={"alerts": ["unknown_subscriber"]}) as response:
-            assert response.status == 403  # the CSRF token is needed, as for every action
-        async with http.post(url, json={}, headers=headers) as response:
-            assert response.status == 400
-        async with http.post(url, json={"alerts": ["door_exhausted"]}, headers=headers) as response:
-            assert response.status == 409  # not the incident's alert: nothing to acknowledge
-        async with http.ws_connect(f"{base}/ws") as ws:
-            async with http.post(
-                url, json={"alerts": ["unknown_subscriber"]}, headers=headers
-            ) as response:
-                assert response.status == 200
-                record = await response.json()
-            frame = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
-        assert frame == {"kind": "acknowledged", "data": record}
-        assert record["by"] == "operator/op-01" and record["alerts"] == ["unknown_subscriber"]
-        assert record["at"].endswith("Z")
-    async with (
-        serving(settings, broker, tmp_path) as (base, console),
-        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
-    ):
-        state = await login(http, base)
-        assert state["acknowledgements"][incident] == [record]
 
 
 async def test_an_incident_off_the_board_opens_from_the_store_and_the_favicon_is_served(

@@ -340,6 +340,7 @@ async def test_dead_ends_alarm_until_acknowledged_on_a_board_sorted_by_urgency(
         assert await page.evaluate("document.documentElement.scrollWidth") <= 1366
 
         await dead.locator('button[data-action="acknowledge"]').click()
+        await expect(dead.locator(".feedback")).to_contain_text("已生效", timeout=10_000)
         await expect(dead.locator('button[data-action="acknowledge"]')).to_have_count(0)
         stopped = await page.evaluate(alarm)
         assert not stopped["active"], stopped
@@ -348,13 +349,14 @@ async def test_dead_ends_alarm_until_acknowledged_on_a_board_sorted_by_urgency(
         await dead.click()
         acknowledged = detail.locator('li[data-kind="acknowledged"]')
         await expect(acknowledged).to_contain_text("接线员 op-01")
+        await expect(acknowledged).to_contain_text("确认警报，转人工处置：未登记用户")
         # the timeline speaks one language: no rule ids, station codes or "dispatcher"
         for text in await detail.locator(".timeline li").all_inner_texts():
             assert not re.search(r"[A-Za-z_]{4,}", text), text
         await detail.locator("button.close-detail").click()
         await expect(detail).to_be_hidden()
 
-        await page.reload()  # the acknowledgement was the console's to keep
+        await page.reload()  # the dispatcher holds the acknowledgement
         await expect(dead).to_be_visible()
         await expect(dead.locator('button[data-action="acknowledge"]')).to_have_count(0)
         assert not (await page.evaluate(alarm))["active"]

@@ -19,7 +19,7 @@ const ACTION_LABEL = {
 const CLOSE_OUTCOMES = ["prevented", "loss", "false_alarm", "unreachable"];
 const state = {
   operator: null, csrf: null, incidents: new Map(), viewed: new Map(), units: [], selected: null,
-  seen: new Set(), first: true, offset: 0, acks: new Map(), feedback: new Map(), drafts: new Map(),
+  seen: new Set(), first: true, offset: 0, feedback: new Map(), drafts: new Map(),
   vocab: { outcomes: {}, alert_text: {}, rules: {}, stations: {}, unit_names: {}, timezone: "Asia/Shanghai" },
   feed: "connecting",
 };
@@ -148,18 +148,13 @@ function setAlarm(active) {
 setInterval(() => { if (alarm.active) beep(true); }, 1500);
 document.addEventListener("click", () => { if (alarm.ctx && alarm.ctx.state === "suspended") alarm.ctx.resume(); });
 
-function acknowledged(inc) {
-  const done = new Set((state.acks.get(inc.incident_id) || []).flatMap((a) => a.alerts));
-  return inc.alerts.every((a) => done.has(a));
-}
+// the dispatcher records who acknowledged which dead end; one that comes later sounds again
+const acknowledged = (inc) => inc.alerts.every((a) => (inc.acknowledged || []).includes(a));
 const deadEnd = (inc) => inc.status !== "closed" && inc.alerts.length > 0;
 const alarming = (inc) => deadEnd(inc) && !acknowledged(inc);
 
 // ---- actions and their feedback -----------------------------------------------------------
 
-function mine(inc) {
-  return inc.timeline.filter((t) => t.by === `operator/${state.operator}`).length;
-}
 function feedback(id, status, text) {
   const current = state.feedback.get(id) || {};
   state.feedback.set(id, { ...current, status, text });
@@ -168,7 +163,7 @@ function feedback(id, status, text) {
 
 async function act(inc, action, body, word) {
   const id = inc.incident_id;
-  state.feedback.set(id, { status: "sent", text: word, mark: mine(inc), action });
+  state.feedback.set(id, { status: "sent", text: word, action });
   renderBoard();
   let response;
   try {
@@ -192,17 +187,24 @@ async function act(inc, action, body, word) {
     current.actionId = answer.action_id;
     const early = earlyRefusals.get(answer.action_id);
     if (early) feedback(id, "refused", early.text || early.reason);
-    else if (action === "acknowledge") feedback(id, "applied", word);
+    else {
+      const known = state.incidents.get(id) || state.viewed.get(id);
+      if (known && applied(known)) renderBoard();  // its update may have come before this answer
+    }
   }
 }
 // a refusal may come over the socket before the POST that sent the action has returned
 const earlyRefusals = new Map();
 
+// applied once the incident's timeline holds an entry recording this very action
 function applied(inc) {
   const pending = state.feedback.get(inc.incident_id);
-  if (pending && pending.status === "sent" && pending.action !== "acknowledge" && mine(inc) > pending.mark) {
+  if (pending && pending.status === "sent" && pending.actionId
+      && inc.timeline.some((t) => t.action_id === pending.actionId)) {
     pending.status = "applied";
+    return true;
   }
+  return false;
 }
 
 function refused(data) {
@@ -380,11 +382,7 @@ function renderBoard() {
 function select(id) { state.selected = id; renderDetail(); }
 
 function timeline(inc) {
-  const acks = (state.acks.get(inc.incident_id) || []).map((a) => ({
-    at: a.at, kind: "acknowledged", by: a.by, text: `确认警报，人工处置：${a.alerts.map(alertText).join("；")}`,
-  }));
-  const items = [...inc.timeline, ...acks].sort((a, b) => a.at.localeCompare(b.at));
-  return el("ol", { class: "timeline" }, items.map((t) =>
+  return el("ol", { class: "timeline" }, inc.timeline.map((t) =>
     el("li", { "data-kind": t.kind, class: t.kind === "alert" || t.kind === "acknowledged" ? t.kind : "" },
       el("time", {}, time(t.at)), el("b", {}, who(t.by)), " ", readable(t.text))));
 }
@@ -444,9 +442,8 @@ async function search(event) {
 async function view(id) {
   const response = await fetch(`/api/incidents/${encodeURIComponent(id)}`, { credentials: "same-origin" });
   if (!response.ok) { toast(await response.text()); return; }
-  const { incident, acknowledgements } = await response.json();
+  const { incident } = await response.json();
   state.viewed.set(id, incident);
-  if (acknowledgements.length) state.acks.set(id, acknowledgements);
   select(id);
 }
 
@@ -462,10 +459,6 @@ function connect() {
     if (kind === "incident") { state.incidents.set(data.incident_id, data); renderBoard(); }
     else if (kind === "units") { state.units = data; renderUnits(); }
     else if (kind === "refused") refused(data);
-    else if (kind === "acknowledged") {
-      state.acks.set(data.incident_id, [...(state.acks.get(data.incident_id) || []), data]);
-      renderBoard();
-    }
     else if (kind === "connection") setLink(data.feed);
     else if (kind === "dispatcher") setDispatcher(data.state);
   };
@@ -510,7 +503,6 @@ async function load() {
   state.vocab = { timezone: data.timezone, outcomes: data.outcomes, alert_text: data.alert_text,
                   rules: data.rules, stations: data.stations, unit_names: data.unit_names };
   setZone(data.timezone);
-  state.acks = new Map(Object.entries(data.acknowledgements));
   for (const inc of data.incidents) state.incidents.set(inc.incident_id, inc);
   state.live = true;
   $("#operator").textContent = `接线员 ${data.operator}`;
