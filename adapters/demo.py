@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import heapq
 import json
+import re
 import tempfile
 import time
 import uuid
@@ -149,6 +150,9 @@ def _pressed(payload: dict[str, Any]) -> str:
     return f"按下：{verb}"
 
 
+OUTCOME_CODE = re.compile(r"（[a-z_]+）")
+
+
 class Console:
     """The operator console feed, shown on the timeline, driving the simulated operator."""
 
@@ -195,7 +199,8 @@ class Console:
                 )
             )
             at = event_epoch(entry["at"]) if isinstance(entry["at"], str) else None
-            self.timeline.say(who, f"{incident}  {entry['text']}", at=at, rank=0)
+            text = OUTCOME_CODE.sub("", entry["text"])  # the code beside a word is for machines
+            self.timeline.say(who, f"{incident}  {text}", at=at, rank=0)
         self.shown[incident] = len(timeline)
         if self.expected and all(self.status.get(i) == "closed" for i in self.expected):
             self.all_closed.set()

@@ -11,7 +11,7 @@ which is how a restarted process finds them again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from dispatcher.errors import InputError
 from dispatcher.inbound import (
@@ -428,7 +428,7 @@ class Workflow:
             self._on_escalate(incident, who, now, changes)
 
     def _on_acknowledge(
-        self, incident: Incident, alerts: list[str], who: str, now: float, changes: Changes
+        self, incident: Incident, alerts: Sequence[str], who: str, now: float, changes: Changes
     ) -> None:
         """An operator takes the incident's dead ends on by hand: the consoles stop sounding
         their alarm. Only the dead ends the incident has can be acknowledged (what the

@@ -756,7 +756,8 @@ async def test_the_demo_runs_to_the_end(settings: Settings, kind: str, tmp_path:
     text = out.getvalue()
     assert code == 0, text
     assert "the live run ends as its replay does" in text
-    assert "G-YJ-CH-01 ▶ 接受" in text and "事件结案：已阻止（prevented）" in text
+    assert "G-YJ-CH-01 ▶ 接受" in text and "事件结案：已阻止\n" in text
+    assert "（prevented）" not in text and "（dissuaded）" not in text  # words, not codes
 
 
 def test_the_live_clock_is_not_moved_by_a_step_of_the_system_clock() -> None:

@@ -241,7 +241,7 @@ function residentFacts(inc, full) {
   return el("dl", { class: "facts" },
     el("dt", {}, "居民"), el("dd", { class: "big" }, sub.known ? `${sub.name}（${sub.display_name}）` : "未登记用户",
       sub.vulnerable ? el("span", { class: "tag vulnerable" }, "易受骗人群") : null),
-    el("dt", {}, "小区"), el("dd", {}, sub.estate_name ? `${sub.estate_name}（${sub.estate}）` : "—"),
+    el("dt", {}, "小区"), el("dd", {}, sub.estate_name || "—"),
     el("dt", {}, "地址"), el("dd", {}, sub.address || "地址不详"),
     el("dt", {}, "手机"), el("dd", {}, sub.msisdn),
     el("dt", {}, "涉诈号码"), el("dd", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
