@@ -181,6 +181,95 @@ def write_active(path: Path, settings: Settings, calls: int, seed: int = 11) -> 
             writer.call(60.0 * i / calls, "started", f"AC-{i:07d}", sub, other)
 
 
+def write_wave(folder: Path, settings: Settings, cases: int, seed: int = 13) -> tuple[Path, int]:
+    """A scam wave: a synthetic county with, per case, one estate (two guards and a grid
+    worker), a station (a patrol and a quick-police platform) and a resident, and ``cases``
+    door-knocks whose calls all start within ten minutes: critical, three unanswered
+    callbacks, escalation, the first guard and the patrol accept, arrive and report. Returns
+    the deployment written into ``folder`` (its rules, timings and limits are ``settings``')
+    and the number of lines of ``folder/wave.jsonl``."""
+    rng = random.Random(seed)
+    flagged = next(f.pattern for f in settings.flagged if f.match == "exact")
+    registries = folder / "wave"
+    registries.mkdir(parents=True, exist_ok=True)
+    estates = ["id,name,kind,township,grid,station,address"]
+    units = ["id,kind,channel,estate,grid,station,name"]
+    subscribers = ["msisdn,name,display_name,estate,address,grid,vulnerable"]
+    stations = []
+    for k in range(cases):
+        estate, grid, station = f"E-W{k:05d}", f"GR-{k:05d}", f"PS-W{k:05d}"
+        estates.append(f"{estate},小区{k},estate,街道,{grid},{station},县城路{k}号")
+        units += [
+            f"G-W{k:05d}-1,guard,radio,{estate},,{station},保安甲{k}",
+            f"G-W{k:05d}-2,guard,radio,{estate},,{station},保安乙{k}",
+            f"W-W{k:05d},grid_worker,radio,,{grid},{station},网格员{k}",
+            f"P-W{k:05d},police,app,,,{station},巡逻{k}",
+            f"Q-W{k:05d},quick_police,app,,,{station},快警{k}",
+        ]
+        subscribers.append(f"+86135{k:08d},居民{k},居民{k},{estate},{k}栋101,{grid},false")
+        stations.append(f'[stations.{station}]\nname = "派出所{k}"\n')
+    for name, table in (("estates", estates), ("units", units), ("subscribers", subscribers)):
+        (registries / f"{name}.csv").write_text("\n".join(table) + "\n", encoding="utf-8")
+    flagged_csv = settings.path.parent / settings_registry(settings, "flagged_numbers")
+    (registries / "flagged_numbers.csv").write_bytes(flagged_csv.read_bytes())
+    toml = settings.path.read_text(encoding="utf-8")
+    head, _, rest = toml.partition("[registries]")
+    tail = rest[rest.index("[callback]") :]
+    (folder / "wave.toml").write_text(
+        head.replace(f'default_station = "{settings.service.default_station}"',
+                     'default_station = "PS-W00000"')
+        + "[registries]\n"
+        + 'estates = "wave/estates.csv"\nunits = "wave/units.csv"\n'
+        + 'subscribers = "wave/subscribers.csv"\nflagged_numbers = "wave/flagged_numbers.csv"\n\n'
+        + "\n".join(stations)
+        + "\n"
+        + tail,
+        encoding="utf-8",
+    )  # fmt: skip
+    rows: list[tuple[float, int, str, tuple[Any, ...]]] = []
+
+    def add(at: float, kind: str, *args: Any) -> None:
+        rows.append((at, len(rows), kind, args))
+
+    for k in range(cases):
+        start = rng.uniform(0, 600)
+        sub, call_id = f"+86135{k:08d}", f"WV-{k:05d}"
+        incident = incident_of_call(call_id)
+        guard, patrol = f"G-W{k:05d}-1", f"P-W{k:05d}"
+        add(start, "call", "started", call_id, sub, flagged)
+        for n in range(1, 12):
+            add(start + 30 * n, "call", "progress", call_id, sub, flagged, 30.0 * n)
+        for n in range(3):
+            add(start + 190 + 10 * n, "action", "callback",
+                {"incident_id": incident, "result": "no_answer"})  # fmt: skip
+        add(start + 225, "reply", guard, "accepted", f"{incident}:{guard}")
+        add(start + 235, "reply", patrol, "accepted", f"{incident}:{patrol}")
+        add(start + 400, "reply", guard, "arrived", f"{incident}:{guard}")
+        add(start + 450, "reply", patrol, "arrived", f"{incident}:{patrol}")
+        add(start + 500, "reply", guard, "reported", f"{incident}:{guard}", "dissuaded")
+        add(start + 520, "reply", patrol, "reported", f"{incident}:{patrol}", "dissuaded")
+        add(start + 560, "call", "ended", call_id, sub, flagged, 560.0)
+    rows.sort()
+    with (folder / "wave.jsonl").open("w", encoding="utf-8") as handle:
+        writer = DayWriter(handle, settings.service.region)
+        for at, _, kind, args in rows:
+            if kind == "call":
+                writer.call(at, *args)
+            elif kind == "action":
+                writer.action(at, args[0], args[1])
+            else:
+                writer.reply(at, *args)
+        return folder / "wave.toml", writer.lines
+
+
+def settings_registry(settings: Settings, name: str) -> str:
+    """A registry's path as the deployment's file names it."""
+    import tomllib
+
+    raw = tomllib.loads(settings.path.read_text(encoding="utf-8"))
+    return str(raw["registries"][name])
+
+
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -231,6 +320,39 @@ def _run_child(mode: str, config: str, recording: Path) -> dict[str, Any]:
         text=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def run_wave_bench(settings: Settings, cases: int, events: int) -> int:
+    """A scam wave of ``cases`` door-knocks beside one tenth of it and the clean day of
+    ``events`` events, in one run: the wave's lines/s against the day's, its per-line cost
+    as it grows, and its peak memory."""
+    with tempfile.TemporaryDirectory(prefix="antifraud-bench-wave-") as tmp:
+        day = Path(tmp) / "day.jsonl"
+        day_lines = write_day(day, settings, events)
+        day_run = _run_child("replay", str(settings.path), day)
+        day_rate = day_lines / day_run["seconds"]
+        print(f"clean day: {day_lines:,} lines in {day_run['seconds']:.2f} s "
+              f"({day_rate:,.0f} lines/s)")  # fmt: skip
+        per_line: dict[int, float] = {}
+        for n in sorted({max(cases // 10, 1), cases}):
+            folder = Path(tmp) / f"wave-{n}"
+            config, lines = write_wave(folder, settings, n)
+            run = _run_child("replay", str(config), folder / "wave.jsonl")
+            rate = lines / run["seconds"]
+            per_line[n] = run["seconds"] / lines
+            print(
+                f"wave of {n:,} cases: {lines:,} lines in {run['seconds']:.2f} s "
+                f"({rate:,.0f} lines/s, {rate / day_rate:.2f} × the clean day's; target >= 0.2), "
+                f"{run['incidents']:,} incidents, {run['rejected']} rejected, "
+                f"peak RSS {run['rss_mb']:.0f} MB (target <= 200 at 5,000 cases)"
+            )
+        if len(per_line) == 2:
+            small, large = sorted(per_line)
+            print(
+                f"per-line cost at {large:,} cases / at {small:,}: "
+                f"{per_line[large] / per_line[small]:.2f} (target <= 1.25)"
+            )
+    return 0
 
 
 def run_replay_bench(settings: Settings, events: int, active: int, repeat: int = 3) -> int:

@@ -349,7 +349,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from adapters.bench_replay import run_replay_bench
+    from adapters.bench_replay import run_replay_bench, run_wave_bench
+
+    if args.wave:
+        return run_wave_bench(_settings(args.config), args.wave, args.events)
 
     return run_replay_bench(
         _settings(args.config), events=args.events, active=args.active, repeat=args.repeat
@@ -559,6 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrently active calls for the memory figure",
     )
     b.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is shown)")
+    b.add_argument(
+        "--wave",
+        type=int,
+        metavar="N",
+        help="instead: a scam wave of N door-knock cases within ten minutes (and one of N/10), "
+        "against the clean day of --events",
+    )
     b.set_defaults(func=cmd_bench, quiet=True)
     b = bench.add_parser("live", help="the dispatcher on a private Mosquitto: rate and latency")
     b.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
