@@ -49,6 +49,7 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from adapters.mqtt import Backoff, BrokerURL, open_client, publish_acknowledged
+from adapters.store import stored_timeline
 from dispatcher.errors import BrokerError, InputError
 from dispatcher.inbound import (
     INCIDENT_ID_RE,
@@ -681,9 +682,11 @@ class Console:
         with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
             row = db.execute("SELECT doc FROM incidents WHERE id = ?", (incident_id,)).fetchone()
             origin = self._origin(db)
-        if row is None:
-            return None
-        return self.messages.incident_detail(Incident.from_doc(json.loads(row[0])), origin)
+            if row is None:
+                return None
+            timeline = stored_timeline(db, incident_id)
+        incident = Incident.from_doc(json.loads(row[0]), timeline)
+        return self.messages.incident_detail(incident, origin)
 
     @staticmethod
     def _origin(db: sqlite3.Connection) -> float:
@@ -1090,12 +1093,48 @@ class Console:
             incident = model.data.model_dump(mode="json")
             if retained and tail[1] != incident["incident_id"]:
                 raise Refused(f"incident {incident['incident_id']} on another incident's topic")
+            await self._whole_timeline(incident)
             self.board.put(incident)
             self._hear(model.time, retained_copy)
             await self.broadcast("incident", incident, model.time if not retained_copy else None)
             await self.broadcast("units", self.board.units())
         else:
             raise Refused("not a topic the console reads")
+
+    async def _whole_timeline(self, incident: dict[str, Any]) -> None:
+        """An update carries only the entries it added (from ``timeline_from`` on): put them
+        after what the board already has. When the board lacks some (the console started
+        after them, or its session lost them), the store has the whole timeline; without
+        the store, ``timeline_missing`` says how many entries the page cannot show."""
+        start = incident.pop("timeline_from", 0)
+        incident["timeline_missing"] = 0
+        if start == 0:
+            return
+        known = self.board.incidents.get(incident["incident_id"])
+        have: list[dict[str, Any]] = known["timeline"] if known else []
+        missing = known.get("timeline_missing", 0) if known else start
+        if known is not None and len(have) + missing >= start:
+            kept = have[: start - missing] if start - missing >= 0 else []
+            incident["timeline"] = kept + incident["timeline"]
+            incident["timeline_missing"] = min(missing, start)
+            return
+        if self._reads_store():
+            try:
+                stored = await asyncio.to_thread(self._stored_items, incident["incident_id"])
+            except sqlite3.Error as exc:
+                log.warning("console_history_unavailable", error=str(exc))
+            else:
+                if len(stored) >= start:
+                    incident["timeline"] = stored[:start] + incident["timeline"]
+                    return
+        incident["timeline"] = have + incident["timeline"]
+        incident["timeline_missing"] = start - len(have)
+
+    def _stored_items(self, incident_id: str) -> list[dict[str, Any]]:
+        """An incident's whole timeline as the store holds it, as incident messages carry it."""
+        assert self.store is not None
+        with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
+            return self.messages.timeline_items(stored_timeline(db, incident_id), self._origin(db))
 
     # ---- presence --------------------------------------------------------------------------
 

@@ -185,8 +185,9 @@ class Console:
         data = json.loads(bytes(message.payload))["data"]
         incident = data["incident_id"]
         self.status[incident] = data["status"]
-        timeline = data["timeline"]
-        for entry in timeline[self.shown.get(incident, 0) :]:
+        # each message carries the entries from timeline_from on; show each entry once
+        start, shown = data["timeline_from"], self.shown.get(incident, 0)
+        for entry in data["timeline"][max(shown - start, 0) :]:
             who = (
                 "🖥 console"
                 if entry["by"] == "dispatcher"
@@ -201,7 +202,7 @@ class Console:
             at = event_epoch(entry["at"]) if isinstance(entry["at"], str) else None
             text = OUTCOME_CODE.sub("", entry["text"])  # the code beside a word is for machines
             self.timeline.say(who, f"{incident}  {text}", at=at, rank=0)
-        self.shown[incident] = len(timeline)
+        self.shown[incident] = max(shown, start + len(data["timeline"]))
         if self.expected and all(self.status.get(i) == "closed" for i in self.expected):
             self.all_closed.set()
         critical = data["severity"] == "critical" or data["status"] == "escalated"

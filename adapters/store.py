@@ -71,7 +71,7 @@ import structlog
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 T = TypeVar("T")
 log = structlog.get_logger("store")
 CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
@@ -173,6 +173,11 @@ CREATE INDEX IF NOT EXISTS outbox_dead_letters ON outbox (at) WHERE type = '{DEA
     # reply is answered with its receipt again) without scanning the outbox
     3: f"""
 CREATE INDEX IF NOT EXISTS outbox_receipts ON outbox (at) WHERE type = '{RECEIPT}';
+""",
+    # 5: a timeline entry names the operator action it came of; the incident's document no
+    # longer repeats its timeline, which these rows alone now hold
+    4: """
+ALTER TABLE timeline ADD COLUMN action_id TEXT;
 """,
 }
 
@@ -751,7 +756,11 @@ class Store:
         latest = float(meta.get("clock", "0") or 0) if now_hint is None else now_hint
         for incident_id, status, closed_at, doc in rows:
             ids.add(incident_id)
-            if status != "closed" or closed_at + retention_s > latest:
+            if status != "closed":  # an open incident's timeline goes on
+                incidents.append(
+                    Incident.from_doc(json.loads(doc), await self.timeline(incident_id))
+                )
+            elif closed_at + retention_s > latest:  # a closed one's was said in full
                 incidents.append(Incident.from_doc(json.loads(doc)))
         contacts = [
             (s, at, c)
@@ -781,6 +790,11 @@ class Store:
         ]
         return Snapshot(meta, incidents, ids, contacts, presence, inbound, receipts)
 
+    async def timeline(self, incident_id: str) -> list[TimelineEntry]:
+        return timeline_rows(
+            await self.db.execute_fetchall(TIMELINE_SELECT, (incident_id,))
+        )
+
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in await self.db.execute_fetchall(sql, tuple(params))]
 
@@ -796,7 +810,15 @@ class Store:
 
     def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None:
         self._batch.timeline.append(
-            (incident_id, entry.at, entry.kind, entry.by, entry.text, entry.dispatch_id)
+            (
+                incident_id,
+                entry.at,
+                entry.kind,
+                entry.by,
+                entry.text,
+                entry.dispatch_id,
+                entry.action_id,
+            )
         )
 
     def add_outbox(self, at: float, message: Publish, sent: bool) -> None:
@@ -1034,6 +1056,32 @@ class Store:
         return str(row[0]) if row else "no answer"
 
 
+TIMELINE_SELECT = (
+    "SELECT at, kind, by, text, dispatch_id, action_id FROM timeline WHERE incident_id = ? "
+    "ORDER BY seq"
+)
+
+
+def timeline_rows(rows: Iterable[Any]) -> list[TimelineEntry]:
+    """An incident's timeline from its rows (``TIMELINE_SELECT``)."""
+    return [
+        TimelineEntry(at=at, kind=kind, by=by, text=text, dispatch_id=d, action_id=a)
+        for at, kind, by, text, d, a in rows
+    ]
+
+
+def stored_timeline(db: sqlite3.Connection, incident_id: str) -> list[TimelineEntry]:
+    """An incident's timeline read from a store, also from one a dispatcher not yet upgraded
+    still holds at schema 4 (its entries name no action)."""
+    try:
+        return timeline_rows(db.execute(TIMELINE_SELECT, (incident_id,)))
+    except sqlite3.OperationalError as exc:
+        if "action_id" not in str(exc):
+            raise
+        legacy = TIMELINE_SELECT.replace("action_id", "NULL")
+        return timeline_rows(db.execute(legacy, (incident_id,)))
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode("utf-8")  # compact, UTF-8 as is
 
@@ -1159,7 +1207,7 @@ def _write(
             if rows.timeline:
                 db.executemany(
                     "INSERT INTO timeline (incident_id, at, kind, by, text, "
-                    "dispatch_id) VALUES (?,?,?,?,?,?)",
+                    "dispatch_id, action_id) VALUES (?,?,?,?,?,?,?)",
                     rows.timeline,
                 )
             if outbox:

@@ -21,7 +21,8 @@ SlotName = Literal["door", "police", "notice"]
 ENGAGED: frozenset[str] = frozenset({"accepted", "arrived"})  # busy: accepted, not reported
 AWAITING_REPLY: frozenset[str] = ENGAGED | {"offered"}  # the unit has yet to answer or report
 # (incident id, its document or None when not in memory, whether it was ever opened)
-IncidentCopies = list[tuple[str, dict[str, Any] | None, bool]]
+# (incident id, its document then, whether it was known, its timeline list and its length then)
+IncidentCopies = list[tuple[str, dict[str, Any] | None, bool, list[Any] | None, int]]
 
 
 def incident_of_call(call_id: str) -> str:
@@ -115,6 +116,7 @@ class Incident:
     alerts: list[str] = field(default_factory=list)
     acknowledged: list[str] = field(default_factory=list)  # alerts an operator took on
     timeline: list[TimelineEntry] = field(default_factory=list)
+    timeline_said: int = 0  # entries the incident's messages have carried so far
     seq: int = 0  # messages published for this incident: the tail of their CloudEvent ids
 
     def to_doc(self) -> dict[str, Any]:
@@ -134,18 +136,19 @@ class Incident:
         }
         doc["alerts"] = list(self.alerts)
         doc["acknowledged"] = list(self.acknowledged)
-        doc["timeline"] = [
-            {name: getattr(e, name) for name in _ENTRY_FIELDS} for e in self.timeline
-        ]
         return doc
 
     @classmethod
-    def from_doc(cls, doc: dict[str, Any]) -> Incident:
+    def from_doc(cls, doc: dict[str, Any], timeline: list[TimelineEntry] | None = None) -> Incident:
+        """The incident of ``doc`` (``to_doc``), with ``timeline``: the timeline is kept apart,
+        row by row, so that a change writes only what it added (a document written before
+        that still holds one, which the rows repeat: it is ignored)."""
         doc = dict(doc)
+        doc.pop("timeline", None)
         doc["calls"] = {k: Call(**v) for k, v in doc["calls"].items()}
         doc["dispatches"] = {k: Dispatch(**v) for k, v in doc["dispatches"].items()}
         doc["slots"] = {k: Slot(**v) for k, v in doc["slots"].items()}
-        doc["timeline"] = [TimelineEntry(**t) for t in doc["timeline"]]
+        doc["timeline"] = timeline if timeline is not None else []
         return cls(**doc)
 
     def next_id(self, stem: str) -> str:
@@ -181,19 +184,21 @@ class State:
     def snapshot(self, incident_ids: Iterable[str]) -> IncidentCopies:
         """Copies of these incidents as they are now (None: not in memory), for ``restore``."""
         incidents, known = self.incidents, self.known_incident_ids
-        return [
-            (
-                i,
-                incident.to_doc() if (incident := incidents.get(i)) is not None else None,
-                i in known,
-            )
-            for i in incident_ids
-        ]
+        copies: IncidentCopies = []
+        for i in incident_ids:
+            incident = incidents.get(i)
+            if incident is None:
+                copies.append((i, None, i in known, None, 0))
+            else:  # the timeline only grows (or is let go at close): its length is its copy
+                copies.append(
+                    (i, incident.to_doc(), True, incident.timeline, len(incident.timeline))
+                )
+        return copies
 
     def restore(self, snapshot: IncidentCopies) -> None:
         """Put these incidents, and every index over them, back as ``snapshot`` found them:
         undoes a step that failed half-way."""
-        for incident_id, doc, known in snapshot:
+        for incident_id, doc, known, timeline, length in snapshot:
             current = self.incidents.pop(incident_id, None)
             if current is not None:
                 for call_id in current.calls:
@@ -205,7 +210,9 @@ class State:
                     if self.busy.get(d.unit) == d.id:
                         del self.busy[d.unit]
             if doc is not None:
-                self.adopt(Incident.from_doc(doc))
+                assert timeline is not None
+                del timeline[length:]
+                self.adopt(Incident.from_doc(doc, timeline))
             elif not known:
                 self.known_incident_ids.discard(incident_id)
 
@@ -286,4 +293,3 @@ _INCIDENT_SCALARS = tuple(f.name for f in fields(Incident) if f.name not in _CON
 _CALL_SCALARS = tuple(f.name for f in fields(Call) if f.name != "rules")
 _DISPATCH_FIELDS = tuple(f.name for f in fields(Dispatch))
 _SLOT_FIELDS = tuple(f.name for f in fields(Slot))
-_ENTRY_FIELDS = tuple(f.name for f in fields(TimelineEntry))

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from dispatcher.model import Dispatch, Incident, Publish
+from dispatcher.model import Dispatch, Incident, Publish, TimelineEntry
 from dispatcher.settings import Settings
 from rules.flagged import FlaggedNumbers
 
@@ -149,9 +149,10 @@ class Messages:
     # ---- incidents -------------------------------------------------------------------------
 
     def incident_changed(
-        self, incident: Incident, kind: str, at: float, origin: float
+        self, incident: Incident, kind: str, at: float, origin: float, timeline_from: int = 0
     ) -> list[Publish]:
-        """``kind`` is opened, updated or closed: to the operators and the retained state topic."""
+        """``kind`` is opened, updated or closed: to the operators and the retained state topic,
+        with the timeline from entry ``timeline_from`` on."""
         type_ = f"cn.antifraud.incident.{kind}"
         event = self.envelope(
             incident.next_id(incident.id),
@@ -159,7 +160,7 @@ class Messages:
             incident.id,
             at,
             origin,
-            self.incident_detail(incident, origin),
+            self.incident_detail(incident, origin, timeline_from),
         )
         return [
             Publish(self.topics.operators, type_, event, incident_id=incident.id),
@@ -194,7 +195,13 @@ class Messages:
             "vulnerable": sub.vulnerable,
         }
 
-    def incident_detail(self, incident: Incident, origin: float) -> dict[str, Any]:
+    def incident_detail(
+        self, incident: Incident, origin: float, timeline_from: int = 0
+    ) -> dict[str, Any]:
+        """The incident as operators and police see it, with its timeline from entry
+        ``timeline_from`` on (the whole of it by default)."""
+        timeline = incident.timeline
+
         def t(value: float | None) -> str | None:
             return None if value is None else rfc3339(origin, value)
 
@@ -255,18 +262,23 @@ class Messages:
             ],
             "alerts": list(incident.alerts),
             "acknowledged": list(incident.acknowledged),
-            "timeline": [
-                {
-                    "at": t(e.at),
-                    "kind": e.kind,
-                    "by": e.by,
-                    "text": e.text,
-                    "dispatch_id": e.dispatch_id,
-                    "action_id": e.action_id,
-                }
-                for e in incident.timeline
-            ],
+            "timeline": self.timeline_items(timeline[timeline_from:], origin),
+            "timeline_from": timeline_from,
         }
+
+    @staticmethod
+    def timeline_items(entries: list[TimelineEntry], origin: float) -> list[dict[str, Any]]:
+        return [
+            {
+                "at": rfc3339(origin, e.at),
+                "kind": e.kind,
+                "by": e.by,
+                "text": e.text,
+                "dispatch_id": e.dispatch_id,
+                "action_id": e.action_id,
+            }
+            for e in entries
+        ]
 
     # ---- dispatches ------------------------------------------------------------------------
 

@@ -110,7 +110,15 @@ class IncidentDetail(_Out):
         description="the alerts an operator has acknowledged (operator.acknowledge): a "
         "console sounds its alarm for the others only"
     )
-    timeline: list[TimelineItem]
+    timeline: list[TimelineItem] = Field(
+        description="incident.opened and incident.closed: the whole timeline; "
+        "incident.updated: only the entries this change added"
+    )
+    timeline_from: int = Field(
+        ge=0,
+        description="the position of the first entry of timeline in the whole timeline "
+        "(0 when it is whole): a consumer appends an update's entries at this position",
+    )
 
 
 _REPLIES = list[Literal["accepted", "declined", "arrived", "reported"]]

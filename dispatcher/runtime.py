@@ -101,8 +101,8 @@ def _undo(state: State, msg: Inbound, before: IncidentCopies | None) -> None:
         # the incident this call would have opened: a known id is never opened again, and
         # this one was not in memory before (its call would have been indexed to it)
         opened = incident_of_call(msg.data.call_id)
-        if all(i != opened for i, _, _ in copies) and opened in state.incidents:
-            copies.append((opened, None, False))
+        if all(copy[0] != opened for copy in copies) and opened in state.incidents:
+            copies.append((opened, None, False, None, 0))
     state.restore(copies)
 
 

@@ -165,9 +165,18 @@ class Workflow:
         origin = self.state.clock_origin
         for incident_id, kind in changes.changed.items():
             incident = self.state.incidents[incident_id]
-            changes.effects.extend(self.messages.incident_changed(incident, kind, now, origin))
+            # an update carries the entries not yet said (those of this step, and those of
+            # steps that changed nothing else); opening and closing, all of them
+            start = 0 if kind != "updated" else incident.timeline_said
+            changes.effects.extend(
+                self.messages.incident_changed(incident, kind, now, origin, start)
+            )
+            incident.timeline_said = len(incident.timeline)
             changes.effects.append(IncidentSaved(incident))
             changes.effects.extend(self.timers_for(incident))
+            if kind == "closed":
+                # said in full once; the store keeps it, and nothing more is added to it
+                incident.timeline = []
         return changes.effects
 
     # ---- timers ----------------------------------------------------------------------------

@@ -202,8 +202,19 @@ class Result:
         assert row, f"no stored incident {incident_id}"
         return json.loads(row[0])  # type: ignore[no-any-return]
 
+    def entries(self, incident_id: str) -> list[dict[str, Any]]:
+        """The incident's timeline as the store holds it, row by row."""
+        with sqlite3.connect(self.store) as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute(
+                "SELECT at, kind, by, text, dispatch_id, action_id FROM timeline "
+                "WHERE incident_id = ? ORDER BY seq",
+                (incident_id,),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
     def timeline(self, incident_id: str) -> list[str]:
-        return [entry["kind"] for entry in self.doc(incident_id)["timeline"]]
+        return [entry["kind"] for entry in self.entries(incident_id)]
 
     def outbox(self) -> list[dict[str, Any]]:
         with sqlite3.connect(self.store) as db:
@@ -220,6 +231,25 @@ class Result:
             }
             for at, topic, retain, type_, payload in rows
         ]
+
+    def heard(self, incident_id: str) -> dict[str, Any]:
+        """The incident as an operator console last heard it on ``operators/incidents``: the
+        latest message, with the timeline put together from every message in order (each
+        carries its entries from ``timeline_from`` on)."""
+        latest: dict[str, Any] | None = None
+        timeline: list[dict[str, Any]] = []
+        for m in self.outbox():
+            payload = m["payload"]
+            if m["topic"] != f"{PREFIX}/operators/incidents" or payload is None:
+                continue
+            if payload["subject"] != incident_id:
+                continue
+            data = payload["data"]
+            assert data["timeline_from"] <= len(timeline), "an update skipped entries"
+            timeline = timeline[: data["timeline_from"]] + data["timeline"]
+            latest = data
+        assert latest is not None, f"no incident message for {incident_id}"
+        return {**latest, "timeline": timeline, "timeline_from": 0}
 
     def reasons(self) -> list[str]:
         return [r["reason"] for r in self.report["rejected"]]

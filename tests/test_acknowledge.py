@@ -7,17 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
 
 from aiohttp import ClientSession, CookieJar
-from scenario import CHEN, INVESTMENT, PREFIX, STRANGER, Player, Result, Script
+from scenario import CHEN, INVESTMENT, PREFIX, STRANGER, Player, Script
 from test_console import login, serving
 
 from adapters.broker import Mosquitto
 from adapters.mqtt import BrokerURL, open_client
 from dispatcher.settings import Settings
-
-INCIDENTS = f"{PREFIX}/operators/incidents"
 
 
 def acknowledge(s: Script, at: float, incident: str, alerts: list[str], op: str = "op-01") -> str:
@@ -32,17 +29,6 @@ def acknowledge(s: Script, at: float, incident: str, alerts: list[str], op: str 
     return str(event["id"])
 
 
-def last_detail(result: Result, incident: str) -> dict[str, Any]:
-    """The incident as the operators last heard it."""
-    details = [
-        m["payload"]["data"]
-        for m in result.outbox()
-        if m["topic"] == INCIDENTS and m["payload"] and m["payload"]["subject"] == incident
-    ]
-    assert details, f"no incident message for {incident}"
-    return details[-1]  # type: ignore[no-any-return]
-
-
 async def test_an_acknowledgement_is_recorded_with_who_and_a_later_dead_end_sounds_again(
     play: Player,
 ) -> None:
@@ -53,7 +39,7 @@ async def test_an_acknowledgement_is_recorded_with_who_and_a_later_dead_end_soun
     s.status(2000, "G-YJ-CH-01", "online")  # time passes: every police offer expires
     r = await play(s)
 
-    detail = last_detail(r, "INC-C-ACK")
+    detail = r.heard("INC-C-ACK")
     assert detail["acknowledged"] == ["unknown_subscriber"]
     assert "police_exhausted" in detail["alerts"]  # a new dead end: not acknowledged
     by_action = {e["action_id"]: e for e in detail["timeline"] if e["action_id"]}
@@ -103,7 +89,7 @@ async def test_every_entry_an_action_leads_to_names_it(play: Player) -> None:
         {"incident_id": "INC-C1", "result": "answered_at_risk"},
     )
     r = await play(s)
-    named = [e for e in last_detail(r, "INC-C1")["timeline"] if e["action_id"] == first["id"]]
+    named = [e for e in r.heard("INC-C1")["timeline"] if e["action_id"] == first["id"]]
     # the result, the escalation it caused and the offers that went out
     kinds = [e["kind"] for e in named]
     assert kinds[0] == "callback_result" and "escalated" in kinds and "offered" in kinds, kinds

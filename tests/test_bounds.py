@@ -41,7 +41,7 @@ async def test_a_flood_of_calls_for_one_resident_leaves_the_incident_bounded(
     r = await play(s)
     doc = r.doc(incident)
     assert len(doc["calls"]) == MAX_CALLS
-    kinds = [e["kind"] for e in doc["timeline"]]
+    kinds = r.timeline(incident)
     assert kinds.count(TIMELINE_FULL) == 1
     full = kinds.index(TIMELINE_FULL)
     assert full <= MAX_TIMELINE

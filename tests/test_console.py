@@ -30,6 +30,7 @@ from adapters.console import (
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, open_client
 from adapters.replay import replay
+from adapters.store import Store
 from dispatcher.errors import ConfigError
 from dispatcher.protocol import IncidentDetail
 from dispatcher.settings import Settings, load_settings
@@ -481,3 +482,40 @@ async def test_an_incident_off_the_board_opens_from_the_store_and_the_favicon_is
         async with http.get(f"{base}/favicon.ico") as response:
             assert response.status == 200
             assert response.headers["Content-Type"].startswith("image/svg+xml")
+
+
+async def test_a_console_started_late_shows_the_whole_timeline_from_the_store(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """An update carries only the entries it added. A console that hears an incident first
+    from a later update puts the timeline together from the dispatcher's store; without the
+    store it shows what it has and says how many entries it lacks."""
+    store = tmp_path / "seed.sqlite3"
+    report = await replay(SEED, settings, store)
+    incident_id = report["incidents"][0]["id"]
+    async with Store(store) as opened:
+        rows = await opened.fetchall(
+            "SELECT payload FROM outbox WHERE topic = ? AND payload IS NOT NULL ORDER BY seq",
+            ("antifraud/v1/operators/incidents",),
+        )
+    events = [json.loads(p) for (p,) in rows]
+    updates = [e for e in events if e["type"] == "cn.antifraud.incident.updated"]
+    late = [e for e in updates if e["data"]["timeline_from"] > 5][:3]  # heard from here on
+    assert len(late) == 3
+    stored = next(e for e in events if e["type"] == "cn.antifraud.incident.closed")
+    whole = stored["data"]["timeline"]
+    for with_store in (True, False):
+        async with serving(settings, broker, tmp_path, store if with_store else None) as (_, c):
+            for event in late:
+                await c.handle_message(
+                    "antifraud/v1/operators/incidents", json.dumps(event).encode()
+                )
+            shown = c.board.incidents[incident_id]
+        last = late[-1]["data"]
+        end = last["timeline_from"] + len(last["timeline"])
+        if with_store:
+            assert shown["timeline"] == whole[:end] and shown["timeline_missing"] == 0
+        else:
+            first = late[0]["data"]["timeline_from"]
+            assert shown["timeline"] == whole[first:end]
+            assert shown["timeline_missing"] == first

@@ -117,7 +117,8 @@ async def test_an_operator_handles_the_seed_case_in_the_browser(
             card = page.locator(f'#critical [data-incident="{INCIDENT}"]')
             await expect(card).to_be_visible(timeout=20_000)
             await expect(card).to_contain_text("陈某某（陈女士）")
-            await expect(card).to_contain_text("春晖小区（E-YJ-CH）")
+            await expect(card).to_contain_text("小区春晖小区地址")
+            assert "E-YJ-CH" not in await card.inner_text()  # names, not registry ids
             await expect(card).to_contain_text("+85251230002（虚假投资理财）")
             await page.screenshot(path=ARTIFACTS / "2-critical.png")
 

@@ -143,3 +143,30 @@ async def test_operator_payloads_carry_the_full_incident(
         "timeline",
     }
     json.dumps(data)
+
+
+async def test_an_update_carries_only_the_entries_it_added(play: Player) -> None:
+    """An incident message's size does not grow with the incident's history: an update
+    carries the entries added since the last message (``timeline_from`` on), opening and
+    closing the whole timeline; put together in order they are the timeline the store holds."""
+    for result in await door_knock_cases(play):
+        messages = [
+            m["payload"]
+            for m in result.outbox()
+            if m["topic"] == "antifraud/v1/operators/incidents" and m["payload"]
+        ]
+        incident = messages[0]["subject"]
+        said = 0
+        for event in messages:
+            data = event["data"]
+            if event["type"] == "cn.antifraud.incident.updated":
+                assert data["timeline_from"] == said  # nothing skipped, nothing repeated
+                said += len(data["timeline"])
+            else:
+                assert data["timeline_from"] == 0
+                said = len(data["timeline"])
+        heard = result.heard(incident)["timeline"]
+        updates = [e for e in messages if e["type"] == "cn.antifraud.incident.updated"]
+        assert max(len(e["data"]["timeline"]) for e in updates) < len(heard) / 2
+        stored = result.entries(incident)
+        assert [(e["kind"], e["text"]) for e in heard] == [(e["kind"], e["text"]) for e in stored]

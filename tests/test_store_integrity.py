@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from adapters.replay import replay
+from adapters.report import dump_report
 from adapters.store import SCHEMA_VERSION, Store
 from dispatcher.errors import StoreError
 from dispatcher.model import Publish
@@ -484,13 +485,25 @@ async def test_the_live_runtime_prunes_refused_input_a_day_later(
         assert await store.fetchall("SELECT type, at FROM outbox") == [(DEAD_LETTER, later)]
 
 
-async def test_an_old_store_is_migrated_to_the_current_version(tmp_path: Path) -> None:
-    """A store written by the version before (2) is taken forward, its rows kept."""
+async def test_an_old_store_is_migrated_to_the_current_version(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A store written at schema 2 is taken forward, its rows kept; an open incident whose
+    document still repeats its timeline (before schema 5) goes on from its timeline rows."""
     path = tmp_path / "s.sqlite3"
-    async with Store(path) as store:
-        store.add_rejected(1.0, "t", "r", "p")
-        await store.commit()
+    await replay(SEED, settings, path, until=300.0)  # Chen's incident open, escalated
     with contextlib.closing(sqlite3.connect(path)) as db:
+        (doc,) = db.execute("SELECT doc FROM incidents").fetchone()
+        rows = db.execute(
+            "SELECT at, kind, by, text, dispatch_id FROM timeline ORDER BY seq"
+        ).fetchall()
+        legacy = json.loads(doc) | {
+            "timeline": [
+                dict(zip(("at", "kind", "by", "text", "dispatch_id"), r, strict=True)) for r in rows
+            ]
+        }
+        db.execute("UPDATE incidents SET doc = ?", (json.dumps(legacy),))
+        db.execute("ALTER TABLE timeline DROP COLUMN action_id")
         db.execute("DROP INDEX rejected_at")
         db.execute("DROP INDEX outbox_dead_letters")
         db.execute("DROP INDEX outbox_receipts")
@@ -498,10 +511,13 @@ async def test_an_old_store_is_migrated_to_the_current_version(tmp_path: Path) -
         db.commit()
     async with Store(path) as store:
         assert store.migrated_from == 2
-        assert await store.fetchall("SELECT reason FROM rejected") == [("r",)]
         indexes = {name for (name,) in await store.fetchall("SELECT name FROM sqlite_master")}
         assert {"rejected_at", "outbox_dead_letters", "outbox_receipts"} <= indexes
-    assert SCHEMA_VERSION == 4
+        assert len(await store.fetchall("SELECT action_id FROM timeline")) == len(rows)
+    assert SCHEMA_VERSION == 5
+    resumed = await replay(SEED, settings, path)  # the rest of the case, on the old store
+    golden = (DATA / "golden" / "seed.report.json").read_text(encoding="utf-8")
+    assert dump_report(resumed) == golden
 
 
 async def test_a_check_that_runs_out_of_time_opens_the_store_and_says_so(
