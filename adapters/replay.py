@@ -20,7 +20,8 @@ from dispatcher.errors import RecordingError, StoreError
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
-COMMIT_EVERY = 5000  # recording lines per transaction during a replay
+COMMIT_EVERY = 1000  # recording lines per transaction during a replay (a batch's messages
+# wait in memory until it is written: a wave of incidents makes them many)
 
 
 def _origin(payload: Any, at: float) -> float:

@@ -21,8 +21,7 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
 
     order = {unit_id: unit.order for unit_id, unit in settings.units.items()}
     incidents = []
-    rows = await store.fetchall("SELECT doc FROM incidents ORDER BY opened_at, id")
-    for (doc,) in rows:
+    async for (doc,) in store.rows("SELECT doc FROM incidents ORDER BY opened_at, id"):
         inc = Incident.from_doc(json.loads(doc))
         dispatches = sorted(
             inc.dispatches.values(),
@@ -59,7 +58,7 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
     # message (same id), and a duplicated line changes nothing in the report (SPEC §6)
     published = []
     receipts: set[str] = set()
-    for at, topic, type_, receipt in await store.fetchall(
+    async for at, topic, type_, receipt in store.rows(
         "SELECT at, topic, type, CASE WHEN type = ? THEN json_extract(payload, '$.id') END "
         "FROM outbox ORDER BY seq",
         (RECEIPT,),

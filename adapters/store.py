@@ -57,7 +57,7 @@ import sqlite3
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -791,12 +791,18 @@ class Store:
         return Snapshot(meta, incidents, ids, contacts, presence, inbound, receipts)
 
     async def timeline(self, incident_id: str) -> list[TimelineEntry]:
-        return timeline_rows(
-            await self.db.execute_fetchall(TIMELINE_SELECT, (incident_id,))
-        )
+        return timeline_rows(await self.db.execute_fetchall(TIMELINE_SELECT, (incident_id,)))
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in await self.db.execute_fetchall(sql, tuple(params))]
+
+    async def rows(self, sql: str, params: Iterable[Any] = ()) -> AsyncIterator[Any]:
+        """The rows of a query, a thousand at a time: a day's outbox need not be in memory
+        all at once to be read."""
+        async with self.db.execute(sql, tuple(params)) as cursor:
+            cursor.arraysize = 1000
+            async for row in cursor:
+                yield row
 
     # ---- queueing (synchronous, in memory) -------------------------------------------------
 

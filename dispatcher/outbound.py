@@ -43,7 +43,7 @@ def rfc3339(origin: float, at: float) -> str:
     moment = origin + at
     text = _STAMPS.get(moment)
     if text is None:
-        if len(_STAMPS) >= 4096:
+        if len(_STAMPS) >= 65536:  # a wave of incidents has many moments in play
             _STAMPS.clear()
         stamp = datetime.fromtimestamp(moment, tz=UTC).isoformat(timespec="milliseconds")
         text = _STAMPS[moment] = stamp.replace("+00:00", "Z")

@@ -207,7 +207,8 @@ class Runtime:
         self._legacy_seen: dict[str, float] = {}
         # the receipt of each reply within the dedupe window, by its CloudEvent id, with
         # when it was made: a redelivered reply is answered with it again
-        self._receipts: dict[str, tuple[float, Publish]] = {}
+        # receipt id -> (when, topic, the receipt as JSON): kept compact, a day of them is many
+        self._receipts: dict[str, tuple[float, str, bytes]] = {}
         self._expire_countdown = 0
         limits = settings.limits
         # every channel's budget, spent as its messages arrive, before they are read. The
@@ -281,7 +282,7 @@ class Runtime:
             else:
                 self._legacy_seen[f"{stored}\0{event_id}"] = at
         for at, topic, payload in snap.receipts:
-            self._remember(Publish(topic, RECEIPT, json.loads(payload)), at)
+            self._remember(Publish(topic, RECEIPT, orjson.loads(payload)), at)
         self.meta = snap.meta
         self._suppressed = json.loads(snap.meta.get("suppressed", "{}"))
         log.info(
@@ -507,12 +508,15 @@ class Runtime:
         if found is None or not self.refusals.allow(channel + RESEND, now):
             return
         self.counts["published"] += 1
-        self.store.add_outbox(now, found[1], sent=not self.outbox)
+        _, topic, text = found
+        self.store.add_outbox(
+            now, Publish(topic, RECEIPT, orjson.loads(text)), sent=not self.outbox
+        )
 
     def _remember(self, receipt: Publish, at: float) -> None:
         assert receipt.payload is not None
         receipts = self._receipts
-        receipts[receipt.payload["id"]] = (at, receipt)
+        receipts[receipt.payload["id"]] = (at, receipt.topic, orjson.dumps(receipt.payload))
         if len(receipts) > self.settings.limits.max_dedupe_entries:
             del receipts[next(iter(receipts))]
 
