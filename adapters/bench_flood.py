@@ -229,6 +229,17 @@ async def dispatching(
         await asyncio.wait_for(task, 30)
 
 
+def cpu_pressure() -> str:
+    """How much runnable work waited for a core over the last 10 s (Linux PSI): the share
+    of a shared machine others took before the run, which its figures depend on."""
+    try:
+        line = Path("/proc/pressure/cpu").read_text(encoding="ascii").splitlines()[0]
+    except (OSError, IndexError):
+        return "not known"
+    fields = dict(field.split("=") for field in line.split()[1:])
+    return f"{fields.get('avg10', '?')} % (some avg10)"
+
+
 def row(name: str, values: list[float]) -> str:
     figures = [percentile(values, q) for q in (0.5, 0.9, 0.99)] + [max(values)]
     return f"  {name:<9} {len(values):>7}  " + "  ".join(f"{v:>7.2f}" for v in figures)
@@ -243,6 +254,7 @@ async def run_flood_bench(
         raise BrokerError("bench flood needs the example deployment (config/hengnan.toml)")
     gc.collect()
     gc.freeze()
+    pressure = cpu_pressure()
     topics = Topics(settings.service.prefix)
     with (
         secure_broker(settings) as secure,
@@ -250,7 +262,8 @@ async def run_flood_bench(
     ):
         print(
             f"broker: a private Mosquitto on 127.0.0.1:{secure.local_port} running "
-            "config/mosquitto/production.conf (generated credentials and ACL)"
+            "config/mosquitto/production.conf (generated credentials and ACL); CPU pressure "
+            f"before the run {pressure}"
         )
         lines = Path(tmp) / "garbage.txt"
         lines.write_bytes(garbage(flood))
