@@ -277,9 +277,11 @@ async def relay_process(broker: BrokerURL) -> None:
         await disconnected(r)
 
 
-async def _child(function: str, *args: str) -> asyncio.subprocess.Process:
+async def _child(
+    function: str, *args: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     """Start ``function(BrokerURL.parse(args[0]), …)`` of this module in a process of its
-    own; return once it printed ``ready``."""
+    own (with ``env``, else this one's environment); return once it printed ``ready``."""
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -288,6 +290,7 @@ async def _child(function: str, *args: str) -> asyncio.subprocess.Process:
         f"asyncio.run({function}(BrokerURL.parse(sys.argv[1]), *sys.argv[2:]))",
         *args,
         stdout=asyncio.subprocess.PIPE,
+        env=env,
     )
     assert child.stdout is not None
     if (await asyncio.wait_for(child.stdout.readline(), 30)).strip() != b"ready":

@@ -3,6 +3,11 @@
 Used by ``antifraud demo`` (when no ``--broker`` is given) and by the tests. Mosquitto runs from
 the shipped ``config/mosquitto/local.conf``; amqtt speaks MQTT 3.1.1 only and keeps persistent
 sessions only for authenticated clients, so it serves the demo where Mosquitto is missing.
+
+``SecureBroker`` is a private Mosquitto running the shipped production config instead
+(``config/mosquitto/production.conf``): the deployment's generated credentials and ACL
+(``antifraud broker-credentials``) and a private CA's certificate for its TLS listener. The
+security tests and ``antifraud bench flood`` run on it.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from adapters.access import read_credentials, write_broker_files
 from adapters.mqtt import BrokerURL, remember_protocol
 from dispatcher.errors import BrokerError
+from dispatcher.settings import Settings
 
 CONFIG = Path(__file__).resolve().parent.parent / "config" / "mosquitto" / "local.conf"
+PRODUCTION = CONFIG.parent / "production.conf"
 
 
 def free_port() -> int:
@@ -156,3 +164,105 @@ async def local_broker(prefer: str = "auto") -> AsyncIterator[tuple[str, str]]:
         yield url, "amqtt"
     finally:
         await broker.shutdown()
+
+
+# ---- the production config -------------------------------------------------------------------
+
+
+def make_certificates(tls: Path) -> None:
+    """A private CA and a server certificate for 127.0.0.1, as docs/RELIABILITY.md shows."""
+    if shutil.which("openssl") is None:
+        raise BrokerError("openssl is needed for the broker's TLS certificates")
+    tls.mkdir(parents=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tls, check=True, capture_output=True)
+
+    run(
+        *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+        *("-subj", "/CN=antifraud test CA", "-keyout", "ca.key", "-out", "ca.crt"),
+    )
+    run(
+        *("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1"),
+        *("-keyout", "server.key", "-out", "server.csr"),
+    )
+    (tls / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(
+        *("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key"),
+        *("-CAcreateserial", "-days", "2", "-extfile", "san.ext", "-out", "server.crt"),
+    )
+
+
+def give_to_broker_user(root: Path) -> None:
+    """Started as root, Mosquitto drops to the ``mosquitto`` user: like a real installation,
+    its files must belong to that user (the private ones stay mode 0600)."""
+    import pwd
+
+    if not _is_root():
+        return
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return
+    for path in [root, *root.rglob("*")]:
+        shutil.chown(path, "mosquitto", "mosquitto")
+
+
+class SecureBroker:
+    """A private Mosquitto in ``root`` running the shipped production config, with the
+    deployment's generated credentials (``passwords``, by username) and ACL, and a private
+    CA's certificate (``ca``) for its TLS listener; ``local_port`` is its loopback listener,
+    ``tls_port`` its TLS one. ``broker`` is the process: ``broker.start()``, ``kill()``."""
+
+    def __init__(self, settings: Settings, root: Path) -> None:
+        conf = root / "conf"
+        write_broker_files(settings, conf)
+        make_certificates(conf / "tls")
+        self.passwords = read_credentials(conf / "credentials.csv")
+        self.ca = str(conf / "tls" / "ca.crt")
+        self.tls_port, self.local_port = free_port(), free_port()
+        text = PRODUCTION.read_text(encoding="utf-8")
+        for key, value in {
+            "@CONF_DIR@": str(conf),
+            "@DATA_DIR@": str(root / "data"),
+            "@TLS_PORT@": str(self.tls_port),
+            "@LOCAL_PORT@": str(self.local_port),
+        }.items():
+            text = text.replace(key, value)
+        (root / "data").mkdir()
+        template = root / "production.conf"
+        template.write_text(text.replace("@PORT@", "unused"), encoding="utf-8")
+        self.broker = Mosquitto(
+            root / "broker", port=self.local_port, config=template, keep_user=False
+        )
+        give_to_broker_user(root)
+
+    def url(self, user: str | None, tls: bool = True, password: str | None = None) -> BrokerURL:
+        port = self.tls_port if tls else self.local_port
+        secret = password if password is not None else (self.passwords.get(user or "") or None)
+        return BrokerURL(
+            host="127.0.0.1",
+            port=port,
+            tls=tls,
+            username=user,
+            password=secret,
+            ca_file=self.ca if tls else None,
+        )
+
+
+@contextmanager
+def secure_broker(settings: Settings) -> Iterator[SecureBroker]:
+    """A ``SecureBroker`` running until the block ends, then killed and its files removed."""
+    # a folder of its own under /tmp: a caller's temporary folder may be private to root,
+    # and Mosquitto runs as its own user once started
+    root = Path(tempfile.mkdtemp(prefix="antifraud-secure-"))
+    try:
+        root.chmod(0o755)
+        broker = SecureBroker(settings, root)
+        broker.broker.start()
+        try:
+            yield broker
+        finally:
+            broker.broker.kill()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

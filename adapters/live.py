@@ -73,7 +73,9 @@ MARK_INTERVAL_S = 0.25  # … or this often
 DEFER_BOOKKEEPING_S = 1.0  # longest a batch of bookkeeping alone waits to be committed
 # below this many inbound messages a second, commits are written on the event loop (each
 # message's latency matters, and the loop has time to spare); above it, on the store's thread
-# while the next messages are received (a backlog or a burst: throughput matters)
+# while the next messages are received (a backlog or a burst: throughput matters). Messages
+# counted unread over their channel's budget do not count: a flood is no backlog to drain,
+# and a commit on the thread would wait for the interpreter while the loop reads the flood
 INLINE_MAX_RATE = 1000.0
 # a batch's log lines are written this long after its commit, once its messages have left
 # (from the commit itself, or from the publisher's next turn); warnings and errors at once
@@ -524,7 +526,6 @@ class LiveService:
                 batch.append(inbox.popleft())
             while units and len(batch) < BATCH:
                 batch.append(units.popleft())
-            rate.add(len(batch), loop.time())
             # this batch's log lines wait until its messages are on their way (logs.py)
             logs.hold()
             now = max(clock.now(), runtime.clock)
@@ -532,8 +533,12 @@ class LiveService:
             if batch and "first_inbound_at" not in runtime.meta:
                 runtime.meta["first_inbound_at"] = repr(now)
                 runtime.store.set_meta("first_inbound_at", repr(now))
+            suppressed = runtime.counts["suppressed"]
             for _client, message in batch:
                 runtime.handle(str(message.topic), _payload_bytes(message.payload), now)
+            # what was read counts towards the rate that moves commits to the store's thread
+            # (INLINE_MAX_RATE); what was counted unread does not
+            rate.add(len(batch) - (runtime.counts["suppressed"] - suppressed), loop.time())
             # A batch that changed nothing but bookkeeping (clean calls, duplicates: only their
             # processed pairs) is acknowledged without waiting for a disk flush; the pairs go
             # to disk with the next commit, at most DEFER_BOOKKEEPING_S later. Lost in a crash,

@@ -371,6 +371,14 @@ def cmd_bench_escalation(args: argparse.Namespace) -> int:
     return asyncio.run(run_escalation_bench(_settings(args.config), args.samples, args.idle))
 
 
+def cmd_bench_flood(args: argparse.Namespace) -> int:
+    from adapters.bench_flood import run_flood_bench
+
+    return asyncio.run(
+        run_flood_bench(_settings(args.config), args.samples, args.flood, args.calls, args.check)
+    )
+
+
 CONFIG_HELP = f"the deployment's TOML file (default {DEFAULT_CONFIG})"
 BROKER_HELP = "mqtt://[user@]host[:port] or mqtts://… (default: the config's service.broker)"
 
@@ -592,6 +600,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="idle pauses before each escalation, in ms (default: 0 2 20 100)",
     )
     b.set_defaults(func=cmd_bench_escalation, quiet=True)
+    b = bench.add_parser(
+        "flood",
+        help="escalate → offer while one handset floods, on a private production-config broker",
+    )
+    b.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    b.add_argument(
+        "--samples",
+        type=int,
+        default=200,
+        help="escalations timed unloaded, and again during the flood (default 200)",
+    )
+    b.add_argument(
+        "--flood",
+        type=int,
+        default=30_000,
+        help="garbage messages of one flooder run; runs follow one another for the whole "
+        "flooded phase (default 30,000)",
+    )
+    b.add_argument(
+        "--calls",
+        type=int,
+        default=100,
+        help="call warnings of other residents spread among each phase's samples; during "
+        "the flood each must open its incident (default 100)",
+    )
+    b.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when the target is missed (by default the figures are printed, exit 0)",
+    )
+    b.set_defaults(func=cmd_bench_flood, quiet=True)
     return parser
 
 

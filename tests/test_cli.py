@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +109,35 @@ def test_bench_live_prints_its_figures() -> None:
     for figure in figures:
         assert figure in out
     assert ", 0 rejected" in out  # the backlog of (b) passes the per-source rate limit
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(
+    mosquitto_binary() is None or not shutil.which("mosquitto_pub") or not shutil.which("openssl"),
+    reason="mosquitto, mosquitto_pub and openssl are needed",
+)
+def test_bench_flood_prints_its_figures_and_its_verdict() -> None:
+    args = ["flood", "--samples", "4", "--flood", "3000", "--calls", "6", "--check"]
+    run = subprocess.run(
+        [sys.executable, "-m", "dispatcher.cli", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = run.stdout
+    assert "running config/mosquitto/production.conf" in out, run.stderr
+    rows = {row[0]: row[1:] for row in (line.split() for line in out.splitlines()) if row}
+    for phase in ("unloaded", "flood"):  # samples, then p50, p90, p99, max: ordered, measured
+        figures = [float(value) for value in rows[phase]]
+        assert figures[0] == 4 and 0 < figures[1] <= figures[2] <= figures[3] <= figures[4], out
+    sent = re.search(r"([\d,]+) sent in (\d+) runs .* received by the dispatcher ([\d,]+)", out)
+    assert sent is not None, out
+    assert int(sent[1].replace(",", "")) == 3000 * int(sent[2]) > 0
+    assert int(sent[3].replace(",", "")) > 0  # the flood reached the dispatcher
+    assert re.search(r"^p99 flood / p99 unloaded = \d+\.\d\d", out, re.M), out
+    assert "6 of 6 opened their incidents during the flood" in out
+    verdict = out.splitlines()[-1].split(":")[0]
+    assert verdict in ("PASS", "FAIL") and run.returncode == (verdict == "FAIL"), out
 
 
 def test_bench_escalation_prints_a_row_per_idle_pause() -> None:

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,8 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from adapters.access import read_credentials, write_broker_files
-from adapters.broker import CONFIG as LOCAL_CONFIG
-from adapters.broker import Mosquitto, free_port, mosquitto_binary
+from adapters.access import write_broker_files
+from adapters.broker import SecureBroker, mosquitto_binary, secure_broker
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, open_client
 from adapters.replay import replay
@@ -39,131 +36,14 @@ pytestmark = [
     ),
 ]
 
-PRODUCTION = LOCAL_CONFIG.parent / "production.conf"
 SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
 P = "antifraud/v1"
 
 
-def make_certificates(tls: Path) -> None:
-    """A private CA and a server certificate for 127.0.0.1, as docs/RELIABILITY.md shows."""
-    tls.mkdir(parents=True)
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=tls, check=True, capture_output=True)
-
-    run(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=antifraud test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    )
-    run(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-    )
-    (tls / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        "server.crt",
-    )
-
-
-def give_to_broker_user(root: Path) -> None:
-    """Started as root, Mosquitto drops to the ``mosquitto`` user: like a real installation,
-    its files must belong to that user (the private ones stay mode 0600)."""
-    import os
-    import pwd
-
-    if os.geteuid() != 0:
-        return
-    try:
-        pwd.getpwnam("mosquitto")
-    except KeyError:
-        return
-    for path in [root, *root.rglob("*")]:
-        shutil.chown(path, "mosquitto", "mosquitto")
-
-
-class SecureBroker:
-    def __init__(self, settings: Settings, root: Path) -> None:
-        conf = root / "conf"
-        write_broker_files(settings, conf)
-        make_certificates(conf / "tls")
-        self.passwords = read_credentials(conf / "credentials.csv")
-        self.ca = str(conf / "tls" / "ca.crt")
-        self.tls_port, self.local_port = free_port(), free_port()
-        text = PRODUCTION.read_text(encoding="utf-8")
-        for key, value in {
-            "@CONF_DIR@": str(conf),
-            "@DATA_DIR@": str(root / "data"),
-            "@TLS_PORT@": str(self.tls_port),
-            "@LOCAL_PORT@": str(self.local_port),
-        }.items():
-            text = text.replace(key, value)
-        (root / "data").mkdir()
-        template = root / "production.conf"
-        template.write_text(text.replace("@PORT@", "unused"), encoding="utf-8")
-        self.broker = Mosquitto(
-            root / "broker", port=self.local_port, config=template, keep_user=False
-        )
-        give_to_broker_user(root)
-
-    def url(self, user: str | None, tls: bool = True, password: str | None = None) -> BrokerURL:
-        port = self.tls_port if tls else self.local_port
-        secret = password if password is not None else (self.passwords.get(user or "") or None)
-        return BrokerURL(
-            host="127.0.0.1",
-            port=port,
-            tls=tls,
-            username=user,
-            password=secret,
-            ca_file=self.ca if tls else None,
-        )
-
-
 @pytest.fixture
 def secure(settings: Settings) -> Iterator[SecureBroker]:
-    # a folder of its own under /tmp: pytest's are private to root, and Mosquitto runs as
-    # its own user once started
-    root = Path(tempfile.mkdtemp(prefix="antifraud-secure-"))
-    root.chmod(0o755)
-    broker = SecureBroker(settings, root)
-    broker.broker.start()
-    try:
+    with secure_broker(settings) as broker:
         yield broker
-    finally:
-        broker.broker.kill()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @contextlib.asynccontextmanager
