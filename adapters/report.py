@@ -58,6 +58,7 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
     # message (same id), and a duplicated line changes nothing in the report (SPEC §6)
     published = []
     receipts: set[str] = set()
+    names: dict[str, str] = {}  # a day repeats a few topics and types: each held once
     async for at, topic, type_, receipt in store.rows(
         "SELECT at, topic, type, CASE WHEN type = ? THEN json_extract(payload, '$.id') END "
         "FROM outbox ORDER BY seq",
@@ -67,6 +68,9 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
             if receipt in receipts:
                 continue
             receipts.add(receipt)
+        topic = names.setdefault(topic, topic)
+        if type_ is not None:
+            type_ = names.setdefault(type_, type_)
         published.append({"at": t(at), "topic": topic, "type": type_})
     rejected = [
         {"at": t(at), "topic": topic, "reason": reason}

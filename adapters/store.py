@@ -198,7 +198,8 @@ class Snapshot:
 @dataclass
 class _Batch:
     meta: dict[str, str] = field(default_factory=dict)
-    incidents: dict[str, Incident] = field(default_factory=dict)
+    # incident_id -> (the incident, its document if the caller made it)
+    incidents: dict[str, tuple[Incident, dict[str, Any] | None]] = field(default_factory=dict)
     timeline: list[tuple[Any, ...]] = field(default_factory=list)
     outbox: list[tuple[Any, ...]] = field(default_factory=list)
     inbound: list[tuple[str, str, float]] = field(default_factory=list)
@@ -811,8 +812,9 @@ class Store:
         if key == "mode":
             self._mode = value
 
-    def save_incident(self, incident: Incident) -> None:
-        self._batch.incidents[incident.id] = incident
+    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
+        """Upsert ``incident``; ``doc``: its ``to_doc()`` as of now, if already made."""
+        self._batch.incidents[incident.id] = (incident, doc)
 
     def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None:
         self._batch.timeline.append(
@@ -1111,7 +1113,7 @@ class _Rows:
     def snapshot(cls, batch: _Batch) -> _Rows:
         incidents: list[tuple[Any, ...]] = []
         dispatches: list[tuple[Any, ...]] = []
-        for inc in batch.incidents.values():
+        for inc, doc in batch.incidents.values():
             incidents.append(
                 (
                     inc.id,
@@ -1122,7 +1124,7 @@ class _Rows:
                     inc.opened_at,
                     inc.closed_at,
                     inc.outcome,
-                    inc.to_doc(),
+                    doc if doc is not None else inc.to_doc(),
                 )
             )
             dispatches.extend(

@@ -168,6 +168,9 @@ class State:
     known_incident_ids: set[str] = field(default_factory=set)  # every incident ever opened
     presence: dict[str, str] = field(default_factory=dict)  # unit -> online/offline
     busy: dict[str, str] = field(default_factory=dict)  # unit -> accepted dispatch not reported
+    # incident_id -> its document as the last step that changed it left it (open incidents):
+    # the next step's undo copy, with no second serialisation
+    docs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def adopt(self, incident: Incident) -> None:
         """Index an incident loaded from the store (or just opened)."""
@@ -190,9 +193,9 @@ class State:
             if incident is None:
                 copies.append((i, None, i in known, None, 0))
             else:  # the timeline only grows (or is let go at close): its length is its copy
-                copies.append(
-                    (i, incident.to_doc(), True, incident.timeline, len(incident.timeline))
-                )
+                timeline = incident.timeline
+                doc = self.docs.get(i) or incident.to_doc()
+                copies.append((i, doc, True, timeline, len(timeline)))
         return copies
 
     def restore(self, snapshot: IncidentCopies) -> None:
@@ -209,6 +212,7 @@ class State:
                 for d in current.dispatches.values():
                     if self.busy.get(d.unit) == d.id:
                         del self.busy[d.unit]
+            self.docs.pop(incident_id, None)
             if doc is not None:
                 assert timeline is not None
                 del timeline[length:]
@@ -219,6 +223,7 @@ class State:
     def forget(self, incident_id: str) -> None:
         """Drop a closed incident from memory once its retention has passed (the store keeps it)."""
         incident = self.incidents.pop(incident_id, None)
+        self.docs.pop(incident_id, None)
         if incident is None:
             return
         for call_id in incident.calls:
@@ -252,9 +257,12 @@ class Noted:
 
 @dataclass(frozen=True, slots=True)
 class IncidentSaved:
-    """The incident changed; the store upserts its snapshot (and its dispatches)."""
+    """The incident changed; the store upserts its snapshot (and its dispatches). ``doc`` is
+    the incident as plain data after the step (``Incident.to_doc``), made once for both the
+    store and the next step's undo copy."""
 
     incident: Incident
+    doc: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -208,7 +208,7 @@ class Runtime:
         # the receipt of each reply within the dedupe window, by its CloudEvent id, with
         # when it was made: a redelivered reply is answered with it again
         # receipt id -> (when, topic, the receipt as JSON): kept compact, a day of them is many
-        self._receipts: dict[str, tuple[float, str, bytes]] = {}
+        self._receipts: dict[str, tuple[float, str, str]] = {}
         self._expire_countdown = 0
         limits = settings.limits
         # every channel's budget, spent as its messages arrive, before they are read. The
@@ -516,7 +516,12 @@ class Runtime:
     def _remember(self, receipt: Publish, at: float) -> None:
         assert receipt.payload is not None
         receipts = self._receipts
-        receipts[receipt.payload["id"]] = (at, receipt.topic, orjson.dumps(receipt.payload))
+        # as text: orjson's bytes keep a 4 KiB buffer whatever their length
+        receipts[receipt.payload["id"]] = (
+            at,
+            receipt.topic,
+            orjson.dumps(receipt.payload).decode(),
+        )
         if len(receipts) > self.settings.limits.max_dedupe_entries:
             del receipts[next(iter(receipts))]
 
@@ -646,7 +651,7 @@ class Runtime:
                     text=entry.text,
                 )
             elif isinstance(effect, IncidentSaved):
-                store.save_incident(effect.incident)
+                store.save_incident(effect.incident, effect.doc)
             elif isinstance(effect, TimerSet):
                 self._schedule(effect)
             elif isinstance(effect, ContactSeen):

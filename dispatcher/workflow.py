@@ -172,11 +172,15 @@ class Workflow:
                 self.messages.incident_changed(incident, kind, now, origin, start)
             )
             incident.timeline_said = len(incident.timeline)
-            changes.effects.append(IncidentSaved(incident))
             changes.effects.extend(self.timers_for(incident))
+            doc = incident.to_doc()
             if kind == "closed":
                 # said in full once; the store keeps it, and nothing more is added to it
                 incident.timeline = []
+                self.state.docs.pop(incident_id, None)
+            else:
+                self.state.docs[incident_id] = doc
+            changes.effects.append(IncidentSaved(incident, doc))
         return changes.effects
 
     # ---- timers ----------------------------------------------------------------------------
