@@ -437,6 +437,10 @@ _EXCESS_FRACTION = re.compile(r"(\.\d{6})\d+")
 def event_epoch(time: str) -> float | None:
     """Epoch seconds of a CloudEvent ``time`` that passed validation (RFC 3339), or ``None``
     for the few RFC 3339 forms Python does not read (a leap second is read as :59.999999)."""
+    try:  # the usual form, read as it is
+        return datetime.fromisoformat(time).timestamp()
+    except ValueError:
+        pass
     text = time.upper()
     if "." in text:
         text = _EXCESS_FRACTION.sub(r"\1", text)

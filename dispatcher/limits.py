@@ -23,10 +23,12 @@ class RateLimiter:
                 del self._buckets[next(iter(self._buckets))]
             self._buckets[key] = [self.burst - 1.0, now]
             return True
-        tokens = bucket[0] + (now - bucket[1]) * self.rate if now > bucket[1] else bucket[0]
-        if tokens > self.burst:
-            tokens = self.burst
-        bucket[1] = max(bucket[1], now)
+        tokens, at = bucket
+        if now > at:
+            tokens += (now - at) * self.rate
+            if tokens > self.burst:
+                tokens = self.burst
+            bucket[1] = now
         if tokens >= 1.0:
             bucket[0] = tokens - 1.0
             return True
