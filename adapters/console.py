@@ -1105,30 +1105,29 @@ class Console:
         """An update carries only the entries it added (from ``timeline_from`` on): put them
         after what the board already has. When the board lacks some (the console started
         after them, or its session lost them), the store has the whole timeline; without
-        the store, ``timeline_missing`` says how many entries the page cannot show."""
-        start = incident.pop("timeline_from", 0)
-        incident["timeline_missing"] = 0
+        the store the board keeps what it has, and its ``timeline_from`` says how many
+        entries before them the page cannot show."""
+        start = incident["timeline_from"]
         if start == 0:
             return
         known = self.board.incidents.get(incident["incident_id"])
-        have: list[dict[str, Any]] = known["timeline"] if known else []
-        missing = known.get("timeline_missing", 0) if known else start
-        if known is not None and len(have) + missing >= start:
-            kept = have[: start - missing] if start - missing >= 0 else []
-            incident["timeline"] = kept + incident["timeline"]
-            incident["timeline_missing"] = min(missing, start)
-            return
+        if known is not None:
+            held_from, held = known["timeline_from"], known["timeline"]
+            if held_from <= start <= held_from + len(held):
+                incident["timeline"] = held[: start - held_from] + incident["timeline"]
+                incident["timeline_from"] = held_from
+                if held_from == 0:
+                    return
         if self._reads_store():
             try:
                 stored = await asyncio.to_thread(self._stored_items, incident["incident_id"])
             except sqlite3.Error as exc:
                 log.warning("console_history_unavailable", error=str(exc))
             else:
-                if len(stored) >= start:
-                    incident["timeline"] = stored[:start] + incident["timeline"]
-                    return
-        incident["timeline"] = have + incident["timeline"]
-        incident["timeline_missing"] = start - len(have)
+                first = incident["timeline_from"]  # of what is held now
+                if len(stored) >= first:
+                    incident["timeline"] = stored[:first] + incident["timeline"]
+                    incident["timeline_from"] = 0
 
     def _stored_items(self, incident_id: str) -> list[dict[str, Any]]:
         """An incident's whole timeline as the store holds it, as incident messages carry it."""

@@ -287,6 +287,72 @@ class TimerSet:
     key: tuple[str, str, str]  # (incident_id, kind, detail)
 
 
+# ---- decisions: what the workflow decided to tell whom, before it is put into words -------
+# Each names the CloudEvent id its message will carry, assigned when it was decided, in the
+# incident's own sequence (ids must not depend on how a message is rendered).
+
+
+@dataclass(frozen=True, slots=True)
+class Offered:
+    """Offer the dispatch to its unit."""
+
+    incident_id: str
+    dispatch_id: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoodDown:
+    """Tell the dispatch's unit it is no longer needed (the dispatch's ``reason`` says why)."""
+
+    incident_id: str
+    dispatch_id: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notified:
+    """Tell a unit with no reply expected (a grid worker where guards go); ``closing``: that
+    the incident has ended."""
+
+    incident_id: str
+    dispatch_id: str
+    event_id: str
+    closing: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """A unit's reply was applied: its receipt says so, in ``text``."""
+
+    unit: str
+    source: str
+    reply_id: str
+    dispatch_id: str
+    reply: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentChanged:
+    """Tell the operators (and the incident's retained topic) that it opened, changed or
+    closed, with the ``timeline`` entries from ``timeline_from`` on."""
+
+    incident_id: str
+    kind: str
+    event_id: str
+    timeline_from: int
+    timeline: list[TimelineEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentForgotten:
+    """The incident's retention has passed: clear its retained topic."""
+
+    incident_id: str
+
+
+Decision = Offered | StoodDown | Notified | Answered | IncidentChanged | IncidentForgotten
 Effect = Publish | Noted | IncidentSaved | ContactSeen | PresenceSeen | TimerSet
 
 

@@ -11,7 +11,21 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from dispatcher.model import Dispatch, Incident, Publish, TimelineEntry
+from dispatcher.model import (
+    Answered,
+    Decision,
+    Dispatch,
+    Effect,
+    Incident,
+    IncidentChanged,
+    IncidentForgotten,
+    Notified,
+    Offered,
+    Publish,
+    State,
+    StoodDown,
+    TimelineEntry,
+)
 from dispatcher.settings import Settings
 from rules.flagged import FlaggedNumbers
 
@@ -146,21 +160,62 @@ class Messages:
             "data": data,
         }
 
+    # ---- decisions into messages -----------------------------------------------------------
+
+    def render(self, effects: list[Effect | Decision], state: State, at: float) -> list[Effect]:
+        """The workflow's decisions put into messages, in the order decided; other effects
+        pass through. Rendering reads the state and changes nothing."""
+        origin, incidents = state.clock_origin, state.incidents
+        out: list[Effect] = []
+        for effect in effects:
+            if isinstance(effect, IncidentChanged):
+                out.extend(self.incident_changed(incidents[effect.incident_id], effect, at, origin))
+            elif isinstance(effect, Offered):
+                incident = incidents[effect.incident_id]
+                d = incident.dispatches[effect.dispatch_id]
+                out.append(self.offer(incident, d, effect.event_id, at, origin))
+            elif isinstance(effect, StoodDown):
+                incident = incidents[effect.incident_id]
+                d = incident.dispatches[effect.dispatch_id]
+                out.append(self.cancelled(incident, d, effect.event_id, at, origin))
+            elif isinstance(effect, Notified):
+                incident = incidents[effect.incident_id]
+                d = incident.dispatches[effect.dispatch_id]
+                out.append(self.notice(incident, d, effect.event_id, at, origin, effect.closing))
+            elif isinstance(effect, Answered):
+                out.append(
+                    self.receipt(
+                        effect.unit,
+                        effect.source,
+                        effect.reply_id,
+                        effect.dispatch_id,
+                        effect.reply,
+                        at,
+                        origin,
+                        text=effect.text,
+                    )
+                )
+            elif isinstance(effect, IncidentForgotten):
+                out.append(self.incident_cleared(effect.incident_id))
+            else:
+                out.append(effect)
+        return out
+
     # ---- incidents -------------------------------------------------------------------------
 
     def incident_changed(
-        self, incident: Incident, kind: str, at: float, origin: float, timeline_from: int = 0
+        self, incident: Incident, change: IncidentChanged, at: float, origin: float
     ) -> list[Publish]:
-        """``kind`` is opened, updated or closed: to the operators and the retained state topic,
-        with the timeline from entry ``timeline_from`` on."""
-        type_ = f"cn.antifraud.incident.{kind}"
+        """Opened, updated or closed: to the operators and the retained state topic, with the
+        timeline entries the change carries."""
+        type_ = f"cn.antifraud.incident.{change.kind}"
         event = self.envelope(
-            incident.next_id(incident.id),
+            change.event_id,
             type_,
             incident.id,
             at,
             origin,
-            self.incident_detail(incident, origin, timeline_from),
+            self.incident_detail(incident, origin, change.timeline_from, change.timeline),
         )
         return [
             Publish(self.topics.operators, type_, event, incident_id=incident.id),
@@ -173,9 +228,9 @@ class Messages:
             ),
         ]
 
-    def incident_cleared(self, incident: Incident) -> Publish:
+    def incident_cleared(self, incident_id: str) -> Publish:
         return Publish(
-            self.topics.incident(incident.id), None, None, retain=True, incident_id=incident.id
+            self.topics.incident(incident_id), None, None, retain=True, incident_id=incident_id
         )
 
     def subscriber_detail(self, incident: Incident) -> dict[str, Any]:
@@ -196,11 +251,16 @@ class Messages:
         }
 
     def incident_detail(
-        self, incident: Incident, origin: float, timeline_from: int = 0
+        self,
+        incident: Incident,
+        origin: float,
+        timeline_from: int = 0,
+        timeline: list[TimelineEntry] | None = None,
     ) -> dict[str, Any]:
-        """The incident as operators and police see it, with its timeline from entry
-        ``timeline_from`` on (the whole of it by default)."""
-        timeline = incident.timeline
+        """The incident as operators and police see it, with its timeline (``timeline``, by
+        default the incident's) from entry ``timeline_from`` on (the whole of it by default)."""
+        if timeline is None:
+            timeline = incident.timeline
 
         def t(value: float | None) -> str | None:
             return None if value is None else rfc3339(origin, value)
@@ -288,7 +348,9 @@ class Messages:
         estate = self.settings.estates[sub.estate]
         return full_address(estate.address, sub.address), sub.display_name
 
-    def offer(self, incident: Incident, dispatch: Dispatch, at: float, origin: float) -> Publish:
+    def offer(
+        self, incident: Incident, dispatch: Dispatch, event_id: str, at: float, origin: float
+    ) -> Publish:
         type_ = "cn.antifraud.dispatch.offered"
         data: dict[str, Any] = {
             "dispatch_id": dispatch.id,
@@ -314,12 +376,13 @@ class Messages:
                 "text": self._full_text(incident),
                 "incident": self.incident_detail(incident, origin),
             }
-        return self._to_unit(incident, dispatch, type_, at, origin, data)
+        return self._to_unit(incident, dispatch, event_id, type_, at, origin, data)
 
     def notice(
         self,
         incident: Incident,
         dispatch: Dispatch,
+        event_id: str,
         at: float,
         origin: float,
         closing: bool = False,
@@ -340,10 +403,10 @@ class Messages:
             "closed": closing,
             "text": text,
         }
-        return self._to_unit(incident, dispatch, type_, at, origin, data)
+        return self._to_unit(incident, dispatch, event_id, type_, at, origin, data)
 
     def cancelled(
-        self, incident: Incident, dispatch: Dispatch, at: float, origin: float
+        self, incident: Incident, dispatch: Dispatch, event_id: str, at: float, origin: float
     ) -> Publish:
         type_ = "cn.antifraud.dispatch.cancelled"
         reason = dispatch.reason or "closed"
@@ -353,18 +416,19 @@ class Messages:
             "reason": reason,
             "text": CANCEL_TEXT.get(reason, CANCEL_TEXT["closed"]),
         }
-        return self._to_unit(incident, dispatch, type_, at, origin, data)
+        return self._to_unit(incident, dispatch, event_id, type_, at, origin, data)
 
     def _to_unit(
         self,
         incident: Incident,
         dispatch: Dispatch,
+        event_id: str,
         type_: str,
         at: float,
         origin: float,
         data: dict[str, Any],
     ) -> Publish:
-        event = self.envelope(incident.next_id(dispatch.id), type_, dispatch.id, at, origin, data)
+        event = self.envelope(event_id, type_, dispatch.id, at, origin, data)
         return Publish(
             self.topics.dispatches(dispatch.unit),
             type_,

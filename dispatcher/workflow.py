@@ -26,19 +26,26 @@ from dispatcher.inbound import (
 )
 from dispatcher.model import (
     AWAITING_REPLY,
+    Answered,
     Call,
     ContactSeen,
+    Decision,
     Dispatch,
     DispatchStatus,
     Effect,
     Incident,
+    IncidentChanged,
+    IncidentForgotten,
     IncidentSaved,
     Noted,
+    Notified,
+    Offered,
     PresenceSeen,
     Publish,
     Slot,
     SlotName,
     State,
+    StoodDown,
     TimelineEntry,
     TimerFired,
     TimerSet,
@@ -126,7 +133,7 @@ class Changes:
     """Collects the effects of one step and which incidents changed, and how."""
 
     def __init__(self) -> None:
-        self.effects: list[Effect] = []
+        self.effects: list[Effect | Decision] = []
         self.changed: dict[str, str] = {}  # incident_id -> opened / updated / closed
         self.action_id: str | None = None  # the operator action being handled, if one is
 
@@ -162,26 +169,30 @@ class Workflow:
         return self._finish(changes, now)
 
     def _finish(self, changes: Changes, now: float) -> list[Effect]:
-        origin = self.state.clock_origin
-        for incident_id, kind in changes.changed.items():
-            incident = self.state.incidents[incident_id]
+        """The step's decisions, with each changed incident's message, put into messages;
+        then what the store keeps of each changed incident."""
+        changed = [(self.state.incidents[i], kind) for i, kind in changes.changed.items()]
+        for incident, kind in changed:
             # an update carries the entries not yet said (those of this step, and those of
             # steps that changed nothing else); opening and closing, all of them
             start = 0 if kind != "updated" else incident.timeline_said
-            changes.effects.extend(
-                self.messages.incident_changed(incident, kind, now, origin, start)
+            event_id = incident.next_id(incident.id)
+            changes.effects.append(
+                IncidentChanged(incident.id, kind, event_id, start, incident.timeline)
             )
             incident.timeline_said = len(incident.timeline)
-            changes.effects.extend(self.timers_for(incident))
+        effects = self.messages.render(changes.effects, self.state, now)
+        for incident, kind in changed:
+            effects.extend(self.timers_for(incident))
             doc = incident.to_doc()
             if kind == "closed":
                 # said in full once; the store keeps it, and nothing more is added to it
                 incident.timeline = []
-                self.state.docs.pop(incident_id, None)
+                self.state.docs.pop(incident.id, None)
             else:
-                self.state.docs[incident_id] = doc
-            changes.effects.append(IncidentSaved(incident, doc))
-        return changes.effects
+                self.state.docs[incident.id] = doc
+            effects.append(IncidentSaved(incident, doc))
+        return effects
 
     # ---- timers ----------------------------------------------------------------------------
 
@@ -224,15 +235,13 @@ class Workflow:
                     d.id,
                 )
                 d.reason = "expired"
-                changes.effects.append(
-                    self.messages.cancelled(incident, d, now, self.state.clock_origin)
-                )
+                changes.effects.append(StoodDown(incident.id, d.id, incident.next_id(d.id)))
             slot.expires_at = None
             self._fallback(incident, slot, now, changes)
             self._maybe_close(incident, now, changes)
             changes.mark(incident)
         elif kind == "retention":
-            changes.effects.append(self.messages.incident_cleared(incident))
+            changes.effects.append(IncidentForgotten(incident.id))
             self.state.forget(incident.id)
 
     # ---- call events -----------------------------------------------------------------------
@@ -570,9 +579,7 @@ class Workflow:
         if guards:
             for worker in grid_workers:
                 d = self._add_dispatch(incident, worker, "notice", "notified", now)
-                changes.effects.append(
-                    self.messages.notice(incident, d, now, self.state.clock_origin)
-                )
+                changes.effects.append(Notified(incident.id, d.id, incident.next_id(d.id)))
                 self._note(
                     incident,
                     now,
@@ -668,7 +675,7 @@ class Workflow:
     ) -> None:
         d = self._add_dispatch(incident, unit, slot.name, "offered", now)
         d.expires_at = slot.expires_at = now + accept_s
-        changes.effects.append(self.messages.offer(incident, d, now, self.state.clock_origin))
+        changes.effects.append(Offered(incident.id, d.id, incident.next_id(d.id)))
         self._note(
             incident,
             now,
@@ -748,11 +755,7 @@ class Workflow:
         text = APPLIED_TEXT[verb]
         if isinstance(msg.data, UnitReported):
             text = text.format(outcome=OUTCOME_TEXT[msg.data.outcome])
-        changes.effects.append(
-            self.messages.receipt(
-                msg.party, msg.source, msg.id, named, verb, now, self.state.clock_origin, text=text
-            )
-        )
+        changes.effects.append(Answered(msg.party, msg.source, msg.id, named, verb, text))
         label = self._unit_label(d.unit)
         slot = incident.slots.get(d.slot)
         if verb == "accepted":
@@ -764,7 +767,7 @@ class Workflow:
                 for other in self._slot_dispatches(incident, d.slot, ("offered",)):
                     other.status, other.ended_at, other.reason = "cancelled", now, "taken"
                     changes.effects.append(
-                        self.messages.cancelled(incident, other, now, self.state.clock_origin)
+                        StoodDown(incident.id, other.id, incident.next_id(other.id))
                     )
                     self._note(
                         incident,
@@ -888,12 +891,11 @@ class Workflow:
         changes: Changes,
         note: str | None = None,
     ) -> None:
-        origin = self.state.clock_origin
         for d in incident.dispatches.values():
             if d.status in AWAITING_REPLY:
                 d.status, d.ended_at, d.reason = "cancelled", now, "closed"
                 self.state.busy.pop(d.unit, None)
-                changes.effects.append(self.messages.cancelled(incident, d, now, origin))
+                changes.effects.append(StoodDown(incident.id, d.id, incident.next_id(d.id)))
                 self._note(
                     incident,
                     now,
@@ -904,7 +906,9 @@ class Workflow:
                     d.id,
                 )
             elif d.status == "notified":
-                changes.effects.append(self.messages.notice(incident, d, now, origin, closing=True))
+                changes.effects.append(
+                    Notified(incident.id, d.id, incident.next_id(d.id), closing=True)
+                )
         for slot in incident.slots.values():
             slot.expires_at = None
         incident.status, incident.outcome, incident.closed_at = "closed", outcome, now

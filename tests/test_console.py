@@ -489,7 +489,7 @@ async def test_a_console_started_late_shows_the_whole_timeline_from_the_store(
 ) -> None:
     """An update carries only the entries it added. A console that hears an incident first
     from a later update puts the timeline together from the dispatcher's store; without the
-    store it shows what it has and says how many entries it lacks."""
+    store it shows what it has and says how many entries it lacks (its ``timeline_from``)."""
     store = tmp_path / "seed.sqlite3"
     report = await replay(SEED, settings, store)
     incident_id = report["incidents"][0]["id"]
@@ -514,8 +514,8 @@ async def test_a_console_started_late_shows_the_whole_timeline_from_the_store(
         last = late[-1]["data"]
         end = last["timeline_from"] + len(last["timeline"])
         if with_store:
-            assert shown["timeline"] == whole[:end] and shown["timeline_missing"] == 0
-        else:
+            assert shown["timeline"] == whole[:end] and shown["timeline_from"] == 0
+        else:  # what it holds, and where that starts
             first = late[0]["data"]["timeline_from"]
             assert shown["timeline"] == whole[first:end]
-            assert shown["timeline_missing"] == first
+            assert shown["timeline_from"] == first

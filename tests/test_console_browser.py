@@ -379,8 +379,6 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
 
         # an incident the dispatcher does not know: its refusal comes back in Chinese
         ghost = dict(console.board.incidents["INC-C-WAIT"], incident_id="INC-GHOST")
-        del ghost["timeline_missing"]  # the board's own note, not part of the message
-        ghost["timeline_from"] = 0
         event = {
             "specversion": "1.0",
             "id": "ghost-1",

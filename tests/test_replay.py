@@ -587,14 +587,12 @@ async def test_a_step_that_fails_half_way_is_undone_and_the_service_goes_on(
     real = Messages.incident_changed
     failed: list[str] = []
 
-    def incident_changed(
-        self: Messages, incident: Any, kind: str, at: float, o: float, start: int = 0
-    ) -> Any:
+    def incident_changed(self: Messages, incident: Any, change: Any, at: float, o: float) -> Any:
         arrived = incident.dispatches.get("INC-C-20211015-0001:G-YJ-CH-01")
         if arrived is not None and arrived.status == "arrived" and "arrival" not in failed:
             failed.append("arrival")
             raise RuntimeError("a defect")
-        return real(self, incident, kind, at, o, start)
+        return real(self, incident, change, at, o)
 
     monkeypatch.setattr(Messages, "incident_changed", incident_changed)
     real_on_timer = Workflow._on_timer

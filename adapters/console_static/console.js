@@ -382,8 +382,8 @@ function renderBoard() {
 function select(id) { state.selected = id; renderDetail(); }
 
 function timeline(inc) {
-  const missing = inc.timeline_missing > 0
-    ? el("li", { class: "missing" }, `此前还有${inc.timeline_missing}条记录本台未收到（本台未接调度数据库）`) : null;
+  const missing = inc.timeline_from > 0
+    ? el("li", { class: "missing" }, `此前还有${inc.timeline_from}条记录本台未收到（本台未接调度数据库）`) : null;
   return el("ol", { class: "timeline" }, missing, inc.timeline.map((t) =>
     el("li", { "data-kind": t.kind, class: t.kind === "alert" || t.kind === "acknowledged" ? t.kind : "" },
       el("time", {}, time(t.at)), el("b", {}, who(t.by)), " ", readable(t.text))));
