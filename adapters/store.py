@@ -68,7 +68,7 @@ import aiosqlite
 import orjson
 import structlog
 
-from dispatcher.errors import StoreError
+from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 
 SCHEMA_VERSION = 5
@@ -241,11 +241,6 @@ class _Batch:
             + len(self.presence)
             + len(self.meta)
         )
-
-
-class FlushError(StoreError):
-    """Flushing written transactions to the disk failed: nothing they cover may be
-    acknowledged, and the store must not be used further."""
 
 
 class _Log:

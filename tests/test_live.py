@@ -33,7 +33,8 @@ from adapters.mqtt import (
 from adapters.recorder import publish_recording, record
 from adapters.replay import replay
 from adapters.report import live_report
-from adapters.store import FlushError, Store
+from adapters.store import Store
+from dispatcher.errors import FlushError
 from dispatcher.settings import Settings
 
 pytestmark = [

@@ -15,8 +15,8 @@ import pytest
 from scenario import CHEN, INVESTMENT, Player, Script
 
 from adapters.replay import replay
-from adapters.store import INLINE_MAX_WRITES, SCHEMA_VERSION, FlushError, Store
-from dispatcher.errors import RecordingError, StoreError
+from adapters.store import INLINE_MAX_WRITES, SCHEMA_VERSION, Store
+from dispatcher.errors import FlushError, RecordingError, StoreError
 from dispatcher.model import Incident, Publish
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
