@@ -107,7 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_handset(args: argparse.Namespace) -> int:
-    from adapters.handset import Handset, auto_script, run_handset
+    from tools.handset import Handset, auto_script, run_handset
 
     settings = _settings(args.config)
     if args.unit not in settings.units:
@@ -178,7 +178,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from adapters.demo import DEFAULT_RECORDING, run_demo
+    from tools.demo import DEFAULT_RECORDING, run_demo
 
     settings = _settings(args.config)
     recording = Path(args.recording) if args.recording else DEFAULT_RECORDING
@@ -349,7 +349,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from adapters.bench_replay import run_replay_bench, run_wave_bench
+    from tools.bench_replay import run_replay_bench, run_wave_bench
 
     if args.wave:
         return run_wave_bench(_settings(args.config), args.wave, args.events)
@@ -360,19 +360,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_live(args: argparse.Namespace) -> int:
-    from adapters.bench_live import run_live_bench
+    from tools.bench_live import run_live_bench
 
     return asyncio.run(run_live_bench(_settings(args.config), args.events, args.samples, args.rate))
 
 
 def cmd_bench_escalation(args: argparse.Namespace) -> int:
-    from adapters.bench_escalation import run_escalation_bench
+    from tools.bench_escalation import run_escalation_bench
 
     return asyncio.run(run_escalation_bench(_settings(args.config), args.samples, args.idle))
 
 
 def cmd_bench_flood(args: argparse.Namespace) -> int:
-    from adapters.bench_flood import run_flood_bench
+    from tools.bench_flood import run_flood_bench
 
     return asyncio.run(
         run_flood_bench(_settings(args.config), args.samples, args.flood, args.calls, args.check)
