@@ -204,7 +204,7 @@ async def test_a_unit_whose_handset_dropped_out_is_skipped(
         radio = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "dispatcher.cli",
+            "antifraud.cli",
             "handset",
             "--unit",
             "G-YJ-CH-01",

@@ -123,7 +123,7 @@ class DispatcherProcess:
         self.args = [
             sys.executable,
             "-m",
-            "dispatcher.cli",
+            "antifraud.cli",
             "--log-level",
             "info",
             "run",
