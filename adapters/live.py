@@ -52,11 +52,12 @@ from adapters.mqtt import (
     protocol_of,
     publish_now,
 )
-from adapters.store import OutboxRow, Store
+from adapters.store import Store
 from dispatcher import logs
 from dispatcher.errors import BrokerError, StoreError
 from dispatcher.inbound import cloudevent
 from dispatcher.outbound import Topics
+from dispatcher.ports import Journal, OutboxRow
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -567,7 +568,7 @@ class LiveService:
                 release = loop.call_later(LOG_RELEASE_S, logs.release)
 
     @staticmethod
-    async def _flush(store: Store, after: float) -> None:
+    async def _flush(store: Journal, after: float) -> None:
         if after:
             await asyncio.sleep(after)
         await store.flush()

@@ -68,8 +68,9 @@ import aiosqlite
 import orjson
 import structlog
 
-from dispatcher.errors import StoreError
+from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
+from dispatcher.ports import OutboxRow, Snapshot
 
 SCHEMA_VERSION = 5
 T = TypeVar("T")
@@ -78,7 +79,6 @@ CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most th
 # with inline_writes, a commit of more rows than this (a backlog drained in large batches) is
 # still written on aiosqlite's thread, so that the loop receives the next messages meanwhile
 INLINE_MAX_WRITES = 200
-OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 # the largest outbound payload handed to the publisher: below the 256 KiB packet limit of
 # config/mosquitto/production.conf, with room for the topic and the packet's header
 MAX_MESSAGE_BYTES = 250_000
@@ -183,19 +183,6 @@ ALTER TABLE timeline ADD COLUMN action_id TEXT;
 
 
 @dataclass
-class Snapshot:
-    """What a starting process needs from the store to continue where the last one stopped."""
-
-    meta: dict[str, str]
-    incidents: list[Incident]  # open ones, and closed ones still within retention
-    incident_ids: set[str]
-    contacts: list[tuple[str, float, str]]
-    presence: dict[str, str]
-    inbound: list[tuple[str, str, float]]
-    receipts: list[tuple[float, str, str]] = field(default_factory=list)  # at, topic, payload
-
-
-@dataclass
 class _Batch:
     meta: dict[str, str] = field(default_factory=dict)
     # incident_id -> (the incident, its document if the caller made it)
@@ -242,11 +229,6 @@ class _Batch:
             + len(self.presence)
             + len(self.meta)
         )
-
-
-class FlushError(StoreError):
-    """Flushing written transactions to the disk failed: nothing they cover may be
-    acknowledged, and the store must not be used further."""
 
 
 class _Log:

@@ -4,8 +4,9 @@
 - ``InputError``: an inbound message was refused; it goes to the dead-letter topic.
 - ``RecordingError``: a recording file handed to ``antifraud replay`` is malformed, or the
   file ``antifraud record`` should write already holds a recording.
-- ``StoreError``: the SQLite store cannot be used (newer schema, another recording, IO).
-- ``BrokerError``: the MQTT broker is unreachable; ``retryable`` says whether to try again.
+- ``StoreError``: the store cannot be used (newer schema, another recording, IO);
+  ``FlushError``, one of them: the disk refused to keep what was written, so the process stops.
+- ``BrokerError``: the MQTT broker is unreachable or dropped the connection.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 class DispatcherError(Exception):
     """Root of every error the dispatcher raises on purpose."""
-
-    retryable: bool = False
 
 
 class ConfigError(DispatcherError):
@@ -42,7 +41,10 @@ class StoreError(DispatcherError):
     """The store cannot be opened or written."""
 
 
+class FlushError(StoreError):
+    """Flushing written transactions to the disk failed: nothing they cover may be
+    acknowledged, and the store must not be used further."""
+
+
 class BrokerError(DispatcherError):
     """The MQTT broker could not be reached or dropped the connection."""
-
-    retryable = True

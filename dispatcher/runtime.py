@@ -14,13 +14,11 @@ import hashlib
 import heapq
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 import structlog
 
-from adapters.store import OutboxRow, Store
 from dispatcher.errors import InputError
 from dispatcher.inbound import (
     DISPATCH_ID_RE,
@@ -46,6 +44,7 @@ from dispatcher.model import (
     incident_of_call,
 )
 from dispatcher.outbound import RECEIPT, REFUSED_PREFIX, REPLY_VERBS, receipt_id
+from dispatcher.ports import Journal, Publisher
 from dispatcher.settings import Settings
 from dispatcher.workflow import INVALID_REPLY, Workflow, timer_order
 from rules.contacts import ContactLog
@@ -179,9 +178,10 @@ def safe_text(text: str) -> str:
 
 
 class Runtime:
-    def __init__(self, settings: Settings, store: Store, *, outbox: bool = False) -> None:
-        """``outbox``: outbound messages wait in the store for a publisher (live service);
-        otherwise they count as published when committed (replay)."""
+    def __init__(self, settings: Settings, store: Journal, *, outbox: bool = False) -> None:
+        """``store``: the journal the runtime's writes go to (dispatcher/ports.py), the SQLite
+        store in service. ``outbox``: outbound messages wait in the store for a publisher
+        (live service); otherwise they count as published when committed (replay)."""
         self.settings = settings
         self.store = store
         self.router = TopicRouter(settings)
@@ -245,7 +245,7 @@ class Runtime:
         # called with the outbound messages of each commit that wait for a publisher, as soon
         # as the commit is written (a crash of the process can no longer lose it), before the
         # commit is flushed to the disk and its inbound messages may be acknowledged
-        self.on_written: Callable[[list[OutboxRow]], None] | None = None
+        self.on_written: Publisher | None = None
         self.counts = {
             "handled": 0,
             "rejected": 0,
@@ -663,7 +663,7 @@ class Runtime:
     async def commit(self, flush: bool = True, inline: bool = True) -> None:
         """Make everything handled so far durable, with the clock it was handled at (with
         ``flush`` false: written, safe from a crash of the process; ``store.flush()`` then
-        says when it is safe from a power cut too). ``inline``: see ``Store.commit``.
+        says when it is safe from a power cut too). ``inline``: see ``Journal.commit``.
 
         A commit the store writes on the event loop is written from this call, with no
         pass of the loop in between. It needs no shield: the write itself waits for nothing

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -28,14 +28,13 @@ from pydantic import (
 )
 
 from dispatcher.errors import ConfigError
+from rules.conditions import IDENT, Conditions, Ident, RuleSettings
+from rules.flagged import FlaggedPattern
 
 E164 = re.compile(r"^\+[1-9][0-9]{1,14}$")
 PREFIX = re.compile(r"^\+[0-9]{1,15}$")
-IDENT = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 UnitKind = Literal["guard", "police", "quick_police", "grid_worker"]
-Severity = Literal["warning", "critical"]
-Ident = Annotated[str, Field(pattern=IDENT.pattern)]
 
 
 class _Strict(BaseModel):
@@ -149,31 +148,6 @@ class StationSettings(_Strict):
     name: str
 
 
-class ContactCondition(_Strict):
-    min_distinct: int = Field(ge=1)
-    window_s: float = Field(gt=0)
-
-
-class Conditions(_Strict):
-    """Every condition present must hold; an absent condition is not checked."""
-
-    flagged: bool | None = None
-    categories: list[str] | None = None
-    min_duration_s: float | None = Field(None, ge=0)
-    vulnerable: bool | None = None
-    distinct_flagged_contacts: ContactCondition | None = None
-
-
-class RuleSettings(_Strict):
-    id: Ident
-    severity: Severity
-    description: str = ""
-    # what operators and police read (the timeline, the board, the apps' text); without
-    # one, the rule's conditions in words
-    label: Annotated[str, Field(min_length=1, max_length=40)] | None = None
-    when: Conditions
-
-
 def conditions_text(when: Conditions, categories: dict[str, str]) -> str:
     """A rule's conditions in words an operator reads at a glance (Chinese)."""
     parts: list[str] = []
@@ -242,14 +216,6 @@ class Subscriber:
     address: str
     grid: str
     vulnerable: bool
-
-
-@dataclass(frozen=True, slots=True)
-class FlaggedPattern:
-    pattern: str
-    match: Literal["exact", "prefix"]
-    category: str
-    label: str
 
 
 @dataclass(frozen=True)

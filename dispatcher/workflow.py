@@ -54,9 +54,10 @@ from dispatcher.model import (
     incident_of_call,
 )
 from dispatcher.outbound import APPLIED_TEXT, REFUSED_PREFIX, SEVERITY_TEXT, Messages
-from dispatcher.settings import FlaggedPattern, RuleSettings, Settings, Unit
+from dispatcher.settings import Settings, Unit
+from rules.conditions import RuleSettings
 from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
-from rules.flagged import FlaggedNumbers
+from rules.flagged import FlaggedNumbers, FlaggedPattern
 
 SYSTEM = "dispatcher"
 # an incident lists at most this many calls, and records repeatable timeline entries (calls

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dispatcher.settings import Conditions, FlaggedPattern, RuleSettings
+from rules.conditions import Conditions, RuleSettings
 from rules.contacts import ContactLog
+from rules.flagged import FlaggedPattern
 
 SEVERITY_RANK = {"warning": 1, "critical": 2}
 

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
-from dispatcher.settings import FlaggedPattern
+
+@dataclass(frozen=True, slots=True)
+class FlaggedPattern:
+    """One line of the flagged-numbers registry: an exact number or a prefix."""
+
+    pattern: str
+    match: Literal["exact", "prefix"]
+    category: str
+    label: str
 
 
 class FlaggedNumbers:

@@ -23,13 +23,13 @@ import pytest
 from test_security import SecureBroker
 from test_security import secure as secure  # the fixture, under its name
 
-from adapters.bench_live import FLAGGED, call_bytes, percentile
 from adapters.live import Clock, LiveService
 from adapters.mqtt import open_client
 from adapters.replay import replay
 from dispatcher.inbound import cloudevent
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
+from tools.bench_live import FLAGGED, call_bytes, percentile
 
 P = "antifraud/v1"
 TOPICS = Topics(P)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from adapters.broker import mosquitto_binary
-from dispatcher.cli import main
+from antifraud.cli import main
 
 DATA = Path(__file__).parent / "data"
 SEED = DATA / "chen_case.jsonl"
@@ -79,7 +79,7 @@ def test_errors_are_one_clear_line_and_exit_1(
 def bench(*args: str) -> str:
     """What ``antifraud bench ARGS`` prints (a figure's presence is tested, never its value)."""
     return subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", "bench", *args],
+        [sys.executable, "-m", "antifraud.cli", "bench", *args],
         check=True,
         capture_output=True,
         text=True,
@@ -119,7 +119,7 @@ def test_bench_live_prints_its_figures() -> None:
 def test_bench_flood_prints_its_figures_and_its_verdict() -> None:
     args = ["flood", "--samples", "4", "--flood", "3000", "--calls", "6", "--check"]
     run = subprocess.run(
-        [sys.executable, "-m", "dispatcher.cli", "bench", *args],
+        [sys.executable, "-m", "antifraud.cli", "bench", *args],
         capture_output=True,
         text=True,
         timeout=180,
@@ -175,7 +175,7 @@ def test_a_replay_can_pass_over_a_last_line_cut_short_and_says_so(
 def test_every_command_and_option_says_what_it_is_for() -> None:
     import argparse
 
-    from dispatcher.cli import build_parser
+    from antifraud.cli import build_parser
 
     silent: list[str] = []
 
@@ -204,7 +204,7 @@ def test_sigterm_to_the_demo_stops_its_broker_and_removes_its_files(tmp_path: Pa
     private = tmp_path / "tmp"
     private.mkdir()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.cli", "demo", "--speed", "20"],
+        [sys.executable, "-m", "antifraud.cli", "demo", "--speed", "20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dispatcher.cli import main
+from antifraud.cli import main
 from dispatcher.errors import ConfigError
 from dispatcher.settings import Settings, load_settings
 

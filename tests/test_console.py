@@ -335,7 +335,7 @@ async def test_a_person_can_watch_the_demo_in_the_console(settings: Settings) ->
     import re
 
     from adapters.broker import local_broker
-    from adapters.demo import DEFAULT_RECORDING, run_demo
+    from tools.demo import DEFAULT_RECORDING, run_demo
 
     out = io.StringIO()
     port = free_port()

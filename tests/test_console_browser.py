@@ -21,12 +21,12 @@ import pytest
 from test_console import PASSWORD, serving
 
 from adapters.broker import Mosquitto, mosquitto_binary
-from adapters.handset import Handset, Step
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, open_client
 from adapters.recorder import publish_recording
 from dispatcher.inbound import cloudevent
 from dispatcher.settings import Settings
+from tools.handset import Handset, Step
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "console"

@@ -74,7 +74,7 @@ class Dispatcher:
         self.args = [
             sys.executable,
             "-m",
-            "dispatcher.cli",
+            "antifraud.cli",
             "--log-level",
             "warning",
             "run",

@@ -19,11 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from adapters.bench_replay import write_day, write_wave  # noqa: E402
 from adapters.replay import replay  # noqa: E402
 from adapters.report import dump_report  # noqa: E402
 from dispatcher import logs  # noqa: E402
 from dispatcher.settings import Settings, load_settings  # noqa: E402
+from tools.bench_replay import write_day, write_wave  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "data" / "golden"
 CONFIG = ROOT / "config" / "hengnan.toml"

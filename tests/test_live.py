@@ -19,7 +19,6 @@ from scenario import CHEN, CLEAN, INVESTMENT, ZHAO, Script
 
 from adapters import live as live_module
 from adapters.broker import Mosquitto, local_broker, mosquitto_binary
-from adapters.handset import Handset, Step
 from adapters.live import Clock, LiveService, Rate
 from adapters.mqtt import (
     BrokerURL,
@@ -33,8 +32,10 @@ from adapters.mqtt import (
 from adapters.recorder import publish_recording, record
 from adapters.replay import replay
 from adapters.report import live_report
-from adapters.store import FlushError, Store
+from adapters.store import Store
+from dispatcher.errors import FlushError
 from dispatcher.settings import Settings
+from tools.handset import Handset, Step
 
 pytestmark = [
     pytest.mark.broker,
@@ -203,7 +204,7 @@ async def test_a_unit_whose_handset_dropped_out_is_skipped(
         radio = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "dispatcher.cli",
+            "antifraud.cli",
             "handset",
             "--unit",
             "G-YJ-CH-01",
@@ -403,7 +404,7 @@ async def test_a_flood_counted_unread_leaves_the_commits_on_the_event_loop(
     backlog: a call warning during it is committed on the loop, as without it. (On the
     thread, its commit waited for the interpreter while the loop read the flood: escalate →
     offer went from 2 to 10 ms at the median during a flood, 50 ms at the p99.)"""
-    from adapters.bench_live import FLAGGED, call_bytes
+    from tools.bench_live import FLAGGED, call_bytes
 
     async with dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running:
         service, runtime = running.service, running.service.runtime
@@ -794,7 +795,7 @@ async def test_mqtt_5_where_the_broker_speaks_it_else_3_1_1() -> None:
 async def test_the_demo_runs_to_the_end(settings: Settings, kind: str, tmp_path: Path) -> None:
     import io
 
-    from adapters.demo import DEFAULT_RECORDING, run_demo
+    from tools.demo import DEFAULT_RECORDING, run_demo
 
     out = io.StringIO()
     async with local_broker(kind) as (url, _):
@@ -906,7 +907,7 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
     """The connection dies between the guard's reply reaching the broker and its
     acknowledgement reaching the radio: the radio cannot know it arrived, so it sends it
     again (the same CloudEvent) over the next connection, and the dispatcher handles it once."""
-    from adapters import handset as handset_module
+    from tools import handset as handset_module
 
     sent: list[bytes | None] = []
     original = handset_module.publish_acknowledged
@@ -972,7 +973,7 @@ async def test_a_receipt_stops_the_handset_sending_its_reply_again(
     """The broker's acknowledgement of the guard's accept is lost, but the dispatcher's
     receipt arrives: the handset knows the reply is in, shows it in Chinese, and does not
     send it again after the reconnect."""
-    from adapters import handset as handset_module
+    from tools import handset as handset_module
 
     sent: list[bytes | None] = []
     original = handset_module.publish_acknowledged
@@ -1059,7 +1060,7 @@ async def test_publishing_stops_at_once_when_the_broker_dies_before_acknowledgin
 
 
 def test_handset_scripts_count_each_delay_from_the_previous_step() -> None:
-    from adapters.handset import auto_script
+    from tools.handset import auto_script
 
     assert auto_script(5, 60, 30, "dissuaded") == [
         Step("accepted", 5),
@@ -1338,8 +1339,8 @@ async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers
     """While Mosquitto sends the dispatcher a persistent session's backlog it holds back its
     acknowledgements of the dispatcher's own messages, the online announcement too, for
     seconds: offers must not wait for that. Here that acknowledgement never comes."""
-    from adapters.bench_live import CHEN as RESIDENT
-    from adapters.bench_live import FLAGGED, call_bytes
+    from tools.bench_live import CHEN as RESIDENT
+    from tools.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
     # the connection's first QoS 1 message: its presence
@@ -1362,7 +1363,7 @@ async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowle
     backlog is through, while it routes the dispatcher's messages at once. The next
     incident's messages must not wait for the last one's acknowledgements; here they never
     come."""
-    from adapters.bench_live import FLAGGED, call_bytes
+    from tools.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
     withheld = withhold_acknowledgements(monkeypatch)
@@ -1391,7 +1392,7 @@ async def test_a_broker_restart_in_the_middle_of_a_burst_loses_no_output(
     operators (repeats allowed: same ids), and the outbox ends with nothing unsent. The
     publisher's reads of the store are slowed, so acknowledgements arrive while it reads: it
     must not miss them and wait for ever."""
-    from adapters.bench_live import FLAGGED, call_bytes
+    from tools.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
     count = 1200

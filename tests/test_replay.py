@@ -15,8 +15,8 @@ import pytest
 from scenario import CHEN, INVESTMENT, Player, Script
 
 from adapters.replay import replay
-from adapters.store import INLINE_MAX_WRITES, SCHEMA_VERSION, FlushError, Store
-from dispatcher.errors import RecordingError, StoreError
+from adapters.store import INLINE_MAX_WRITES, SCHEMA_VERSION, Store
+from dispatcher.errors import FlushError, RecordingError, StoreError
 from dispatcher.model import Incident, Publish
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
@@ -473,7 +473,7 @@ async def test_backup_makes_a_consistent_copy_while_the_store_is_written(
 def test_the_backup_command_refuses_to_overwrite(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dispatcher.cli import main
+    from antifraud.cli import main
 
     store, out = tmp_path / "s.sqlite3", tmp_path / "b.sqlite3"
     assert (

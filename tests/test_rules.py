@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dispatcher.settings import Conditions, ContactCondition, FlaggedPattern, RuleSettings
 from rules import CallFacts, ContactLog, FlaggedNumbers, RuleSet
+from rules.conditions import Conditions, ContactCondition, RuleSettings
+from rules.flagged import FlaggedPattern
 
 PATTERNS = [
     FlaggedPattern("+85251230001", "exact", "impersonation", "a"),

@@ -68,7 +68,7 @@ COMMANDS = ["run", "report", "replay", "backup", "console"]
 
 def _start(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "dispatcher.cli", *args],
+        [sys.executable, "-m", "antifraud.cli", *args],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,

@@ -31,7 +31,6 @@ from typing import Any, TextIO
 import aiomqtt
 
 from adapters.broker import local_broker
-from adapters.handset import Handset, Step
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, messages_until, open_client
 from adapters.recording import Line, read_lines
@@ -43,6 +42,7 @@ from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 from dispatcher.summary import render_summary
 from dispatcher.workflow import OUTCOME_TEXT
+from tools.handset import Handset, Step
 
 DEFAULT_RECORDING = (
     Path(__file__).resolve().parent.parent / "config" / "hengnan" / "recordings" / "chen_case.jsonl"

@@ -1,4 +1,4 @@
-"""The ``antifraud`` command line: the one composition root for every mode."""
+"""The ``antifraud`` command line: every mode, wired by ``antifraud.bootstrap``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from antifraud import bootstrap
 from dispatcher import logs
 from dispatcher.errors import ConfigError, DispatcherError, RecordingError
-from dispatcher.settings import Settings, load_settings
+from dispatcher.settings import Settings
 
 if TYPE_CHECKING:
     from adapters.mqtt import BrokerURL
@@ -23,7 +24,7 @@ DEFAULT_CONFIG = "config/hengnan.toml"
 
 
 def _settings(path: str) -> Settings:
-    return load_settings(path)
+    return bootstrap.settings(path)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -48,23 +49,7 @@ def _write(text: str, target: str) -> None:
 
 
 def _broker(args: argparse.Namespace, settings: Settings) -> BrokerURL:
-    from adapters.mqtt import BrokerURL
-
-    service = settings.service
-    password = service.broker_password.get_secret_value() if service.broker_password else None
-    if service.broker_password_file:
-        try:
-            password = Path(service.broker_password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(
-                [
-                    f"{settings.path}: service.broker_password_file: cannot read "
-                    f"{service.broker_password_file}: {exc.strerror}"
-                ]
-            ) from None
-    return BrokerURL.parse(
-        args.broker or service.broker, password, service.broker_username, service.broker_ca_file
-    )
+    return bootstrap.broker(settings, args.broker)
 
 
 def cmd_broker_credentials(args: argparse.Namespace) -> int:
@@ -96,18 +81,16 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[object]]) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from adapters.live import LiveService
-
     settings = _settings(args.config)
     broker = _broker(args, settings)
     store = Path(args.store or settings.service.store)
-    service = LiveService(settings, broker, store)
+    service = bootstrap.live_service(settings, broker, store)
     _run_until_signalled(service.run)
     return 0
 
 
 def cmd_handset(args: argparse.Namespace) -> int:
-    from adapters.handset import Handset, auto_script, run_handset
+    from tools.handset import Handset, auto_script, run_handset
 
     settings = _settings(args.config)
     if args.unit not in settings.units:
@@ -178,7 +161,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from adapters.demo import DEFAULT_RECORDING, run_demo
+    from tools.demo import DEFAULT_RECORDING, run_demo
 
     settings = _settings(args.config)
     recording = Path(args.recording) if args.recording else DEFAULT_RECORDING
@@ -209,8 +192,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from adapters.store import Store
-
     source, target = Path(args.store), Path(args.out)
     if not source.is_file():
         print(f"antifraud: {source}: no such store", file=sys.stderr)
@@ -220,7 +201,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return 1
 
     async def main() -> None:
-        async with Store(source) as store:
+        async with bootstrap.store(source) as store:
             await store.backup(target)
 
     asyncio.run(main())
@@ -349,7 +330,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from adapters.bench_replay import run_replay_bench, run_wave_bench
+    from tools.bench_replay import run_replay_bench, run_wave_bench
 
     if args.wave:
         return run_wave_bench(_settings(args.config), args.wave, args.events)
@@ -360,19 +341,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_live(args: argparse.Namespace) -> int:
-    from adapters.bench_live import run_live_bench
+    from tools.bench_live import run_live_bench
 
     return asyncio.run(run_live_bench(_settings(args.config), args.events, args.samples, args.rate))
 
 
 def cmd_bench_escalation(args: argparse.Namespace) -> int:
-    from adapters.bench_escalation import run_escalation_bench
+    from tools.bench_escalation import run_escalation_bench
 
     return asyncio.run(run_escalation_bench(_settings(args.config), args.samples, args.idle))
 
 
 def cmd_bench_flood(args: argparse.Namespace) -> int:
-    from adapters.bench_flood import run_flood_bench
+    from tools.bench_flood import run_flood_bench
 
     return asyncio.run(
         run_flood_bench(_settings(args.config), args.samples, args.flood, args.calls, args.check)

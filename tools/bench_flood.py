@@ -42,7 +42,6 @@ from pathlib import Path
 
 from aiomqtt import Client
 
-from adapters.bench_live import CHEN, FLAGGED, _child, call_bytes, event_bytes, percentile
 from adapters.broker import SecureBroker, secure_broker
 from adapters.live import Clock, LiveService
 from adapters.mqtt import PASSWORD_ENV, open_client
@@ -51,6 +50,7 @@ from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
+from tools.bench_live import CHEN, FLAGGED, _child, call_bytes, event_bytes, percentile
 
 TARGET = 10.0  # escalate → offer p99 during the flood, at most this many times its unloaded p99
 FLOODER = "G-YJ-CH-01"

@@ -22,13 +22,14 @@ import time
 import uuid
 from pathlib import Path
 
-from adapters.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
-from adapters.store import OutboxRow, Store
+from adapters.store import Store
 from dispatcher import logs
 from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics
+from dispatcher.ports import OutboxRow
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
+from tools.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
 
 
 async def escalation_stages(

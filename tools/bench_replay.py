@@ -314,7 +314,7 @@ def _child(mode: str, config: str, recording: str) -> None:
 
 def _run_child(mode: str, config: str, recording: Path) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "adapters.bench_replay", mode, config, str(recording)],
+        [sys.executable, "-m", "tools.bench_replay", mode, config, str(recording)],
         check=True,
         capture_output=True,
         text=True,

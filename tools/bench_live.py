@@ -123,7 +123,7 @@ class DispatcherProcess:
         self.args = [
             sys.executable,
             "-m",
-            "dispatcher.cli",
+            "antifraud.cli",
             "--log-level",
             "info",
             "run",
@@ -285,7 +285,7 @@ async def _child(
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
-        f"import asyncio, sys; from adapters.bench_live import {function}; "
+        f"import asyncio, sys; from tools.bench_live import {function}; "
         "from adapters.mqtt import BrokerURL; "
         f"asyncio.run({function}(BrokerURL.parse(sys.argv[1]), *sys.argv[2:]))",
         *args,

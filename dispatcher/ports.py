@@ -1,0 +1,118 @@
+"""What the core needs from the world, as small protocols that ``adapters/`` implement.
+
+- ``Journal``: where the effects of each step are queued and, by ``commit()``, made durable
+  together; at start it hands back a ``Snapshot`` to continue from. The SQLite ``Store``
+  (adapters/store.py) is one; the tests' in-memory journal is another (tests/fakes.py).
+- ``Publisher``: takes the outbound messages of a commit as soon as it is written.
+- ``Clock``: the runtime's seconds. The runtime itself never reads a clock: its caller reads
+  one and passes ``now`` (the live service the system clock, replay each recorded ``at``).
+
+The types that cross a port live here too: ``OutboxRow`` and ``Snapshot``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dispatcher.model import Incident, Publish, TimelineEntry
+
+OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
+
+
+@dataclass
+class Snapshot:
+    """What a starting process needs from the store to continue where the last one stopped."""
+
+    meta: dict[str, str]
+    incidents: list[Incident]  # open ones, and closed ones still within retention
+    incident_ids: set[str]
+    contacts: list[tuple[str, float, str]]
+    presence: dict[str, str]
+    inbound: list[tuple[str, str, float]]
+    receipts: list[tuple[float, str, str]] = field(default_factory=list)  # at, topic, payload
+
+
+class Publisher(Protocol):
+    """Called with a commit's outbound messages that wait for a publisher, in outbox order,
+    as soon as the commit is written (before it is flushed to the disk)."""
+
+    def __call__(self, rows: list[OutboxRow], /) -> None: ...
+
+
+class Clock(Protocol):
+    """The runtime's seconds: the system time, or time running faster (the demo)."""
+
+    def now(self) -> float: ...
+
+    def real_seconds(self, clock_seconds: float) -> float:
+        """How long ``clock_seconds`` of this clock take in real seconds."""
+        ...
+
+
+class Journal(Protocol):
+    """The runtime's durable state: writes are queued as steps produce effects and made
+    durable together by ``commit()`` (all or nothing); ``load()`` reads them back at start."""
+
+    async def load(
+        self,
+        now_hint: float | None,
+        retention_s: float,
+        dedupe_window_s: float,
+        contact_horizon_s: float,
+    ) -> Snapshot:
+        """The state to continue from: open incidents and closed ones within ``retention_s``,
+        processed pairs within ``dedupe_window_s``, contacts within ``contact_horizon_s``
+        (all counted back from ``now_hint``, or from the stored clock when it is None)."""
+        ...
+
+    # ---- queueing (synchronous, in memory) ---------------------------------------------
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def save_incident(self, incident: Incident) -> None: ...
+
+    def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None: ...
+
+    def add_outbox(self, at: float, message: Publish, sent: bool) -> None:
+        """Queue an outbound message; ``sent``: it counts as published once committed."""
+        ...
+
+    def add_inbound(self, source: str, event_id: str, at: float) -> None:
+        """Queue a processed ``(source, id)`` pair (``source`` names its channel too)."""
+        ...
+
+    def add_rejected(self, at: float, topic: str, reason: str, payload: str) -> None: ...
+
+    def add_contact(self, subscriber: str, at: float, counterpart: str) -> None: ...
+
+    def set_presence(self, unit: str, state: str, at: float) -> None: ...
+
+    # ---- committing --------------------------------------------------------------------
+
+    def holds_effects(self) -> bool:
+        """Whether anything queued is more than bookkeeping (processed pairs, the clock)."""
+        ...
+
+    def writes_inline(self, inline: bool = True) -> bool:
+        """Whether ``commit(inline=inline)`` would write what is queued on the event loop."""
+        ...
+
+    async def commit(
+        self,
+        written: Publisher | None = None,
+        flush: bool = True,
+        inline: bool = True,
+    ) -> list[OutboxRow]:
+        """Write everything queued at once (a failed commit keeps it queued), hand the
+        messages waiting for a publisher to ``written`` once written, then flush unless
+        ``flush`` is false. Returns those messages."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once every commit written so far is on the disk."""
+        ...
+
+    async def prune(self, before_inbound: float, before_contacts: float) -> None:
+        """Forget processed pairs and contacts older than these times."""
+        ...

@@ -1,0 +1,1 @@
+"""Tools around the dispatcher: the demo, the terminal handset and the benchmarks."""
