@@ -13,7 +13,7 @@ The types that cross a port live here too: ``OutboxRow`` and ``Snapshot``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from dispatcher.model import Incident, Publish, TimelineEntry
 
@@ -70,7 +70,8 @@ class Journal(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
-    def save_incident(self, incident: Incident) -> None: ...
+    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
+        """Upsert ``incident``; ``doc``, if given, is its ``to_doc()`` as of now."""
 
     def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None: ...
 

@@ -90,7 +90,7 @@ class MemoryJournal:
     def set_meta(self, key: str, value: str) -> None:
         self.queued.meta[key] = value
 
-    def save_incident(self, incident: Incident) -> None:
+    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
         self.queued.incidents[incident.id] = copy.deepcopy(incident)
 
     def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None:
