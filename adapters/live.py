@@ -50,6 +50,7 @@ from adapters.mqtt import (
     forget,
     open_client,
     protocol_of,
+    publish,
     publish_now,
 )
 from adapters.store import OutboxRow, Store
@@ -332,10 +333,14 @@ class LiveService:
         client = self._announcer
         if client is None:
             return
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+        with contextlib.suppress(BrokerError, TimeoutError):
             await asyncio.wait_for(
-                client.publish(
-                    self.topics.dispatcher_status, self._status("offline"), qos=1, retain=True
+                publish(
+                    client,
+                    self.topics.dispatcher_status,
+                    self._status("offline"),
+                    qos=1,
+                    retain=True,
                 ),
                 2.0,
             )
@@ -393,7 +398,7 @@ class LiveService:
                     backoff.reset()
                     log.info("broker_session_connected", client_id=client_id)
                     await disconnected(client)
-            except (BrokerError, aiomqtt.MqttError) as exc:
+            except BrokerError as exc:
                 log.warning(
                     "broker_unavailable", broker=str(broker), client_id=client_id, error=str(exc)
                 )
@@ -465,7 +470,7 @@ class LiveService:
                         client_id=self.client_id,
                     )
                     await disconnected(client)  # messages arrive through _receive
-            except (BrokerError, aiomqtt.MqttError) as exc:
+            except BrokerError as exc:
                 log.warning("broker_unavailable", broker=str(self.broker), error=str(exc))
             finally:
                 self.client = self._announcer = None
@@ -614,7 +619,7 @@ class LiveService:
         """Write ``rows`` to the socket now; their acknowledgements join the window."""
         try:
             waiting = publish_now(client, _messages(rows))
-        except aiomqtt.MqttError as exc:  # the store still holds them: sent again
+        except BrokerError as exc:  # the store still holds them: sent again
             log.warning("publish_failed", error=str(exc), pending=len(rows))
             self._write_failed = True
             return

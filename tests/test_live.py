@@ -34,6 +34,7 @@ from adapters.recorder import publish_recording, record
 from adapters.replay import replay
 from adapters.report import live_report
 from adapters.store import FlushError, Store
+from dispatcher.errors import BrokerError
 from dispatcher.settings import Settings
 
 pytestmark = [
@@ -695,7 +696,7 @@ async def test_a_delivering_client_hands_over_each_message_and_says_when_it_is_c
     broker: Mosquitto,
 ) -> None:
     """The dispatcher's client: messages handed over in order as they are decoded (none left
-    in aiomqtt's queue), and ``disconnected`` raising ``MqttError`` once the broker is gone."""
+    in aiomqtt's queue), and ``disconnected`` raising ``BrokerError`` once the broker is gone."""
     url = BrokerURL.parse(broker.url)
     got: list[tuple[aiomqtt.Client, bytes]] = []
     arrived = asyncio.Event()
@@ -714,7 +715,7 @@ async def test_a_delivering_client_hands_over_each_message_and_says_when_it_is_c
         assert got == [(client, b"m0"), (client, b"m1"), (client, b"m2")]
         assert len(client.messages) == 0
         broker.kill()
-        with pytest.raises(aiomqtt.MqttError):
+        with pytest.raises(BrokerError):
             await asyncio.wait_for(disconnected(client), 10)
 
 
@@ -1054,7 +1055,7 @@ async def test_publishing_stops_at_once_when_the_broker_dies_before_acknowledgin
         await asyncio.sleep(0.3)
         assert not sending.done()  # its acknowledgement is withheld
         broker.kill()
-        with pytest.raises(aiomqtt.MqttError, match="connection was lost"):
+        with pytest.raises(BrokerError, match="connection was lost"):
             await asyncio.wait_for(sending, 20)
 
 
