@@ -814,7 +814,7 @@ class Console:
                 await publish_acknowledged(
                     client, [(self.topics.actions(session.operator), payload, 1, False)]
                 )
-        except (aiomqtt.MqttError, TimeoutError) as exc:
+        except (BrokerError, TimeoutError) as exc:
             # it may or may not have reached the broker: the operator must look, then decide
             logged.warning(
                 "console_action_unconfirmed",
@@ -999,7 +999,7 @@ class Console:
                         await self.handle_message(
                             str(message.topic), message.payload, bool(message.retain)
                         )
-            except (BrokerError, aiomqtt.MqttError) as exc:
+            except BrokerError as exc:
                 log.warning("console_broker_unavailable", error=str(exc))
             except Exception:  # a defect: the feed reconnects rather than ends
                 log.exception("console_feed_failed")

@@ -27,6 +27,11 @@ unacknowledged and queues the rest until acknowledgements come back, so the mess
 commit (or of several, published together) beyond the 20th went out 20 per round trip
 through the broker. Every client allows ``IN_FLIGHT`` instead, or what the broker's CONNACK
 says it receives at most (MQTT 5 Receive Maximum), whichever is less.
+
+Each of these reaches into aiomqtt's or paho's private attributes; all such uses are in
+adapters/mqtt_internals.py, which checks the installed versions and attributes when the first
+client is opened. Errors do not leave this module as ``aiomqtt.MqttError``: whatever fails on a
+connection, in these functions or in the body of ``open_client``, is a ``BrokerError``.
 """
 
 from __future__ import annotations
@@ -45,19 +50,46 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 import structlog
-from aiomqtt.types import PahoSocket
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from adapters.mqtt_internals import (
+    IN_FLIGHT,
+    Client,
+    Deliver,
+    ack_manually,
+    check_client,
+    check_mqtt_library,
+    ending,
+    paho_of,
+    pending_publishes,
+    write_packet,
+)
 from dispatcher.errors import BrokerError, ConfigError
+
+__all__ = [
+    "IN_FLIGHT",
+    "Backoff",
+    "BrokerURL",
+    "Client",
+    "Deliver",
+    "ack",
+    "acknowledged",
+    "disconnected",
+    "forget",
+    "messages_until",
+    "open_client",
+    "protocol_of",
+    "publish",
+    "publish_acknowledged",
+    "publish_now",
+    "remember_protocol",
+]
 
 log = structlog.get_logger("mqtt")
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
-IN_FLIGHT = 1000  # QoS 1 messages a client may have unacknowledged (paho's default: 20)
 UNSUPPORTED_PROTOCOL = {1, 132}  # 3.1.1 "unacceptable protocol version", 5.0 0x84
 PASSWORD_ENV = "ANTIFRAUD_BROKER_PASSWORD"
 
@@ -105,88 +137,12 @@ class BrokerURL:
 _protocols: dict[tuple[str, int], aiomqtt.ProtocolVersion] = {}
 
 
-Deliver = Callable[[aiomqtt.Client, aiomqtt.Message], None]
-
-
-class Client(aiomqtt.Client):
-    """aiomqtt's client, registering its socket writer at once when asked on the event loop
-    (see the module docstring); from another thread, as aiomqtt does.
-
-    With ``deliver``, each message received is handed to ``deliver(client, message)`` as paho
-    decodes it, instead of going through ``messages``: that iterator creates a task and waits
-    on it for every message, three passes of the event loop before anyone sees the message.
-    Wait for the end of the connection with ``disconnected``.
-    """
-
-    deliver: Deliver | None = None
-    # called after each acknowledgement of a message this client published
-    on_acknowledged: Callable[[], None] | None = None
-    # the topic of each QoS 1 message ``publish_now`` queued, until the broker answers for it
-    # (set by ``_client``)
-    publishing: dict[int, str]
-
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: Any,
-        reason_code: Any,
-        properties: Properties | None = None,
-    ) -> None:
-        """A broker that receives fewer unacknowledged messages than ``IN_FLIGHT`` says so in
-        its CONNACK (MQTT 5 Receive Maximum); sending more is a protocol error."""
-        most = getattr(properties, "ReceiveMaximum", None)
-        if most:
-            # paho's setter refuses once connected; nothing is in flight before the CONNACK
-            client._max_inflight_messages = min(IN_FLIGHT, int(most))
-        super()._on_connect(client, userdata, flags, reason_code, properties)
-
-    def _on_publish(
-        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
-    ) -> None:
-        """A broker that refuses a message (MQTT 5: a PUBACK with a failure reason, such as
-        an ACL that does not allow the topic) still acknowledges it, and it is never
-        delivered: say so loudly, with the topic, rather than take it for sent."""
-        topic = self.publishing.pop(mid, None)
-        if getattr(reason_code, "is_failure", False):
-            log.error("publish_refused", topic=topic, mid=mid, reason=str(reason_code))
-        super()._on_publish(client, userdata, mid, reason_code, properties)
-        if self.on_acknowledged is not None:
-            self.on_acknowledged()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if self.deliver is None:
-            super()._on_message(client, userdata, message)
-        else:
-            self.deliver(self, aiomqtt.Message._from_paho_message(message))
-
-    def _on_socket_register_write(
-        self, client: mqtt.Client, userdata: Any, sock: PahoSocket
-    ) -> None:
-        try:
-            on_loop = asyncio.get_running_loop() is self._loop
-        except RuntimeError:  # no loop in this thread: paho's connecting thread
-            on_loop = False
-        if not on_loop:
-            super()._on_socket_register_write(client, userdata, sock)
-            return
-        self._loop.add_writer(sock.fileno(), self._write_ready)
-
-    def _write_ready(self) -> None:
-        """The socket can take more: write what paho has queued (aiomqtt's own callback)."""
-        try:
-            self._client.loop_write()
-        except Exception as exc:  # a broken connection: aiomqtt's reader notices and ends it
-            if not self._disconnected.done():
-                self._disconnected.set_exception(exc)
-
-
 async def disconnected(client: aiomqtt.Client) -> None:
-    """Return when the connection ends, raising ``MqttError`` as ``messages`` does when it
-    was lost (for a client that hands its messages to ``deliver``)."""
-    ended = client._disconnected
+    """Return when the connection ends, raising ``BrokerError`` as ``messages`` raises
+    ``MqttError`` when it was lost (for a client that hands its messages to ``deliver``)."""
+    ended = ending(client)
     await asyncio.wait([ended])  # never raises what the connection ended with
-    raise aiomqtt.MqttError("Disconnected") from ended.exception()
+    raise BrokerError("Disconnected") from ended.exception()
 
 
 def _client(
@@ -224,6 +180,7 @@ def _client(
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         **kwargs,  # type: ignore[arg-type]
     )
+    check_client(client)
     client.publishing = {}
     return client
 
@@ -240,9 +197,12 @@ async def open_client(
     deliver: Deliver | None = None,
     on_acknowledged: Callable[[], None] | None = None,
 ) -> AsyncIterator[aiomqtt.Client]:
-    """Connect (MQTT 5, or 3.1.1 when the broker refuses 5); ``BrokerError`` if unreachable.
+    """Connect (MQTT 5, or 3.1.1 when the broker refuses 5); ``BrokerError`` if unreachable,
+    and for any ``MqttError`` raised while the connection is used (in the ``async with``).
     ``deliver``: see ``Client`` (set before connecting: a persistent session's queued
-    messages may arrive before anything is subscribed); ``on_acknowledged``: see ``Client``."""
+    messages may arrive before anything is subscribed); ``on_acknowledged``: see ``Client``.
+    ``UnsupportedLibrary`` if the installed aiomqtt or paho-mqtt is not a supported one."""
+    check_mqtt_library()
     key = (broker.host, broker.port)
     first = _protocols.get(key, aiomqtt.ProtocolVersion.V5)
     candidates = (
@@ -251,7 +211,7 @@ async def open_client(
     for protocol in candidates:
         client = _client(broker, protocol, identifier, persistent, will, operation_timeout)
         if manual_acks:
-            client._client.manual_ack_set(True)
+            ack_manually(client)
         client.deliver = deliver
         client.on_acknowledged = on_acknowledged
         try:
@@ -269,6 +229,8 @@ async def open_client(
     _protocols[key] = protocol
     try:
         yield client
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(f"{broker}: {exc}") from exc
     finally:
         with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
@@ -280,7 +242,8 @@ async def messages_until(
     """The client's messages until ``stop`` is set or the ``time.monotonic()`` deadline passes.
 
     One read stays pending across waits and is cancelled only at the end: cancelling a read
-    of aiomqtt's message generator closes the generator for good.
+    of aiomqtt's message generator closes the generator for good. ``BrokerError`` once the
+    connection is lost.
     """
     messages = client.messages.__aiter__()
     stopper = asyncio.ensure_future(stop.wait())
@@ -295,7 +258,11 @@ async def messages_until(
                 either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             if waiter in done:
-                message, waiter = waiter.result(), None
+                try:
+                    message = waiter.result()
+                except aiomqtt.MqttError as exc:
+                    raise BrokerError(str(exc)) from exc
+                waiter = None
                 yield message
             elif not done:
                 return  # the deadline passed
@@ -313,7 +280,7 @@ def remember_protocol(broker: BrokerURL, version: str) -> None:
 
 
 def protocol_of(client: aiomqtt.Client) -> str:
-    return "5" if client._client.protocol == aiomqtt.ProtocolVersion.V5.value else "3.1.1"
+    return "5" if paho_of(client).protocol == aiomqtt.ProtocolVersion.V5.value else "3.1.1"
 
 
 def publish_now(
@@ -321,7 +288,8 @@ def publish_now(
 ) -> dict[int, asyncio.Event]:
     """Queue ``(topic, payload, qos, retain)`` messages with paho in order and write them to
     the socket now; return, per message id, the event set once the broker acknowledged it
-    (QoS > 0). Pass the result to ``acknowledged``.
+    (QoS > 0). Pass the result to ``acknowledged``. ``BrokerError`` if paho refuses one
+    (the connection is gone): none of them is then awaited.
 
     aiomqtt's ``publish()`` is a coroutine per message: gathered, each becomes a task that
     queues its packet on its own pass of the event loop. Here every packet is queued and
@@ -330,7 +298,7 @@ def publish_now(
     awaited the way aiomqtt's ``publish()`` awaits them: an event in its table of pending
     publishes, set by its ``on_publish`` callback.
     """
-    paho, pending = client._client, client._pending_publishes
+    paho, pending = paho_of(client), pending_publishes(client)
     waiting: dict[int, asyncio.Event] = {}
     ours = client if isinstance(client, Client) else None
     writing = ours is not None  # until the socket takes no more: then the loop's writer goes on
@@ -338,7 +306,7 @@ def publish_now(
         for topic, payload, qos, retain in messages:
             info = paho.publish(topic, payload, qos, retain)
             if info.rc != 0:
-                raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+                raise BrokerError(str(aiomqtt.MqttCodeError(info.rc, "Could not publish message")))
             if not info.is_published():
                 waiting[info.mid] = pending[info.mid] = asyncio.Event()
                 if ours is not None:
@@ -346,7 +314,7 @@ def publish_now(
             if writing:
                 # each packet as soon as it is built (paho sends one packet per system call
                 # anyway): the first message is on its way while the next ones are built
-                writing = paho._packet_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
+                writing = write_packet(paho)
     except BaseException:
         forget(client, waiting)
         raise
@@ -354,7 +322,7 @@ def publish_now(
         if ours is not None:
             # now, not two passes of the loop later: what is left, if anything, and paho's
             # bookkeeping (the loop's writer is dropped once nothing waits to be written)
-            ours._write_ready()
+            ours.write_ready()
     return waiting
 
 
@@ -373,7 +341,7 @@ async def publish_acknowledged(
 ) -> None:
     """Publish ``messages`` (as ``publish_now``) and return once the broker acknowledged them.
 
-    Raises ``MqttError`` the moment the connection is lost; aiomqtt's ``publish()`` instead
+    Raises ``BrokerError`` the moment the connection is lost; aiomqtt's ``publish()`` instead
     waits out its whole operation timeout on a connection that is already gone. A link that
     died without a word is noticed only by the keepalive (up to 45 s): a caller that cannot
     wait that long bounds the call with ``asyncio.timeout``.
@@ -393,15 +361,26 @@ async def publish_acknowledged(
         if not lost.cancelled():
             lost.exception()  # the connection ended just after: that is not this call's news
         return
-    raise aiomqtt.MqttError(
-        "the connection was lost before the broker acknowledged"
-    ) from lost.exception()
+    raise BrokerError("the connection was lost before the broker acknowledged") from (
+        lost.exception()
+    )
+
+
+async def publish(
+    client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False
+) -> None:
+    """aiomqtt's ``publish()``, raising ``BrokerError`` where it raises ``MqttError`` (for a
+    publish outside the ``async with`` of ``open_client``)."""
+    try:
+        await client.publish(topic, payload, qos=qos, retain=retain)
+    except aiomqtt.MqttError as exc:
+        raise BrokerError(str(exc)) from exc
 
 
 def forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
     """Stop waiting for the acknowledgements ``publish_now`` returned (the connection is
     gone: they will never come)."""
-    pending = client._pending_publishes
+    pending = pending_publishes(client)
     publishing = client.publishing if isinstance(client, Client) else {}
     for mid, event in waiting.items():
         if pending.get(mid) is event:
@@ -413,8 +392,8 @@ def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
     """Acknowledge a QoS 1/2 message received with ``manual_acks`` on the connection it came
     over (a no-op for QoS 0). Once that connection is closed there is nothing to do: its
     session redelivers the message over the next connection."""
-    if message.qos > 0 and client._client.is_connected():
-        client._client.ack(message.mid, message.qos)
+    if message.qos > 0 and (paho := paho_of(client)).is_connected():
+        paho.ack(message.mid, message.qos)
 
 
 class Backoff:

@@ -103,7 +103,7 @@ async def record(
                         )
                         handle.flush()
                         count += 1
-            except (BrokerError, aiomqtt.MqttError) as exc:
+            except BrokerError as exc:
                 delay = backoff.next_delay()
                 log.warning(
                     "broker_unavailable",
@@ -116,7 +116,7 @@ async def record(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
     if subscribed:  # leave no session behind to queue traffic for a recorder that is gone
-        with contextlib.suppress(BrokerError, aiomqtt.MqttError):
+        with contextlib.suppress(BrokerError):
             async with open_client(broker, identifier, persistent=False):
                 pass
     return count
@@ -145,7 +145,7 @@ async def publish_recording(
                 retain = line.topic.endswith(status_suffix)
                 async with asyncio.timeout(client.timeout):
                     await publish_acknowledged(client, [(line.topic, payload, 1, retain)])
-            except (aiomqtt.MqttError, TimeoutError) as exc:
+            except (BrokerError, TimeoutError) as exc:
                 why = str(exc) or f"no acknowledgement within {client.timeout:g} s"
                 raise BrokerError(
                     f"{broker}: the connection failed after {count} line(s) of {recording} "

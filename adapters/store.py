@@ -68,6 +68,7 @@ import aiosqlite
 import orjson
 import structlog
 
+from adapters.sqlite_internals import check_aiosqlite, in_thread
 from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 from dispatcher.ports import OutboxRow, Snapshot
@@ -666,6 +667,7 @@ class Store:
 
     async def _open(self) -> None:
         try:
+            check_aiosqlite()
             self._db = await aiosqlite.connect(self._file, isolation_level=None)
             version = (await (await self._db.execute("PRAGMA user_version")).fetchone() or (0,))[0]
             if not 1 <= version <= SCHEMA_VERSION:  # checked just before; changed since
@@ -956,14 +958,9 @@ class Store:
             log.warning("store_checkpoint_failed", store=str(self.path), error=str(exc))
 
     async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(connection, *args)`` on aiosqlite's connection thread, in one hop.
-
-        aiosqlite runs each statement as one round trip to its thread; a commit of a dozen
-        statements would pay a dozen. Every public aiosqlite method is built on this same
-        queueing primitive (``Connection._execute``), used here for a whole transaction.
-        """
-        db = self.db
-        return await db._execute(lambda: fn(db._conn, *args))  # type: ignore[no-untyped-call,no-any-return]
+        """Run ``fn(connection, *args)`` on aiosqlite's connection thread, in one hop (a whole
+        transaction at once, not a round trip per statement: adapters/sqlite_internals.py)."""
+        return await in_thread(self.db, fn, *args)
 
     async def prune(self, before_inbound: float, before_contacts: float) -> None:
         """Forget what is too old to matter, in one transaction: dedupe pairs and contacts

@@ -301,7 +301,7 @@ async def test_a_flooding_handset_costs_nobody_else_anything(
             want = opened + 100 + len(latencies)
             await until(lambda: incident_count(service) == want, within=30)
             await asyncio.sleep(0.5)
-            await until(lambda: not (service._calls or service._inbox or service._units))
+            await until(lambda: not service.inbox.waiting)
             await asyncio.sleep(1.5)  # the bookkeeping of the last batch is committed
             return store_bytes(store) - before, latencies
 

@@ -17,9 +17,10 @@ import aiomqtt
 import pytest
 from scenario import CHEN, CLEAN, INVESTMENT, ZHAO, Script
 
-from adapters import live as live_module
 from adapters.broker import Mosquitto, local_broker, mosquitto_binary
-from adapters.live import Clock, LiveService, Rate
+from adapters.live import Clock, LiveService, Publisher, Rate
+from adapters.live import acker as acker_stage
+from adapters.live import processor as processor_stage
 from adapters.mqtt import (
     BrokerURL,
     acknowledged,
@@ -33,7 +34,7 @@ from adapters.recorder import publish_recording, record
 from adapters.replay import replay
 from adapters.report import live_report
 from adapters.store import Store
-from dispatcher.errors import FlushError
+from dispatcher.errors import BrokerError, FlushError
 from dispatcher.settings import Settings
 from tools.handset import Handset, Step
 
@@ -426,7 +427,7 @@ async def test_a_flood_counted_unread_leaves_the_commits_on_the_event_loop(
             while time.monotonic() < deadline:
                 for _ in range(250):
                     message = aiomqtt.Message(topic, b"garbage %d \xff{" % sent, 0, False, 0, None)
-                    service._receive_unit(None, message)  # type: ignore[arg-type]
+                    service.inbox.receive_unit(None, message)  # type: ignore[arg-type]
                     sent += 1
                 await asyncio.sleep(0.01)
 
@@ -437,7 +438,7 @@ async def test_a_flood_counted_unread_leaves_the_commits_on_the_event_loop(
             while "INC-FLOODED-1" not in runtime.state.incidents:
                 await flood(0.05)
         await flood(0.3)
-        await wait_until(lambda: not service._units)
+        await wait_until(lambda: not service.inbox.units)
         assert runtime.counts["suppressed"] > sent / 2  # a flood, counted unread
         assert inline and all(inline), inline
 
@@ -445,13 +446,13 @@ async def test_a_flood_counted_unread_leaves_the_commits_on_the_event_loop(
 def recorded_acks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The ids of the messages the live service acknowledges from now on, in order."""
     acked: list[int] = []
-    real_ack = live_module.ack
+    real_ack = acker_stage.ack
 
     def ack(client: Any, message: Any) -> None:
         acked.append(message.mid)
         real_ack(client, message)
 
-    monkeypatch.setattr(live_module, "ack", ack)
+    monkeypatch.setattr(acker_stage, "ack", ack)
     return acked
 
 
@@ -498,7 +499,7 @@ async def test_the_disk_flush_comes_after_the_commits_messages_have_left(
     """The flush of a commit written on the loop starts FLUSH_AFTER_S after it (two seconds
     here), so the disk's work stays off its messages' way to the subscribers; the call event
     that opened the incident is acknowledged only after that flush."""
-    monkeypatch.setattr(live_module, "FLUSH_AFTER_S", 2.0)
+    monkeypatch.setattr(processor_stage, "FLUSH_AFTER_S", 2.0)
     acked = recorded_acks(monkeypatch)
     event = Script().progress(0, "C1", CHEN, INVESTMENT, 30).lines[0]["payload"]
     async with (
@@ -696,7 +697,7 @@ async def test_a_delivering_client_hands_over_each_message_and_says_when_it_is_c
     broker: Mosquitto,
 ) -> None:
     """The dispatcher's client: messages handed over in order as they are decoded (none left
-    in aiomqtt's queue), and ``disconnected`` raising ``MqttError`` once the broker is gone."""
+    in aiomqtt's queue), and ``disconnected`` raising ``BrokerError`` once the broker is gone."""
     url = BrokerURL.parse(broker.url)
     got: list[tuple[aiomqtt.Client, bytes]] = []
     arrived = asyncio.Event()
@@ -715,7 +716,7 @@ async def test_a_delivering_client_hands_over_each_message_and_says_when_it_is_c
         assert got == [(client, b"m0"), (client, b"m1"), (client, b"m2")]
         assert len(client.messages) == 0
         broker.kill()
-        with pytest.raises(aiomqtt.MqttError):
+        with pytest.raises(BrokerError):
             await asyncio.wait_for(disconnected(client), 10)
 
 
@@ -1055,7 +1056,7 @@ async def test_publishing_stops_at_once_when_the_broker_dies_before_acknowledgin
         await asyncio.sleep(0.3)
         assert not sending.done()  # its acknowledgement is withheld
         broker.kill()
-        with pytest.raises(aiomqtt.MqttError, match="connection was lost"):
+        with pytest.raises(BrokerError, match="connection was lost"):
             await asyncio.wait_for(sending, 20)
 
 
@@ -1298,7 +1299,7 @@ async def test_a_stop_while_the_dispatcher_subscribes_leaves_it_offline(
     async def subscribe(self: mqtt.Client, *args: Any, **kwargs: Any) -> Any:
         if self.identifier == service.client_id:  # the session that says online
             stop.set()
-            await wait_until(lambda: service._stopping)  # offline is on its way first
+            await wait_until(lambda: service.connection.stopping)  # offline is on its way first
         return await original_subscribe(self, *args, **kwargs)
 
     monkeypatch.setattr(mqtt.Client, "subscribe", subscribe)
@@ -1407,12 +1408,12 @@ async def test_a_broker_restart_in_the_middle_of_a_burst_loses_no_output(
     ]
     store = tmp_path / "live.sqlite3"
     in_flight_at_stop: list[int] = []
-    original_write = LiveService._write
+    original_write = Publisher.write
 
-    def write(self: LiveService, client: aiomqtt.Client, rows: list[Any]) -> None:
+    def write(self: Publisher, client: aiomqtt.Client, rows: list[Any]) -> None:
         original_write(self, client, rows)
-        if self.stats["published"] >= 100 and not in_flight_at_stop:
-            in_flight_at_stop.append(self._in_window)  # written, not yet acknowledged
+        if self.published >= 100 and not in_flight_at_stop:
+            in_flight_at_stop.append(self.in_window)  # written, not yet acknowledged
             broker.stop()  # at once: those acknowledgements never come
 
     async with dispatcher(settings, broker, store):
@@ -1427,7 +1428,7 @@ async def test_a_broker_restart_in_the_middle_of_a_burst_loses_no_output(
         await asyncio.sleep(0.1)  # a slow read: acknowledgements arrive meanwhile
         return rows
 
-    monkeypatch.setattr(LiveService, "_write", write)
+    monkeypatch.setattr(Publisher, "write", write)
     monkeypatch.setattr(Store, "unsent", unsent)
     async with dispatcher(settings, broker, store) as running:
         await wait_until(lambda: bool(in_flight_at_stop), within=30)

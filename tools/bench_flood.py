@@ -302,7 +302,7 @@ async def run_flood_bench(
                         running.clear()
                         await flooder
                     await bench.until(
-                        lambda: not (service._calls or service._inbox or service._units),
+                        lambda: not service.inbox.waiting,
                         "the flood's messages handled",
                     )
             finally:

@@ -220,9 +220,9 @@ class Handset:
                             await self._say(client, "offline")
                     finally:
                         sender.cancel()
-                        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                        with contextlib.suppress(asyncio.CancelledError, BrokerError):
                             await sender
-            except (BrokerError, aiomqtt.MqttError) as exc:
+            except BrokerError as exc:
                 log.warning("handset_disconnected", unit=self.unit.id, error=str(exc))
             finally:
                 self.client = None
@@ -240,7 +240,7 @@ class Handset:
             log.warning("handset_replies_unsent", unit=self.unit.id, count=len(self._unsent))
 
     async def _say(self, client: aiomqtt.Client, state: str) -> None:
-        """Announce this unit's presence, retained (``MqttError`` as soon as the connection
+        """Announce this unit's presence, retained (``BrokerError`` as soon as the connection
         is lost: the next attempt starts at once, not after a 10 s timeout)."""
         status = unit_event(self.unit.id, "cn.antifraud.unit.status", {"state": state})
         await publish_acknowledged(client, [(self.status_topic, status, 1, True)])
@@ -365,7 +365,7 @@ class Handset:
 
     async def _send(self, client: aiomqtt.Client) -> None:
         """Send the queued replies over this connection, in order, each dropped from the queue
-        only once the broker has acknowledged it. Raises ``MqttError`` when the connection
+        only once the broker has acknowledged it. Raises ``BrokerError`` when the connection
         is lost: what is left waits for the next one."""
         while True:
             if not self._unsent:
