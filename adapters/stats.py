@@ -94,8 +94,13 @@ def add_stats_parser(sub: Any) -> None:
         "--from",
         dest="date_from",
         type=_day,
-        help="first day, YYYY-MM-DD, in the deployment's zone",
+        metavar="DATE",
+        help="first day, YYYY-MM-DD, in the deployment's time zone",
     )
-    p.add_argument("--to", dest="date_to", type=_day, help="last day (included), YYYY-MM-DD")
-    p.add_argument("--json", default="-", help="JSON file, or - for stdout (default)")
+    p.add_argument(
+        "--to", dest="date_to", type=_day, metavar="DATE", help="last day (included), YYYY-MM-DD"
+    )
+    p.add_argument(
+        "--json", default="-", metavar="PATH", help="JSON file, or - for stdout (default)"
+    )
     p.set_defaults(func=cmd_stats, quiet=True)

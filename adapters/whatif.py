@@ -97,13 +97,18 @@ def add_whatif_parser(sub: Any) -> None:
         help="replay recordings under the current and a candidate config and report what changes",
     )
     p.add_argument("recordings", nargs="+", metavar="RECORDING", help="recordings to replay")
-    p.add_argument("--config", required=True, help="the candidate deployment's TOML file")
+    p.add_argument(
+        "--config", required=True, metavar="CANDIDATE", help="the candidate deployment's TOML file"
+    )
     p.add_argument(
         "--baseline",
         default=DEFAULT_BASELINE,
+        metavar="CURRENT",
         help=f"the current deployment's TOML file (default {DEFAULT_BASELINE})",
     )
-    p.add_argument("--report", default="-", help="report file, or - for stdout (default)")
+    p.add_argument(
+        "--report", default="-", metavar="PATH", help="report file, or - for stdout (default)"
+    )
     p.add_argument(
         "--summary",
         action="store_true",
