@@ -410,6 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_replay, quiet=True)
 
+    from adapters.whatif import add_whatif_parser
+
+    add_whatif_parser(sub)
+
+    from adapters.stats import add_stats_parser
+
+    add_stats_parser(sub)
+
     p = sub.add_parser("run", help="run the dispatcher on a live broker")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--broker", help="mqtt://[user@]host[:port] (default: the config's)")

@@ -1,0 +1,106 @@
+"""``antifraud stats``: how incidents ended, per rule and per unit, read from a store
+(docs/stats.md).
+
+The store is opened read-only (a live dispatcher may be writing it); the figures are
+computed by ``dispatcher.outcomes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from dispatcher.errors import StoreError
+from dispatcher.outcomes import figures
+from dispatcher.settings import load_settings
+
+DEFAULT_CONFIG = "config/hengnan.toml"
+INCIDENT_FIELDS = ("id", "rule", "outcome", "opened_at", "critical_at", "escalated_at")
+
+
+def read_store(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+    """The incidents and dispatches of the store at ``path``, and the epoch seconds of its
+    clock 0 (a replay's recording clock; 0 for a live store, whose times are epoch seconds)."""
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store")
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc}") from None
+    try:
+        db.row_factory = sqlite3.Row
+        meta = {row["key"]: row["value"] for row in db.execute("SELECT key, value FROM meta")}
+        incidents = []
+        for (doc,) in db.execute("SELECT doc FROM incidents ORDER BY opened_at, id"):
+            full = json.loads(doc)
+            incidents.append({name: full.get(name) for name in INCIDENT_FIELDS})
+        dispatches = [
+            dict(row)
+            for row in db.execute(
+                "SELECT incident_id, unit, role, status, offered_at, accepted_at, arrived_at "
+                "FROM dispatches ORDER BY offered_at, id"
+            )
+        ]
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: not a dispatcher store ({exc})") from None
+    finally:
+        db.close()
+    return incidents, dispatches, float(meta.get("clock_origin", "0"))
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    incidents, dispatches, origin = read_store(Path(args.store))
+    stats = figures(
+        incidents,
+        dispatches,
+        origin,
+        settings.service.timezone,
+        args.date_from,
+        args.date_to,
+    )
+    text = json.dumps({"store": args.store, **stats}, ensure_ascii=False, indent=2) + "\n"
+    if args.json == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text, encoding="utf-8")
+    return 0
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def add_stats_parser(sub: Any) -> None:
+    """Register ``stats`` on the command line's subcommands."""
+    p = sub.add_parser("stats", help="outcomes per rule and per unit, from a store, as JSON")
+    p.add_argument("--store", required=True, help="a dispatcher's or a replay's SQLite store")
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"the deployment, for its time zone (default {DEFAULT_CONFIG})",
+    )
+    p.add_argument(
+        "--from",
+        dest="date_from",
+        type=_day,
+        metavar="DATE",
+        help="first day, YYYY-MM-DD, in the deployment's time zone",
+    )
+    p.add_argument(
+        "--to", dest="date_to", type=_day, metavar="DATE", help="last day (included), YYYY-MM-DD"
+    )
+    p.add_argument(
+        "--json", default="-", metavar="PATH", help="JSON file, or - for stdout (default)"
+    )
+    p.set_defaults(func=cmd_stats, quiet=True)
