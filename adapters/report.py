@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,16 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
         )
     ]
     return {"incidents": incidents, "published": published, "rejected": rejected}
+
+
+def write_output(text: str, target: str) -> None:
+    """Write a report: ``-`` is standard output; a file is written over."""
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text, encoding="utf-8")
 
 
 def dump_report(report: dict[str, Any]) -> str:

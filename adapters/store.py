@@ -71,7 +71,7 @@ import structlog
 from adapters.sqlite_internals import check_aiosqlite, in_thread
 from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
-from dispatcher.ports import OutboxRow, Snapshot
+from dispatcher.ports import OutboxRow, QueuedEffects, Snapshot
 
 SCHEMA_VERSION = 5
 T = TypeVar("T")
@@ -184,7 +184,7 @@ ALTER TABLE timeline ADD COLUMN action_id TEXT;
 
 
 @dataclass
-class _Batch:
+class _Batch(QueuedEffects):
     meta: dict[str, str] = field(default_factory=dict)
     # incident_id -> (the incident, its document if the caller made it)
     incidents: dict[str, tuple[Incident, dict[str, Any] | None]] = field(default_factory=dict)
@@ -194,26 +194,6 @@ class _Batch:
     rejected: list[tuple[Any, ...]] = field(default_factory=list)
     contacts: list[tuple[str, float, str]] = field(default_factory=list)
     presence: dict[str, tuple[str, float]] = field(default_factory=dict)
-
-    def absorb(self, newer: _Batch) -> None:
-        """Append a newer batch to this one (its values win where both set one)."""
-        self.meta.update(newer.meta)
-        self.incidents.update(newer.incidents)
-        self.presence.update(newer.presence)
-        for name in ("timeline", "outbox", "inbound", "rejected", "contacts"):
-            getattr(self, name).extend(getattr(newer, name))
-
-    def holds_effects(self) -> bool:
-        """Whether this batch changes more than bookkeeping: processed pairs and the clock."""
-        return bool(
-            self.incidents
-            or self.timeline
-            or self.outbox
-            or self.rejected
-            or self.contacts
-            or self.presence
-            or self.meta.keys() - {"clock"}
-        )
 
     def effects(self) -> int:
         """How many rows this batch writes, not counting processed pairs (one row for all)."""

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adapters.report import write_output
 from dispatcher import logs
 from dispatcher.comparison import compare, render_table, summarize
 from dispatcher.errors import RecordingError
@@ -64,16 +65,6 @@ async def whatif(
     }
 
 
-def _write(text: str, target: str) -> None:
-    """As ``replay --report``: ``-`` is standard output, a file is written over."""
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(text, encoding="utf-8")
-
-
 def cmd_whatif(args: argparse.Namespace) -> int:
     # both configurations are checked before anything is replayed; a bad one raises
     # ConfigError naming its file and every problem, which the command line prints
@@ -84,7 +75,7 @@ def cmd_whatif(args: argparse.Namespace) -> int:
     baseline = load_settings(args.baseline)
     candidate = load_settings(args.config)
     report = asyncio.run(whatif(args.recordings, baseline, candidate))
-    _write(json.dumps(report, ensure_ascii=False, indent=2) + "\n", args.report)
+    write_output(json.dumps(report, ensure_ascii=False, indent=2) + "\n", args.report)
     if args.summary:
         print(render_table(report), file=sys.stderr)
     return 0

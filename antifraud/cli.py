@@ -39,15 +39,6 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(text: str, target: str) -> None:
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        Path(target).parent.mkdir(parents=True, exist_ok=True)
-        Path(target).write_text(text, encoding="utf-8")
-
-
 def _broker(args: argparse.Namespace, settings: Settings) -> BrokerURL:
     return bootstrap.broker(settings, args.broker)
 
@@ -152,11 +143,11 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from adapters.report import dump_report, live_report
+    from adapters.report import dump_report, live_report, write_output
 
     settings = _settings(args.config)
     report = asyncio.run(live_report(Path(args.store), settings))
-    _write(dump_report(report), args.report)
+    write_output(dump_report(report), args.report)
     return 0
 
 
@@ -295,7 +286,7 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from adapters.replay import replay
-    from adapters.report import dump_report
+    from adapters.report import dump_report, write_output
 
     settings = _settings(args.config)
     if args.publish:
@@ -321,7 +312,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"skipped: {error}", file=sys.stderr)
     if skipped:
         print(f"skipped {len(skipped)} line(s) that are not recording lines", file=sys.stderr)
-    _write(dump_report(report), args.report)
+    write_output(dump_report(report), args.report)
     if args.summary:
         from dispatcher.summary import render_summary
 

@@ -20,6 +20,41 @@ from dispatcher.model import Incident, Publish, TimelineEntry
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 
 
+class QueuedEffects:
+    """What a journal holds between commits, as both journals keep it: ``meta`` and
+    ``presence`` (the newest value wins), ``incidents`` (by id), and rows appended in order
+    (``timeline``, ``outbox``, ``inbound``, ``rejected``, ``contacts``)."""
+
+    APPENDED = ("timeline", "outbox", "inbound", "rejected", "contacts")
+    meta: dict[str, str]
+    incidents: dict[str, Any]
+    presence: dict[str, Any]
+    timeline: list[Any]
+    outbox: list[Any]
+    rejected: list[Any]
+    contacts: list[Any]
+
+    def absorb(self, newer: QueuedEffects) -> None:
+        """Append a newer batch to this one (its values win where both set one)."""
+        self.meta.update(newer.meta)
+        self.incidents.update(newer.incidents)
+        self.presence.update(newer.presence)
+        for name in self.APPENDED:
+            getattr(self, name).extend(getattr(newer, name))
+
+    def holds_effects(self) -> bool:
+        """Whether this batch changes more than bookkeeping: processed pairs and the clock."""
+        return bool(
+            self.incidents
+            or self.timeline
+            or self.outbox
+            or self.rejected
+            or self.contacts
+            or self.presence
+            or self.meta.keys() - {"clock"}
+        )
+
+
 @dataclass
 class Snapshot:
     """What a starting process needs from the store to continue where the last one stopped."""

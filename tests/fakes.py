@@ -14,11 +14,11 @@ import orjson
 
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
-from dispatcher.ports import OutboxRow, Publisher, Snapshot
+from dispatcher.ports import OutboxRow, Publisher, QueuedEffects, Snapshot
 
 
 @dataclass
-class Queued:
+class Queued(QueuedEffects):
     """What a journal holds: queued since the last commit, or committed."""
 
     meta: dict[str, str] = field(default_factory=dict)
@@ -29,24 +29,6 @@ class Queued:
     rejected: list[tuple[float, str, str, str]] = field(default_factory=list)
     contacts: list[tuple[str, float, str]] = field(default_factory=list)
     presence: dict[str, tuple[str, float]] = field(default_factory=dict)
-
-    def absorb(self, newer: Queued) -> None:
-        self.meta.update(newer.meta)
-        self.incidents.update(newer.incidents)
-        self.presence.update(newer.presence)
-        for name in ("timeline", "outbox", "inbound", "rejected", "contacts"):
-            getattr(self, name).extend(getattr(newer, name))
-
-    def holds_effects(self) -> bool:
-        return bool(
-            self.incidents
-            or self.timeline
-            or self.outbox
-            or self.rejected
-            or self.contacts
-            or self.presence
-            or self.meta.keys() - {"clock"}
-        )
 
 
 class MemoryJournal:
