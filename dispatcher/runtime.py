@@ -430,8 +430,7 @@ class Runtime:
         limits = self.settings.limits
         rate = limits.rate_per_source if call else limits.rate_per_party
         burst = limits.burst_per_source if call else limits.burst_per_party
-        if not self.refusals.allow(channel, now):
-            self._suppress(channel, topic, now)
+        if self._past_refusal_budget(channel, topic, now):
             return
         reason = (
             reason
@@ -451,8 +450,7 @@ class Runtime:
         """Refuse input that is not a valid message, once per channel and content. On a
         unit's replies topic (``unit``), a reply whose (source, id), type and dispatch id can
         be read is answered with an ``invalid`` receipt; anything less gets none."""
-        if not self.refusals.allow(channel, now):
-            self._suppress(channel, topic, now)
+        if self._past_refusal_budget(channel, topic, now):
             return
         key = _identity(topic, payload)
         if self._duplicate(channel, key, now):
@@ -542,6 +540,14 @@ class Runtime:
                 break
             del receipts[key]
 
+    def _past_refusal_budget(self, channel: str, topic: str, now: float) -> bool:
+        """Whether the channel has spent its refusals for the period: this one is then
+        counted (``_suppress``), not stored or dead-lettered."""
+        if self.refusals.allow(channel, now):
+            return False
+        self._suppress(channel, topic, now)
+        return True
+
     def _suppress(self, channel: str, topic: str, now: float) -> None:
         """A message over its channel's budget: counted, not read, stored or dead-lettered.
         What was suppressed is said once a period (``report_suppressed``)."""
@@ -589,8 +595,7 @@ class Runtime:
         refusals are only counted, as a flood of bad input must not grow the store or the
         dead-letter topic. A reply refused within the budget is answered with a receipt
         (before its dead letter); past it, with nothing."""
-        if not self.refusals.allow(channel, now):
-            self._suppress(channel, topic, now)
+        if self._past_refusal_budget(channel, topic, now):
             return
         if msg is not None and exc is not None and msg.kind == "replies":
             self._apply([self.workflow.refusal_receipt(msg, exc, now)], now)
