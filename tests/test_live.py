@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import selectors
 import sys
@@ -1076,6 +1077,10 @@ async def test_a_broker_restart_without_persistence_loses_nothing_the_dispatcher
 ) -> None:
     """The broker forgets every session; the dispatcher subscribes again and its outbox,
     filled by timers while the broker was away, goes out to a handset that is back."""
+    # the platform's offer must outlast the reconnections on a busy machine (at this clock
+    # speed its 60 s are 0.6 s): what is tested is that its answer is heard again
+    dispatch = settings.dispatch.model_copy(update={"police_accept_s": 3000.0})
+    settings = dataclasses.replace(settings, dispatch=dispatch)
     broker = Mosquitto(tmp_path / "forgetful", persistence=False)
     broker.start()
     try:
