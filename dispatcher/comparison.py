@@ -203,12 +203,12 @@ def render_table(report: dict[str, Any], changed_shown: int = 8) -> str:
         f"{len(report['recordings'])} recording(s); incidents: "
         + ", ".join(f"{changes[c]} {c}" for c in ("new", "gone", "changed", "same")),
         "",
-        f"{'':<28} {'baseline':>21} {'candidate':>21}",
+        f"{'':<28} {'baseline':>23} {'candidate':>23}",
     ]
 
     def row(label: str, before: Any, after: Any) -> None:
         mark = "" if before == after else "  *"
-        lines.append(f"{label:<28} {before:>21} {after:>21}{mark}")
+        lines.append(f"{label:<28} {before:>23} {after:>23}{mark}")
 
     for key, label in (
         ("incidents_opened", "incidents opened"),
@@ -229,7 +229,7 @@ def render_table(report: dict[str, Any], changed_shown: int = 8) -> str:
     for outcome, pair in summary["outcomes"].items():
         if pair["baseline"] or pair["candidate"]:
             row(f"  {outcome}", _n(pair["baseline"]), _n(pair["candidate"]))
-    lines.append(f"{'seconds from the warning to':<28} {'p50 / p90 / max':>21}")
+    lines.append(f"{'seconds from the warning to':<28} {'p50 / p90 / max':>23}")
     for name, label in DURATIONS.items():
         stats = summary["durations"][name]
         before = {key: pair["baseline"] for key, pair in stats.items()}
