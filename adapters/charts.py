@@ -42,9 +42,9 @@ def bar_chart(title: str, bars: Sequence[Bar], unit: str = "起", max_labels: in
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="chart" role="img" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" '
-        f'font-family="{escape(FONT)}" font-size="12" fill="{INK}">',
+        f'font-family="{escape(FONT)}" font-size="13" fill="{INK}">',
         f"<title>{escape(title)}</title>",
-        f'<text x="{MARGIN_SIDE}" y="16" font-size="14" font-weight="bold">{escape(title)}</text>',
+        f'<text x="{MARGIN_SIDE}" y="16" font-size="15" font-weight="bold">{escape(title)}</text>',
         f'<line x1="{MARGIN_SIDE}" y1="{base}" x2="{WIDTH - MARGIN_SIDE}" y2="{base}" '
         f'stroke="{GRID}"/>',
     ]
