@@ -49,8 +49,10 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from adapters.mqtt import Backoff, BrokerURL, open_client, publish_acknowledged
+from adapters.stats import read_store
+from adapters.stats_report import charts
 from adapters.store import stored_timeline
-from dispatcher.errors import BrokerError, InputError
+from dispatcher.errors import BrokerError, InputError, StoreError
 from dispatcher.inbound import (
     INCIDENT_ID_RE,
     TopicRouter,
@@ -60,6 +62,7 @@ from dispatcher.inbound import (
 )
 from dispatcher.model import Incident
 from dispatcher.outbound import Messages, Topics
+from dispatcher.outcomes import behind, figures
 from dispatcher.protocol import OUTBOUND_EVENTS
 from dispatcher.settings import Settings
 from dispatcher.workflow import OUTCOME_TEXT
@@ -429,6 +432,7 @@ class Console:
         app.router.add_get("/api/incidents/{incident_id}", self.incident)
         app.router.add_get("/api/history", self.history)
         app.router.add_get("/api/history.csv", self.history_csv)
+        app.router.add_get("/api/stats", self.stats)
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/favicon.ico", self.favicon)
         app.router.add_static("/static/", STATIC)
@@ -940,6 +944,63 @@ class Console:
             charset="utf-8",
             headers={"Content-Disposition": 'attachment; filename="incidents.csv"'},
         )
+
+    # ---- statistics -----------------------------------------------------------------------
+
+    @staticmethod
+    def _period(request: web.Request) -> tuple[date | None, date | None]:
+        """The days ``from`` and ``to`` (both optional, both included), checked: a 400."""
+        days: list[date | None] = []
+        for name in ("from", "to"):
+            text = request.query.get(name, "").strip()
+            if not text:
+                days.append(None)
+                continue
+            try:
+                if not ISO_DAY.match(text):
+                    raise ValueError(text)
+                days.append(date.fromisoformat(text))
+            except ValueError:
+                raise web.HTTPBadRequest(text="日期应写成 YYYY-MM-DD，例如 2021-10-15") from None
+        first, last = days
+        if first is not None and last is not None and first > last:
+            raise web.HTTPBadRequest(text="开始日期不能晚于结束日期")
+        return first, last
+
+    def _stats(self, first: date | None, last: date | None) -> dict[str, Any]:
+        """The figures of ``antifraud stats`` for the period, their charts, the incidents
+        behind each figure and a line on each of those incidents."""
+        zone = self.settings.service.timezone
+        if self._reads_store():
+            assert self.store is not None
+            incidents, dispatches, origin = read_store(self.store)
+        else:
+            incidents, dispatches, origin = [], [], 0.0
+        stats = figures(incidents, dispatches, origin, zone, first, last)
+        keys = behind(incidents, dispatches, origin, zone, first, last)
+        shown = set(keys.get("all", []))
+        lines = {
+            inc["id"]: {
+                "opened": datetime.fromtimestamp(origin + inc["opened_at"], self.zone).isoformat(
+                    sep=" ", timespec="seconds"
+                ),
+                "rule": inc["rule"],
+                "outcome": inc["outcome"] or "open",
+            }
+            for inc in incidents
+            if inc["id"] in shown
+        }
+        return {"figures": stats, "charts": charts(stats), "behind": keys, "incidents": lines}
+
+    async def stats(self, request: web.Request) -> web.StreamResponse:
+        self.require(request)
+        first, last = self._period(request)
+        try:
+            found = await asyncio.to_thread(self._stats, first, last)
+        except (sqlite3.Error, StoreError) as exc:
+            log.warning("console_stats_unavailable", error=str(exc))
+            raise web.HTTPServiceUnavailable(text="统计数据暂时无法读取，请稍后再试") from None
+        return web.json_response(found)
 
     # ---- background: the feed, presence, sessions ------------------------------------------
 

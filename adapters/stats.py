@@ -1,8 +1,9 @@
 """``antifraud stats``: how incidents ended, per rule and per unit, read from a store
 (docs/stats.md).
 
-The store is opened read-only (a live dispatcher may be writing it); the figures are
-computed by ``dispatcher.outcomes``.
+The figures go out as JSON, or as a self-contained HTML report with charts
+(``adapters.stats_report``). The store is opened read-only (a live dispatcher may be
+writing it); the figures are computed by ``dispatcher.outcomes``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from adapters.stats_report import html_report
 from dispatcher.errors import StoreError
 from dispatcher.outcomes import figures
 from dispatcher.settings import load_settings
@@ -64,14 +66,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
         args.date_from,
         args.date_to,
     )
+    if args.html is not None:
+        _write(Path(args.html), html_report(stats, settings, args.store))
+    if args.json is None and args.html is not None:
+        return 0
     text = json.dumps({"store": args.store, **stats}, ensure_ascii=False, indent=2) + "\n"
-    if args.json == "-":
+    if args.json in (None, "-"):
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text, encoding="utf-8")
+        _write(Path(args.json), text)
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def _day(text: str) -> date:
@@ -83,7 +93,9 @@ def _day(text: str) -> date:
 
 def add_stats_parser(sub: Any) -> None:
     """Register ``stats`` on the command line's subcommands."""
-    p = sub.add_parser("stats", help="outcomes per rule and per unit, from a store, as JSON")
+    p = sub.add_parser(
+        "stats", help="outcomes per rule and per unit, from a store, as JSON or an HTML report"
+    )
     p.add_argument("--store", required=True, help="a dispatcher's or a replay's SQLite store")
     p.add_argument(
         "--config",
@@ -101,6 +113,11 @@ def add_stats_parser(sub: Any) -> None:
         "--to", dest="date_to", type=_day, metavar="DATE", help="last day (included), YYYY-MM-DD"
     )
     p.add_argument(
-        "--json", default="-", metavar="PATH", help="JSON file, or - for stdout (default)"
+        "--json",
+        metavar="PATH",
+        help="JSON file, or - for stdout (the default, unless --html alone is given)",
+    )
+    p.add_argument(
+        "--html", metavar="PATH", help="also (or only) a self-contained HTML report with charts"
     )
     p.set_defaults(func=cmd_stats, quiet=True)

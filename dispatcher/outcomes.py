@@ -7,7 +7,7 @@ times in the store's seconds and ``origin`` the epoch seconds of its clock 0.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo
 from dispatcher.comparison import percentiles
 
 OUTCOMES = ("prevented", "loss", "false_alarm", "unreachable", "resolved_by_callback", "open")
+# the histogram of the time from the warning to the first arrival: bins' lower edges, seconds
+ARRIVAL_BINS_S = (0, 300, 600, 900, 1200, 1800, 2700)
 
 
 def _outcomes(incidents: Iterable[dict[str, Any]]) -> dict[str, int]:
@@ -67,6 +69,101 @@ def _unit_figures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _histogram(seconds: dict[str, float]) -> list[dict[str, Any]]:
+    """How many incidents fall in each bin of ``ARRIVAL_BINS_S`` (the last one open-ended)."""
+    edges = [*ARRIVAL_BINS_S[1:], None]
+    return [
+        {
+            "from_s": low,
+            "to_s": high,
+            "incidents": sum(low <= s and (high is None or s < high) for s in seconds.values()),
+        }
+        for low, high in zip(ARRIVAL_BINS_S, edges, strict=True)
+    ]
+
+
+def _first_arrivals(
+    chosen: Sequence[dict[str, Any]], rows: Iterable[dict[str, Any]]
+) -> dict[str, float]:
+    """Seconds from each incident's opening to its first unit at the door, by incident id,
+    for the incidents someone reached."""
+    first_arrival: dict[str, float] = {}
+    for d in rows:
+        if d["arrived_at"] is not None:
+            known = first_arrival.get(d["incident_id"])
+            if known is None or d["arrived_at"] < known:
+                first_arrival[d["incident_id"]] = d["arrived_at"]
+    return {
+        inc["id"]: first_arrival[inc["id"]] - inc["opened_at"]
+        for inc in chosen
+        if inc["id"] in first_arrival
+    }
+
+
+def _chosen(
+    incidents: Sequence[dict[str, Any]],
+    dispatches: Sequence[dict[str, Any]],
+    day: Callable[[float], date],
+    first_day: date | None,
+    last_day: date | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    chosen = [
+        inc
+        for inc in incidents
+        if (first_day is None or day(inc["opened_at"]) >= first_day)
+        and (last_day is None or day(inc["opened_at"]) <= last_day)
+    ]
+    ids = {inc["id"] for inc in chosen}
+    return chosen, [d for d in dispatches if d["incident_id"] in ids]
+
+
+def _day_of(origin: float, timezone: str) -> Callable[[float], date]:
+    zone = ZoneInfo(timezone)
+
+    def day(at: float) -> date:
+        return datetime.fromtimestamp(origin + at, zone).date()
+
+    return day
+
+
+def behind(
+    incidents: Sequence[dict[str, Any]],
+    dispatches: Sequence[dict[str, Any]],
+    origin: float,
+    timezone: str,
+    first_day: date | None = None,
+    last_day: date | None = None,
+) -> dict[str, list[str]]:
+    """The incidents behind each figure of ``figures``, by the figure's key: ``outcome:X``,
+    ``rule:R``, ``rule:R:X``, ``unit:U``, ``role:R``, ``day:YYYY-MM-DD``, ``arrival:N`` (the
+    N-th bin of the histogram) and ``arrived`` (every incident someone reached)."""
+    day = _day_of(origin, timezone)
+    chosen, rows = _chosen(incidents, dispatches, day, first_day, last_day)
+    keys: dict[str, list[str]] = defaultdict(list)
+    for inc in chosen:
+        outcome = inc["outcome"] or "open"
+        for key in (
+            "all",
+            f"outcome:{outcome}",
+            f"rule:{inc['rule']}",
+            f"rule:{inc['rule']}:{outcome}",
+            f"day:{day(inc['opened_at']).isoformat()}",
+        ):
+            keys[key].append(inc["id"])
+    for d in rows:
+        for key in (f"unit:{d['unit']}", f"role:{d['role']}"):
+            if d["incident_id"] not in keys[key]:
+                keys[key].append(d["incident_id"])
+    arrivals = _first_arrivals(chosen, rows)
+    keys["arrived"] = list(arrivals)
+    edges = [*ARRIVAL_BINS_S[1:], None]
+    for n, (low, high) in enumerate(zip(ARRIVAL_BINS_S, edges, strict=True)):
+        keys[f"arrival:{n}"] = [
+            i for i, s in arrivals.items() if low <= s and (high is None or s < high)
+        ]
+    return dict(keys)
+
+
 def figures(
     incidents: Sequence[dict[str, Any]],
     dispatches: Sequence[dict[str, Any]],
@@ -77,19 +174,8 @@ def figures(
 ) -> dict[str, Any]:
     """The statistics of the incidents opened from ``first_day`` to ``last_day`` (both
     included, dates in ``timezone``), and of their dispatches."""
-    zone = ZoneInfo(timezone)
-
-    def day(at: float) -> date:
-        return datetime.fromtimestamp(origin + at, zone).date()
-
-    chosen = [
-        inc
-        for inc in incidents
-        if (first_day is None or day(inc["opened_at"]) >= first_day)
-        and (last_day is None or day(inc["opened_at"]) <= last_day)
-    ]
-    ids = {inc["id"] for inc in chosen}
-    rows = [d for d in dispatches if d["incident_id"] in ids]
+    day = _day_of(origin, timezone)
+    chosen, rows = _chosen(incidents, dispatches, day, first_day, last_day)
 
     by_rule: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for inc in chosen:
@@ -108,15 +194,7 @@ def figures(
         by_role[d["role"]].append(d)
     roles = {role: _unit_figures(by_role[role]) for role in sorted(by_role)}
 
-    first_arrival: dict[str, float] = {}
-    for d in rows:
-        if d["arrived_at"] is not None:
-            known = first_arrival.get(d["incident_id"])
-            if known is None or d["arrived_at"] < known:
-                first_arrival[d["incident_id"]] = d["arrived_at"]
-    to_door = [
-        first_arrival[inc["id"]] - inc["opened_at"] for inc in chosen if inc["id"] in first_arrival
-    ]
+    to_door = _first_arrivals(chosen, rows)
 
     days: dict[date, list[dict[str, Any]]] = defaultdict(list)
     for inc in chosen:
@@ -140,6 +218,7 @@ def figures(
         "rules": rules,
         "units": _units(rows),
         "roles": roles,
-        "warning_to_first_arrival": _spread(to_door),
+        "warning_to_first_arrival": _spread(list(to_door.values())),
+        "warning_to_first_arrival_histogram": _histogram(to_door),
         "daily": daily,
     }

@@ -295,6 +295,60 @@ async def test_history_is_searchable_and_exports_csv(
     assert "INC-C-20211015-0001" in lines[1] and "陈某某" in lines[1] and "prevented" in lines[1]
 
 
+async def test_stats_give_the_figures_their_charts_and_the_incidents_behind(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    store = tmp_path / "stats.sqlite3"
+    await replay(SEED, settings, store)
+    async with (
+        serving(settings, broker, tmp_path, store) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        async with http.get(f"{base}/api/stats") as response:
+            assert (response.status, await response.text()) == (401, "请先登录")
+        await login(http, base)
+        async with http.get(f"{base}/api/stats") as response:
+            assert response.status == 200
+            found = await response.json()
+        # the seed case opened on 15 October 2021 in Hengnan
+        async with http.get(f"{base}/api/stats", params={"from": "2021-10-16"}) as response:
+            later = await response.json()
+    assert found["figures"]["incidents"] == 1
+    assert found["figures"]["outcomes"]["prevented"] == 1
+    assert set(found["charts"]) == {"outcomes", "arrival", "daily"}
+    assert found["charts"]["daily"].count('class="bar"') == 1
+    assert found["behind"]["outcome:prevented"] == ["INC-C-20211015-0001"]
+    assert found["behind"]["unit:G-YJ-CH-01"] == ["INC-C-20211015-0001"]
+    line = found["incidents"]["INC-C-20211015-0001"]
+    assert (line["rule"], line["outcome"], line["opened"][:10]) == (
+        "long_call_flagged",
+        "prevented",
+        "2021-10-15",
+    )
+    assert later["figures"]["incidents"] == 0 and later["incidents"] == {}
+
+
+@pytest.mark.parametrize(
+    ("query", "text"),
+    [
+        ({"from": "15/10/2021"}, "日期应写成 YYYY-MM-DD，例如 2021-10-15"),
+        ({"to": "2021-02-30"}, "日期应写成 YYYY-MM-DD，例如 2021-10-15"),
+        ({"from": "2021-10-15x"}, "日期应写成 YYYY-MM-DD，例如 2021-10-15"),
+        ({"from": "2021-10-16", "to": "2021-10-15"}, "开始日期不能晚于结束日期"),
+    ],
+)
+async def test_stats_refuse_bad_dates_in_chinese(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, query: dict[str, str], text: str
+) -> None:
+    async with (
+        serving(settings, broker, tmp_path) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        await login(http, base)
+        async with http.get(f"{base}/api/stats", params=query) as response:
+            assert (response.status, await response.text()) == (400, text)
+
+
 async def test_the_board_lists_units_with_presence(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:

@@ -24,6 +24,7 @@ from adapters.broker import Mosquitto, mosquitto_binary
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, open_client
 from adapters.recorder import publish_recording
+from adapters.replay import replay
 from dispatcher.inbound import cloudevent
 from dispatcher.settings import Settings
 from tools.handset import Handset, Step
@@ -416,3 +417,56 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
         await page.wait_for_timeout(2_500)
         assert seconds(await shown.inner_text()) == first  # stopped at close
         assert first < 60
+
+
+async def test_the_stats_view_charts_a_period_and_opens_the_incidents_behind_a_figure(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    store = tmp_path / "stats.sqlite3"
+    await replay(SEED, settings, store)
+    async with (
+        serving(settings, broker, tmp_path, store) as (base, _),
+        async_playwright() as playwright,
+    ):
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = await browser.new_page(viewport={"width": 1366, "height": 768}, locale="zh-CN")
+        await page.goto(f"{base}/login")
+        await page.fill("input[name=operator]", "op-01")
+        await page.fill("input[name=password]", PASSWORD)
+        await page.click("button[type=submit]")
+        await expect(page.locator("#operator")).to_have_text("接线员 op-01")
+        await page.click("button[data-tab=stats]")
+        await expect(page.locator("#stats-zone")).to_have_text("时区 Asia/Shanghai")
+        await expect(page.locator("#chart-outcomes svg g.bar")).to_have_count(6)
+        await expect(page.locator("#chart-arrival svg g.bar")).to_have_count(7)
+        await expect(page.locator("#chart-daily svg g.bar")).to_have_count(1)
+        await expect(page.locator("#stats-summary")).to_contain_text("共 1 起事件")
+        await expect(page.locator("#stats-summary")).to_contain_text("中位 6分30秒")
+        box = await page.locator("#chart-outcomes svg").bounding_box()
+        assert box is not None and box["width"] > 300 and box["height"] > 100
+        await expect(page.locator("#stats-tables")).to_contain_text("保安")
+        await page.screenshot(path=ARTIFACTS / "10-stats.png", full_page=True)
+
+        # a bar of the chart lists its incidents; a count in a table does too
+        await page.click('#chart-outcomes g.bar[data-figure="outcome:prevented"]')
+        row = page.locator(f'#behind-table tr[data-incident="{INCIDENT}"]')
+        await expect(page.locator("#behind-title")).to_contain_text("按结果：已阻止：1起（1 起")
+        await expect(row).to_contain_text("2021-10-15")
+        await expect(row).to_contain_text("已阻止")
+        await page.click('#stats-tables a[data-figure="unit:G-YJ-CH-01"]')
+        await expect(page.locator("#behind-title")).to_contain_text("参与的事件（1 起")
+        await row.click()
+        await expect(page.locator("#detail")).to_be_visible()
+        await expect(page.locator("#detail h2")).to_contain_text(INCIDENT)
+        await page.screenshot(path=ARTIFACTS / "11-stats-behind.png", full_page=True)
+
+        # a period without incidents: empty charts, no links
+        await page.fill("#stats-form input[name=from]", "2021-10-16")
+        await page.click("#stats-form button[type=submit]")
+        await expect(page.locator("#stats-summary")).to_contain_text("共 0 起事件")
+        await expect(page.locator("#chart-daily")).to_contain_text("无数据")
+        await expect(page.locator("#stats-summary a.figure")).to_have_count(0)
+        await browser.close()

@@ -13,7 +13,7 @@ import pytest
 from adapters.replay import replay
 from adapters.stats import read_store
 from antifraud.cli import main
-from dispatcher.outcomes import figures, precision
+from dispatcher.outcomes import behind, figures, precision
 from dispatcher.settings import Settings, load_settings
 
 CONFIG = Path("config/hengnan.toml")
@@ -80,6 +80,35 @@ class TestTheSeedCase:
             "max": 390.0,
         }
         assert [(d["date"], d["incidents"]) for d in figures_["daily"]] == [("2021-10-15", 1)]
+
+    async def test_the_histogram_to_the_door(self, tmp_path: Path, settings: Settings) -> None:
+        figures_ = stats(await store_of(DATA / "chen_case.jsonl", tmp_path, settings))
+        histogram = figures_["warning_to_first_arrival_histogram"]
+        assert [(b["from_s"], b["to_s"]) for b in histogram][:2] == [(0, 300), (300, 600)]
+        assert histogram[-1]["to_s"] is None
+        assert [b["incidents"] for b in histogram] == [0, 1, 0, 0, 0, 0, 0]  # 390 s
+
+    async def test_the_incidents_behind_each_figure(
+        self, tmp_path: Path, settings: Settings
+    ) -> None:
+        store = await store_of(DATA / "chen_case.jsonl", tmp_path, settings)
+        keys = behind(*read_store(store), "Asia/Shanghai")
+        seed = ["INC-C-20211015-0001"]
+        for key in (
+            "all",
+            "outcome:prevented",
+            "rule:long_call_flagged",
+            "rule:long_call_flagged:prevented",
+            "day:2021-10-15",
+            "unit:G-YJ-CH-01",
+            "unit:W-YJ-07",
+            "role:guard",
+            "arrived",
+            "arrival:1",
+        ):
+            assert keys[key] == seed, key
+        assert keys["arrival:0"] == [] and "outcome:loss" not in keys
+        assert behind(*read_store(store), "Asia/Shanghai", date(2021, 10, 16))["arrived"] == []
 
 
 class TestADay:
@@ -179,6 +208,27 @@ class TestCommandLine:
             "2026-01-02",
             2,
         )
+
+    async def test_html_alone_writes_a_self_contained_report(
+        self, capsys: pytest.CaptureFixture[str], tmp_path: Path, settings: Settings
+    ) -> None:
+        store = await store_of(GOLDEN / "day.jsonl", tmp_path, settings)
+        out = tmp_path / "report" / "stats.html"
+        assert main(["stats", "--store", str(store), "--html", str(out)]) == 0
+        assert capsys.readouterr().out == ""
+        page = out.read_text(encoding="utf-8")
+        assert page.count("<svg") == 3
+        assert "@page { size: A4" in page
+        assert "<script" not in page and "src=" not in page and "href=" not in page
+        assert "按结果" in page and "每日趋势" in page and "2026-01-02" in page
+
+    async def test_html_and_json_together(self, tmp_path: Path, settings: Settings) -> None:
+        store = await store_of(DATA / "chen_case.jsonl", tmp_path, settings)
+        html, out = tmp_path / "s.html", tmp_path / "s.json"
+        args = ["stats", "--store", str(store), "--html", str(html), "--json", str(out)]
+        assert main(args) == 0
+        assert json.loads(out.read_text(encoding="utf-8"))["incidents"] == 1
+        assert "陈" not in html.read_text(encoding="utf-8")  # figures, not residents
 
     def test_a_missing_store_is_one_clear_error(
         self, capsys: pytest.CaptureFixture[str], tmp_path: Path

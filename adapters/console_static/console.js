@@ -449,6 +449,93 @@ async function view(id) {
   select(id);
 }
 
+// ---- statistics: the figures of antifraud stats, each a link to the incidents behind it ----
+
+const ROLE_LABEL = { guard: "保安", police: "民警", quick_police: "快警平台", grid_worker: "网格员" };
+const outcomeWord = (code) => code === "open" ? "未结案" : label(code);
+const statsState = { data: null };
+async function loadStats(event) {
+  if (event) event.preventDefault();
+  const query = new URLSearchParams(new FormData($("#stats-form")));
+  const response = await fetch(`/api/stats?${query}`, { credentials: "same-origin" });
+  if (!response.ok) { toast(await response.text()); return; }
+  statsState.data = await response.json();
+  renderStats();
+}
+// a count that opens the list of the incidents behind it
+function figureLink(key, title, value) {
+  const ids = (statsState.data.behind[key] || []);
+  if (!ids.length) return el("span", { class: "figure-none" }, String(value));
+  return el("a", { href: "#behind", class: "figure", "data-figure": key,
+    onclick: (e) => { e.preventDefault(); showBehind(key, title); } }, String(value));
+}
+function chart(box, svgText, titleOf) {
+  const doc = new DOMParser().parseFromString(svgText, "image/svg+xml");
+  const svg = document.importNode(doc.documentElement, true);
+  svg.querySelectorAll("g.bar").forEach((bar) => {
+    const key = bar.getAttribute("data-figure");
+    if (!(statsState.data.behind[key] || []).length) return;
+    bar.classList.add("clickable");
+    bar.setAttribute("tabindex", "0");
+    bar.setAttribute("role", "link");
+    const open = () => showBehind(key, titleOf(key, bar));
+    bar.addEventListener("click", open);
+    bar.addEventListener("keydown", (e) => { if (e.key === "Enter") open(); });
+  });
+  box.replaceChildren(svg);
+}
+const barTitle = (prefix) => (key, bar) => `${prefix}：${bar.querySelector("title").textContent}`;
+function statsTable(title, head, rows) {
+  return el("section", { class: "stats-table" }, el("h3", {}, title),
+    el("table", {}, el("thead", {}, el("tr", {}, head.map((h) => el("th", {}, h)))),
+      el("tbody", {}, rows.map((cells) => el("tr", {}, cells.map((c) => el("td", {}, c)))))));
+}
+function renderStats() {
+  const { figures: f, charts } = statsState.data;
+  const period = `${f.from || "最早"} 至 ${f.to || "最近"}`;
+  const door = f.warning_to_first_arrival;
+  const sec = (v) => v === null || v === undefined ? "—" : span(v);
+  $("#stats-summary").replaceChildren(`${period}（时区 ${f.timezone}）：共 `,
+    figureLink("all", `${period} 的全部事件`, f.incidents), " 起事件；预警→首位到达门口 中位 ",
+    sec(door.p50), "，P90 ", sec(door.p90), "，最长 ", sec(door.max), "（", figureLink("arrived", "有单位到达的事件", door.count), " 起有单位到达）");
+  chart($("#chart-outcomes"), charts.outcomes, barTitle("按结果"));
+  chart($("#chart-arrival"), charts.arrival, barTitle("预警→首位到达"));
+  chart($("#chart-daily"), charts.daily, barTitle("每日"));
+  const ruleName = (id) => state.vocab.rules[id] || id;
+  const unitName = (id) => state.vocab.unit_names[id] || id;
+  const rules = Object.entries(f.rules).map(([id, r]) => [ruleName(id),
+    figureLink(`rule:${id}`, `规则「${ruleName(id)}」的事件`, r.incidents),
+    ...["prevented", "loss", "false_alarm"].map((o) => figureLink(`rule:${id}:${o}`, `规则「${ruleName(id)}」${outcomeWord(o)}的事件`, r.outcomes[o] || 0)),
+    r.precision === null ? "—" : `${Math.round(r.precision * 100)}%`]);
+  const unitCells = (u) => [u.offers, u.accepted, u.declined, u.expired, u.withdrawn, sec(u.to_accept.p50), sec(u.to_arrive.p50), sec(u.to_arrive.p90)].map(String);
+  const unitHead = ["派单", "接警", "拒绝", "超时", "撤回", "接警用时中位", "到达用时中位", "到达 P90"];
+  const units = Object.entries(f.units).map(([id, u]) => [
+    figureLink(`unit:${id}`, `${unitName(id)} 参与的事件`, `${unitName(id)}（${ROLE_LABEL[u.role] || u.role}）`), ...unitCells(u)]);
+  const roles = Object.entries(f.roles).map(([role, r]) => [
+    figureLink(`role:${role}`, `${ROLE_LABEL[role] || role} 参与的事件`, ROLE_LABEL[role] || role), ...unitCells(r)]);
+  const days = f.daily.map((d) => [figureLink(`day:${d.date}`, `${d.date} 开启的事件`, d.date), String(d.incidents), String(d.critical), String(d.escalated),
+    ...["prevented", "loss", "false_alarm"].map((o) => String(d.outcomes[o] || 0))]);
+  $("#stats-tables").replaceChildren(
+    statsTable("按规则", ["规则", "事件数", "已阻止", "已被骗", "误报", "准确率"], rules),
+    statsTable("按单位", ["单位", ...unitHead], units),
+    statsTable("按单位类别", ["类别", ...unitHead], roles),
+    statsTable("每日趋势", ["日期", "事件数", "转紧急", "上门派单", "已阻止", "已被骗", "误报"], days));
+  $("#behind").hidden = true;
+}
+function showBehind(key, title) {
+  const { behind, incidents } = statsState.data;
+  const ids = behind[key] || [];
+  $("#behind-title").textContent = `${title}（${ids.length} 起，点击查看详情）`;
+  $("#behind-table tbody").replaceChildren(...ids.map((id) => {
+    const inc = incidents[id] || {};
+    return el("tr", { "data-incident": id, class: "clickable", onclick: () => view(id) },
+      el("td", {}, id), el("td", {}, inc.opened || "—"), el("td", {}, state.vocab.rules[inc.rule] || inc.rule || "—"),
+      el("td", {}, outcomeWord(inc.outcome)));
+  }));
+  $("#behind").hidden = false;
+  $("#behind").scrollIntoView({ block: "nearest" });
+}
+
 // ---- connection ---------------------------------------------------------------------------
 
 function connect() {
@@ -509,6 +596,7 @@ async function load() {
   state.live = true;
   $("#operator").textContent = `接线员 ${data.operator}`;
   $("#zone").textContent = `时区 ${data.timezone}`;
+  $("#stats-zone").textContent = `时区 ${data.timezone}`;
   const outcome = $("#search select[name=outcome]");
   outcome.replaceChildren(el("option", { value: "" }, "全部结果"),
     [...CLOSE_OUTCOMES, "resolved_by_callback"].map((o) => el("option", { value: o }, label(o))));
@@ -540,7 +628,9 @@ document.querySelectorAll(".tab").forEach((tab) => tab.addEventListener("click",
   document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
   document.querySelectorAll(".pane").forEach((pane) => { pane.hidden = pane.id !== tab.dataset.tab; });
   if (tab.dataset.tab === "history") search();
+  if (tab.dataset.tab === "stats") loadStats();
 }));
+$("#stats-form").addEventListener("submit", loadStats);
 $("#search").addEventListener("submit", search);
 // the list and the export always follow the filters as they stand in the form
 let searching = null;
