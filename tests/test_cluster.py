@@ -24,11 +24,12 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from test_crash import _cancel, publish_causally, statuses
+from test_crash import _cancel, statuses
 
 from adapters.broker import Mosquitto, free_port, mosquitto_binary
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, node_of, open_client
+from adapters.recording import read_lines
 from adapters.replay import replay
 from adapters.report import live_report
 from adapters.store import Store
@@ -126,6 +127,51 @@ def compressed(tmp: Path) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+async def publish_causally(
+    path: Path, url: BrokerURL, received: dict[str, list[dict[str, Any]]], arrived: asyncio.Event
+) -> None:
+    """tests/test_crash.py's ``publish_causally``, as a call-warning source and the units'
+    radios do it on a cluster: a message the broker did not acknowledge in time (JetStream
+    electing new leaders after a node was lost) is sent again, over a new connection if need
+    be, until it is acknowledged. The dispatcher handles a message sent twice once."""
+    loop = asyncio.get_running_loop()
+    client: Any = None
+    async with contextlib.AsyncExitStack() as stack:
+        start = loop.time()
+        for line in read_lines(path):
+            delay = start + line.at - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            parts = line.topic.split("/")
+            if parts[-1] == "replies" and isinstance(line.payload, dict):
+                unit, dispatch = parts[-2], line.payload["data"]["dispatch_id"]
+
+                def offered(unit: str = unit, dispatch: str = dispatch) -> bool:
+                    return any(
+                        m["type"] == "cn.antifraud.dispatch.offered"
+                        and m["data"].get("dispatch_id") == dispatch
+                        for m in received.get(unit, [])
+                    )
+
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(60):
+                        while not offered():
+                            arrived.clear()
+                            await arrived.wait()
+            payload = json.dumps(line.payload, ensure_ascii=False).encode()
+            async with asyncio.timeout(40):
+                while True:
+                    try:
+                        if client is None:
+                            client = await stack.enter_async_context(open_client(url))
+                        await client.publish(line.topic, payload, qos=1)
+                        break
+                    except (BrokerError, aiomqtt.MqttError):
+                        await stack.aclose()  # a new connection, on the next node if need be
+                        client = None
+                        await asyncio.sleep(0.2)
 
 
 def rotated(urls: list[str], by: int) -> BrokerURL:
