@@ -48,7 +48,7 @@ import structlog
 from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
-from adapters.mqtt import Backoff, BrokerURL, open_client, publish_acknowledged
+from adapters.mqtt import Backoff, BrokerURL, node_of, open_client, publish_acknowledged
 from adapters.stats import read_store
 from adapters.stats_report import charts
 from adapters.store import stored_timeline
@@ -1051,6 +1051,7 @@ class Console:
                 ) as client:
                     await client.subscribe([(t, 1) for t in self._filters()])
                     self.client = client
+                    log.info("console_broker_connected", broker=node_of(client))
                     self.connected.set()
                     self.feed = "live"
                     backoff.reset()

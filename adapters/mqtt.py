@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import socket
@@ -67,6 +68,7 @@ from adapters.mqtt_internals import (
     write_packet,
 )
 from dispatcher.errors import BrokerError, ConfigError
+from dispatcher.settings import check_broker_urls
 
 __all__ = [
     "IN_FLIGHT",
@@ -79,6 +81,7 @@ __all__ = [
     "disconnected",
     "forget",
     "messages_until",
+    "node_of",
     "open_client",
     "protocol_of",
     "publish",
@@ -96,8 +99,10 @@ PASSWORD_ENV = "ANTIFRAUD_BROKER_PASSWORD"
 
 @dataclass(frozen=True)
 class BrokerURL:
-    """``mqtt://[user@]host[:port]`` or ``mqtts://…`` (TLS). The password never comes from the
-    URL's text on a command line: it is read from ``ANTIFRAUD_BROKER_PASSWORD`` or the config."""
+    """``mqtt://[user@]host[:port]`` or ``mqtts://…`` (TLS); for a clustered broker, its nodes'
+    URLs separated by commas (``mqtt://a:1883,mqtt://b:1883``): ``host`` and ``port`` are the
+    first node's, ``others`` the rest, in order. The password never comes from the URL's text
+    on a command line: it is read from ``ANTIFRAUD_BROKER_PASSWORD`` or the config."""
 
     host: str
     port: int
@@ -105,6 +110,7 @@ class BrokerURL:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     ca_file: str | None = None
+    others: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def parse(
@@ -114,24 +120,34 @@ class BrokerURL:
         username: str | None = None,
         ca_file: str | None = None,
     ) -> BrokerURL:
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ConfigError([f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://…"])
         try:
-            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        except ValueError:
-            raise ConfigError([f"broker URL {url!r}: the port is not a number"]) from None
-        username = unquote(parts.username) if parts.username else username
-        secret = (
-            os.environ.get(PASSWORD_ENV)
-            or password
-            or (unquote(parts.password) if parts.password else None)
-        )
-        return cls(parts.hostname, port, parts.scheme == "mqtts", username, secret, ca_file)
+            urls = check_broker_urls(url)
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
+        nodes = [urlsplit(u if "://" in u else f"mqtt://{u}") for u in urls]
+        tls = nodes[0].scheme == "mqtts"
+        names = {unquote(n.username) for n in nodes if n.username}
+        if len(names) > 1:
+            raise ConfigError([f"broker URLs {url!r}: name different users; name one or none"])
+        username = names.pop() if names else username
+        secret = next((unquote(n.password) for n in nodes if n.password), None)
+        secret = os.environ.get(PASSWORD_ENV) or password or secret
+        addresses = [(str(n.hostname), n.port or (8883 if tls else 1883)) for n in nodes]
+        (host, port), *others = addresses
+        return cls(host, port, tls, username, secret, ca_file, tuple(others))
+
+    @property
+    def nodes(self) -> list[BrokerURL]:
+        """Each node of the broker as a URL of its own (one for a broker that is not
+        clustered)."""
+        first = dataclasses.replace(self, others=())
+        return [first] + [dataclasses.replace(first, host=h, port=p) for h, p in self.others]
 
     def __str__(self) -> str:
         user = f"{self.username}@" if self.username else ""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+        scheme = "mqtts" if self.tls else "mqtt"
+        addresses = [(self.host, self.port), *self.others]
+        return ",".join(f"{scheme}://{user}{host}:{port}" for host, port in addresses)
 
 
 _protocols: dict[tuple[str, int], aiomqtt.ProtocolVersion] = {}
@@ -185,6 +201,50 @@ def _client(
     return client
 
 
+async def _connect(
+    node: BrokerURL,
+    identifier: str | None,
+    persistent: bool,
+    will: aiomqtt.Will | None,
+    manual_acks: bool,
+    operation_timeout: float,
+    deliver: Deliver | None,
+    on_acknowledged: Callable[[], None] | None,
+) -> Client:
+    """A connected client on one node (MQTT 5, or 3.1.1 when it refuses 5); ``BrokerError``."""
+    key = (node.host, node.port)
+    first = _protocols.get(key, aiomqtt.ProtocolVersion.V5)
+    candidates = (
+        [first] if first == aiomqtt.ProtocolVersion.V311 else [first, aiomqtt.ProtocolVersion.V311]
+    )
+    for protocol in candidates:
+        client = _client(node, protocol, identifier, persistent, will, operation_timeout)
+        if manual_acks:
+            ack_manually(client)
+        client.deliver = deliver
+        client.on_acknowledged = on_acknowledged
+        client.node = str(node)
+        try:
+            await client.__aenter__()
+            break
+        except aiomqtt.MqttCodeError as exc:
+            code = getattr(exc.rc, "value", exc.rc)
+            if protocol == aiomqtt.ProtocolVersion.V5 and code in UNSUPPORTED_PROTOCOL:
+                continue  # the broker speaks 3.1.1 only: try again with it
+            raise BrokerError(f"{node}: connection refused: {exc}") from None
+        except aiomqtt.MqttError as exc:
+            if protocol == aiomqtt.ProtocolVersion.V5 and "timed out" in str(exc):
+                continue  # some 3.1.1-only brokers ignore a 5.0 CONNECT instead of refusing it
+            raise BrokerError(f"{node}: cannot connect: {exc}") from None
+    _protocols[key] = protocol
+    return client
+
+
+# for each clustered broker (by its URL), the node to try first: the one in use, or once its
+# connection was lost, the one after it
+_first_node: dict[str, int] = {}
+
+
 @asynccontextmanager
 async def open_client(
     broker: BrokerURL,
@@ -199,41 +259,57 @@ async def open_client(
 ) -> AsyncIterator[aiomqtt.Client]:
     """Connect (MQTT 5, or 3.1.1 when the broker refuses 5); ``BrokerError`` if unreachable,
     and for any ``MqttError`` raised while the connection is used (in the ``async with``).
+    A clustered broker's nodes are tried in turn, from the one in use last (or the one after
+    it, when that connection was lost): ``BrokerError`` once none answers; ``node_of`` says
+    which one the client is on.
     ``deliver``: see ``Client`` (set before connecting: a persistent session's queued
     messages may arrive before anything is subscribed); ``on_acknowledged``: see ``Client``.
     ``UnsupportedLibrary`` if the installed aiomqtt or paho-mqtt is not a supported one."""
     check_mqtt_library()
-    key = (broker.host, broker.port)
-    first = _protocols.get(key, aiomqtt.ProtocolVersion.V5)
-    candidates = (
-        [first] if first == aiomqtt.ProtocolVersion.V311 else [first, aiomqtt.ProtocolVersion.V311]
-    )
-    for protocol in candidates:
-        client = _client(broker, protocol, identifier, persistent, will, operation_timeout)
-        if manual_acks:
-            ack_manually(client)
-        client.deliver = deliver
-        client.on_acknowledged = on_acknowledged
+    nodes, key = broker.nodes, str(broker)
+    first = _first_node.get(key, 0)
+    failures: list[str] = []
+    for turn in range(len(nodes)):
+        index = (first + turn) % len(nodes)
         try:
-            await client.__aenter__()
+            client = await _connect(
+                nodes[index],
+                identifier,
+                persistent,
+                will,
+                manual_acks,
+                operation_timeout,
+                deliver,
+                on_acknowledged,
+            )
             break
-        except aiomqtt.MqttCodeError as exc:
-            code = getattr(exc.rc, "value", exc.rc)
-            if protocol == aiomqtt.ProtocolVersion.V5 and code in UNSUPPORTED_PROTOCOL:
-                continue  # the broker speaks 3.1.1 only: try again with it
-            raise BrokerError(f"{broker}: connection refused: {exc}") from None
-        except aiomqtt.MqttError as exc:
-            if protocol == aiomqtt.ProtocolVersion.V5 and "timed out" in str(exc):
-                continue  # some 3.1.1-only brokers ignore a 5.0 CONNECT instead of refusing it
-            raise BrokerError(f"{broker}: cannot connect: {exc}") from None
-    _protocols[key] = protocol
+        except BrokerError as exc:
+            if len(nodes) == 1:
+                raise
+            failures.append(str(exc))
+            log.warning("broker_node_unavailable", node=str(nodes[index]), error=str(exc))
+    else:
+        raise BrokerError(f"no node of the broker answers: {'; '.join(failures)}")
+    _first_node[key] = index
+    lost = False
     try:
         yield client
     except aiomqtt.MqttError as exc:
-        raise BrokerError(f"{broker}: {exc}") from exc
+        lost = True
+        raise BrokerError(f"{client.node}: {exc}") from exc
+    except BrokerError:
+        lost = True
+        raise
     finally:
+        if lost and _first_node.get(key) == index:
+            _first_node[key] = (index + 1) % len(nodes)  # the next connection tries another
         with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
+
+
+def node_of(client: aiomqtt.Client) -> str:
+    """The URL of the node ``client`` is connected to (of a clustered broker, one of them)."""
+    return client.node if isinstance(client, Client) else "?"
 
 
 async def messages_until(

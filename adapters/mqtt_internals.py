@@ -130,6 +130,8 @@ class Client(aiomqtt.Client):
     # the topic of each QoS 1 message ``publish_now`` queued, until the broker answers for it
     # (set by ``adapters.mqtt._client``)
     publishing: dict[int, str]
+    # the URL of the node it connects to (set by ``adapters.mqtt``)
+    node: str = ""
 
     def _on_connect(
         self,

@@ -19,6 +19,7 @@ from adapters.mqtt import (
     Backoff,
     BrokerURL,
     messages_until,
+    node_of,
     open_client,
     protocol_of,
     publish_acknowledged,
@@ -84,9 +85,9 @@ async def record(
                     # MQTT 5 without the retained messages it sent for the first one
                     await client.subscribe(_subscriptions(filters, client, again=subscribed))
                     if not subscribed:
-                        log.info("recording", broker=str(broker), out=str(out), topics=filters)
+                        log.info("recording", broker=node_of(client), out=str(out), topics=filters)
                     else:
-                        log.info("recording_resumed", broker=str(broker), recorded=count)
+                        log.info("recording_resumed", broker=node_of(client), recorded=count)
                     subscribed = True
                     backoff.reset()
                     async for message in messages_until(client, stop, deadline):

@@ -352,7 +352,10 @@ def cmd_bench_flood(args: argparse.Namespace) -> int:
 
 
 CONFIG_HELP = f"the deployment's TOML file (default {DEFAULT_CONFIG})"
-BROKER_HELP = "mqtt://[user@]host[:port] or mqtts://… (default: the config's service.broker)"
+BROKER_HELP = (
+    "mqtt://[user@]host[:port] or mqtts://…; a clustered broker's nodes separated by commas "
+    "(default: the config's service.broker)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -411,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the dispatcher on a live broker")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
-    p.add_argument("--broker", help="mqtt://[user@]host[:port] (default: the config's)")
+    p.add_argument("--broker", help=BROKER_HELP)
     p.add_argument("--store", help="SQLite store (default: the config's service.store)")
     p.set_defaults(func=cmd_run)
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -37,6 +38,27 @@ PREFIX = re.compile(r"^\+[0-9]{1,15}$")
 UnitKind = Literal["guard", "police", "quick_police", "grid_worker"]
 
 
+def check_broker_urls(text: str) -> list[str]:
+    """The URLs of a broker value (``mqtt://a:1883,mqtt://b:1883``); ``ValueError`` saying
+    which one is wrong. One scheme for all: a cluster is not half encrypted."""
+    urls = [url.strip() for url in text.split(",")]
+    schemes = set()
+    for url in urls:
+        if not url:
+            raise ValueError(f"broker URLs {text!r}: an empty entry between the commas")
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://…")
+        try:
+            parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+        except ValueError:
+            raise ValueError(f"broker URL {url!r}: the port is not a number") from None
+        schemes.add(parts.scheme)
+    if len(schemes) > 1:
+        raise ValueError(f"broker URLs {text!r}: mix mqtt:// and mqtts://; use one for all")
+    return urls
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,6 +72,8 @@ class ServiceSettings(_Strict):
     # full: every commit is on disk before its messages are acknowledged (survives a power
     # cut); normal: on the OS (survives the process being killed), ~0.5 ms faster per commit
     store_sync: Literal["full", "normal"] = "full"
+    # one broker, or the nodes of a clustered one: a TOML list, or one value with the URLs
+    # separated by commas (normalised to that form); clients connect to the first that answers
     broker: str = "mqtt://127.0.0.1:1883"
     broker_username: str | None = None
     # the password: from ANTIFRAUD_BROKER_PASSWORD, else this file, else broker_password
@@ -69,6 +93,17 @@ class ServiceSettings(_Strict):
             raise ValueError(
                 f"{value!r} is not an IANA time zone name (e.g. 'Asia/Shanghai')"
             ) from None
+        return value
+
+    @field_validator("broker", mode="before")
+    @classmethod
+    def _broker(cls, value: object) -> object:
+        if isinstance(value, list):
+            if not value or not all(isinstance(url, str) for url in value):
+                raise ValueError("must be a broker URL or a non-empty list of them")
+            value = ",".join(value)
+        if isinstance(value, str):
+            return ",".join(check_broker_urls(value))
         return value
 
     @field_validator("prefix")
@@ -323,6 +358,8 @@ def _pydantic_problems(
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")  # the validator's own words
         problems.append(f"{where}: {key}: {msg}")
     return problems
 

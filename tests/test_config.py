@@ -71,6 +71,27 @@ def problems_of(path: Path) -> list[str]:
             id="a value of the wrong type",
         ),
         pytest.param(
+            lambda t: t.replace('"mqtt://127.0.0.1:1883"', '"mqtt://a:1883,mqtts://b:8883"'),
+            {},
+            [
+                "hengnan.toml: service.broker: broker URLs 'mqtt://a:1883,mqtts://b:8883': "
+                "mix mqtt:// and mqtts://; use one for all"
+            ],
+            id="a broker list half encrypted",
+        ),
+        pytest.param(
+            lambda t: t.replace('"mqtt://127.0.0.1:1883"', '["mqtt://a:1883", "mqtt://b:18x3"]'),
+            {},
+            ["hengnan.toml: service.broker: broker URL 'mqtt://b:18x3': the port is not a number"],
+            id="a broker list with a bad port",
+        ),
+        pytest.param(
+            lambda t: t.replace('"mqtt://127.0.0.1:1883"', "[]"),
+            {},
+            ["hengnan.toml: service.broker: must be a broker URL or a non-empty list of them"],
+            id="an empty broker list",
+        ),
+        pytest.param(
             lambda t: t.replace('default_station = "PS-YJ"', 'default_station = "PS-X"'),
             {},
             ["hengnan.toml: service.default_station: unknown station 'PS-X'"],

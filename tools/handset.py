@@ -31,7 +31,14 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from adapters.mqtt import Backoff, BrokerURL, messages_until, open_client, publish_acknowledged
+from adapters.mqtt import (
+    Backoff,
+    BrokerURL,
+    messages_until,
+    node_of,
+    open_client,
+    publish_acknowledged,
+)
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
 from dispatcher.outbound import SEVERITY_TEXT, Topics
@@ -208,6 +215,7 @@ class Handset:
                     self.client = client
                     self.connected.set()
                     self.show(LINK_UP)
+                    log.info("handset_connected", unit=self.unit.id, broker=node_of(client))
                     link_shown = True
                     backoff.reset()
                     self._resend_unanswered()

@@ -6,7 +6,8 @@ will) and queues every message as paho decodes it (not through aiomqtt's per-mes
 iterator, adapters/mqtt.py). The sessions that only receive (call warnings, units' messages)
 do the same without announcing anything. When the broker is unreachable or lost, each
 reconnects with capped exponential backoff and jitter, logging each attempt, and retries at
-once when another session got through.
+once when another session got through. Of a clustered broker, each connection takes the
+first node that answers and, once it is lost, the next (``open_client``); the log says which.
 
 Sessions connect in the order their messages cause one another, each once the one before has
 subscribed: the backlog of each arrives after the backlogs of what causes it.
@@ -34,6 +35,7 @@ from adapters.mqtt import (
     BrokerURL,
     Deliver,
     disconnected,
+    node_of,
     open_client,
     protocol_of,
     publish,
@@ -142,7 +144,7 @@ async def receiving_session(
                 await client.subscribe([(f, 1) for f in filters])
                 sessions.subscribed(suffix)
                 backoff.reset()
-                log.info("broker_session_connected", client_id=client_id)
+                log.info("broker_session_connected", broker=node_of(client), client_id=client_id)
                 await disconnected(client)
         except BrokerError as exc:
             log.warning(
@@ -237,7 +239,7 @@ class Connection:
                     backoff.reset()
                     log.info(
                         "broker_connected",
-                        broker=str(self.broker),
+                        broker=node_of(client),
                         protocol=protocol_of(client),
                         client_id=self.client_id,
                     )
