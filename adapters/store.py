@@ -71,9 +71,9 @@ import structlog
 from adapters.sqlite_internals import check_aiosqlite, in_thread
 from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
-from dispatcher.ports import OutboxRow, QueuedEffects, Snapshot
+from dispatcher.ports import KeptInbound, OutboxRow, QueuedEffects, Snapshot
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 T = TypeVar("T")
 log = structlog.get_logger("store")
 CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
@@ -180,6 +180,19 @@ CREATE INDEX IF NOT EXISTS outbox_receipts ON outbox (at) WHERE type = '{RECEIPT
     4: """
 ALTER TABLE timeline ADD COLUMN action_id TEXT;
 """,
+    # 6: the inbound messages, as received, that touched each incident, and the flagged
+    # contacts that touched none (by subscriber): what ``antifraud export`` writes back as a
+    # recording (docs/decisions.md)
+    5: """
+CREATE TABLE IF NOT EXISTS incident_inbound (
+    seq INTEGER PRIMARY KEY, incident_id TEXT, subscriber TEXT, call_id TEXT,
+    contact INTEGER NOT NULL, at REAL NOT NULL, topic TEXT NOT NULL, payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS incident_inbound_incident ON incident_inbound (incident_id, seq);
+CREATE INDEX IF NOT EXISTS incident_inbound_contacts ON incident_inbound (subscriber, at)
+    WHERE incident_id IS NULL;
+CREATE INDEX IF NOT EXISTS incident_inbound_at ON incident_inbound (at);
+""",
 }
 
 
@@ -194,6 +207,7 @@ class _Batch(QueuedEffects):
     rejected: list[tuple[Any, ...]] = field(default_factory=list)
     contacts: list[tuple[str, float, str]] = field(default_factory=list)
     presence: dict[str, tuple[str, float]] = field(default_factory=dict)
+    kept: list[KeptInbound] = field(default_factory=list)
 
     def effects(self) -> int:
         """How many rows this batch writes, not counting processed pairs (one row for all)."""
@@ -209,6 +223,7 @@ class _Batch(QueuedEffects):
             + len(self.contacts)
             + len(self.presence)
             + len(self.meta)
+            + len(self.kept)
         )
 
 
@@ -822,6 +837,9 @@ class Store:
     def set_presence(self, unit: str, state: str, at: float) -> None:
         self._batch.presence[unit] = (state, at)
 
+    def keep_inbound(self, message: KeptInbound) -> None:
+        self._batch.kept.append(message)
+
     # ---- committing ------------------------------------------------------------------------
 
     def holds_effects(self) -> bool:
@@ -942,12 +960,20 @@ class Store:
         transaction at once, not a round trip per statement: adapters/sqlite_internals.py)."""
         return await in_thread(self.db, fn, *args)
 
-    async def prune(self, before_inbound: float, before_contacts: float) -> None:
+    async def prune(
+        self,
+        before_inbound: float,
+        before_contacts: float,
+        kept_before: tuple[float, float] | None = None,
+    ) -> None:
         """Forget what is too old to matter, in one transaction: dedupe pairs and contacts
         (they are bounded by time), and refused input older than the dedupe window
         (``before_inbound``): its ``rejected`` rows and its dead letters, once sent (an unsent
-        outbox row is never deleted). A replay's store keeps its rejections: its report lists
-        every one of the recording (SPEC §6), and a recording is finite."""
+        outbox row is never deleted). With ``kept_before`` (closed, contacts), the inbound
+        messages kept for export: those of incidents closed before the first time, and the
+        flagged contacts that touched no incident from before the second. A replay's store keeps its
+        rejections and its kept messages: its report lists every rejection of the recording
+        (SPEC §6), and a recording is finite."""
         forget_refused = self._mode != "replay"
 
         def prune(db: sqlite3.Connection) -> None:
@@ -962,6 +988,8 @@ class Store:
                         f"DELETE FROM outbox WHERE type = '{DEAD_LETTER}' AND at < ? AND sent = 1",
                         (before_inbound,),
                     )
+                    if kept_before is not None:
+                        _prune_kept(db, *kept_before)
                 db.execute("COMMIT")
             except BaseException:
                 _rollback(db)
@@ -1023,6 +1051,17 @@ class Store:
         return str(row[0]) if row else "no answer"
 
 
+def _prune_kept(db: sqlite3.Connection, closed_before: float, contacts_before: float) -> None:
+    db.execute(
+        "DELETE FROM incident_inbound WHERE incident_id IN (SELECT id FROM incidents "
+        "WHERE status = 'closed' AND closed_at < ?)",
+        (closed_before,),
+    )
+    db.execute(
+        "DELETE FROM incident_inbound WHERE incident_id IS NULL AND at < ?", (contacts_before,)
+    )
+
+
 TIMELINE_SELECT = (
     "SELECT at, kind, by, text, dispatch_id, action_id FROM timeline WHERE incident_id = ? "
     "ORDER BY seq"
@@ -1067,6 +1106,7 @@ class _Rows:
     rejected: list[tuple[Any, ...]]
     contacts: list[tuple[str, float, str]]
     presence: list[tuple[str, str, float]]
+    kept: list[KeptInbound]
 
     @classmethod
     def snapshot(cls, batch: _Batch) -> _Rows:
@@ -1111,6 +1151,7 @@ class _Rows:
             batch.rejected,
             batch.contacts,
             [(u, st, at) for u, (st, at) in batch.presence.items()],
+            batch.kept,
         )
 
 
@@ -1197,6 +1238,12 @@ def _write(
                 db.executemany("INSERT INTO contacts VALUES (?,?,?)", rows.contacts)
             if rows.presence:
                 db.executemany("INSERT OR REPLACE INTO presence VALUES (?,?,?)", rows.presence)
+            if rows.kept:
+                db.executemany(
+                    "INSERT INTO incident_inbound (incident_id, subscriber, call_id, contact, at, "
+                    "topic, payload) VALUES (?,?,?,?,?,?,?)",
+                    rows.kept,
+                )
             if rows.meta:
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", rows.meta)
             db.execute("COMMIT")

@@ -412,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_stats_parser(sub)
 
+    from adapters.export import add_export_parser
+
+    add_export_parser(sub)
+
     p = sub.add_parser("run", help="run the dispatcher on a live broker")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--broker", help=BROKER_HELP)

@@ -7,25 +7,40 @@
 - ``Clock``: the runtime's seconds. The runtime itself never reads a clock: its caller reads
   one and passes ``now`` (the live service the system clock, replay each recorded ``at``).
 
-The types that cross a port live here too: ``OutboxRow`` and ``Snapshot``.
+The types that cross a port live here too: ``OutboxRow``, ``KeptInbound`` and ``Snapshot``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from dispatcher.model import Incident, Publish, TimelineEntry
 
 OutboxRow = tuple[int, str, int, bool, bytes | None]  # seq, topic, qos, retain, payload
 
 
+class KeptInbound(NamedTuple):
+    """An inbound message kept for export: the incident it touched (None for a flagged
+    contact that touched none), the subscriber and call of a call, whether it was a
+    flagged contact, its arrival time on the store's clock, its topic and its payload as
+    received (text)."""
+
+    incident_id: str | None
+    subscriber: str | None
+    call_id: str | None
+    contact: bool
+    at: float
+    topic: str
+    payload: str
+
+
 class QueuedEffects:
     """What a journal holds between commits, as both journals keep it: ``meta`` and
     ``presence`` (the newest value wins), ``incidents`` (by id), and rows appended in order
-    (``timeline``, ``outbox``, ``inbound``, ``rejected``, ``contacts``)."""
+    (``timeline``, ``outbox``, ``inbound``, ``rejected``, ``contacts``, ``kept``)."""
 
-    APPENDED = ("timeline", "outbox", "inbound", "rejected", "contacts")
+    APPENDED = ("timeline", "outbox", "inbound", "rejected", "contacts", "kept")
     meta: dict[str, str]
     incidents: dict[str, Any]
     presence: dict[str, Any]
@@ -33,6 +48,7 @@ class QueuedEffects:
     outbox: list[Any]
     rejected: list[Any]
     contacts: list[Any]
+    kept: list[Any]
 
     def absorb(self, newer: QueuedEffects) -> None:
         """Append a newer batch to this one (its values win where both set one)."""
@@ -122,6 +138,12 @@ class Journal(Protocol):
 
     def add_contact(self, subscriber: str, at: float, counterpart: str) -> None: ...
 
+    def keep_inbound(self, message: KeptInbound) -> None:
+        """Queue an inbound message as received, against the incident it touched (or, for
+        a flagged contact that touched none, its subscriber): what ``antifraud export``
+        writes back as a recording."""
+        ...
+
     def set_presence(self, unit: str, state: str, at: float) -> None: ...
 
     # ---- committing --------------------------------------------------------------------
@@ -149,6 +171,13 @@ class Journal(Protocol):
         """Return once every commit written so far is on the disk."""
         ...
 
-    async def prune(self, before_inbound: float, before_contacts: float) -> None:
-        """Forget processed pairs and contacts older than these times."""
+    async def prune(
+        self,
+        before_inbound: float,
+        before_contacts: float,
+        kept_before: tuple[float, float] | None = None,
+    ) -> None:
+        """Forget processed pairs and contacts older than these times; with ``kept_before``
+        (closed, contacts), the kept inbound messages of incidents closed before the first
+        and the kept flagged contacts of no incident older than the second."""
         ...

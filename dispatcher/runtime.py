@@ -44,7 +44,7 @@ from dispatcher.model import (
     incident_of_call,
 )
 from dispatcher.outbound import RECEIPT, REFUSED_PREFIX, REPLY_VERBS, receipt_id
-from dispatcher.ports import Journal, Publisher
+from dispatcher.ports import Journal, KeptInbound, Publisher
 from dispatcher.settings import Settings
 from dispatcher.workflow import INVALID_REPLY, Workflow, timer_order
 from rules.contacts import ContactLog
@@ -113,6 +113,17 @@ def _event_of(payload: bytes | Any) -> Any:
         except orjson.JSONDecodeError:
             return None
     return payload
+
+
+def _received_text(payload: bytes | Any) -> str:
+    """A handled message's payload as text, whole: its bytes as received (read by the strict
+    parser, so valid UTF-8), or a decoded payload as JSON."""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload).decode("utf-8", "replace")
+    try:
+        return orjson.dumps(payload).decode()
+    except TypeError:  # what orjson does not write (an integer beyond 64 bits)
+        return safe_text(json.dumps(payload, ensure_ascii=False, default=repr))
 
 
 def _readable_reply(payload: bytes | Any) -> tuple[str, str] | None:
@@ -420,6 +431,25 @@ class Runtime:
             return
         self.counts["handled"] += 1
         self._apply(effects, now)
+        self._keep(msg, topic, payload, effects, now)
+
+    def _keep(
+        self, msg: Inbound, topic: str, payload: bytes | Any, effects: list[Effect], now: float
+    ) -> None:
+        """Keep ``payload``, as received, against each incident its step changed; a flagged
+        contact that changed none is kept against its subscriber (a later incident's rules
+        count it): what ``antifraud export`` writes back as a recording."""
+        touched: list[str | None] = [e.incident.id for e in effects if isinstance(e, IncidentSaved)]
+        contact = any(isinstance(e, ContactSeen) for e in effects)
+        if not touched and not contact:
+            return
+        call = msg.kind == "calls"
+        subscriber, call_id = (msg.data.subscriber, msg.data.call_id) if call else (None, None)
+        topic, text = safe_text(topic), _received_text(payload)
+        for incident_id in touched or [None]:
+            self.store.keep_inbound(
+                KeptInbound(incident_id, subscriber, call_id, contact, now, topic, text)
+            )
 
     def _over_rate(
         self, channel: str, topic: str, payload: bytes | Any, now: float, reason: str = ""
@@ -696,9 +726,14 @@ class Runtime:
         await self.wait_committed()
         if self.clock - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = self.clock
+            retention = self.settings.incident.retention_s
+            horizon = self.state.contacts.horizon_s
             await self.store.prune(
                 self.clock - self.settings.limits.dedupe_window_s,
-                self.clock - self.state.contacts.horizon_s,
+                self.clock - horizon,
+                # an incident is exportable while it is retained, with the flagged contacts
+                # before its opening that its rules counted (docs/operations.md)
+                (self.clock - retention, self.clock - retention - horizon),
             )
         self.store.set_meta("clock", repr(self.clock))
         if self._suppressed_changed:

@@ -14,7 +14,7 @@ import orjson
 
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
-from dispatcher.ports import OutboxRow, Publisher, QueuedEffects, Snapshot
+from dispatcher.ports import KeptInbound, OutboxRow, Publisher, QueuedEffects, Snapshot
 
 
 @dataclass
@@ -29,6 +29,7 @@ class Queued(QueuedEffects):
     rejected: list[tuple[float, str, str, str]] = field(default_factory=list)
     contacts: list[tuple[str, float, str]] = field(default_factory=list)
     presence: dict[str, tuple[str, float]] = field(default_factory=dict)
+    kept: list[KeptInbound] = field(default_factory=list)
 
 
 class MemoryJournal:
@@ -94,6 +95,9 @@ class MemoryJournal:
     def set_presence(self, unit: str, state: str, at: float) -> None:
         self.queued.presence[unit] = (state, at)
 
+    def keep_inbound(self, message: KeptInbound) -> None:
+        self.queued.kept.append(message)
+
     # ---- committing --------------------------------------------------------------------
 
     def holds_effects(self) -> bool:
@@ -128,10 +132,28 @@ class MemoryJournal:
     async def flush(self) -> None:
         self.flushes += 1
 
-    async def prune(self, before_inbound: float, before_contacts: float) -> None:
+    async def prune(
+        self,
+        before_inbound: float,
+        before_contacts: float,
+        kept_before: tuple[float, float] | None = None,
+    ) -> None:
         done = self.committed
         done.inbound = [p for p in done.inbound if p[2] >= before_inbound]
         done.contacts = [c for c in done.contacts if c[1] >= before_contacts]
+        if kept_before is not None:
+            closed_before, contacts_before = kept_before
+            gone = {
+                i.id
+                for i in done.incidents.values()
+                if i.status == "closed" and i.closed_at < closed_before
+            }
+            done.kept = [
+                k
+                for k in done.kept
+                if (k.incident_id is None and k.at >= contacts_before)
+                or (k.incident_id is not None and k.incident_id not in gone)
+            ]
 
     # ---- for tests ---------------------------------------------------------------------
 

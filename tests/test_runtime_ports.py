@@ -186,3 +186,38 @@ class TestARestart:
         assert second.next_due() == 10.0 + CALLBACK_WINDOW_S
         second.handle(CALLS, call(INVESTMENT, 200.0), 11.0)  # redelivered after the restart
         assert second.counts["duplicates"] == 1
+
+
+class TestKeptInbound:
+    async def test_a_call_that_opens_an_incident_is_kept_as_received_against_it(
+        self, settings: Settings
+    ) -> None:
+        journal = MemoryJournal()
+        runtime, _ = await started(settings, journal)
+        payload = call(INVESTMENT, 200.0)
+        runtime.handle(CALLS, payload, 10.0)
+        runtime.handle(CALLS, call(CLEAN, 10.0, "e-2", "c-2"), 11.0)  # joins it
+        await runtime.commit()
+        kept = journal.committed.kept
+        assert [(k.incident_id, k.call_id, k.at) for k in kept] == [
+            (INCIDENT, CALL, 10.0),
+            (INCIDENT, "c-2", 11.0),
+        ]
+        assert kept[0].payload == payload.decode() and kept[0].subscriber == CHEN
+
+    async def test_a_clean_call_of_nobody_s_incident_is_not_kept(self, settings: Settings) -> None:
+        journal = MemoryJournal()
+        runtime, _ = await started(settings, journal)
+        runtime.handle(CALLS, call(CLEAN, 10.0), 10.0)
+        await runtime.commit()
+        assert journal.committed.kept == []
+
+    async def test_kept_messages_go_with_their_incident_s_retention(
+        self, settings: Settings
+    ) -> None:
+        journal = MemoryJournal()
+        runtime, _ = await started(settings, journal)
+        runtime.handle(CALLS, call(INVESTMENT, 200.0), 10.0)
+        await runtime.commit()
+        await journal.prune(0.0, 0.0, (1e9, 1e9))  # open: kept whatever its age
+        assert len(journal.committed.kept) == 1

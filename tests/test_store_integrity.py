@@ -507,14 +507,16 @@ async def test_an_old_store_is_migrated_to_the_current_version(
         db.execute("DROP INDEX rejected_at")
         db.execute("DROP INDEX outbox_dead_letters")
         db.execute("DROP INDEX outbox_receipts")
+        db.execute("DROP TABLE incident_inbound")
         db.execute("PRAGMA user_version=2")
         db.commit()
     async with Store(path) as store:
         assert store.migrated_from == 2
         indexes = {name for (name,) in await store.fetchall("SELECT name FROM sqlite_master")}
         assert {"rejected_at", "outbox_dead_letters", "outbox_receipts"} <= indexes
+        assert {"incident_inbound", "incident_inbound_incident"} <= indexes
         assert len(await store.fetchall("SELECT action_id FROM timeline")) == len(rows)
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION == 6
     resumed = await replay(SEED, settings, path)  # the rest of the case, on the old store
     golden = (DATA / "golden" / "seed.report.json").read_text(encoding="utf-8")
     assert dump_report(resumed) == golden
