@@ -4,7 +4,7 @@ All figures come from one run against one private Mosquitto running the shipped 
 config (``config/mosquitto/production.conf``) with the deployment's generated credentials and
 ACL (``adapters.broker.SecureBroker``):
 
-- **the dispatcher**: the live service (``adapters/live.py``) in this process, on a temporary
+- **the dispatcher**: the live service (``adapters/live/``) in this process, on a temporary
   store, logged in as the dispatcher over the broker's loopback listener;
 - **the victim**: guard G-YJ-CH-02's handset, a process of its own (as a real handset is its
   own device) logged in with that guard's credentials and subscribed to its dispatches; it
