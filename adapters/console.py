@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from adapters.mqtt import Backoff, BrokerURL, node_of, open_client, publish_acknowledged
 from adapters.stats import read_store
 from adapters.stats_report import charts
-from adapters.store import stored_timeline
+from adapters.store import connect_read_only, stored_timeline
 from dispatcher.errors import BrokerError, InputError, StoreError
 from dispatcher.inbound import (
     INCIDENT_ID_RE,
@@ -683,7 +683,7 @@ class Console:
     def _stored_incident(self, incident_id: str) -> dict[str, Any] | None:
         if self.store is None or not self.store.exists():
             return None
-        with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(self.store)) as db:
             row = db.execute("SELECT doc FROM incidents WHERE id = ?", (incident_id,)).fetchone()
             origin = self._origin(db)
             if row is None:
@@ -859,7 +859,7 @@ class Console:
     def _search(self, query: dict[str, str]) -> list[dict[str, Any]]:
         if self.store is None or not self.store.exists():
             return []
-        with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(self.store)) as db:
             rows = db.execute(
                 "SELECT doc FROM incidents WHERE status = 'closed' "
                 "ORDER BY closed_at DESC LIMIT 5000"
@@ -1194,7 +1194,7 @@ class Console:
     def _stored_items(self, incident_id: str) -> list[dict[str, Any]]:
         """An incident's whole timeline as the store holds it, as incident messages carry it."""
         assert self.store is not None
-        with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(self.store)) as db:
             return self.messages.timeline_items(stored_timeline(db, incident_id), self._origin(db))
 
     # ---- presence --------------------------------------------------------------------------
@@ -1236,7 +1236,7 @@ class Console:
 
     def _stored_presence(self) -> dict[str, str]:
         assert self.store is not None
-        with contextlib.closing(sqlite3.connect(f"file:{self.store}?mode=ro", uri=True)) as db:
+        with contextlib.closing(connect_read_only(self.store)) as db:
             rows = db.execute("SELECT unit, state FROM presence").fetchall()
         return {
             str(unit): str(state)

@@ -23,6 +23,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from adapters.store import connect_read_only
 from dispatcher.errors import StoreError
 from dispatcher.settings import load_settings
 from rules.engine import RuleSet
@@ -75,7 +76,7 @@ def _open(path: Path) -> tuple[sqlite3.Connection, dict[str, str]]:
     if not path.is_file():
         raise StoreError(f"{path}: no such store")
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        db = connect_read_only(path)
         version = db.execute("PRAGMA user_version").fetchone()[0]
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.Error as exc:

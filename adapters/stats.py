@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.stats_report import html_report
+from adapters.store import connect_read_only
 from dispatcher.errors import StoreError
 from dispatcher.outcomes import figures
 from dispatcher.settings import load_settings
@@ -31,7 +32,7 @@ def read_store(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], 
     if not path.is_file():
         raise StoreError(f"{path}: no such store")
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        db = connect_read_only(path)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open the store: {exc}") from None
     try:

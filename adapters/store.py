@@ -386,13 +386,25 @@ def _wal_checksum(data: bytes, big_endian: bool) -> tuple[int, int]:
     return s0, s1
 
 
+def read_only_uri(path: Path) -> str:
+    """The URI that opens the SQLite file at ``path`` read-only (``uri=True``), with every
+    character of the path taken literally (a ``?`` or ``#`` in a folder name included)."""
+    return f"{path.resolve().as_uri()}?mode=ro"
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection to the store at ``path``: what readers beside the dispatcher
+    (the console, ``stats``, ``export``) use."""
+    return sqlite3.connect(read_only_uri(path), uri=True)
+
+
 def check_database(path: Path, *, readonly: bool = False, shown: Path | None = None) -> None:
     """Open the store at ``path`` (it exists; ``inspect_store`` passed) and check what only
     SQLite can: a schema version this dispatcher knows, the store's tables, and
     ``PRAGMA quick_check`` (within ``CHECK_BUDGET_S``: a store too large to finish in time is
     used all the same, with a ``store_check_incomplete`` warning). Raises ``StoreError``."""
     shown = shown or path
-    target = f"file:{path}?mode=ro" if readonly else str(path)
+    target = read_only_uri(path) if readonly else str(path)
     try:
         db = sqlite3.connect(target, uri=readonly, isolation_level=None)
     except sqlite3.Error as exc:
