@@ -13,9 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from adapters.journal import open_store
 from adapters.recording import fingerprint, read_lines
 from adapters.report import build_report
-from adapters.store import Store
 from dispatcher.errors import RecordingError, StoreError
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
@@ -37,7 +37,7 @@ def _origin(payload: Any, at: float) -> float:
 async def replay(
     recording: Path,
     settings: Settings,
-    store_path: Path | None = None,
+    store_path: str | Path | None = None,
     until: float | None = None,
     skipped: list[RecordingError] | None = None,
 ) -> dict[str, Any]:
@@ -53,7 +53,7 @@ async def replay(
 async def _replay(
     recording: Path,
     settings: Settings,
-    store_path: Path,
+    store_path: str | Path,
     until: float | None,
     skipped: list[RecordingError] | None,
 ) -> dict[str, Any]:
@@ -61,7 +61,7 @@ async def _replay(
         print_ = fingerprint(recording)
     except OSError as exc:
         raise RecordingError(f"{recording}: cannot read the recording: {exc.strerror}") from None
-    async with Store(store_path, writer=True) as store:
+    async with open_store(store_path, writer=True) as store:
         runtime = Runtime(settings, store)
         await runtime.start()
         # start-up objects live as long as the process: keep them out of garbage collections

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters.store import RECEIPT, Store
+from adapters.journal import LiveJournal, is_postgres, open_store
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident
 from dispatcher.settings import Settings
 
 
-async def build_report(store: Store, settings: Settings, base: float = 0.0) -> dict[str, Any]:
+async def build_report(store: LiveJournal, settings: Settings, base: float = 0.0) -> dict[str, Any]:
     """Times are seconds on the recording's clock; ``base`` is subtracted (0 for replays)."""
 
     def t(value: float | None) -> float | None:
@@ -60,11 +60,7 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
     published = []
     receipts: set[str] = set()
     names: dict[str, str] = {}  # a day repeats a few topics and types: each held once
-    async for at, topic, type_, receipt in store.rows(
-        "SELECT at, topic, type, CASE WHEN type = ? THEN json_extract(payload, '$.id') END "
-        "FROM outbox ORDER BY seq",
-        (RECEIPT,),
-    ):
+    async for at, topic, type_, receipt in store.published():
         if receipt is not None:
             if receipt in receipts:
                 continue
@@ -96,16 +92,16 @@ def dump_report(report: dict[str, Any]) -> str:
     return json.dumps(report, ensure_ascii=False, indent=2) + "\n"
 
 
-async def live_report(store_path: Path, settings: Settings) -> dict[str, Any]:
+async def live_report(store_path: str | Path, settings: Settings) -> dict[str, Any]:
     """The report of a live store: seconds since the first inbound message it stored.
 
     A live store forgets refused input once it is older than the dedupe window
-    (``Store.prune``), so ``rejected``, and the dead letters among ``published``, cover that
+    (``prune``), so ``rejected``, and the dead letters among ``published``, cover that
     window; the incidents and every other message published are all there. A damaged or
     foreign store is refused (``Store.open``), a missing one is not created."""
-    if not await asyncio.to_thread(store_path.is_file):
+    if not is_postgres(store_path) and not await asyncio.to_thread(Path(store_path).is_file):
         raise StoreError(f"{store_path}: no such store")
-    async with Store(store_path) as store:
+    async with open_store(store_path) as store:
         meta = dict(await store.fetchall("SELECT key, value FROM meta"))
         base = float(meta.get("first_inbound_at", "0"))
         return await build_report(store, settings, base=base)

@@ -796,6 +796,15 @@ class Store:
             async for row in cursor:
                 yield row
 
+    def published(self) -> AsyncIterator[Any]:
+        """Every outbound message in order: its time, topic and type, and for a reply receipt
+        the id of the receipt (the same receipt sent again is the same message)."""
+        return self.rows(
+            "SELECT at, topic, type, CASE WHEN type = ? THEN json_extract(payload, '$.id') END "
+            "FROM outbox ORDER BY seq",
+            (RECEIPT,),
+        )
+
     # ---- queueing (synchronous, in memory) -------------------------------------------------
 
     def set_meta(self, key: str, value: str) -> None:
@@ -1075,7 +1084,7 @@ def _prune_kept(db: sqlite3.Connection, closed_before: float, contacts_before: f
 
 
 TIMELINE_SELECT = (
-    "SELECT at, kind, by, text, dispatch_id, action_id FROM timeline WHERE incident_id = ? "
+    'SELECT at, kind, "by", text, dispatch_id, action_id FROM timeline WHERE incident_id = ? '
     "ORDER BY seq"
 )
 
@@ -1186,31 +1195,7 @@ def _write(
 ) -> list[OutboxRow]:
     """One transaction, on the store's thread; its unsent outbox rows are handed over as soon
     as it is written, and returned."""
-    texts: dict[int, str] = {}  # one serialisation per payload (an event sent to two topics)
-    outbox = []
-    pending: list[OutboxRow] = []
-    for seq, at, topic, qos, retain, type_, payload, sent in rows.outbox:
-        text = None
-        if payload is not None:
-            text = texts.get(id(payload))
-            if text is None:
-                text = texts[id(payload)] = _dumps(payload)
-            if not sent and len(text) * 4 > MAX_MESSAGE_BYTES and _too_large(text):
-                # a broker disconnects a client that sends a packet over its limit, and the
-                # outbox goes in order: such a message would stop every one behind it, for
-                # ever. It is kept, marked as never to be sent, and said loudly.
-                log.error(
-                    "outbound_too_large",
-                    seq=seq,
-                    topic=topic,
-                    type=type_,
-                    bytes=len(text.encode()),
-                    limit=MAX_MESSAGE_BYTES,
-                )
-                sent = True
-        outbox.append((seq, at, topic, qos, int(retain), type_, text, int(sent)))
-        if not sent:
-            pending.append((seq, topic, qos, retain, None if text is None else text.encode()))
+    outbox, pending = serialise_outbox(rows.outbox)
     try:
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -1266,3 +1251,37 @@ def _write(
         raise store_failure(path, "commit", exc) from exc
     hand_over(pending)
     return pending
+
+
+def serialise_outbox(
+    queued: list[tuple[Any, ...]],
+) -> tuple[list[tuple[Any, ...]], list[OutboxRow]]:
+    """A batch's outbox rows as written (payloads as JSON text, ``retain`` and ``sent`` as
+    integers), and those of them that wait for a publisher. A message over the broker's
+    packet limit is kept, marked as never to be sent, and said loudly."""
+    texts: dict[int, str] = {}  # one serialisation per payload (an event sent to two topics)
+    outbox = []
+    pending: list[OutboxRow] = []
+    for seq, at, topic, qos, retain, type_, payload, sent in queued:
+        text = None
+        if payload is not None:
+            text = texts.get(id(payload))
+            if text is None:
+                text = texts[id(payload)] = _dumps(payload)
+            if not sent and len(text) * 4 > MAX_MESSAGE_BYTES and _too_large(text):
+                # a broker disconnects a client that sends a packet over its limit, and the
+                # outbox goes in order: such a message would stop every one behind it, for
+                # ever. It is kept, marked as never to be sent, and said loudly.
+                log.error(
+                    "outbound_too_large",
+                    seq=seq,
+                    topic=topic,
+                    type=type_,
+                    bytes=len(text.encode()),
+                    limit=MAX_MESSAGE_BYTES,
+                )
+                sent = True
+        outbox.append((seq, at, topic, qos, int(retain), type_, text, int(sent)))
+        if not sent:
+            pending.append((seq, topic, qos, retain, None if text is None else text.encode()))
+    return outbox, pending

@@ -9,7 +9,7 @@ benchmarks take the settings made here.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from dispatcher.errors import ConfigError
 from dispatcher.ports import Clock, Journal
@@ -18,8 +18,12 @@ from dispatcher.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # the adapters are imported by the modes that use them, when they run
     from adapters.live import LiveService
+    from adapters.live.standby import Standby
     from adapters.mqtt import BrokerURL
     from adapters.store import Store
+
+
+Server: TypeAlias = "LiveService | Standby"
 
 
 def settings(path: str | Path) -> Settings:
@@ -68,9 +72,16 @@ def runtime(settings: Settings, journal: Journal, *, outbox: bool = False) -> Ru
     return Runtime(settings, journal, outbox=outbox)
 
 
-def live_service(settings: Settings, broker: BrokerURL, store: Path) -> LiveService:
-    """The live dispatcher: the runtime on ``broker`` and the system clock, its state in
-    the SQLite store at ``store``."""
+def live_service(settings: Settings, broker: BrokerURL, store: str | Path) -> Server:
+    """The live dispatcher: the runtime on ``broker`` and the system clock, its state in the
+    SQLite store at ``store``, or, for a PostgreSQL URL, in that database, served by
+    whichever of the processes on it holds the store's lease (active/standby)."""
+    from adapters.journal import is_postgres
+
+    if is_postgres(store):
+        from adapters.live.standby import Standby
+
+        return Standby(settings, broker, str(store), ttl_s=settings.service.lease_ttl_s)
     from adapters.live import LiveService
 
     return LiveService(settings, broker, store)

@@ -71,10 +71,17 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Awaitable[object]]) -> 
     asyncio.run(runner())
 
 
+def _store(value: str) -> str | Path:
+    """A ``--store``: a PostgreSQL URL as it is, else a path (which would fold a URL's //)."""
+    from adapters.journal import is_postgres
+
+    return value if is_postgres(value) else Path(value)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args.config)
     broker = _broker(args, settings)
-    store = Path(args.store or settings.service.store)
+    store = _store(args.store or settings.service.store)
     service = bootstrap.live_service(settings, broker, store)
     _run_until_signalled(service.run)
     return 0
@@ -146,7 +153,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from adapters.report import dump_report, live_report, write_output
 
     settings = _settings(args.config)
-    report = asyncio.run(live_report(Path(args.store), settings))
+    report = asyncio.run(live_report(_store(args.store), settings))
     write_output(dump_report(report), args.report)
     return 0
 
@@ -303,7 +310,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         replay(
             Path(args.recording),
             settings,
-            Path(args.store) if args.store else None,
+            _store(args.store) if args.store else None,
             args.until,
             skipped,
         )
@@ -419,7 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the dispatcher on a live broker")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--broker", help=BROKER_HELP)
-    p.add_argument("--store", help="SQLite store (default: the config's service.store)")
+    p.add_argument(
+        "--store",
+        help="SQLite store's path, or postgresql://user@host:port/dbname (password in "
+        "PGPASSWORD or a PGPASSFILE); default: the config's service.store",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("handset", help="a terminal handset for one unit")

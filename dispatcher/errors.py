@@ -5,7 +5,8 @@
 - ``RecordingError``: a recording file handed to ``antifraud replay`` is malformed, or the
   file ``antifraud record`` should write already holds a recording.
 - ``StoreError``: the store cannot be used (newer schema, another recording, IO);
-  ``FlushError``, one of them: the disk refused to keep what was written, so the process stops.
+  ``FlushError``, one of them: the disk refused to keep what was written, so the process stops;
+  ``LeaseLost``, another: a PostgreSQL store's lease is another instance's now.
 - ``BrokerError``: the MQTT broker is unreachable or dropped the connection.
 """
 
@@ -44,6 +45,11 @@ class StoreError(DispatcherError):
 class FlushError(StoreError):
     """Flushing written transactions to the disk failed: nothing they cover may be
     acknowledged, and the store must not be used further."""
+
+
+class LeaseLost(StoreError):
+    """Another instance holds the store's lease now: this one must write nothing more, stop
+    publishing and stand by (adapters/pgstore.py)."""
 
 
 class BrokerError(DispatcherError):

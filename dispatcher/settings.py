@@ -72,6 +72,9 @@ class ServiceSettings(_Strict):
     # full: every commit is on disk before its messages are acknowledged (survives a power
     # cut); normal: on the OS (survives the process being killed), ~0.5 ms faster per commit
     store_sync: Literal["full", "normal"] = "full"
+    # a PostgreSQL store's lease (active/standby): not renewed for this long, a standby may
+    # take it; the serving instance renews it every quarter of it
+    lease_ttl_s: float = Field(default=4.0, ge=1.0, le=60.0)
     # one broker, or the nodes of a clustered one: a TOML list, or one value with the URLs
     # separated by commas (normalised to that form); clients connect to the first that answers
     broker: str = "mqtt://127.0.0.1:1883"

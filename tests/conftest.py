@@ -64,3 +64,12 @@ def deployment(tmp_path: Path) -> Callable[..., Path]:
         return toml
 
     return make
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL database of the test's own (tests/postgres.py)."""
+    from postgres import database
+
+    with database() as url:
+        yield url

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import uuid
+from collections.abc import Callable
 
 import aiomqtt
 import orjson
@@ -130,13 +131,16 @@ async def receiving_session(
     client_id: str,
     deliver: Deliver,
     sessions: Sessions,
+    may_connect: Callable[[], bool] = lambda: True,
 ) -> None:
     """One of the sessions that only receive: persistent, QoS 1, reconnecting on its own
-    (the messages of the others go on meanwhile)."""
+    (the messages of the others go on meanwhile), as long as ``may_connect``."""
     backoff = Backoff()
     broker = session_broker(broker, suffix)
     await sessions.after_previous(suffix)
     while True:
+        if not may_connect():  # the session is another instance's now
+            await asyncio.Event().wait()
         try:
             async with open_client(
                 broker, client_id, persistent=True, manual_acks=True, deliver=deliver
@@ -169,7 +173,12 @@ class Connection:
         sessions: Sessions,
         inbox: Inbox,
         link: Link,
+        may_connect: Callable[[], bool] = lambda: True,
+        serving: Callable[[], dict[str, str]] = dict,
     ) -> None:
+        """``may_connect``: asked before every attempt (an instance whose lease has ended
+        never takes the session back); ``serving``: who serves, said in the status."""
+        self.may_connect, self.serving = may_connect, serving
         self.broker, self.client_id, self.filters = broker, client_id, filters
         self.status_topic, self.source = status_topic, source
         self.sessions, self.inbox, self.link = sessions, inbox, link
@@ -181,12 +190,13 @@ class Connection:
     def status(self, state: str) -> bytes:
         """The dispatcher's own presence, retained on ``{prefix}/dispatcher/status``: online
         once it is connected and subscribed, offline when it stops, and offline as its will
-        when its connection is lost, so that operators see when nobody is dispatching."""
+        when its connection is lost, so that operators see when nobody is dispatching. With
+        a PostgreSQL store it also names the instance serving, since when and its epoch."""
         event = cloudevent(
             f"status-{uuid.uuid4().hex}",
             self.source,
             "cn.antifraud.dispatcher.status",
-            {"state": state},
+            {"state": state, **self.serving()},
             subject=self.client_id,
         )
         return orjson.dumps(event)
@@ -211,6 +221,8 @@ class Connection:
         await sessions.after_previous("")
         backoff = Backoff()
         while True:
+            if not self.may_connect():  # the session is another instance's now
+                await asyncio.Event().wait()
             log.info("broker_connecting", broker=str(self.broker), attempt=backoff.attempt + 1)
             try:
                 will = aiomqtt.Will(self.status_topic, self.status("offline"), qos=1, retain=True)

@@ -10,6 +10,7 @@ In: the stages' counters. Out: the log line.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -31,6 +32,7 @@ async def heartbeat(
     inbox: Inbox,
     acker: Acker,
     publisher: Publisher,
+    serving: Callable[[], dict[str, str]] = dict,
 ) -> None:
     while True:
         await asyncio.sleep(every)
@@ -50,4 +52,5 @@ async def heartbeat(
             handled_not_yet_acknowledged=acker.unacknowledged,
             committed_not_yet_sent=publisher.waiting,  # or acknowledged
             open_incidents=len(runtime.state.open_by_subscriber),  # one open per resident
+            **serving(),  # with a PostgreSQL store: which instance serves, since when
         )

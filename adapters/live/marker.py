@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
-from adapters.store import Store
+from adapters.journal import LiveJournal
 
 MARK_EVERY = 500  # published messages marked sent in the store at once …
 MARK_INTERVAL_S = 0.25  # … or this often
 
 
 class Marker:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: LiveJournal) -> None:
         self.store = store
         self.sent: list[int] = []  # published, not yet marked in the store
 

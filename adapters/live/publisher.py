@@ -18,10 +18,10 @@ from collections import deque
 import aiomqtt
 import structlog
 
+from adapters.journal import LiveJournal
 from adapters.live.link import Link
 from adapters.live.marker import Marker
 from adapters.mqtt import forget, publish_now
-from adapters.store import Store
 from dispatcher.errors import BrokerError
 from dispatcher.ports import OutboxRow
 
@@ -42,7 +42,7 @@ def _messages(rows: list[OutboxRow]) -> list[tuple[str, bytes, int, bool]]:
 
 
 class Publisher:
-    def __init__(self, store: Store, link: Link, marker: Marker) -> None:
+    def __init__(self, store: LiveJournal, link: Link, marker: Marker) -> None:
         self.store, self.link, self.marker = store, link, marker
         self.ready: deque[OutboxRow] = deque()  # committed, not yet written
         # messages go out in strictly increasing outbox order: the last one written over the

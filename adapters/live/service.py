@@ -16,11 +16,12 @@ import contextlib
 import gc
 from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import structlog
 
+from adapters.journal import LiveJournal, open_store
 from adapters.live.acker import Acker
 from adapters.live.clock import Clock
 from adapters.live.connection import Connection, Sessions, receiving_session
@@ -31,12 +32,14 @@ from adapters.live.marker import Marker
 from adapters.live.processor import Processor
 from adapters.live.publisher import Publisher
 from adapters.mqtt import BrokerURL
-from adapters.store import Store
 from dispatcher import logs
-from dispatcher.errors import StoreError
+from dispatcher.errors import LeaseLost, StoreError
 from dispatcher.outbound import Topics
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
+
+if TYPE_CHECKING:
+    from adapters.pgstore import Term
 
 log = structlog.get_logger("live")
 
@@ -76,15 +79,23 @@ class LiveService:
         self,
         settings: Settings,
         broker: BrokerURL,
-        store_path: Path,
+        store_path: str | Path,
         clock: Clock | None = None,
         client_id: str | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        term: Term | None = None,
+        instance: str | None = None,
     ) -> None:
+        """``store_path``: the SQLite store's path or a PostgreSQL store's URL; ``term``: the
+        lease this instance serves a PostgreSQL store under (adapters/live/standby.py):
+        nothing connects to the broker once it has ended; ``instance``: this process's name,
+        said in the dispatcher's status and its ``alive`` lines."""
         self.settings = settings
         self.heartbeat_s = heartbeat_s
         self.broker = broker
         self.store_path = store_path
+        self.term = term
+        self.instance = instance
         self.clock = clock or Clock()
         # by default the broker username: a broker that binds client ids to usernames
         # (config/mosquitto/production.conf) gives every session the id it asks for
@@ -106,6 +117,8 @@ class LiveService:
             self.session_state,
             self.inbox,
             self.link,
+            may_connect=self.may_connect,
+            serving=self.serving,
         )
         # made once the store is open (``run``)
         self.processor: Processor | None = None
@@ -127,11 +140,26 @@ class LiveService:
         """Set once every session has subscribed."""
         return self.session_state.ready
 
+    def may_connect(self) -> bool:
+        """Whether this instance may connect its sessions: always, unless it serves under a
+        lease that has ended (another instance owns the sessions now)."""
+        return self.term is None or self.term.valid()
+
+    def serving(self) -> dict[str, str]:
+        """Who serves, for the dispatcher's status: this instance and since when."""
+        if self.instance is None:
+            return {}
+        said = {"instance": self.instance}
+        if self.term is not None:
+            said["since"] = self.term.fence.since.isoformat()
+            said["epoch"] = str(self.term.fence.epoch)
+        return said
+
     def session_id(self, suffix: str) -> str:
         """The client id of one of the dispatcher's sessions (see ``Topics.session_filters``)."""
         return f"{self.client_id}-{suffix}" if suffix else self.client_id
 
-    def _wire(self, runtime: Runtime, store: Store) -> tuple[Processor, Publisher, Marker]:
+    def _wire(self, runtime: Runtime, store: LiveJournal) -> tuple[Processor, Publisher, Marker]:
         """The stages that need the store, each handed its neighbours."""
         marker = self.marker = Marker(store)
         publisher = self.publisher = Publisher(store, self.link, marker)
@@ -155,6 +183,7 @@ class LiveService:
                     self.session_id(suffix),
                     receivers.get(suffix, inbox.receive_unit),
                     self.session_state,
+                    self.may_connect,
                 ),
             )
             for suffix, filters in self.sessions.items()
@@ -169,21 +198,33 @@ class LiveService:
             ("marker", marker.run()),
             (
                 "heartbeat",
-                heartbeat(self.heartbeat_s, runtime, self.link, inbox, self.acker, publisher),
+                heartbeat(
+                    self.heartbeat_s,
+                    runtime,
+                    self.link,
+                    inbox,
+                    self.acker,
+                    publisher,
+                    self.serving,
+                ),
             ),
         ]
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
-        async with Store(
-            self.store_path, self.settings.service.store_sync, inline_writes=True, writer=True
+        async with open_store(
+            self.store_path,
+            self.settings.service.store_sync,
+            inline_writes=True,
+            writer=True,
+            term=self.term,
         ) as store:
             runtime = self.runtime = Runtime(self.settings, store, outbox=True)
             processor, publisher, marker = self._wire(runtime, store)
             await runtime.start()
             if runtime.meta.get("mode", "live") != "live":
                 raise StoreError(
-                    f"{self.store_path}: this store holds a replay, not a live "
+                    f"{store.path}: this store holds a replay, not a live "
                     "dispatcher's state; use another --store"
                 )
             store.set_meta("mode", "live")
@@ -198,14 +239,21 @@ class LiveService:
                 for name, coro in self._tasks(runtime, processor, publisher, marker)
             ]
             stopper = asyncio.create_task(stop.wait(), name="stop")
+            waits = [*tasks, stopper]
+            if self.term is not None:
+                waits.append(asyncio.create_task(self.term.lost.wait(), name="term"))
             try:
-                done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    if task is not stopper and task.exception() is not None:
+                    if task in tasks and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
             finally:
-                await self.connection.say_offline()
-                for task in [*tasks, stopper]:
+                # an instance whose lease ended says nothing more: the retained status and
+                # the sessions are the next holder's now, and its writes would be refused
+                ended = self.term is not None and not self.term.valid()
+                if not ended:
+                    await self.connection.say_offline()
+                for task in waits:
                     task.cancel()
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -215,10 +263,25 @@ class LiveService:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await flush
                 logs.release()
-                runtime.report_suppressed(runtime.clock, force=True)
-                await runtime.commit()
-                await store.flush()
-                publisher.settle()
-                if marker.sent:
-                    await marker.mark()
-                log.info("stopped", **runtime.counts)
+                if ended:
+                    log.warning(
+                        "lease_ended", why=self.term.why if self.term else "", **runtime.counts
+                    )
+                else:
+                    await self._settle(runtime, store, publisher, marker)
+                    log.info("stopped", **runtime.counts)
+
+    async def _settle(
+        self, runtime: Runtime, store: LiveJournal, publisher: Publisher, marker: Marker
+    ) -> None:
+        """A clean stop: what is handled is committed and flushed, what the broker took is
+        marked sent."""
+        try:
+            runtime.report_suppressed(runtime.clock, force=True)
+            await runtime.commit()
+            await store.flush()
+            publisher.settle()
+            if marker.sent:
+                await marker.mark()
+        except LeaseLost as exc:  # fenced on the way out: the next holder goes on from here
+            log.warning("lease_ended", why=str(exc), **runtime.counts)

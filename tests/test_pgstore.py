@@ -1,0 +1,163 @@
+"""The PostgreSQL store on this machine's server, each test on a database of its own.
+
+Every committed recording replays to the same report as on SQLite (the golden reports);
+a replay resumes; the lease fences a writer whose term is over, in the database itself;
+bad URLs, foreign databases and newer schemas are refused; text PostgreSQL cannot hold is
+written all the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from postgres import database
+from test_golden import CONFIG, GOLDEN, recordings
+
+from adapters.journal import open_store
+from adapters.pgstore import SCHEMA_VERSION, Lease, PgStore, Term, conninfo
+from adapters.replay import replay
+from adapters.report import dump_report, live_report
+from dispatcher.errors import LeaseLost, StoreError
+from dispatcher.model import Publish
+from dispatcher.settings import load_settings
+
+
+@pytest.mark.parametrize("recording", recordings(), ids=lambda p: p.stem)
+async def test_a_recording_replays_to_its_golden_report_on_postgresql(
+    recording: Path, pg_url: str
+) -> None:
+    expected = recording.with_suffix(".report.json").read_text(encoding="utf-8")
+    assert dump_report(await replay(recording, load_settings(CONFIG), pg_url)) == expected
+
+
+async def test_a_replay_stopped_midway_resumes_on_postgresql(pg_url: str) -> None:
+    settings = load_settings(CONFIG)
+    seed = GOLDEN / "seed.jsonl"
+    await replay(seed, settings, pg_url, until=400.0)
+    report = await replay(seed, settings, pg_url)
+    assert dump_report(report) == seed.with_suffix(".report.json").read_text(encoding="utf-8")
+    # and the report command reads the same store
+    assert (await live_report(pg_url, settings))["incidents"]
+
+
+async def test_a_second_writer_is_refused_while_the_lease_is_held(pg_url: str) -> None:
+    async with open_store(pg_url, writer=True):
+        with pytest.raises(StoreError, match="in use: its lease is held by"):
+            async with open_store(pg_url, writer=True):
+                pass
+    async with open_store(pg_url, writer=True):  # released on close: taken at once
+        pass
+
+
+async def test_a_writer_whose_lease_was_taken_commits_nothing(pg_url: str) -> None:
+    """The fence is in the database: a writer that believes its term goes on (its own
+    deadline far ahead, as after a pause its clock did not see) is refused all the same."""
+    old_lease = Lease(pg_url, holder="old", ttl_s=1.0)
+    fence = await old_lease.take()
+    assert fence is not None and fence.epoch == 1
+    believes = Term(fence, 3600.0, time.monotonic())
+    async with PgStore(pg_url, writer=True, term=believes) as old:
+        old.set_meta("k", "before")
+        await old.commit()
+        await asyncio.sleep(1.2)  # past the TTL, without a renewal
+        new_lease = Lease(pg_url, holder="new", ttl_s=5.0)
+        taken = await new_lease.take()
+        assert taken is not None and taken.epoch == 2
+        assert await old_lease.renew(fence) is False
+        old.set_meta("k", "after")
+        old.add_outbox(0.0, Publish("t", "x", {"x": 1}), sent=False)
+        with pytest.raises(LeaseLost, match="no longer held by old"):
+            await old.commit()
+        assert believes.lost.is_set()  # the store ended the term it found fenced
+        with pytest.raises(LeaseLost):
+            await old.mark_sent([1])
+        with pytest.raises(LeaseLost):
+            await old.prune(0.0, 0.0)
+        await new_lease.close()
+    await old_lease.close()
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'k'").fetchall() == [("before",)]
+        assert db.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+
+
+async def test_a_lease_is_taken_only_once_it_expired_and_each_take_raises_the_epoch(
+    pg_url: str,
+) -> None:
+    a, b = Lease(pg_url, holder="a", ttl_s=1.0), Lease(pg_url, holder="b", ttl_s=1.0)
+    first = await a.take()
+    assert first is not None
+    assert await b.take() is None
+    assert await a.renew(first)
+    current = await b.current()
+    assert current is not None and current.holder == "a" and current.expires_in_s > 0
+    await a.release(first)
+    second = await b.take()  # released: at once, no TTL to wait out
+    assert second is not None and second.epoch == first.epoch + 1
+    assert await a.renew(first) is False
+    await a.close()
+    await b.close()
+
+
+async def test_a_password_in_the_url_is_refused_and_never_shown(pg_url: str) -> None:
+    with pytest.raises(StoreError, match="PGPASSWORD") as caught:
+        conninfo("postgresql://postgres:s3cret@127.0.0.1:5432/x")
+    assert "s3cret" not in str(caught.value)
+    with pytest.raises(StoreError, match="names no database"):
+        conninfo("postgresql://postgres@127.0.0.1:5432")
+
+
+async def test_a_database_holding_other_tables_is_refused_untouched(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("CREATE TABLE payroll (id INT)")
+    with pytest.raises(StoreError, match="holds 1 tables but no dispatcher store"):
+        await replay(GOLDEN / "seed.jsonl", load_settings(CONFIG), pg_url)
+    with psycopg.connect(pg_url) as db:
+        tables = db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        assert tables.fetchall() == [("payroll",)]
+
+
+async def test_a_newer_schema_is_refused(pg_url: str) -> None:
+    async with open_store(pg_url, writer=True):
+        pass
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("UPDATE store_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreError, match="newer than this dispatcher's"):
+        async with open_store(pg_url):
+            pass
+
+
+async def test_a_reader_never_creates_a_store(pg_url: str) -> None:
+    with pytest.raises(StoreError, match="no dispatcher store in this database"):
+        await live_report(pg_url, load_settings(CONFIG))
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()
+        assert db.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ).fetchone() == (0,)
+
+
+async def test_text_postgresql_cannot_hold_is_written_escaped(pg_url: str) -> None:
+    async with open_store(pg_url, writer=True) as store:
+        store.add_rejected(1.0, "antifraud/v1/x", "bad \x00 reason", "a\x00b")
+        await store.commit()
+        assert await store.fetchall("SELECT reason, payload FROM rejected") == [
+            ("bad \\u0000 reason", "a\\u0000b")
+        ]
+
+
+async def test_two_writers_starting_together_make_the_schema_once() -> None:
+    with database() as url:
+        results = await asyncio.gather(
+            *(Lease(url, holder=f"p{i}").take() for i in range(4)), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert not errors, errors
+        assert sum(r is not None for r in results) == 1  # one of them holds the lease
+        with psycopg.connect(url) as db:
+            assert db.execute("SELECT version FROM store_schema").fetchall() == [
+                (SCHEMA_VERSION,)
+            ]
