@@ -31,7 +31,6 @@ import math
 import os
 import re
 import secrets
-import sqlite3
 import time
 import uuid
 from collections import OrderedDict
@@ -49,10 +48,11 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from adapters.mqtt import Backoff, BrokerURL, node_of, open_client, publish_acknowledged
+from adapters.reading import READ_ERRORS, STORE_READ_ERRORS, StoreRef
 from adapters.stats import read_store
 from adapters.stats_report import charts
-from adapters.store import connect_read_only, stored_timeline
-from dispatcher.errors import BrokerError, InputError, StoreError
+from adapters.store import stored_timeline
+from dispatcher.errors import BrokerError, InputError
 from dispatcher.inbound import (
     INCIDENT_ID_RE,
     TopicRouter,
@@ -373,7 +373,7 @@ class Console:
         self,
         settings: Settings,
         broker: BrokerURL,
-        store: Path | None,
+        store: StoreRef | str | Path | None,
         users: Users,
         secure_cookies: bool = False,
         session_hours: float = 12,
@@ -385,7 +385,10 @@ class Console:
         # time in epoch seconds, this process's monotonic clock when it came)
         self._heard: tuple[float, float] | None = None
         self.broker = broker
-        self.store = store
+        # the dispatcher's store, read for history and presence: a SQLite file or PostgreSQL
+        self.store = (
+            None if store is None else store if isinstance(store, StoreRef) else StoreRef(store)
+        )
         self.users = users
         self.secure_cookies = secure_cookies
         self.session_s = session_hours * 3600
@@ -403,6 +406,7 @@ class Console:
         self._closing = False
         # the dispatcher's own presence: online, offline, or unknown until it is heard from
         self.dispatcher = "unknown"
+        self.serving: dict[str, str] = {}  # which instance serves, since when (PostgreSQL)
         # without the dispatcher's store: status events taken, by (source, id), to take each once
         self._status_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._presence_dirty = asyncio.Event()
@@ -621,6 +625,7 @@ class Console:
                 "connected": self.connected.is_set(),
                 "feed": self.feed,
                 "dispatcher": self.dispatcher,
+                "dispatcher_serving": self.serving,
                 "callback_max": self.settings.callback.max_attempts,
                 "dispatcher_now": self.dispatcher_now(),
                 **self.vocabulary(),
@@ -673,7 +678,7 @@ class Console:
         if found is None:
             try:
                 found = await asyncio.to_thread(self._stored_incident, incident_id)
-            except sqlite3.Error as exc:
+            except READ_ERRORS as exc:
                 log.warning("console_history_unavailable", error=str(exc))
                 raise web.HTTPServiceUnavailable(text="历史记录暂时无法读取，请稍后再试") from None
         if found is None:
@@ -683,7 +688,7 @@ class Console:
     def _stored_incident(self, incident_id: str) -> dict[str, Any] | None:
         if self.store is None or not self.store.exists():
             return None
-        with contextlib.closing(connect_read_only(self.store)) as db:
+        with contextlib.closing(self.store.connect()) as db:
             row = db.execute("SELECT doc FROM incidents WHERE id = ?", (incident_id,)).fetchone()
             origin = self._origin(db)
             if row is None:
@@ -693,7 +698,7 @@ class Console:
         return self.messages.incident_detail(incident, origin)
 
     @staticmethod
-    def _origin(db: sqlite3.Connection) -> float:
+    def _origin(db: Any) -> float:
         """Epoch seconds at the store's clock 0 (a replay's clock starts at its recording)."""
         row = db.execute("SELECT value FROM meta WHERE key = 'clock_origin'").fetchone()
         return float(row[0]) if row else 0.0
@@ -859,7 +864,7 @@ class Console:
     def _search(self, query: dict[str, str]) -> list[dict[str, Any]]:
         if self.store is None or not self.store.exists():
             return []
-        with contextlib.closing(connect_read_only(self.store)) as db:
+        with contextlib.closing(self.store.connect()) as db:
             rows = db.execute(
                 "SELECT doc FROM incidents WHERE status = 'closed' "
                 "ORDER BY closed_at DESC LIMIT 5000"
@@ -913,7 +918,7 @@ class Console:
         query = self._query(request)
         try:
             return await asyncio.to_thread(self._search, query)
-        except sqlite3.Error as exc:
+        except READ_ERRORS as exc:
             log.warning("console_history_unavailable", error=str(exc))
             raise web.HTTPServiceUnavailable(text="历史记录暂时无法读取，请稍后再试") from None
 
@@ -997,7 +1002,7 @@ class Console:
         first, last = self._period(request)
         try:
             found = await asyncio.to_thread(self._stats, first, last)
-        except (sqlite3.Error, StoreError) as exc:
+        except STORE_READ_ERRORS as exc:
             log.warning("console_stats_unavailable", error=str(exc))
             raise web.HTTPServiceUnavailable(text="统计数据暂时无法读取，请稍后再试") from None
         return web.json_response(found)
@@ -1122,7 +1127,11 @@ class Console:
             model = self._event(topic, raw, ("cn.antifraud.dispatcher.status",))
             self._hear(model.time, retained_copy)
             self.dispatcher = model.data.state
-            await self.broadcast("dispatcher", {"state": self.dispatcher})
+            data = model.data
+            self.serving = (
+                {"instance": data.instance, "since": data.since or ""} if data.instance else {}
+            )
+            await self.broadcast("dispatcher", {"state": self.dispatcher, **self.serving})
         elif len(tail) == 3 and tail[0] == "units" and tail[2] == "status":
             await self._on_status(topic, raw)
         elif topic == self.topics.deadletter:
@@ -1183,7 +1192,7 @@ class Console:
         if self._reads_store():
             try:
                 stored = await asyncio.to_thread(self._stored_items, incident["incident_id"])
-            except sqlite3.Error as exc:
+            except READ_ERRORS as exc:
                 log.warning("console_history_unavailable", error=str(exc))
             else:
                 first = incident["timeline_from"]  # of what is held now
@@ -1194,7 +1203,7 @@ class Console:
     def _stored_items(self, incident_id: str) -> list[dict[str, Any]]:
         """An incident's whole timeline as the store holds it, as incident messages carry it."""
         assert self.store is not None
-        with contextlib.closing(connect_read_only(self.store)) as db:
+        with contextlib.closing(self.store.connect()) as db:
             return self.messages.timeline_items(stored_timeline(db, incident_id), self._origin(db))
 
     # ---- presence --------------------------------------------------------------------------
@@ -1236,7 +1245,7 @@ class Console:
 
     def _stored_presence(self) -> dict[str, str]:
         assert self.store is not None
-        with contextlib.closing(connect_read_only(self.store)) as db:
+        with contextlib.closing(self.store.connect()) as db:
             rows = db.execute("SELECT unit, state FROM presence").fetchall()
         return {
             str(unit): str(state)
@@ -1260,7 +1269,7 @@ class Console:
                 continue
             try:
                 stored = await asyncio.to_thread(self._stored_presence)
-            except sqlite3.Error as exc:
+            except READ_ERRORS as exc:
                 self._log_refusal("store presence", f"the store cannot be read: {exc}")
                 continue
             if stored != self.board.presence:

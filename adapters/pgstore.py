@@ -606,7 +606,7 @@ class PgStore:
         return timeline_rows(await self._read(_TIMELINE_SELECT, (incident_id,)))
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        return await self._read(_placeholders(sql), params)
+        return await self._read(placeholders(sql), params)
 
     async def rows(self, sql: str, params: Iterable[Any] = ()) -> AsyncIterator[Any]:
         """The rows of a query, a thousand at a time (a server-side cursor), on a connection
@@ -615,7 +615,7 @@ class PgStore:
         try:
             async with conn.cursor(name="antifraud_rows") as cur:
                 cur.itersize = 1000
-                await cur.execute(_placeholders(sql), tuple(params))
+                await cur.execute(placeholders(sql), tuple(params))
                 async for row in cur:
                     yield row
         except psycopg.Error as exc:
@@ -911,6 +911,6 @@ class PgStore:
         )
 
 
-def _placeholders(sql: str) -> str:
+def placeholders(sql: str) -> str:
     """SQL written with SQLite's ``?`` placeholders, for psycopg."""
     return sql.replace("%", "%%").replace("?", "%s")

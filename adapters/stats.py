@@ -10,47 +10,57 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 import sys
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+from adapters.reading import READ_ERRORS, StoreRef
 from adapters.stats_report import html_report
-from adapters.store import connect_read_only
 from dispatcher.errors import StoreError
 from dispatcher.outcomes import figures
 from dispatcher.settings import load_settings
 
 DEFAULT_CONFIG = "config/hengnan.toml"
 INCIDENT_FIELDS = ("id", "rule", "outcome", "opened_at", "critical_at", "escalated_at")
+DISPATCH_FIELDS = (
+    "incident_id",
+    "unit",
+    "role",
+    "status",
+    "offered_at",
+    "accepted_at",
+    "arrived_at",
+)
 
 
-def read_store(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
-    """The incidents and dispatches of the store at ``path``, and the epoch seconds of its
-    clock 0 (a replay's recording clock; 0 for a live store, whose times are epoch seconds)."""
-    if not path.is_file():
-        raise StoreError(f"{path}: no such store")
+def read_store(
+    store: StoreRef | str | Path,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
+    """The incidents and dispatches of ``store`` (a SQLite file's path or a PostgreSQL URL),
+    and the epoch seconds of its clock 0 (a replay's recording clock; 0 for a live store,
+    whose times are epoch seconds)."""
+    ref = store if isinstance(store, StoreRef) else StoreRef(store)
+    if not ref.exists():
+        raise StoreError(f"{ref}: no such store")
     try:
-        db = connect_read_only(path)
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot open the store: {exc}") from None
+        db = ref.connect()
+    except READ_ERRORS as exc:
+        raise StoreError(f"{ref}: cannot open the store: {exc}") from None
     try:
-        db.row_factory = sqlite3.Row
-        meta = {row["key"]: row["value"] for row in db.execute("SELECT key, value FROM meta")}
+        meta = {key: value for key, value in db.execute("SELECT key, value FROM meta")}
         incidents = []
         for (doc,) in db.execute("SELECT doc FROM incidents ORDER BY opened_at, id"):
             full = json.loads(doc)
             incidents.append({name: full.get(name) for name in INCIDENT_FIELDS})
         dispatches = [
-            dict(row)
+            dict(zip(DISPATCH_FIELDS, row, strict=True))
             for row in db.execute(
-                "SELECT incident_id, unit, role, status, offered_at, accepted_at, arrived_at "
-                "FROM dispatches ORDER BY offered_at, id"
+                f"SELECT {', '.join(DISPATCH_FIELDS)} FROM dispatches ORDER BY offered_at, id"
             )
         ]
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: not a dispatcher store ({exc})") from None
+    except READ_ERRORS as exc:
+        raise StoreError(f"{ref}: not a dispatcher store ({exc})") from None
     finally:
         db.close()
     return incidents, dispatches, float(meta.get("clock_origin", "0"))
@@ -58,7 +68,7 @@ def read_store(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    incidents, dispatches, origin = read_store(Path(args.store))
+    incidents, dispatches, origin = read_store(args.store)
     stats = figures(
         incidents,
         dispatches,

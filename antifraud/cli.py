@@ -212,11 +212,11 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     from adapters.console import Console, Users
     from adapters.mqtt import PASSWORD_ENV, BrokerURL
-    from adapters.store import check_store
+    from adapters.reading import StoreRef
 
     settings = _settings(args.config)
-    store = Path(args.store or settings.service.store)
-    check_store(store)  # history is read from it: a damaged or foreign store is refused now
+    store = StoreRef(args.store or settings.service.store)
+    store.check()  # history is read from it: a damaged or foreign store is refused now
     password = None
     if args.password_file:
         password = Path(args.password_file).read_text(encoding="utf-8").strip()
@@ -358,7 +358,24 @@ def cmd_bench_flood(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench_takeover(args: argparse.Namespace) -> int:
+    from tools.bench_ha import run
+
+    return run(args)
+
+
+def cmd_bench_pgdriver(args: argparse.Namespace) -> int:
+    from tools.bench_pgdriver import run_bench
+
+    return run_bench(args)
+
+
 CONFIG_HELP = f"the deployment's TOML file (default {DEFAULT_CONFIG})"
+PG_SERVER = os.environ.get("ANTIFRAUD_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
+PG_SERVER_HELP = (
+    "the PostgreSQL server, without a database (default $ANTIFRAUD_PG_SERVER or "
+    "postgresql://postgres@127.0.0.1:5432); the benchmark makes its databases and drops them"
+)
 BROKER_HELP = (
     "mqtt://[user@]host[:port] or mqtts://…; a clustered broker's nodes separated by commas "
     "(default: the config's service.broker)"
@@ -629,6 +646,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 1 when the target is missed (by default the figures are printed, exit 0)",
     )
     b.set_defaults(func=cmd_bench_flood, quiet=True)
+    b = bench.add_parser(
+        "takeover",
+        help="active/standby on PostgreSQL: the serving instance killed, frozen or cut off; "
+        "how long until the escalation's offer (tools/bench_ha.py)",
+    )
+    b.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
+    b.add_argument("--server", default=PG_SERVER, help=PG_SERVER_HELP)
+    b.add_argument("--rounds", type=int, default=20, help="disruptions of each kind (default 20)")
+    b.add_argument("--kinds", default="kill,freeze,cut", help="of kill,freeze,cut (default all)")
+    b.add_argument("--ttl", type=float, default=4.0, help="the lease's TTL, s (default 4)")
+    b.set_defaults(func=cmd_bench_takeover, quiet=True)
+    b = bench.add_parser(
+        "pgdriver",
+        help="psycopg 3 against asyncpg on the PostgreSQL store's own transactions",
+    )
+    b.add_argument("--server", default=PG_SERVER, help=PG_SERVER_HELP)
+    b.add_argument("--small", type=int, default=2000, help="small commits a driver")
+    b.add_argument("--large", type=int, default=100, help="large commits a driver")
+    b.set_defaults(func=cmd_bench_pgdriver, quiet=True)
     return parser
 
 

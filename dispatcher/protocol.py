@@ -219,6 +219,18 @@ class DispatcherStatus(_Out):
         description="online while the dispatcher is connected; offline when it stops, or "
         "as its will when its connection is lost"
     )
+    instance: str | None = Field(
+        default=None,
+        description="with a PostgreSQL store (active/standby): the instance serving, as "
+        "host:pid:random, the holder of the store's lease",
+    )
+    since: str | None = Field(
+        default=None, description="with a PostgreSQL store: when this instance took the lease"
+    )
+    epoch: int | None = Field(
+        default=None,
+        description="with a PostgreSQL store: the lease's epoch, one more at every takeover",
+    )
 
 
 OUTBOUND_TYPES: dict[str, Any] = {

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -56,9 +56,7 @@ UPSERT_DISPATCH = (
 )
 INSERT_TIMELINE = "INSERT INTO timeline (incident_id, text) VALUES ({})"
 INSERT_OUTBOX = "INSERT INTO outbox VALUES ({})"
-UPSERT_META = (
-    "INSERT INTO meta VALUES ({}) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-)
+UPSERT_META = "INSERT INTO meta VALUES ({}) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 FENCE = "SELECT epoch FROM lease WHERE name = {} AND holder = {} AND epoch = {} FOR SHARE"
 
 
@@ -70,7 +68,9 @@ async def with_psycopg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
     import psycopg
 
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    m = lambda n: marks("psycopg", n)  # noqa: E731
+
+    def m(n: int) -> str:
+        return marks("psycopg", n)
 
     async def commit(rows: Rows) -> None:
         async with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
@@ -85,10 +85,12 @@ async def with_psycopg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
 
 
 async def with_asyncpg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
-    import asyncpg
+    import asyncpg  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-    conn = await asyncpg.connect(dsn)
-    m = lambda n: marks("asyncpg", n)  # noqa: E731
+    conn: Any = await asyncpg.connect(dsn)
+
+    def m(n: int) -> str:
+        return marks("asyncpg", n)
 
     async def commit(rows: Rows) -> None:
         async with conn.transaction():
@@ -143,8 +145,10 @@ async def run(server: str, small: int, large: int) -> None:
                 rate[driver].append(n / (time.perf_counter() - start))
         print(f"small commit (12 rows), {small} each, ms:  p50     p99")
         for d in commits:
-            print(f"  {d:8}                          {statistics.median(latency[d]):6.2f}"
-                  f"  {pct(latency[d], 0.99):6.2f}")
+            print(
+                f"  {d:8}                          {statistics.median(latency[d]):6.2f}"
+                f"  {pct(latency[d], 0.99):6.2f}"
+            )
         print(f"large commit (467 rows), {large} each, rows/s (median)")
         for d in commits:
             print(f"  {d:8}  {statistics.median(rate[d]):10,.0f}")
@@ -157,20 +161,15 @@ async def run(server: str, small: int, large: int) -> None:
         await admin.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="antifraud bench pgdriver", description=__doc__)
-    parser.add_argument(
-        "--server",
-        default=os.environ.get("ANTIFRAUD_PG_SERVER", "postgresql://postgres@127.0.0.1:5432"),
-        help="the PostgreSQL server, without a database (default $ANTIFRAUD_PG_SERVER or "
-        "postgresql://postgres@127.0.0.1:5432); two databases are made and dropped",
-    )
-    parser.add_argument("--small", type=int, default=2000, help="small commits per driver")
-    parser.add_argument("--large", type=int, default=100, help="large commits per driver")
-    args = parser.parse_args(argv)
+def run_bench(args: argparse.Namespace) -> int:
+    try:
+        import asyncpg  # type: ignore[import-not-found,import-untyped,unused-ignore]  # noqa: F401
+    except ImportError:
+        print(
+            "antifraud bench pgdriver compares with asyncpg, which the dispatcher does not "
+            "need: install it first (.venv/bin/pip install asyncpg)",
+            file=sys.stderr,
+        )
+        return 2
     asyncio.run(run(args.server, args.small, args.large))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

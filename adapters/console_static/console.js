@@ -549,7 +549,10 @@ function connect() {
     else if (kind === "units") { state.units = data; renderUnits(); }
     else if (kind === "refused") refused(data);
     else if (kind === "connection") setLink(data.feed);
-    else if (kind === "dispatcher") setDispatcher(data.state);
+    else if (kind === "dispatcher") {
+      state.serving = data.instance ? { instance: data.instance, since: data.since } : null;
+      setDispatcher(data.state);
+    }
   };
   socket.onclose = () => { state.live = false; setLink("page"); setTimeout(connect, 2000); };
 }
@@ -581,6 +584,15 @@ function setDispatcher(presence) {
   node.textContent = { online: "调度服务运行中", offline: "调度服务已停止：预警不会自动处置" }[presence]
     || "调度服务状态未知";
   node.className = `link ${presence === "online" ? "up" : "down"}`;
+  // with active/standby, which instance serves and since when: a takeover shows here
+  const serving = state.serving;
+  node.title = "";
+  if (serving && presence === "online") {
+    const since = serving.since ? new Date(serving.since) : null;
+    const at = since && !isNaN(since) ? since.toLocaleTimeString("zh-CN", { hour12: false }) : "";
+    node.textContent += at ? `（${serving.instance}，${at} 起）` : `（${serving.instance}）`;
+    node.title = `当前由 ${serving.instance} 提供调度服务` + (at ? `，${at} 接手` : "");
+  }
 }
 
 async function load() {
@@ -601,6 +613,8 @@ async function load() {
   outcome.replaceChildren(el("option", { value: "" }, "全部结果"),
     [...CLOSE_OUTCOMES, "resolved_by_callback"].map((o) => el("option", { value: o }, label(o))));
   state.dispatcher = data.dispatcher;
+  state.serving = data.dispatcher_serving && data.dispatcher_serving.instance
+    ? data.dispatcher_serving : null;
   setLink(data.feed);
   renderBoard();
   renderUnits();

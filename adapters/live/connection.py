@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import aiomqtt
 import orjson
@@ -174,7 +175,7 @@ class Connection:
         inbox: Inbox,
         link: Link,
         may_connect: Callable[[], bool] = lambda: True,
-        serving: Callable[[], dict[str, str]] = dict,
+        serving: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         """``may_connect``: asked before every attempt (an instance whose lease has ended
         never takes the session back); ``serving``: who serves, said in the status."""

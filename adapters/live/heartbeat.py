@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -32,7 +33,7 @@ async def heartbeat(
     inbox: Inbox,
     acker: Acker,
     publisher: Publisher,
-    serving: Callable[[], dict[str, str]] = dict,
+    serving: Callable[[], dict[str, Any]] = dict,
 ) -> None:
     while True:
         await asyncio.sleep(every)

@@ -145,14 +145,14 @@ class LiveService:
         lease that has ended (another instance owns the sessions now)."""
         return self.term is None or self.term.valid()
 
-    def serving(self) -> dict[str, str]:
-        """Who serves, for the dispatcher's status: this instance and since when."""
+    def serving(self) -> dict[str, Any]:
+        """Who serves, for the dispatcher's status: this instance, since when, its epoch."""
         if self.instance is None:
             return {}
-        said = {"instance": self.instance}
+        said: dict[str, Any] = {"instance": self.instance}
         if self.term is not None:
-            said["since"] = self.term.fence.since.isoformat()
-            said["epoch"] = str(self.term.fence.epoch)
+            said["since"] = self.term.fence.since.isoformat(timespec="seconds")
+            said["epoch"] = self.term.fence.epoch
         return said
 
     def session_id(self, suffix: str) -> str:
