@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from adapters.store import connect_read_only
+from adapters.reading import READ_ERRORS, StoreRef
 from dispatcher.errors import StoreError
 from dispatcher.settings import load_settings
 from rules.engine import RuleSet
@@ -31,12 +30,19 @@ from rules.engine import RuleSet
 DEFAULT_CONFIG = "config/hengnan.toml"
 EXPORT_SCHEMA = 6  # the first store version that keeps inbound messages
 
-_INCIDENT = (
-    "SELECT MIN(seq), at, topic, payload FROM incident_inbound "
-    "WHERE incident_id = :id OR (incident_id IS NULL AND subscriber = :subscriber "
-    "AND ((at >= :since AND at <= :opened) OR call_id IN (SELECT value FROM json_each(:calls)))) "
-    "GROUP BY at, topic, payload ORDER BY 1"
-)
+
+def _incident_sql(calls: int) -> str:
+    """The kept messages of an incident: its own, and its subscriber's flagged contacts of
+    no incident from before it opened (within the horizon) or of one of its calls."""
+    of_calls = f" OR call_id IN ({', '.join('?' * calls)})" if calls else ""
+    return (
+        "SELECT MIN(seq), at, topic, payload FROM incident_inbound "
+        "WHERE incident_id = ? OR (incident_id IS NULL AND subscriber = ? "
+        f"AND ((at >= ? AND at <= ?){of_calls})) "
+        "GROUP BY at, topic, payload ORDER BY 1"
+    )
+
+
 _RANGE = (
     "SELECT MIN(seq), at, topic, payload FROM incident_inbound WHERE at >= ? AND at < ? "
     "GROUP BY at, topic, payload ORDER BY 1"
@@ -72,41 +78,38 @@ class Bound:
         return moment.timestamp()
 
 
-def _open(path: Path) -> tuple[sqlite3.Connection, dict[str, str]]:
-    if not path.is_file():
-        raise StoreError(f"{path}: no such store")
+def _open(store: StoreRef) -> tuple[Any, dict[str, str]]:
+    if not store.exists():
+        raise StoreError(f"{store}: no such store")
     try:
-        db = connect_read_only(path)
-        version = db.execute("PRAGMA user_version").fetchone()[0]
+        db = store.connect()
+        version_sql = (
+            "SELECT version FROM store_schema" if store.postgres else "PRAGMA user_version"
+        )
+        version = db.execute(version_sql).fetchone()[0]
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: not a dispatcher store ({exc})") from None
+    except READ_ERRORS as exc:
+        raise StoreError(f"{store}: not a dispatcher store ({exc})") from None
     if version < EXPORT_SCHEMA:
         db.close()
         raise StoreError(
-            f"{path}: this store (schema {version}) was written before the dispatcher kept "
+            f"{store}: this store (schema {version}) was written before the dispatcher kept "
             "inbound messages; it has nothing to export until a dispatcher of this version "
             "has opened it"
         )
     return db, meta
 
 
-def incident_rows(db: sqlite3.Connection, incident_id: str, horizon_s: float) -> list[Any]:
+def incident_rows(db: Any, incident_id: str, horizon_s: float) -> list[Any]:
     found = db.execute(
         "SELECT subscriber, opened_at, doc FROM incidents WHERE id = ?", (incident_id,)
     ).fetchone()
     if found is None:
         raise StoreError(f"no incident {incident_id!r} in the store")
     subscriber, opened_at, doc = found
-    calls = json.dumps(list(json.loads(doc).get("calls", {})))
-    params = {
-        "id": incident_id,
-        "subscriber": subscriber,
-        "since": opened_at - horizon_s,
-        "opened": opened_at,
-        "calls": calls,
-    }
-    rows = db.execute(_INCIDENT, params).fetchall()
+    calls = list(json.loads(doc).get("calls", {}))
+    params = [incident_id, subscriber, opened_at - horizon_s, opened_at, *calls]
+    rows = list(db.execute(_incident_sql(len(calls)), params).fetchall())
     if not rows:
         raise StoreError(
             f"incident {incident_id!r} has no kept inbound messages (it was handled before "
@@ -128,7 +131,7 @@ def _line(at: float, topic: str, payload: str) -> str:
 
 
 def export(
-    store: Path,
+    store: str | Path | StoreRef,
     out: Path,
     *,
     incident: str | None = None,
@@ -136,7 +139,9 @@ def export(
     horizon_s: float = 0.0,
 ) -> int:
     """Write the recording of ``incident`` (or of the epoch seconds ``span``) to ``out``,
-    which must not exist. Returns the number of lines written."""
+    which must not exist. ``store``: a SQLite file's path or a PostgreSQL URL. Returns the
+    number of lines written."""
+    store = store if isinstance(store, StoreRef) else StoreRef(store)
     db, meta = _open(store)
     try:
         if incident is not None:
@@ -147,7 +152,7 @@ def export(
             rows = db.execute(_RANGE, (span[0] - origin, span[1] - origin)).fetchall()
             if not rows:
                 raise StoreError(f"{store}: no kept inbound messages in that range")
-    except sqlite3.Error as exc:
+    except READ_ERRORS as exc:
         raise StoreError(f"{store}: not a dispatcher store ({exc})") from None
     finally:
         db.close()
@@ -179,7 +184,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if span[1] <= span[0]:
             raise StoreError("--to must come after --from")
     lines = export(
-        Path(args.store),
+        args.store,
         out,
         incident=args.incident,
         span=span,

@@ -190,6 +190,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    from adapters.journal import is_postgres
+
+    if is_postgres(args.store):
+        print(
+            "antifraud: a PostgreSQL store is backed up with PostgreSQL's own tools: "
+            "pg_dump --format=custom, or continuous archiving (docs/operations.md, "
+            "'PostgreSQL store')",
+            file=sys.stderr,
+        )
+        return 1
     source, target = Path(args.store), Path(args.out)
     if not source.is_file():
         print(f"antifraud: {source}: no such store", file=sys.stderr)
@@ -341,7 +351,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_bench_live(args: argparse.Namespace) -> int:
     from tools.bench_live import run_live_bench
 
-    return asyncio.run(run_live_bench(_settings(args.config), args.events, args.samples, args.rate))
+    return asyncio.run(
+        run_live_bench(
+            _settings(args.config), args.events, args.samples, args.rate, args.postgresql
+        )
+    )
 
 
 def cmd_bench_escalation(args: argparse.Namespace) -> int:
@@ -600,6 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--samples", type=int, default=1000, help="latency samples (a p99 wants many)")
     b.add_argument("--rate", type=float, default=500.0, help="background events/s")
+    b.add_argument(
+        "--postgresql",
+        metavar="SERVER",
+        nargs="?",
+        const=PG_SERVER,
+        help="also run (b) and (c) on a PostgreSQL store (a database made on SERVER and "
+        "dropped; default server $ANTIFRAUD_PG_SERVER or postgresql://postgres@127.0.0.1:5432) "
+        "and print its figures as ratios to the SQLite store's of the same run",
+    )
     b.set_defaults(func=cmd_bench_live, quiet=True)
     b = bench.add_parser(
         "escalation", help="one escalation's work in-process, after chosen idle pauses"

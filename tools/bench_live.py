@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,7 @@ async def ceiling(broker: BrokerURL, count: int, delivered: bool = False) -> flo
 
 
 class DispatcherProcess:
-    def __init__(self, config: Path, broker: BrokerURL, store: Path) -> None:
+    def __init__(self, config: Path, broker: BrokerURL, store: str | Path) -> None:
         self.args = [
             sys.executable,
             "-m",
@@ -173,11 +174,12 @@ class DispatcherProcess:
 
 
 async def dispatcher_rate(
-    settings: Settings, broker: BrokerURL, tmp: Path, count: int
+    settings: Settings, broker: BrokerURL, store: str | Path, count: int
 ) -> tuple[float, dict[str, Any], DispatcherProcess]:
+    """(b) on ``store``: a SQLite file's path or a PostgreSQL URL."""
     topics = Topics(settings.service.prefix)
     calls = topics.calls(settings.service.region)
-    dispatcher = DispatcherProcess(settings.path, broker, tmp / "bench.sqlite3")
+    dispatcher = DispatcherProcess(settings.path, broker, store)
     await dispatcher.start()  # creates its persistent session
     await dispatcher.stop()
     # what a carrier feed sending BACKLOG_RATE events/s produced while the dispatcher was down:
@@ -192,7 +194,7 @@ async def dispatcher_rate(
             messages.append(
                 (calls, call_bytes("started", f"BC-{i}", sub, "+8613712345678", 0, sent))
             )
-    marker = "BENCH-LAST"
+    marker = f"BENCH-LAST-{uuid.uuid4().hex[:6]}"
     messages.append((calls, call_bytes("progress", marker, "+8613999999999", FLAGGED, 30)))
     await _publish_all(broker, messages)
 
@@ -391,7 +393,9 @@ async def latencies(
     return dispatcher_ms, bare_ms, relay_ms, sent_background
 
 
-async def run_live_bench(settings: Settings, events: int, samples: int, rate: float) -> int:
+async def run_live_bench(
+    settings: Settings, events: int, samples: int, rate: float, postgresql: str | None = None
+) -> int:
     # the measuring clients live in this process: keep its start-up objects out of garbage
     # collections too, so a collection here does not pass for the dispatcher's latency
     gc.collect()
@@ -410,48 +414,89 @@ async def run_live_bench(settings: Settings, events: int, samples: int, rate: fl
                 f"    the same subscriber taking each message as paho decodes it (as the "
                 f"dispatcher does): {a2:,.0f} msgs/s"
             )
-            b, _, dispatcher = await dispatcher_rate(settings, broker, Path(tmp), events)
-            print(
-                f"(b) dispatcher (own process), draining {events:,} queued call events, each "
-                f"committed, acknowledged and its outputs published: {b:,.0f} events/s"
+            sqlite = await _store_figures(
+                settings, broker, Path(tmp) / "bench.sqlite3", events, samples, rate, a, a2
             )
+            if postgresql is None:
+                return 0
+            with _database(postgresql) as store:
+                print(f"the same on a PostgreSQL store ({store}):")
+                pg = await _store_figures(settings, broker, store, events, samples, rate, a, a2)
+            throughput, p99 = pg[0] / sqlite[0], pg[1] / sqlite[1]
             print(
-                f"    (b)/(a) = {b / a:.2f}  (target >= 0.7); against the subscriber taking "
-                f"messages as decoded: {b / a2:.2f}"
-            )
-            try:
-                d_ms, bare_ms, relay_ms, bg = await latencies(settings, broker, samples, rate)
-            finally:
-                await dispatcher.stop()
-            print(
-                f"(c) escalate → offer at the guard's handset, {len(d_ms)} samples under "
-                f"{rate:g} events/s of background calls ({bg:,} sent):"
-            )
-            print(
-                f"    dispatcher p50 {percentile(d_ms, 0.5):.2f} ms, "
-                f"p99 {percentile(d_ms, 0.99):.2f} ms, max {max(d_ms):.2f} ms"
-            )
-            print(
-                f"    bare publish → subscribe p50 {percentile(bare_ms, 0.5):.2f} ms, "
-                f"p99 {percentile(bare_ms, 0.99):.2f} ms, max {max(bare_ms):.2f} ms "
-                f"({len(bare_ms)} samples)"
-            )
-            print(
-                f"    bare relay (receive, republish) p50 {percentile(relay_ms, 0.5):.2f} ms, "
-                f"p99 {percentile(relay_ms, 0.99):.2f} ms, max {max(relay_ms):.2f} ms "
-                f"({len(relay_ms)} samples)"
-            )
-            ratio = percentile(d_ms, 0.99) / percentile(bare_ms, 0.99)
-            print(f"    p99 dispatcher / p99 bare = {ratio:.2f}  (target <= 3)")
-            print(
-                f"    p99 relay / p99 bare = "
-                f"{percentile(relay_ms, 0.99) / percentile(bare_ms, 0.99):.2f}; "
-                f"p50 dispatcher - p50 relay = "
-                f"{percentile(d_ms, 0.5) - percentile(relay_ms, 0.5):.2f} ms (the dispatcher's own)"
-            )
-            print(
-                f"    mean dispatcher {statistics.mean(d_ms):.2f} ms; "
-                f"dispatcher counts at stop: {dispatcher.last_counts.get('handled')} handled, "
-                f"{dispatcher.last_counts.get('rejected')} rejected"
+                f"PostgreSQL / SQLite in this run: throughput {throughput:.2f} x (goal >= 0.5), "
+                f"escalate → offer p99 {p99:.2f} x (goal <= 2); p50 {pg[2] / sqlite[2]:.2f} x"
             )
     return 0
+
+
+@contextlib.contextmanager
+def _database(server: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"bench_live_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{server}/{name}"
+    finally:
+        with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def _store_figures(
+    settings: Settings,
+    broker: BrokerURL,
+    store: str | Path,
+    events: int,
+    samples: int,
+    rate: float,
+    a: float,
+    a2: float,
+) -> tuple[float, float, float]:
+    """(b) and (c) on ``store``, printed; returns (events/s, p99 ms, p50 ms)."""
+    b, _, dispatcher = await dispatcher_rate(settings, broker, store, events)
+    print(
+        f"(b) dispatcher (own process), draining {events:,} queued call events, each "
+        f"committed, acknowledged and its outputs published: {b:,.0f} events/s"
+    )
+    print(
+        f"    (b)/(a) = {b / a:.2f}  (target >= 0.7); against the subscriber taking "
+        f"messages as decoded: {b / a2:.2f}"
+    )
+    try:
+        d_ms, bare_ms, relay_ms, bg = await latencies(settings, broker, samples, rate)
+    finally:
+        await dispatcher.stop()
+    print(
+        f"(c) escalate → offer at the guard's handset, {len(d_ms)} samples under "
+        f"{rate:g} events/s of background calls ({bg:,} sent):"
+    )
+    print(
+        f"    dispatcher p50 {percentile(d_ms, 0.5):.2f} ms, "
+        f"p99 {percentile(d_ms, 0.99):.2f} ms, max {max(d_ms):.2f} ms"
+    )
+    print(
+        f"    bare publish → subscribe p50 {percentile(bare_ms, 0.5):.2f} ms, "
+        f"p99 {percentile(bare_ms, 0.99):.2f} ms, max {max(bare_ms):.2f} ms "
+        f"({len(bare_ms)} samples)"
+    )
+    print(
+        f"    bare relay (receive, republish) p50 {percentile(relay_ms, 0.5):.2f} ms, "
+        f"p99 {percentile(relay_ms, 0.99):.2f} ms, max {max(relay_ms):.2f} ms "
+        f"({len(relay_ms)} samples)"
+    )
+    ratio = percentile(d_ms, 0.99) / percentile(bare_ms, 0.99)
+    print(f"    p99 dispatcher / p99 bare = {ratio:.2f}  (target <= 3)")
+    print(
+        f"    p99 relay / p99 bare = "
+        f"{percentile(relay_ms, 0.99) / percentile(bare_ms, 0.99):.2f}; "
+        f"p50 dispatcher - p50 relay = "
+        f"{percentile(d_ms, 0.5) - percentile(relay_ms, 0.5):.2f} ms (the dispatcher's own)"
+    )
+    print(
+        f"    mean dispatcher {statistics.mean(d_ms):.2f} ms; "
+        f"dispatcher counts at stop: {dispatcher.last_counts.get('handled')} handled, "
+        f"{dispatcher.last_counts.get('rejected')} rejected"
+    )
+    return b, percentile(d_ms, 0.99), percentile(d_ms, 0.5)
