@@ -8,7 +8,7 @@ It keeps the SQLite store's tables and meanings (adapters/store.py) and implemen
 ports, so the runtime, the live service, replay and the report use either the same way:
 
 - **Two moments, as in SQLite.** A commit is one transaction sent in one pipeline (one round
-  trip) with ``synchronous_commit`` off for it: once the server has it, no crash of this
+  trip) on a connection with ``synchronous_commit`` off: once the server has it, no crash of this
   process can lose it, and its messages go to the publisher (**written**). ``flush()`` then
   commits a transaction of its own with ``synchronous_commit`` on, on a second connection:
   the server returns once the log holds everything before it on its disk (and, with
@@ -204,10 +204,41 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-async def connect(url: str, *, autocommit: bool = True) -> psycopg.AsyncConnection[Any]:
-    """A connection to the store's database."""
+# A writer's transaction never waits for its client: it is sent whole, in one pipeline. One
+# left open longer than this belongs to a process that froze or lost its network mid-commit;
+# the server ends it, so that its lock on the lease row cannot hold a takeover up (a take
+# waits for the lease's TTL anyway, longer than this).
+WRITER_IDLE_IN_TRANSACTION_MS = 2000
+# the lease's statements wait at most this long for the row (a take behind a fenced commit)
+LEASE_LOCK_TIMEOUT_MS = 1000
+
+
+async def connect(
+    url: str, *, autocommit: bool = True, role: str = "reader"
+) -> psycopg.AsyncConnection[Any]:
+    """A connection to the store's database, set for its ``role``:
+
+    - ``writer``: the commits', written with ``synchronous_commit`` off (made durable by the
+      flusher's transactions, decisions.md 82), each transaction ended by the server once
+      idle for ``WRITER_IDLE_IN_TRANSACTION_MS``;
+    - ``flusher``: the same timeout, with the server's ``synchronous_commit``;
+    - ``lease``: the same timeout, its statements waiting for the row at most
+      ``LEASE_LOCK_TIMEOUT_MS``;
+    - ``reader``: as the URL says."""
+    settings = []
+    if role in ("writer", "flusher", "lease"):
+        settings.append(f"-c idle_in_transaction_session_timeout={WRITER_IDLE_IN_TRANSACTION_MS}")
+    if role == "writer":
+        settings.append("-c synchronous_commit=off")
+    if role == "lease":
+        settings.append(f"-c lock_timeout={LEASE_LOCK_TIMEOUT_MS}")
     try:
-        return await psycopg.AsyncConnection.connect(conninfo(url), autocommit=autocommit)
+        info = conninfo(url)
+        if settings:  # after whatever options the URL gives
+            given = psycopg.conninfo.conninfo_to_dict(info).get("options") or ""
+            options = " ".join([str(given), *settings]).strip()
+            info = psycopg.conninfo.make_conninfo(info, options=options)
+        return await psycopg.AsyncConnection.connect(info, autocommit=autocommit)
     except psycopg.Error as exc:
         raise _failure(url, "connecting to the store", exc) from None
 
@@ -308,7 +339,7 @@ class Lease:
             if self._conn is not None:
                 await self._conn.close()
             self._conn = None
-            conn = await connect(self.url)
+            conn = await connect(self.url, role="lease")
             await ensure_schema(conn, self.url, create=True)
             self._conn = conn
         return self._conn
@@ -493,11 +524,11 @@ class PgStore:
             if self._writer:
                 if self._fence is None:
                     await self._take_lease()
-                self._conn = await connect(self.url)
-                self._flusher = await connect(self.url)
+                self._conn = await connect(self.url, role="writer")
+                self._flusher = await connect(self.url, role="flusher")
                 cur = await self._flusher.execute("SHOW synchronous_commit")
                 setting = (await cur.fetchone() or ("on",))[0]
-                if setting in ("off", "local"):  # the server's default keeps nothing waiting
+                if setting == "off":  # the server's default would make a flush wait for nothing
                     await self._flusher.execute("SET synchronous_commit TO on")
             rows = await self._read("SELECT COALESCE(MAX(seq), 0) FROM outbox")
             self._next_seq = int(rows[0][0]) + 1
@@ -735,9 +766,8 @@ class PgStore:
     async def _write(self, rows: _Rows, outbox: list[tuple[Any, ...]]) -> None:
         conn = self._writes()
         try:
-            async with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
-                # written now, durable at the next flush (the module's docstring)
-                await cur.execute("SET LOCAL synchronous_commit TO off")
+            async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
+                # written now (synchronous_commit off), durable at the next flush
                 await self._fenced(cur)
                 if rows.incidents:
                     await cur.executemany(
@@ -830,7 +860,7 @@ class PgStore:
         try:
             # a transaction with an id of its own commits a record behind every commit
             # before it, and with synchronous_commit on returns once that is on the disk
-            async with self._flusher.transaction():
+            async with self._flusher.pipeline(), self._flusher.transaction():
                 await self._flusher.execute("SELECT pg_current_xact_id()")
         except psycopg.Error as exc:
             self._flush_failed = FlushError(
@@ -852,7 +882,7 @@ class PgStore:
         async with self._writing:
             conn = self._writes()
             try:
-                async with conn.transaction(), conn.cursor() as cur:
+                async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
                     await self._fenced(cur)
                     await cur.execute("DELETE FROM inbound WHERE last_at < %s", (before_inbound,))
                     await cur.execute("DELETE FROM contacts WHERE at < %s", (before_contacts,))
@@ -897,8 +927,7 @@ class PgStore:
         async with self._writing:
             conn = self._writes()
             try:
-                async with conn.transaction(), conn.cursor() as cur:
-                    await cur.execute("SET LOCAL synchronous_commit TO off")
+                async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
                     await self._fenced(cur)
                     await cur.execute("UPDATE outbox SET sent = 1 WHERE seq = ANY(%s)", (seqs,))
             except psycopg.Error as exc:

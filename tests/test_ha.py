@@ -77,9 +77,7 @@ class Instance:
 
     async def start(self) -> None:
         with self.log.open("a") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.args, stdout=out, stderr=out
-            )
+            self.process = await asyncio.create_subprocess_exec(*self.args, stdout=out, stderr=out)
 
     @property
     def pid(self) -> int:
@@ -132,6 +130,15 @@ def serving(instances: list[Instance], store: str) -> Instance | None:
     return next((i for i in instances if i.process and i.pid == pid), None)
 
 
+async def eventually(check: Callable[[], bool], within: float) -> None:
+    """Wait until ``check()`` holds (polled: it asks the database), at most ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        if check() or time.monotonic() > deadline:
+            return
+        await asyncio.sleep(0.2)
+
+
 async def settled(store: str, within: float = 40.0) -> None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -173,9 +180,7 @@ async def test_two_dispatchers_killed_and_frozen_at_random_lose_nothing(
         for instance in instances:
             await instance.start()
             await asyncio.sleep(0.3)
-        deadline = time.monotonic() + 30
-        while serving(instances, pg_url) is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        await eventually(lambda: serving(instances, pg_url) is not None, 30)
         await asyncio.sleep(1.0)  # its persistent sessions exist before anything is published
         publishing = asyncio.create_task(publish_causally(path, url, received, arrived))
         while len(done) < DISRUPTIONS or not publishing.done():
@@ -238,9 +243,7 @@ async def test_a_frozen_leader_woken_after_a_takeover_commits_and_publishes_noth
     a = Instance("a", config, broker.url, pg_url, tmp_path)
     b = Instance("b", config, broker.url, pg_url, tmp_path)
     await a.start()
-    deadline = time.monotonic() + 30
-    while serving([a], pg_url) is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
+    await eventually(lambda: serving([a], pg_url) is not None, 30)
     assert serving([a], pg_url) is a
     await asyncio.sleep(1.0)
     await b.start()
@@ -268,9 +271,7 @@ async def test_a_frozen_leader_woken_after_a_takeover_commits_and_publishes_noth
         async with open_client(url) as source:
             for line in lines:
                 await source.publish(line["topic"], json.dumps(line["payload"]).encode(), qos=1)
-        deadline = time.monotonic() + 20
-        while serving([a, b], pg_url) is not b and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)
+        await eventually(lambda: serving([a, b], pg_url) is b, 20)
         assert serving([a, b], pg_url) is b
         await asyncio.sleep(3.0)  # b handles the redelivered call and publishes its outputs
         with psycopg.connect(pg_url) as db:
@@ -298,6 +299,34 @@ async def test_a_frozen_leader_woken_after_a_takeover_commits_and_publishes_noth
     assert online and online[-1]["data"]["instance"].split(":")[1] == str(b.pid)
     await a.stop()
     await b.stop()
+
+
+async def test_a_dispatcher_started_before_its_database_serves_once_it_answers(
+    broker: Mosquitto, deployment: Callable[..., Path], pg_url: str, tmp_path: Path
+) -> None:
+    from adapters.broker import free_port
+    from tools.bench_ha import Relay
+
+    config = deployment(edit_toml=with_lease(TTL))
+    port = free_port()
+    through = pg_url.replace(":5432/", f":{port}/", 1)
+    a = Instance("a", config, broker.url, through, tmp_path)
+    await a.start()
+    await asyncio.sleep(2.0)  # nothing listens on the port yet
+    events = [e.get("event") for e in a.events()]
+    assert "store_unavailable" in events and "serving" not in events, events
+    assert a.process is not None and a.process.returncode is None  # it waits, it does not exit
+    relay = Relay(("127.0.0.1", 5432))
+    await relay.start(port)
+    try:
+        await eventually(lambda: serving([a], pg_url) is a, 20)
+        assert serving([a], pg_url) is a
+        await asyncio.sleep(1.0)
+        events = [e.get("event") for e in a.events()]
+        assert "store_available" in events and "broker_connected" in events, events
+    finally:
+        await a.stop()
+        await relay.close()
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

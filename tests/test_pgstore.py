@@ -9,6 +9,7 @@ written all the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -158,9 +159,7 @@ async def test_two_writers_starting_together_make_the_schema_once() -> None:
         assert not errors, errors
         assert sum(r is not None for r in results) == 1  # one of them holds the lease
         with psycopg.connect(url) as db:
-            assert db.execute("SELECT version FROM store_schema").fetchall() == [
-                (SCHEMA_VERSION,)
-            ]
+            assert db.execute("SELECT version FROM store_schema").fetchall() == [(SCHEMA_VERSION,)]
 
 
 async def test_the_console_stats_and_export_read_a_postgresql_store_as_a_sqlite_one(
@@ -196,3 +195,36 @@ async def test_the_console_stats_and_export_read_a_postgresql_store_as_a_sqlite_
         )
     assert views[0] == views[1]
     assert views[0][0] is not None and views[0][0]["timeline"]
+
+
+async def test_a_writer_frozen_mid_commit_cannot_hold_a_takeover_up(pg_url: str) -> None:
+    """A process that stops between its commit's first statement and its COMMIT (frozen,
+    cut off) leaves its transaction open, holding the lease row: the server ends it, and a
+    standby takes the expired lease."""
+    from adapters.pgstore import WRITER_IDLE_IN_TRANSACTION_MS, connect
+
+    old = Lease(pg_url, holder="old", ttl_s=1.0)
+    fence = await old.take()
+    assert fence is not None
+    writer = await connect(pg_url, role="writer")
+    await writer.execute("BEGIN")
+    await writer.execute(
+        "SELECT antifraud_fence(%s, %s, %s)", (fence.name, fence.holder, fence.epoch)
+    )
+    # the writer now idles in its transaction, as a frozen process would
+    await asyncio.sleep(1.1)  # the lease expires
+    new = Lease(pg_url, holder="new", ttl_s=5.0)
+    started = time.monotonic()
+    taken = None
+    while taken is None and time.monotonic() - started < 10:
+        with contextlib.suppress(StoreError):  # a take waiting for the row times out
+            taken = await new.take()
+        if taken is None:
+            await asyncio.sleep(0.1)
+    assert taken is not None and taken.epoch == 2
+    assert time.monotonic() - started < WRITER_IDLE_IN_TRANSACTION_MS / 1000 + 2.0
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):  # the server ended it
+        await writer.execute("SELECT 1")
+    await writer.close()
+    await old.close()
+    await new.close()

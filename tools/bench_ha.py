@@ -59,8 +59,8 @@ class Relay:
         self.port = 0
         self._links: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     def cut(self) -> None:

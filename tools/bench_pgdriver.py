@@ -73,7 +73,7 @@ async def with_psycopg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
         return marks("psycopg", n)
 
     async def commit(rows: Rows) -> None:
-        async with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
+        async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
             await cur.execute(FENCE.format("%s", "%s", "%s"), ("default", "bench", 1))
             await cur.executemany(UPSERT_INCIDENT.format(m(3)), rows["incidents"])
             await cur.executemany(UPSERT_DISPATCH.format(m(3)), rows["dispatches"])

@@ -42,6 +42,7 @@ from dispatcher.settings import Settings
 log = structlog.get_logger("live")
 
 TAKE_EVERY_S = 0.5  # a standby tries to take the lease this often
+UNAVAILABLE_LOG_S = 30.0  # while the database does not answer, said once this often
 
 
 async def _pause(stop: asyncio.Event, seconds: float) -> None:
@@ -77,6 +78,7 @@ class Standby:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
         said: tuple[str, int] | None = None  # the holder last said to serve
+        unavailable_said = 0.0  # when the database's absence was last logged
         try:
             while not stop.is_set():
                 sent = time.monotonic()
@@ -84,10 +86,15 @@ class Standby:
                     fence = await self.lease.take()
                     current = None if fence is not None else await self.lease.current()
                 except StoreError as exc:
-                    log.warning("store_unavailable", instance=self.instance, error=str(exc))
+                    if sent - unavailable_said >= UNAVAILABLE_LOG_S:  # not twice a second
+                        unavailable_said = sent
+                        log.warning("store_unavailable", instance=self.instance, error=str(exc))
                     await self.lease.close()
                     await _pause(stop, TAKE_EVERY_S)
                     continue
+                if unavailable_said:
+                    unavailable_said = 0.0
+                    log.info("store_available", instance=self.instance)
                 if fence is None:
                     if current is not None and said != (current.holder, current.epoch):
                         said = (current.holder, current.epoch)
