@@ -163,6 +163,86 @@ FIRST_PG_VERSION = SCHEMA_VERSION
 _TIMELINE_SELECT = TIMELINE_SELECT.replace("?", "%s")
 
 
+def _insert(table: str, columns: str, types: str, conflict: str = "") -> tuple[str, str]:
+    """Two ways to INSERT a batch's rows: one statement for all of them, each column sent
+    as an array and unnested by the server in the batch's order (a table numbered by an
+    identity keeps it), and one for a row, repeated. A large batch (a replay, a backlog) is
+    written the first way: the server's cost is a statement's, once; a small one (an
+    escalation) the second: its prepared statements cost less than planning the unnesting."""
+    names = [c.strip() for c in columns.split(",")]
+    arrays = ", ".join(f"%s::{t.strip()}[]" for t in types.split(","))
+    alias = ", ".join(f"c{i}" for i in range(len(names)))
+    sql = (
+        f"INSERT INTO {table} ({', '.join(names)}) SELECT {alias} FROM unnest({arrays}) "
+        f"WITH ORDINALITY AS u({alias}, n) ORDER BY n"
+    )
+    values = f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(['%s'] * len(names))})"
+    if conflict:
+        key, _, rest = conflict.partition(":")
+        updated = [n for n in names if n not in key.split("+")] if rest == "*" else []
+        upsert = f" ON CONFLICT ({key.replace('+', ', ')}) DO UPDATE SET " + ", ".join(
+            f"{n} = EXCLUDED.{n}" for n in updated
+        )
+        sql += upsert
+        values += upsert
+    return sql, values
+
+
+_TABLES: dict[str, tuple[str, str]] = {
+    "incidents": _insert(
+        "incidents",
+        "id, subscriber, status, severity, rule, opened_at, closed_at, outcome, doc",
+        "text, text, text, text, text, float8, float8, text, text",
+        "id:*",
+    ),
+    "dispatches": _insert(
+        "dispatches",
+        "id, incident_id, unit, role, status, offered_at, accepted_at, arrived_at, "
+        "reported_at, outcome",
+        "text, text, text, text, text, float8, float8, float8, float8, text",
+        "id:*",
+    ),
+    "timeline": _insert(
+        "timeline",
+        'incident_id, at, kind, "by", text, dispatch_id, action_id',
+        "text, float8, text, text, text, text, text",
+    ),
+    "outbox": _insert(
+        "outbox",
+        "seq, at, topic, qos, retain, type, payload, sent",
+        "int8, float8, text, int4, int4, text, text, int4",
+    ),
+    "inbound": _insert("inbound", "first_at, last_at, pairs", "float8, float8, text"),
+    "rejected": _insert("rejected", "at, topic, reason, payload", "float8, text, text, text"),
+    "contacts": _insert("contacts", "subscriber, at, counterpart", "text, float8, text"),
+    "presence": _insert("presence", "unit, state, at", "text, text, float8", "unit:*"),
+    "incident_inbound": _insert(
+        "incident_inbound",
+        "incident_id, subscriber, call_id, contact, at, topic, payload",
+        "text, text, text, int4, float8, text, text",
+    ),
+    "meta": _insert("meta", "key, value", "text, text", "key:*"),
+}
+
+
+ROWS_ONE_BY_ONE = 32  # a table's rows in a commit written one statement each, up to this
+
+
+def _text(value: Any) -> Any:
+    """``value``, a text PostgreSQL can hold: each NUL written as ``\\u0000``."""
+    return value.replace("\x00", "\\u0000") if type(value) is str and "\x00" in value else value
+
+
+def _cleaned(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [tuple(_text(v) for v in row) for row in rows]
+
+
+def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    """A batch's rows as one list a column (each NUL written as ``\\u0000``: text
+    PostgreSQL cannot hold)."""
+    return [[_text(v) for v in column] for column in zip(*rows, strict=True)]
+
+
 def conninfo(url: str) -> str:
     """libpq's connection string for ``url``, with the store's timeouts unless the URL sets
     its own. A password in the URL is refused."""
@@ -451,14 +531,6 @@ async def keep(lease: Lease, term: Term, every_s: float) -> None:
 
 
 # ---- the store ---------------------------------------------------------------------------
-
-
-def _clean(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Rows PostgreSQL's text accepts: each NUL written as ``\\u0000``."""
-    return [
-        tuple(v.replace("\x00", "\\u0000") if type(v) is str and "\x00" in v else v for v in row)
-        for row in rows
-    ]
 
 
 class PgStore:
@@ -765,75 +837,32 @@ class PgStore:
 
     async def _write(self, rows: _Rows, outbox: list[tuple[Any, ...]]) -> None:
         conn = self._writes()
+        incidents = [(*r[:8], _dumps(r[8])) for r in rows.incidents]
+        kept = [(*k[:3], int(k[3]), *k[4:]) for k in rows.kept]
+        inbound = []
+        if rows.inbound:
+            inbound = [(rows.inbound[0][2], rows.inbound[-1][2], _dumps(rows.inbound))]
         try:
             async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                # written now (synchronous_commit off), durable at the next flush
+                # written now (synchronous_commit off), durable at the next flush; one
+                # statement a table, whatever the rows (``_TABLES``)
                 await self._fenced(cur)
-                if rows.incidents:
-                    await cur.executemany(
-                        "INSERT INTO incidents VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-                        "ON CONFLICT (id) DO UPDATE SET subscriber = EXCLUDED.subscriber, "
-                        "status = EXCLUDED.status, severity = EXCLUDED.severity, "
-                        "rule = EXCLUDED.rule, opened_at = EXCLUDED.opened_at, "
-                        "closed_at = EXCLUDED.closed_at, outcome = EXCLUDED.outcome, "
-                        "doc = EXCLUDED.doc",
-                        _clean([(*r[:8], _dumps(r[8])) for r in rows.incidents]),
-                    )
-                if rows.dispatches:
-                    await cur.executemany(
-                        "INSERT INTO dispatches VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s) "
-                        "ON CONFLICT (id) DO UPDATE SET incident_id = EXCLUDED.incident_id, "
-                        "unit = EXCLUDED.unit, role = EXCLUDED.role, status = EXCLUDED.status, "
-                        "offered_at = EXCLUDED.offered_at, accepted_at = EXCLUDED.accepted_at, "
-                        "arrived_at = EXCLUDED.arrived_at, reported_at = EXCLUDED.reported_at, "
-                        "outcome = EXCLUDED.outcome",
-                        _clean(rows.dispatches),
-                    )
-                if rows.timeline:
-                    await cur.executemany(
-                        'INSERT INTO timeline (incident_id, at, kind, "by", text, dispatch_id, '
-                        "action_id) VALUES (%s,%s,%s,%s,%s,%s,%s)",
-                        _clean(rows.timeline),
-                    )
-                if outbox:
-                    await cur.executemany(
-                        "INSERT INTO outbox (seq, at, topic, qos, retain, type, payload, sent) "
-                        "VALUES (%s,%s,%s,%s,%s,%s,%s,%s)",
-                        _clean(outbox),
-                    )
-                if rows.inbound:
-                    await cur.execute(
-                        "INSERT INTO inbound (first_at, last_at, pairs) VALUES (%s,%s,%s)",
-                        (rows.inbound[0][2], rows.inbound[-1][2], _dumps(rows.inbound)),
-                    )
-                if rows.rejected:
-                    await cur.executemany(
-                        "INSERT INTO rejected (at, topic, reason, payload) VALUES (%s,%s,%s,%s)",
-                        _clean(rows.rejected),
-                    )
-                if rows.contacts:
-                    await cur.executemany(
-                        "INSERT INTO contacts (subscriber, at, counterpart) VALUES (%s,%s,%s)",
-                        _clean(rows.contacts),
-                    )
-                if rows.presence:
-                    await cur.executemany(
-                        "INSERT INTO presence VALUES (%s,%s,%s) ON CONFLICT (unit) DO UPDATE "
-                        "SET state = EXCLUDED.state, at = EXCLUDED.at",
-                        _clean(rows.presence),
-                    )
-                if rows.kept:
-                    await cur.executemany(
-                        "INSERT INTO incident_inbound (incident_id, subscriber, call_id, "
-                        "contact, at, topic, payload) VALUES (%s,%s,%s,%s,%s,%s,%s)",
-                        _clean([(*k[:3], int(k[3]), *k[4:]) for k in rows.kept]),
-                    )
-                if rows.meta:
-                    await cur.executemany(
-                        "INSERT INTO meta VALUES (%s,%s) ON CONFLICT (key) DO UPDATE "
-                        "SET value = EXCLUDED.value",
-                        _clean(rows.meta),
-                    )
+                for table, batch in (
+                    ("incidents", incidents),
+                    ("dispatches", rows.dispatches),
+                    ("timeline", rows.timeline),
+                    ("outbox", outbox),
+                    ("inbound", inbound),
+                    ("rejected", rows.rejected),
+                    ("contacts", rows.contacts),
+                    ("presence", rows.presence),
+                    ("incident_inbound", kept),
+                    ("meta", rows.meta),
+                ):
+                    if len(batch) > ROWS_ONE_BY_ONE:
+                        await cur.execute(_TABLES[table][0], _columns(batch))
+                    elif batch:
+                        await cur.executemany(_TABLES[table][1], _cleaned(batch))
         except psycopg.Error as exc:
             raise self._lost(_failure(self.url, "commit", exc)) from None
 

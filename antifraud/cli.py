@@ -361,7 +361,9 @@ def cmd_bench_live(args: argparse.Namespace) -> int:
 def cmd_bench_escalation(args: argparse.Namespace) -> int:
     from tools.bench_escalation import run_escalation_bench
 
-    return asyncio.run(run_escalation_bench(_settings(args.config), args.samples, args.idle))
+    return asyncio.run(
+        run_escalation_bench(_settings(args.config), args.samples, args.idle, args.postgresql)
+    )
 
 
 def cmd_bench_flood(args: argparse.Namespace) -> int:
@@ -636,6 +638,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.0, 2.0, 20.0, 100.0],
         metavar="MS",
         help="idle pauses before each escalation, in ms (default: 0 2 20 100)",
+    )
+    b.add_argument(
+        "--postgresql",
+        metavar="SERVER",
+        nargs="?",
+        const=PG_SERVER,
+        help="also on a PostgreSQL store (a database made on SERVER and dropped), after the "
+        "SQLite rows of the same run",
     )
     b.set_defaults(func=cmd_bench_escalation, quiet=True)
     b = bench.add_parser(

@@ -16,24 +16,25 @@ what a busy shared machine adds to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-from adapters.store import Store
+from adapters.journal import open_store
 from dispatcher import logs
 from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics
 from dispatcher.ports import OutboxRow
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
-from tools.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
+from tools.bench_live import CHEN, FLAGGED, call_bytes, database, event_bytes, percentile
 
 
 async def escalation_stages(
-    settings: Settings, samples: int, pause_s: float
+    settings: Settings, samples: int, pause_s: float, postgresql: str | None = None
 ) -> tuple[list[float], list[float]]:
     """(handled ms, written ms) of ``samples`` escalations, each after ``pause_s`` idle."""
     topics = Topics(settings.service.prefix)
@@ -45,9 +46,13 @@ async def escalation_stages(
 
     handled_ms: list[float] = []
     written_ms: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="antifraud-bench-escalation-") as tmp:
-        store_path = Path(tmp) / "bench.sqlite3"
-        async with Store(store_path, settings.service.store_sync, inline_writes=True) as store:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="antifraud-bench-esc-"))
+        where: str | Path = Path(tmp) / "bench.sqlite3"
+        if postgresql is not None:
+            where = stack.enter_context(database(postgresql, "bench_escalation"))
+        sync = settings.service.store_sync
+        async with open_store(where, sync, inline_writes=True, writer=True) as store:
             runtime = Runtime(settings, store, outbox=True)
             runtime.on_written = written
             await runtime.start()
@@ -89,14 +94,26 @@ async def escalation_stages(
     return handled_ms, written_ms
 
 
-async def run_escalation_bench(settings: Settings, samples: int, pauses_ms: list[float]) -> int:
+async def run_escalation_bench(
+    settings: Settings, samples: int, pauses_ms: list[float], postgresql: str | None = None
+) -> int:
+    stores = [None] if postgresql is None else [None, postgresql]
+    for server in stores:
+        await _rows(settings, samples, pauses_ms, server)
+    return 0
+
+
+async def _rows(
+    settings: Settings, samples: int, pauses_ms: list[float], server: str | None
+) -> None:
+    store = "SQLite" if server is None else "PostgreSQL"
     print(
-        f"an escalation handled and written in this process (no broker), {samples} samples "
-        "per row, ms (p50 / p90):"
+        f"an escalation handled and written in this process (no broker), {store} store, "
+        f"{samples} samples per row, ms (p50 / p90):"
     )
     print(f"  {'idle before each':>16}  {'handled':>13}  {'written':>13}  {'both, p50':>9}")
     for pause in pauses_ms:
-        handled, written = await escalation_stages(settings, samples, pause / 1000)
+        handled, written = await escalation_stages(settings, samples, pause / 1000, server)
         both = [h + w for h, w in zip(handled, written, strict=True)]
         print(
             f"  {pause:>13g} ms  "
@@ -104,4 +121,3 @@ async def run_escalation_bench(settings: Settings, samples: int, pauses_ms: list
             f"{percentile(written, 0.5):>5.2f} / {percentile(written, 0.9):<5.2f}  "
             f"{percentile(both, 0.5):>9.2f}"
         )
-    return 0

@@ -419,7 +419,7 @@ async def run_live_bench(
             )
             if postgresql is None:
                 return 0
-            with _database(postgresql) as store:
+            with database(postgresql) as store:
                 print(f"the same on a PostgreSQL store ({store}):")
                 pg = await _store_figures(settings, broker, store, events, samples, rate, a, a2)
             throughput, p99 = pg[0] / sqlite[0], pg[1] / sqlite[1]
@@ -431,10 +431,11 @@ async def run_live_bench(
 
 
 @contextlib.contextmanager
-def _database(server: str) -> Iterator[str]:
+def database(server: str, prefix: str = "bench_live") -> Iterator[str]:
+    """A database of its own on ``server``, dropped after."""
     import psycopg
 
-    name = f"bench_live_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:

@@ -9,8 +9,11 @@ on the same server, in one run, alternating, so the figures are ratios measured 
   one after another, latency p50 / p99;
 - a large commit (a backlog batch: 200 of each), throughput in rows a second.
 
-psycopg sends a transaction's statements in one pipeline (one round trip for the whole
-transaction); asyncpg sends each ``executemany`` and waits for it.
+Both run with ``synchronous_commit`` off, as the store's writer does (a commit's durability
+comes from a separate flush, decisions.md 82): the figures are the drivers' and round trips',
+not the disk's. psycopg sends a transaction's statements, BEGIN and COMMIT in one pipeline
+(one round trip for the whole transaction); asyncpg sends each ``executemany`` and waits
+for it.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ def marks(style: str, n: int) -> str:
 async def with_psycopg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
     import psycopg
 
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    conn = await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, options="-c synchronous_commit=off"
+    )
 
     def m(n: int) -> str:
         return marks("psycopg", n)
@@ -87,7 +92,7 @@ async def with_psycopg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
 async def with_asyncpg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
     import asyncpg  # type: ignore[import-not-found,import-untyped,unused-ignore]
 
-    conn: Any = await asyncpg.connect(dsn)
+    conn: Any = await asyncpg.connect(dsn, server_settings={"synchronous_commit": "off"})
 
     def m(n: int) -> str:
         return marks("asyncpg", n)
