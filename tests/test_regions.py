@@ -176,3 +176,14 @@ def test_the_command_refuses_an_unknown_fault(capsys: pytest.CaptureFixture[str]
         main(["--faults", "meteor"])
     assert stopped.value.code == 2
     assert "meteor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_worker_serves_again_once_the_faults_are_over(seed: int) -> None:
+    """After the last fault the drain rebalances: nobody is left stuck, frozen or idle."""
+    figures = run(seed, fault_every_s=10)
+    p = figures.params
+    assert all(w.alive and w.frozen_batch is None for w in figures.workers)
+    held = sorted(len(w.held) for w in figures.workers)
+    assert sum(held) == p.regions
+    assert held[0] >= p.regions // p.workers - 1

@@ -713,7 +713,9 @@ class Simulation:
                 region.session = None  # the broker sees the connection drop
         worker.alive = False
         worker.held = {}
-        worker.freeze_pending = 0
+        worker.freeze_pending = 0  # a stopped process can be killed too: it starts afresh
+        worker.frozen_batch = None
+        worker.frozen_until = 0
 
         def restart() -> None:
             worker.incarnation += 1  # a new process: a new pid and random part in its holder id
