@@ -673,7 +673,11 @@ class Simulation:
         if not any(count < fair for count in counts.values()):
             return
         settled = self.now - round(self.p.rebalance_s * 1000)
-        movable = [n for n, h in worker.held.items() if h.taken_at <= settled]
+        movable = [  # handed over clean: nothing received, committed or sent left in hand
+            n
+            for n, h in worker.held.items()
+            if h.taken_at <= settled and not (h.inbox or h.pending or h.unmarked)
+        ]
         if not movable:
             return  # what it took lately it keeps a while: no handing back and forth
         name = max(movable, key=lambda n: worker.held[n].taken_at)
