@@ -699,11 +699,14 @@ class Simulation:
                 worker.freeze_pending = self.uniform_ms(self.p.freeze_s)
                 worker.freeze_asked_at = self.now
             elif kind == "db-partition":
-                worker.db_cut_until = self.now + self.uniform_ms(self.p.partition_s)
+                until = self.now + self.uniform_ms(self.p.partition_s)
+                worker.db_cut_until = max(worker.db_cut_until, until)
             else:
-                worker.broker_cut_until = self.now + self.uniform_ms(self.p.partition_s)
-        elif kind == "failover":
-            self.db_down_until = self.now + self.uniform_ms(self.p.failover_s)
+                until = self.now + self.uniform_ms(self.p.partition_s)
+                worker.broker_cut_until = max(worker.broker_cut_until, until)
+        elif kind == "failover":  # one during another lasts until the later one ends
+            until = self.now + self.uniform_ms(self.p.failover_s)
+            self.db_down_until = max(self.db_down_until, until)
         elif kind == "node-loss":
             self.node_loss(self.rng.randrange(BROKER_NODES))
         following = self.next_fault(self.now)
@@ -752,7 +755,8 @@ class Simulation:
         clients reconnect to another node."""
         for region in self.regions.values():
             if region.index % BROKER_NODES == node:  # the streams this node led
-                region.stalled_until = self.now + self.uniform_ms(self.p.election_s)
+                until = self.now + self.uniform_ms(self.p.election_s)
+                region.stalled_until = max(region.stalled_until, until)
         for worker in self.workers:
             if worker.index % BROKER_NODES != node:
                 continue
