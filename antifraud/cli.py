@@ -380,6 +380,12 @@ def cmd_bench_takeover(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench_regions(args: argparse.Namespace) -> int:
+    from tools.sim_regions import main as simulate
+
+    return simulate(args.extra)
+
+
 def cmd_bench_pgdriver(args: argparse.Namespace) -> int:
     from tools.bench_pgdriver import run_bench
 
@@ -698,12 +704,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--small", type=int, default=2000, help="small commits a driver")
     b.add_argument("--large", type=int, default=100, help="large commits a driver")
     b.set_defaults(func=cmd_bench_pgdriver, quiet=True)
+    b = bench.add_parser(
+        "regions",
+        add_help=False,
+        help="N workers serving M regions on fenced leases, simulated with faults "
+        "(docs/scale.md; its options: antifraud bench regions --help)",
+    )
+    b.set_defaults(func=cmd_bench_regions, quiet=True, passthrough=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # a command that hands its options to a tool of its own (bench regions) takes the rest
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     level = args.log_level or ("warning" if getattr(args, "quiet", False) else "info")
     logs.configure(level)
     try:

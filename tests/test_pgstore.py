@@ -228,3 +228,27 @@ async def test_a_writer_frozen_mid_commit_cannot_hold_a_takeover_up(pg_url: str)
     await writer.close()
     await old.close()
     await new.close()
+
+
+async def test_regions_as_schemas_of_one_database_keep_their_stores_apart(pg_url: str) -> None:
+    """docs/scale.md: a region's store may be a schema, named by the URL's search_path."""
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("CREATE SCHEMA region_a; CREATE SCHEMA region_b")
+    settings = load_settings(CONFIG)
+    cases = {"region_a": GOLDEN / "seed.jsonl", "region_b": GOLDEN / "spec-01.jsonl"}
+    for schema, recording in cases.items():
+        url = f"{pg_url}?options=-csearch_path%3D{schema}"
+        expected = recording.with_suffix(".report.json").read_text(encoding="utf-8")
+        assert dump_report(await replay(recording, settings, url)) == expected
+        async with open_store(url, writer=True):  # each schema its own lease
+            pass
+    with psycopg.connect(pg_url) as db:
+        counts = db.execute(
+            "SELECT schemaname, count(*) FROM pg_tables WHERE schemaname LIKE 'region_%' "
+            "GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        assert counts == [("region_a", 12), ("region_b", 12)]
+        ids = [
+            db.execute(f"SELECT id FROM {schema}.incidents").fetchall() for schema in cases
+        ]
+        assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])
