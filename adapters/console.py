@@ -407,6 +407,7 @@ class Console:
         # the dispatcher's own presence: online, offline, or unknown until it is heard from
         self.dispatcher = "unknown"
         self.serving: dict[str, str] = {}  # which instance serves, since when (PostgreSQL)
+        self._epoch = 0  # the highest lease epoch said to serve (active/standby)
         # without the dispatcher's store: status events taken, by (source, id), to take each once
         self._status_seen: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._presence_dirty = asyncio.Event()
@@ -1126,8 +1127,12 @@ class Console:
         if topic == self.topics.dispatcher_status:
             model = self._event(topic, raw, ("cn.antifraud.dispatcher.status",))
             self._hear(model.time, retained_copy)
-            self.dispatcher = model.data.state
             data = model.data
+            if data.state == "offline" and data.epoch is not None and data.epoch < self._epoch:
+                return  # the will of an instance that served before the one serving now
+            if data.epoch is not None:
+                self._epoch = max(self._epoch, data.epoch)
+            self.dispatcher = data.state
             self.serving = (
                 {"instance": data.instance, "since": data.since or ""} if data.instance else {}
             )

@@ -889,3 +889,42 @@ async def test_guessing_from_other_addresses_cannot_lock_an_operator_out(
         assert int(response.headers["Retry-After"]) <= OPERATOR_WAIT_CAP_S
         now[0] += OPERATOR_WAIT_CAP_S  # the short wait passes
         await login(http, base)
+
+
+def test_a_late_will_of_a_previous_holder_does_not_turn_the_dispatcher_offline(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Active/standby: the console shows who serves; an ``offline`` said for an earlier epoch
+    (the old holder's will, arriving late) changes nothing, one for the current epoch does."""
+    console = Console(settings, BrokerURL.parse("mqtt://127.0.0.1:1"), None, Users(tmp_path / "u"))
+
+    def status(state: str, epoch: int, n: int) -> bytes:
+        data = {
+            "state": state,
+            "instance": f"host-{epoch}:1:ab",
+            "since": "2026-12-01T22:00:00+00:00",
+        }
+        return json.dumps(
+            {
+                "specversion": "1.0",
+                "id": f"s{n}",
+                "source": "antifraud/dispatcher",
+                "type": "cn.antifraud.dispatcher.status",
+                "time": "2026-12-01T22:00:00Z",
+                "subject": "dispatcher",
+                "datacontenttype": "application/json",
+                "data": data | {"epoch": epoch},
+            }
+        ).encode()
+
+    loop = asyncio.new_event_loop()
+    try:
+        topic = f"{P}/dispatcher/status"
+        loop.run_until_complete(console.handle_message(topic, status("online", 2, 1)))
+        assert console.dispatcher == "online" and console.serving["instance"] == "host-2:1:ab"
+        loop.run_until_complete(console.handle_message(topic, status("offline", 1, 2)))
+        assert console.dispatcher == "online" and console.serving["instance"] == "host-2:1:ab"
+        loop.run_until_complete(console.handle_message(topic, status("offline", 2, 3)))
+        assert console.dispatcher == "offline"
+    finally:
+        loop.close()

@@ -248,7 +248,5 @@ async def test_regions_as_schemas_of_one_database_keep_their_stores_apart(pg_url
             "GROUP BY 1 ORDER BY 1"
         ).fetchall()
         assert counts == [("region_a", 12), ("region_b", 12)]
-        ids = [
-            db.execute(f"SELECT id FROM {schema}.incidents").fetchall() for schema in cases
-        ]
+        ids = [db.execute(f"SELECT id FROM {schema}.incidents").fetchall() for schema in cases]
         assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])
