@@ -98,6 +98,24 @@ class ServiceSettings(_Strict):
             ) from None
         return value
 
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value.startswith(("postgresql://", "postgres://")):
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018  (parsing it is the check)
+            except ValueError as exc:
+                raise ValueError(f"not a PostgreSQL URL: {exc}") from None
+            if parts.password is not None:
+                raise ValueError(
+                    "the PostgreSQL URL holds a password, which would show in the process "
+                    "list and the logs; give it in PGPASSWORD or a PGPASSFILE instead"
+                )
+            if not parts.path.strip("/"):
+                raise ValueError("the PostgreSQL URL names no database (postgresql://user@host/db)")
+        return value
+
     @field_validator("broker", mode="before")
     @classmethod
     def _broker(cls, value: object) -> object:

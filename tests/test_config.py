@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -201,6 +202,26 @@ def problems_of(path: Path) -> list[str]:
             {"flagged_numbers": "pattern,match,category,label\n+85251230001,glob,x,y\n"},
             ["flagged_numbers.csv:2: match: 'glob' is not 'exact' or 'prefix'"],
             id="an unknown match kind",
+        ),
+        pytest.param(
+            lambda t: re.sub(
+                r"(?m)^store = .*$", 'store = "postgresql://antifraud:s3cret@db/x"', t
+            ),
+            {},
+            ["hengnan.toml: service.store: the PostgreSQL URL holds a password"],
+            id="a password in the PostgreSQL store's URL",
+        ),
+        pytest.param(
+            lambda t: re.sub(r"(?m)^store = .*$", 'store = "postgresql://antifraud@db"', t),
+            {},
+            ["hengnan.toml: service.store: the PostgreSQL URL names no database"],
+            id="a PostgreSQL store's URL without a database",
+        ),
+        pytest.param(
+            lambda t: t.replace("[service]\n", "[service]\nlease_ttl_s = 0.2\n", 1),
+            {},
+            ["hengnan.toml: service.lease_ttl_s:"],
+            id="a lease shorter than a second",
         ),
     ],
 )
