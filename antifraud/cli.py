@@ -230,13 +230,6 @@ def cmd_console(args: argparse.Namespace) -> int:
     password = None
     if args.password_file:
         password = Path(args.password_file).read_text(encoding="utf-8").strip()
-    # the screen is the guard's: the handset's JSON log goes to a file when asked, to
-    # stderr only when a log level is asked for, and nowhere otherwise
-    if args.log_file:
-        log_file = Path(args.log_file).open("a", encoding="utf-8")  # noqa: SIM115
-        logs.configure(args.log_level or "info", log_file)
-    elif args.log_level is None:
-        logs.configure("critical", io.StringIO())
     secret = os.environ.get(PASSWORD_ENV) or password
     broker = BrokerURL.parse(
         args.broker or settings.service.broker,

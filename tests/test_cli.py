@@ -235,3 +235,38 @@ def test_sigterm_to_the_demo_stops_its_broker_and_removes_its_files(tmp_path: Pa
     finally:
         if demo.poll() is None:
             demo.kill()
+
+
+def test_the_console_command_serves_its_login_page_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """``antifraud console`` as an operator starts it: on a store, with its broker away."""
+    import signal
+    import time
+    import urllib.request
+
+    from adapters.broker import free_port
+
+    store = tmp_path / "s.sqlite3"
+    assert main(["replay", str(SEED), "--store", str(store), "--report", str(tmp_path / "r")]) == 0
+    port = free_port()
+    args = ["console", "--store", str(store), "--broker", "mqtt://127.0.0.1:9"]
+    console = subprocess.Popen(
+        [sys.executable, "-m", "antifraud.cli", *args, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        page = ""
+        deadline = time.monotonic() + 30
+        while not page and time.monotonic() < deadline and console.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2) as r:
+                    page = r.read().decode("utf-8")
+            except OSError:
+                time.sleep(0.2)
+        assert console.poll() is None, console.communicate()[1][-2000:]
+        assert "<form" in page
+    finally:
+        console.send_signal(signal.SIGTERM)
+        _, err = console.communicate(timeout=30)
+    assert "Traceback" not in err, err[-2000:]
