@@ -590,7 +590,9 @@ function setDispatcher(presence) {
   if (serving && presence === "online") {
     const since = serving.since ? new Date(serving.since) : null;
     const at = since && !isNaN(since) ? since.toLocaleTimeString("zh-CN", { hour12: false }) : "";
-    node.textContent += at ? `（${serving.instance}，${at} 起）` : `（${serving.instance}）`;
+    // the host for the operator; the whole instance (host:pid:random) for the engineer
+    const host = serving.instance.split(":")[0];
+    node.textContent += at ? `（${host}，${at} 起）` : `（${host}）`;
     node.title = `当前由 ${serving.instance} 提供调度服务` + (at ? `，${at} 接手` : "");
   }
 }
