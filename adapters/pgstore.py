@@ -843,9 +843,10 @@ class PgStore:
         if rows.inbound:
             inbound = [(rows.inbound[0][2], rows.inbound[-1][2], _dumps(rows.inbound))]
         try:
-            async with conn.pipeline(), conn.transaction(), conn.cursor() as cur:
-                # written now (synchronous_commit off), durable at the next flush; one
-                # statement a table, whatever the rows (``_TABLES``)
+            async with conn.pipeline(), conn.transaction(), conn.cursor(binary=True) as cur:
+                # written now (synchronous_commit off), durable at the next flush; parameters
+                # in binary (no text to format and parse); a few rows a table one statement
+                # each, many as one statement of arrays (``_TABLES``)
                 await self._fenced(cur)
                 for table, batch in (
                     ("incidents", incidents),
