@@ -61,7 +61,7 @@ from adapters.store import (
     serialise_outbox,
     timeline_rows,
 )
-from dispatcher.errors import FlushError, LeaseLost, StoreError
+from dispatcher.errors import FlushError, LeaseLost, StoreError, StoreUnavailable
 from dispatcher.model import Incident, Publish, TimelineEntry
 from dispatcher.ports import KeptInbound, OutboxRow, Snapshot
 
@@ -276,6 +276,8 @@ def _shown(url: str) -> str:
 def _failure(url: str, doing: str, exc: BaseException) -> StoreError:
     if isinstance(exc, psycopg.Error) and getattr(exc, "sqlstate", None) == FENCED:
         return LeaseLost(f"{_shown(url)}: {doing}: {_first_line(exc)}")
+    if isinstance(exc, psycopg.OperationalError):  # unreachable, cut off, shut down
+        return StoreUnavailable(f"{_shown(url)}: {doing} failed: {_first_line(exc)}")
     return StoreError(f"{_shown(url)}: {doing} failed: {_first_line(exc)}")
 
 

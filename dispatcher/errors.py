@@ -6,7 +6,8 @@
   file ``antifraud record`` should write already holds a recording.
 - ``StoreError``: the store cannot be used (newer schema, another recording, IO);
   ``FlushError``, one of them: the disk refused to keep what was written, so the process stops;
-  ``LeaseLost``, another: a PostgreSQL store's lease is another instance's now.
+  ``LeaseLost``, another: a PostgreSQL store's lease is another instance's now;
+  ``StoreUnavailable``, another: its database does not answer (try again).
 - ``BrokerError``: the MQTT broker is unreachable or dropped the connection.
 """
 
@@ -50,6 +51,11 @@ class FlushError(StoreError):
 class LeaseLost(StoreError):
     """Another instance holds the store's lease now: this one must write nothing more, stop
     publishing and stand by (adapters/pgstore.py)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store's database did not answer or dropped the connection: worth trying again,
+    unlike a store that is damaged, foreign or another's."""
 
 
 class BrokerError(DispatcherError):

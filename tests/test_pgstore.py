@@ -250,3 +250,16 @@ async def test_regions_as_schemas_of_one_database_keep_their_stores_apart(pg_url
         assert counts == [("region_a", 12), ("region_b", 12)]
         ids = [db.execute(f"SELECT id FROM {schema}.incidents").fetchall() for schema in cases]
         assert ids[0] and ids[1] and not set(ids[0]) & set(ids[1])
+
+
+def test_run_on_a_postgresql_store_holding_a_replay_exits_with_why(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from antifraud.cli import main
+
+    asyncio.run(replay(GOLDEN / "spec-01.jsonl", load_settings(CONFIG), pg_url))
+    assert main(["run", "--store", pg_url, "--broker", "mqtt://127.0.0.1:9"]) == 1
+    assert "this store holds a replay, not a live dispatcher's state" in capsys.readouterr().err
+    with psycopg.connect(pg_url) as db:  # the lease is let go: nobody waits out its TTL
+        row = db.execute("SELECT expires_at <= clock_timestamp() FROM lease").fetchone()
+        assert row == (True,)

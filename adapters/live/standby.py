@@ -36,7 +36,7 @@ from adapters.live.heartbeat import HEARTBEAT_S
 from adapters.live.service import LiveService
 from adapters.mqtt import BrokerURL
 from adapters.pgstore import LEASE_TTL_S, Lease, Term, instance_name, keep
-from dispatcher.errors import StoreError
+from dispatcher.errors import FlushError, LeaseLost, StoreError, StoreUnavailable
 from dispatcher.settings import Settings
 
 log = structlog.get_logger("live")
@@ -132,8 +132,15 @@ class Standby:
         self.serving.set()
         try:
             await service.run(stop)
-        except StoreError as exc:  # the lease lost, the database unreachable, a flush failed
+        except (LeaseLost, StoreUnavailable, FlushError) as exc:
+            # the lease lost, the database unreachable, a flush failed: another instance, or
+            # this one once the database answers, goes on from the store
             term.end(str(exc))
+        except StoreError:  # a store that is not this dispatcher's (a replay's, a newer one)
+            term.end("the store cannot be served")
+            with contextlib.suppress(StoreError):
+                await self.lease.release(fence)
+            raise
         finally:
             self.serving.clear()
             keeper.cancel()
