@@ -312,7 +312,11 @@ async def test_a_dispatcher_started_before_its_database_serves_once_it_answers(
     through = pg_url.replace(":5432/", f":{port}/", 1)
     a = Instance("a", config, broker.url, through, tmp_path)
     await a.start()
-    await asyncio.sleep(2.0)  # nothing listens on the port yet
+
+    def said(event: str) -> bool:
+        return any(e.get("event") == event for e in a.events())
+
+    await eventually(lambda: said("store_unavailable"), 30)  # nothing listens on the port yet
     events = [e.get("event") for e in a.events()]
     assert "store_unavailable" in events and "serving" not in events, events
     assert a.process is not None and a.process.returncode is None  # it waits, it does not exit
@@ -321,7 +325,7 @@ async def test_a_dispatcher_started_before_its_database_serves_once_it_answers(
     try:
         await eventually(lambda: serving([a], pg_url) is a, 20)
         assert serving([a], pg_url) is a
-        await asyncio.sleep(1.0)
+        await eventually(lambda: said("broker_connected"), 20)
         events = [e.get("event") for e in a.events()]
         assert "store_available" in events and "broker_connected" in events, events
     finally:
