@@ -491,14 +491,22 @@ class Term:
     """A holder's time with the lease, as this process can know it without the database:
     valid until ``lost`` is set (a renewal found the lease gone, or a write was fenced) or the
     local deadline passes. The deadline counts from the moment each take or renewal was
-    *sent*, on this process's monotonic clock, which runs on while the process is frozen: the
-    database's expiry is never earlier, so a holder stops before any standby may take over."""
+    *sent*, on this process's monotonic clock, which runs on while the process is frozen, and
+    ends a margin before the TTL (``held_for``): the database's expiry is later, so a holder
+    stops before any standby may take over."""
 
     def __init__(self, fence: Fence, ttl_s: float, sent_at: float) -> None:
         self.fence, self.ttl_s = fence, ttl_s
-        self.deadline = sent_at + ttl_s
+        self.deadline = sent_at + self.held_for(ttl_s)
         self.lost = asyncio.Event()
         self.why = ""
+
+    @staticmethod
+    def held_for(ttl_s: float) -> float:
+        """How long after a take or renewal was sent the holder counts on the lease: the TTL
+        less a margin (0.5 s, an eighth of a short TTL), so that it has left the broker
+        sessions before the lease can expire on the database, whatever its clock's rate."""
+        return ttl_s - min(0.5, ttl_s / 8)
 
     def valid(self) -> bool:
         return not self.lost.is_set() and time.monotonic() < self.deadline
@@ -528,7 +536,7 @@ async def keep(lease: Lease, term: Term, every_s: float) -> None:
         if not held:
             term.end("another instance holds the lease")
             break
-        term.deadline = sent + term.ttl_s
+        term.deadline = sent + term.held_for(term.ttl_s)
     term.end(term.why or "the lease was not renewed in time")
 
 
