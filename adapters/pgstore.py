@@ -550,6 +550,11 @@ class PgStore:
     (the live service's standby runner keeps it) or taken here and renewed while the store
     is open (replay). Without ``writer`` the store is only read (the report, the console)."""
 
+    # a flush is a transaction on the server, which makes its disk write the log out: started
+    # 50 ms after a commit, it covers the commits of those 50 ms at once and stays clear of
+    # the ones that follow an operator's action (decisions.md 86)
+    flush_after_s = 0.05
+
     def __init__(
         self,
         url: str,

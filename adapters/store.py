@@ -593,6 +593,8 @@ class Store:
     ``sync="normal"`` does not (a commit survives the process dying, not a power cut).
     """
 
+    flush_after_s = 0.0  # the live processor's delay is the SQLite store's (decisions.md 54)
+
     def __init__(
         self,
         path: str | Path,

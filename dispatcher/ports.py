@@ -152,6 +152,10 @@ class Journal(Protocol):
         """Whether anything queued is more than bookkeeping (processed pairs, the clock)."""
         ...
 
+    # the least time between writing a commit and starting its flush while the service
+    # keeps up (0: the caller's own delay); inbound messages wait for the flush either way
+    flush_after_s: float
+
     def writes_inline(self, inline: bool = True) -> bool:
         """Whether ``commit(inline=inline)`` would write what is queued on the event loop."""
         ...

@@ -36,6 +36,8 @@ class MemoryJournal:
     """A journal in memory: ``queued`` until ``commit()``, then ``committed``. Set
     ``fail_commits`` to make that many commits fail (what they held stays queued)."""
 
+    flush_after_s = 0.0
+
     def __init__(self) -> None:
         self.queued = Queued()
         self.committed = Queued()

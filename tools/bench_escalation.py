@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import tempfile
 import time
@@ -36,7 +37,18 @@ from tools.bench_live import CHEN, FLAGGED, call_bytes, database, event_bytes, p
 async def escalation_stages(
     settings: Settings, samples: int, pause_s: float, postgresql: str | None = None
 ) -> tuple[list[float], list[float]]:
-    """(handled ms, written ms) of ``samples`` escalations, each after ``pause_s`` idle."""
+    """(handled ms, written ms) of ``samples`` escalations, each after ``pause_s`` idle.
+    The operator's and the resident's rate limits are lifted: the benchmark sends faster
+    than any operator, on purpose."""
+    limits = settings.limits.model_copy(
+        update={
+            "rate_per_party": 1e9,
+            "burst_per_party": 10**9,
+            "rate_per_subscriber": 1e9,
+            "burst_per_subscriber": 10**9,
+        }
+    )
+    settings = dataclasses.replace(settings, limits=limits)
     topics = Topics(settings.service.prefix)
     calls, actions = topics.calls(settings.service.region), topics.actions("bench")
     handed_over: list[float] = []

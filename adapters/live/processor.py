@@ -36,7 +36,8 @@ LOG_RELEASE_S = 0.002
 # a commit written on the loop is flushed to the disk this long after it was written (its
 # messages are on their way by then): the flush wakes the kernel's journal and the disk on
 # the cores those messages need on their way to their subscribers (docs/decisions.md 54);
-# its inbound messages are acknowledged once it is flushed, as always
+# its inbound messages are acknowledged once it is flushed, as always; a store may want
+# longer (``Journal.flush_after_s``: PostgreSQL's, decisions.md 86)
 FLUSH_AFTER_S = 0.005
 
 
@@ -103,7 +104,10 @@ class Processor:
                 # acker acknowledges this batch once it is flushed
                 await runtime.commit(flush=False, inline=not rate.busy)
                 flushed = asyncio.ensure_future(
-                    _flush(runtime.store, 0.0 if rate.busy else FLUSH_AFTER_S)
+                    _flush(
+                        runtime.store,
+                        0.0 if rate.busy else max(FLUSH_AFTER_S, runtime.store.flush_after_s),
+                    )
                 )
                 self.flushes.add(flushed)
                 flushed.add_done_callback(self.flushes.discard)
