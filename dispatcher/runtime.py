@@ -218,8 +218,9 @@ class Runtime:
         self._legacy_seen: dict[str, float] = {}
         # the receipt of each reply within the dedupe window, by its CloudEvent id, with
         # when it was made: a redelivered reply is answered with it again
-        # receipt id -> (when, topic, the receipt as JSON): kept compact, a day of them is many
-        self._receipts: dict[str, tuple[float, str, str]] = {}
+        # receipt id -> (when, topic, the receipt as JSON in UTF-8): kept compact, a day of
+        # them is many
+        self._receipts: dict[str, tuple[float, str, bytes]] = {}
         self._expire_countdown = 0
         limits = settings.limits
         # every channel's budget, spent as its messages arrive, before they are read. The
@@ -544,11 +545,12 @@ class Runtime:
     def _remember(self, receipt: Publish, at: float) -> None:
         assert receipt.payload is not None
         receipts = self._receipts
-        # as text: orjson's bytes keep a 4 KiB buffer whatever their length
+        # copied: orjson's bytes keep a 4 KiB buffer whatever their length; UTF-8, not text:
+        # a receipt's Chinese words would make Python hold all of its text two bytes a letter
         receipts[receipt.payload["id"]] = (
             at,
             receipt.topic,
-            orjson.dumps(receipt.payload).decode(),
+            bytes(memoryview(orjson.dumps(receipt.payload))),
         )
         if len(receipts) > self.settings.limits.max_dedupe_entries:
             del receipts[next(iter(receipts))]
@@ -717,9 +719,14 @@ class Runtime:
 
         Commits stay in order: this first waits for the previous one. Only what
         ``wait_committed`` has seen through may be acknowledged as processed.
+
+        Before returning, it lets the commit take what is queued and hand it to the store's
+        writer: a caller that goes on handling without awaiting anything (a replay) would
+        otherwise start it only at its next commit, and the two would never overlap.
         """
         await self._before_commit()
         self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush, inline))
+        await asyncio.sleep(0)
 
     async def _before_commit(self) -> None:
         """Wait for the commit in flight; prune the store when due; note the clock."""
