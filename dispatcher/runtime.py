@@ -719,14 +719,9 @@ class Runtime:
 
         Commits stay in order: this first waits for the previous one. Only what
         ``wait_committed`` has seen through may be acknowledged as processed.
-
-        Before returning, it lets the commit take what is queued and hand it to the store's
-        writer: a caller that goes on handling without awaiting anything (a replay) would
-        otherwise start it only at its next commit, and the two would never overlap.
         """
         await self._before_commit()
         self._committing = asyncio.ensure_future(self._commit_and_hand_over(flush, inline))
-        await asyncio.sleep(0)
 
     async def _before_commit(self) -> None:
         """Wait for the commit in flight; prune the store when due; note the clock."""
