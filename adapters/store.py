@@ -1199,6 +1199,27 @@ class _Rows:
         )
 
 
+def _upsert(table: str, columns: str) -> str:
+    """Insert a row, or update the one with its id in place: unlike ``INSERT OR REPLACE``
+    (a delete and an insert under a new rowid), an index whose columns did not change is
+    left alone."""
+    names = columns.split()
+    return (
+        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({','.join('?' * len(names))}) "
+        f"ON CONFLICT (id) DO UPDATE SET "
+        + ", ".join(f"{name} = excluded.{name}" for name in names[1:])
+    )
+
+
+UPSERT_INCIDENT = _upsert(
+    "incidents", "id subscriber status severity rule opened_at closed_at outcome doc"
+)
+UPSERT_DISPATCH = _upsert(
+    "dispatches",
+    "id incident_id unit role status offered_at accepted_at arrived_at reported_at outcome",
+)
+
+
 def _mark_sent(db: sqlite3.Connection, seqs: list[int]) -> None:
     """One transaction (in autocommit mode each UPDATE would be a commit of its own)."""
     db.execute("BEGIN IMMEDIATE")
@@ -1259,15 +1280,9 @@ def _write(
         db.execute("BEGIN IMMEDIATE")
         try:
             if rows.incidents:
-                db.executemany(
-                    "INSERT OR REPLACE INTO incidents VALUES (?,?,?,?,?,?,?,?,?)",
-                    [(*r[:8], _dumps(r[8])) for r in rows.incidents],
-                )
+                db.executemany(UPSERT_INCIDENT, [(*r[:8], _dumps(r[8])) for r in rows.incidents])
             if rows.dispatches:
-                db.executemany(
-                    "INSERT OR REPLACE INTO dispatches VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    rows.dispatches,
-                )
+                db.executemany(UPSERT_DISPATCH, rows.dispatches)
             if rows.timeline:
                 db.executemany(
                     "INSERT INTO timeline (incident_id, at, kind, by, text, "
