@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters.store import RECEIPT, Store
+from adapters.store import OUTBOX_PAYLOAD, RECEIPT, Store
 from dispatcher.errors import StoreError
 from dispatcher.model import Incident
 from dispatcher.settings import Settings
@@ -61,8 +61,8 @@ async def build_report(store: Store, settings: Settings, base: float = 0.0) -> d
     receipts: set[str] = set()
     names: dict[str, str] = {}  # a day repeats a few topics and types: each held once
     async for at, topic, type_, receipt in store.rows(
-        "SELECT at, topic, type, CASE WHEN type = ? THEN json_extract(payload, '$.id') END "
-        "FROM outbox ORDER BY seq",
+        f"SELECT at, topic, type, CASE WHEN type = ? THEN json_extract({OUTBOX_PAYLOAD}, '$.id') "
+        "END FROM outbox ORDER BY seq",
         (RECEIPT,),
     ):
         if receipt is not None:
