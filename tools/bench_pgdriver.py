@@ -56,9 +56,7 @@ UPSERT_DISPATCH = (
 )
 INSERT_TIMELINE = "INSERT INTO timeline (incident_id, text) VALUES ({})"
 INSERT_OUTBOX = "INSERT INTO outbox VALUES ({})"
-UPSERT_META = (
-    "INSERT INTO meta VALUES ({}) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-)
+UPSERT_META = "INSERT INTO meta VALUES ({}) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 FENCE = "SELECT epoch FROM lease WHERE name = {} AND holder = {} AND epoch = {} FOR SHARE"
 
 
@@ -143,8 +141,10 @@ async def run(server: str, small: int, large: int) -> None:
                 rate[driver].append(n / (time.perf_counter() - start))
         print(f"small commit (12 rows), {small} each, ms:  p50     p99")
         for d in commits:
-            print(f"  {d:8}                          {statistics.median(latency[d]):6.2f}"
-                  f"  {pct(latency[d], 0.99):6.2f}")
+            print(
+                f"  {d:8}                          {statistics.median(latency[d]):6.2f}"
+                f"  {pct(latency[d], 0.99):6.2f}"
+            )
         print(f"large commit (467 rows), {large} each, rows/s (median)")
         for d in commits:
             print(f"  {d:8}  {statistics.median(rate[d]):10,.0f}")
