@@ -65,10 +65,12 @@ def marks(style: str, n: int) -> str:
 
 
 async def with_psycopg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
-    import psycopg
+    import psycopg  # type: ignore[import-not-found]  # installed only to run this bench
 
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    m = lambda n: marks("psycopg", n)  # noqa: E731
+
+    def m(n: int) -> str:
+        return marks("psycopg", n)
 
     async def commit(rows: Rows) -> None:
         async with conn.transaction(), conn.pipeline(), conn.cursor() as cur:
@@ -83,10 +85,12 @@ async def with_psycopg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
 
 
 async def with_asyncpg(dsn: str) -> Callable[[Rows], Awaitable[None]]:
-    import asyncpg
+    import asyncpg  # type: ignore[import-not-found]  # installed only to run this bench
 
     conn = await asyncpg.connect(dsn)
-    m = lambda n: marks("asyncpg", n)  # noqa: E731
+
+    def m(n: int) -> str:
+        return marks("asyncpg", n)
 
     async def commit(rows: Rows) -> None:
         async with conn.transaction():
