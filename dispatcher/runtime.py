@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import structlog
 
+from dispatcher import logs
 from dispatcher.errors import InputError
 from dispatcher.inbound import (
     DISPATCH_ID_RE,
@@ -670,6 +671,7 @@ class Runtime:
 
     def _apply(self, effects: list[Effect], now: float) -> None:
         store = self.store
+        noting = logs.info_enabled()
         for effect in effects:
             if isinstance(effect, Publish):
                 self.counts["published"] += 1
@@ -679,14 +681,15 @@ class Runtime:
             elif isinstance(effect, Noted):
                 entry = effect.entry
                 store.add_timeline(effect.incident_id, entry)
-                log.info(
-                    entry.kind,
-                    incident_id=effect.incident_id,
-                    dispatch_id=entry.dispatch_id,
-                    by=entry.by,
-                    at=entry.at,
-                    text=entry.text,
-                )
+                if noting:
+                    log.info(
+                        entry.kind,
+                        incident_id=effect.incident_id,
+                        dispatch_id=entry.dispatch_id,
+                        by=entry.by,
+                        at=entry.at,
+                        text=entry.text,
+                    )
             elif isinstance(effect, IncidentSaved):
                 store.save_incident(effect.incident, effect.doc)
             elif isinstance(effect, TimerSet):
