@@ -107,7 +107,7 @@ CREATE INDEX timeline_incident ON timeline (incident_id, seq);
 CREATE TABLE outbox (
     seq BIGINT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, topic TEXT NOT NULL,
     qos INTEGER NOT NULL, retain INTEGER NOT NULL, type TEXT, payload TEXT,
-    sent INTEGER NOT NULL DEFAULT 0
+    sent INTEGER NOT NULL DEFAULT 0, same_as BIGINT
 );
 CREATE INDEX outbox_unsent ON outbox (seq) WHERE sent = 0;
 CREATE INDEX outbox_dead_letters ON outbox (at) WHERE type = '{DEAD_LETTER}';
@@ -156,9 +156,16 @@ INSERT INTO store_schema VALUES ({SCHEMA_VERSION});
 """
 
 # Forward migrations, as adapters/store.py's: PG_MIGRATIONS[v] takes a store from v to v + 1.
-# A new store is made at SCHEMA_VERSION; the first PostgreSQL store is that version.
-PG_MIGRATIONS: dict[int, str] = {}
-FIRST_PG_VERSION = SCHEMA_VERSION
+# A new store is made at SCHEMA_VERSION; the first PostgreSQL stores were made at version 6.
+PG_MIGRATIONS: dict[int, str] = {
+    # 7: a retained copy of an earlier row's payload names that row (adapters/store.py)
+    6: "ALTER TABLE outbox ADD COLUMN same_as BIGINT",
+}
+FIRST_PG_VERSION = 6
+# an outbox row's payload, its own or that of the row it repeats (``same_as``)
+OUTBOX_PAYLOAD = (
+    "COALESCE(outbox.payload, (SELECT p.payload FROM outbox AS p WHERE p.seq = outbox.same_as))"
+)
 
 _TIMELINE_SELECT = TIMELINE_SELECT.replace("?", "%s")
 
@@ -209,8 +216,8 @@ _TABLES: dict[str, tuple[str, str]] = {
     ),
     "outbox": _insert(
         "outbox",
-        "seq, at, topic, qos, retain, type, payload, sent",
-        "int8, float8, text, int4, int4, text, text, int4",
+        "seq, at, topic, qos, retain, type, payload, sent, same_as",
+        "int8, float8, text, int4, int4, text, text, int4, int8",
     ),
     "inbound": _insert("inbound", "first_at, last_at, pairs", "float8, float8, text"),
     "rejected": _insert("rejected", "at, topic, reason, payload", "float8, text, text, text"),
@@ -578,6 +585,9 @@ class PgStore:
         self._reader: psycopg.AsyncConnection[Any] | None = None
         self._flusher: psycopg.AsyncConnection[Any] | None = None
         self._batch = _Batch()
+        # each open incident's dispatch rows as last written: an unchanged one is not
+        # written again (``_Rows.snapshot``)
+        self._dispatch_rows: dict[str, tuple[Any, ...]] = {}
         self._writing = asyncio.Lock()
         self._reading = asyncio.Lock()
         self._next_seq = 1
@@ -743,8 +753,8 @@ class PgStore:
 
     def published(self) -> AsyncIterator[Any]:
         return self.rows(
-            "SELECT at, topic, type, CASE WHEN type = ? THEN payload::json->>'id' END "
-            "FROM outbox ORDER BY seq",
+            f"SELECT at, topic, type, CASE WHEN type = ? THEN ({OUTBOX_PAYLOAD})::json->>'id' "
+            "END FROM outbox ORDER BY seq",
             (RECEIPT,),
         )
 
@@ -823,13 +833,14 @@ class PgStore:
         try:
             if not len(batch):
                 return []
-            rows = _Rows.snapshot(batch)
+            rows = _Rows.snapshot(batch, self._dispatch_rows)
             outbox, pending = serialise_outbox(rows.outbox)
             async with self._writing:
                 await self._write(rows, outbox)
         except BaseException:
             batch.absorb(self._batch)
             self._batch = batch
+            self._dispatch_rows.clear()  # which rows were written is no longer known
             raise
         self._written += 1
         if written is not None and pending:
@@ -957,8 +968,8 @@ class PgStore:
 
     async def unsent(self, limit: int, after: int = 0) -> list[OutboxRow]:
         rows = await self._read(
-            "SELECT seq, topic, qos, retain, payload FROM outbox WHERE sent = 0 AND seq > %s "
-            "ORDER BY seq LIMIT %s",
+            f"SELECT seq, topic, qos, retain, {OUTBOX_PAYLOAD} FROM outbox "
+            "WHERE sent = 0 AND seq > %s ORDER BY seq LIMIT %s",
             (after, limit),
         )
         return [

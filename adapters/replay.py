@@ -96,4 +96,8 @@ async def _replay(
         finally:
             store.set_meta("replay.cursor", str(cursor))
             await runtime.commit()
+        # the report is read from the store alone: the state goes first, so that the two are
+        # never in memory at once (at a wave of 5,000 cases, some 80 MB each)
+        del runtime, meta
+        gc.collect()
         return await build_report(store, settings)

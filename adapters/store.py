@@ -73,7 +73,7 @@ from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 from dispatcher.ports import KeptInbound, OutboxRow, QueuedEffects, Snapshot
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 T = TypeVar("T")
 log = structlog.get_logger("store")
 CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
@@ -193,7 +193,19 @@ CREATE INDEX IF NOT EXISTS incident_inbound_contacts ON incident_inbound (subscr
     WHERE incident_id IS NULL;
 CREATE INDEX IF NOT EXISTS incident_inbound_at ON incident_inbound (at);
 """,
+    # 7: the retained copy of an incident's state repeats, word for word, the message to the
+    # operators just before it: its row names that row (``same_as``, the earlier row's seq,
+    # in the same commit) and holds no payload of its own; a row with neither payload nor
+    # ``same_as`` still clears its retained topic
+    6: """
+ALTER TABLE outbox ADD COLUMN same_as INTEGER;
+""",
 }
+
+# an outbox row's payload, its own or that of the row it repeats (``same_as``, schema 7)
+OUTBOX_PAYLOAD = (
+    "COALESCE(outbox.payload, (SELECT p.payload FROM outbox AS p WHERE p.seq = outbox.same_as))"
+)
 
 
 @dataclass
@@ -626,6 +638,9 @@ class Store:
         self._batch = _Batch()
         self._writing = asyncio.Lock()  # one write transaction at a time
         self._next_seq = 1  # of the outbox, assigned when queued
+        # each open incident's dispatch rows as last written: an unchanged one is not written
+        # again (``_Rows.snapshot``)
+        self._dispatch_rows: dict[str, tuple[Any, ...]] = {}
         self._mode = ""  # meta "mode": "live", "replay", or not yet said
         self.migrated_from = SCHEMA_VERSION
 
@@ -802,8 +817,8 @@ class Store:
         """Every outbound message in order: its time, topic and type, and for a reply receipt
         the id of the receipt (the same receipt sent again is the same message)."""
         return self.rows(
-            "SELECT at, topic, type, CASE WHEN type = ? THEN json_extract(payload, '$.id') END "
-            "FROM outbox ORDER BY seq",
+            f"SELECT at, topic, type, CASE WHEN type = ? THEN json_extract({OUTBOX_PAYLOAD}, "
+            "'$.id') END FROM outbox ORDER BY seq",
             (RECEIPT,),
         )
 
@@ -911,7 +926,8 @@ class Store:
         try:
             if not len(batch):
                 return []
-            rows = _Rows.snapshot(batch)  # on the event loop: state may change right after
+            # on the event loop: state may change right after
+            rows = _Rows.snapshot(batch, self._dispatch_rows)
             async with self._writing:
                 writer = self._loop_writer(batch.effects(), inline)
                 if writer is not None:
@@ -923,6 +939,7 @@ class Store:
             # back in front of whatever was queued since, for the next commit to write.
             batch.absorb(self._batch)
             self._batch = batch
+            self._dispatch_rows.clear()  # which rows were written is no longer known
             raise
         self._written += 1
         self._checkpoint_soon(loop)
@@ -1029,8 +1046,8 @@ class Store:
     async def unsent(self, limit: int, after: int = 0) -> list[OutboxRow]:
         """The oldest outbound messages not yet acknowledged by the broker, in order."""
         rows = await self.db.execute_fetchall(
-            "SELECT seq, topic, qos, retain, payload FROM outbox WHERE sent = 0 AND seq > ? "
-            "ORDER BY seq LIMIT ?",
+            f"SELECT seq, topic, qos, retain, {OUTBOX_PAYLOAD} FROM outbox "
+            "WHERE sent = 0 AND seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         )
         return [
@@ -1132,7 +1149,11 @@ class _Rows:
     kept: list[KeptInbound]
 
     @classmethod
-    def snapshot(cls, batch: _Batch) -> _Rows:
+    def snapshot(cls, batch: _Batch, written: dict[str, tuple[Any, ...]] | None = None) -> _Rows:
+        """``written``: the row each dispatch was last given in, by dispatch id, kept by
+        the caller across commits: a dispatch whose row is unchanged is not written again
+        (``written`` is updated; the caller empties it when a commit fails). An incident that
+        is closed is let go from it: if it is saved again, its rows are all written."""
         incidents: list[tuple[Any, ...]] = []
         dispatches: list[tuple[Any, ...]] = []
         for inc, doc in batch.incidents.values():
@@ -1149,7 +1170,7 @@ class _Rows:
                     doc if doc is not None else inc.to_doc(),
                 )
             )
-            dispatches.extend(
+            rows = [
                 (
                     d.id,
                     inc.id,
@@ -1163,7 +1184,18 @@ class _Rows:
                     d.outcome,
                 )
                 for d in inc.dispatches.values()
-            )
+            ]
+            if written is None:
+                dispatches.extend(rows)
+            elif inc.status == "closed":
+                dispatches.extend(rows)
+                for row in rows:
+                    written.pop(row[0], None)
+            else:
+                for row in rows:
+                    if written.get(row[0]) != row:
+                        written[row[0]] = row
+                        dispatches.append(row)
         return cls(
             list(batch.meta.items()),
             incidents,
@@ -1176,6 +1208,27 @@ class _Rows:
             [(u, st, at) for u, (st, at) in batch.presence.items()],
             batch.kept,
         )
+
+
+def _upsert(table: str, columns: str) -> str:
+    """Insert a row, or update the one with its id in place: unlike ``INSERT OR REPLACE``
+    (a delete and an insert under a new rowid), an index whose columns did not change is
+    left alone."""
+    names = columns.split()
+    return (
+        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({','.join('?' * len(names))}) "
+        f"ON CONFLICT (id) DO UPDATE SET "
+        + ", ".join(f"{name} = excluded.{name}" for name in names[1:])
+    )
+
+
+UPSERT_INCIDENT = _upsert(
+    "incidents", "id subscriber status severity rule opened_at closed_at outcome doc"
+)
+UPSERT_DISPATCH = _upsert(
+    "dispatches",
+    "id incident_id unit role status offered_at accepted_at arrived_at reported_at outcome",
+)
 
 
 def _mark_sent(db: sqlite3.Connection, seqs: list[int]) -> None:
@@ -1202,15 +1255,9 @@ def _write(
         db.execute("BEGIN IMMEDIATE")
         try:
             if rows.incidents:
-                db.executemany(
-                    "INSERT OR REPLACE INTO incidents VALUES (?,?,?,?,?,?,?,?,?)",
-                    [(*r[:8], _dumps(r[8])) for r in rows.incidents],
-                )
+                db.executemany(UPSERT_INCIDENT, [(*r[:8], _dumps(r[8])) for r in rows.incidents])
             if rows.dispatches:
-                db.executemany(
-                    "INSERT OR REPLACE INTO dispatches VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    rows.dispatches,
-                )
+                db.executemany(UPSERT_DISPATCH, rows.dispatches)
             if rows.timeline:
                 db.executemany(
                     "INSERT INTO timeline (incident_id, at, kind, by, text, "
@@ -1220,7 +1267,7 @@ def _write(
             if outbox:
                 db.executemany(
                     "INSERT INTO outbox (seq, at, topic, qos, retain, type, payload, "
-                    "sent) VALUES (?,?,?,?,?,?,?,?)",
+                    "sent, same_as) VALUES (?,?,?,?,?,?,?,?,?)",
                     outbox,
                 )
             if rows.inbound:
@@ -1259,17 +1306,28 @@ def serialise_outbox(
     queued: list[tuple[Any, ...]],
 ) -> tuple[list[tuple[Any, ...]], list[OutboxRow]]:
     """A batch's outbox rows as written (payloads as JSON text, ``retain`` and ``sent`` as
-    integers), and those of them that wait for a publisher. A message over the broker's
-    packet limit is kept, marked as never to be sent, and said loudly."""
-    texts: dict[int, str] = {}  # one serialisation per payload (an event sent to two topics)
+    integers, and ``same_as``: a retained copy of an earlier row's payload names that row
+    and holds none itself, schema 7), and those of them that wait for a publisher, with
+    their whole payloads. A message over the broker's packet limit is kept, marked as never
+    to be sent, and said loudly."""
+    # one serialisation per payload (an event sent to two topics), and the first row that
+    # holds it: a retained copy of it is written as a reference to that row (``same_as``)
+    texts: dict[int, tuple[str, int, list[bytes]]] = {}
     outbox = []
     pending: list[OutboxRow] = []
     for seq, at, topic, qos, retain, type_, payload, sent in queued:
         text = None
+        same_as = None
+        encoded: list[bytes] = []  # the text as bytes, once made
         if payload is not None:
-            text = texts.get(id(payload))
-            if text is None:
-                text = texts[id(payload)] = _dumps(payload)
+            known = texts.get(id(payload))
+            if known is None:
+                text = _dumps(payload)
+                texts[id(payload)] = (text, seq, encoded)
+            else:
+                text, first, encoded = known
+                if retain and type_ != DEAD_LETTER:  # a dead letter's row may be pruned
+                    same_as = first
             if not sent and len(text) * 4 > MAX_MESSAGE_BYTES and _too_large(text):
                 # a broker disconnects a client that sends a packet over its limit, and the
                 # outbox goes in order: such a message would stop every one behind it, for
@@ -1283,7 +1341,10 @@ def serialise_outbox(
                     limit=MAX_MESSAGE_BYTES,
                 )
                 sent = True
-        outbox.append((seq, at, topic, qos, int(retain), type_, text, int(sent)))
+        stored = None if same_as is not None else text
+        outbox.append((seq, at, topic, qos, int(retain), type_, stored, int(sent), same_as))
         if not sent:
-            pending.append((seq, topic, qos, retain, None if text is None else text.encode()))
+            if text is not None and not encoded:
+                encoded.append(text.encode())
+            pending.append((seq, topic, qos, retain, encoded[0] if text is not None else None))
     return outbox, pending

@@ -108,8 +108,20 @@ class _Stderr:
         sys.stderr.flush()
 
 
+# the least level written (``configure``); before any set-up, structlog writes every level
+_least = logging.NOTSET
+
+
+def info_enabled() -> bool:
+    """Whether an ``info`` line would be written: a caller that logs a line for every entry
+    of a busy loop asks first (a filtered line still costs a logger bound for it)."""
+    return _least <= logging.INFO
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    global _least
     _held.release()  # lines held under the previous set-up go where it said
+    _least = logging.getLevelNamesMapping()[level.upper()]
     _held.stream = stream or _Stderr()
     _held.render = [mask_phone_numbers, structlog.processors.JSONRenderer(ensure_ascii=False)]
     structlog.configure(

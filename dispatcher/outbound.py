@@ -57,7 +57,7 @@ def rfc3339(origin: float, at: float) -> str:
     moment = origin + at
     text = _STAMPS.get(moment)
     if text is None:
-        if len(_STAMPS) >= 65536:  # a wave of incidents has many moments in play
+        if len(_STAMPS) >= 16384:  # a wave of incidents has many moments in play
             _STAMPS.clear()
         stamp = datetime.fromtimestamp(moment, tz=UTC).isoformat(timespec="milliseconds")
         text = _STAMPS[moment] = stamp.replace("+00:00", "Z")
@@ -65,6 +65,7 @@ def rfc3339(origin: float, at: float) -> str:
 
 
 SEVERITY_TEXT = {"warning": "预警", "critical": "紧急"}
+CACHED_SUBSCRIBERS = 65536  # subscribers' details rendered and kept at most
 
 
 def unit_session(unit: str) -> str:
@@ -139,6 +140,9 @@ class Messages:
         self.topics = Topics(settings.service.prefix)
         self.source = settings.service.source
         self.flagged = FlaggedNumbers(settings.flagged)
+        # each subscriber's details as an incident's messages give them, rendered once and
+        # shared by those messages (a message's payload is never changed once built)
+        self._subscribers: dict[str, dict[str, Any]] = {}
 
     def envelope(
         self,
@@ -234,6 +238,16 @@ class Messages:
         )
 
     def subscriber_detail(self, incident: Incident) -> dict[str, Any]:
+        """The subscriber as operators and police see it (the same dict for every message of
+        the subscriber's: the registries do not change while the process runs)."""
+        detail = self._subscribers.get(incident.subscriber)
+        if detail is None:
+            if len(self._subscribers) >= CACHED_SUBSCRIBERS:
+                self._subscribers.clear()
+            detail = self._subscribers[incident.subscriber] = self._subscriber(incident)
+        return detail
+
+    def _subscriber(self, incident: Incident) -> dict[str, Any]:
         sub = self.settings.subscribers.get(incident.subscriber)
         if sub is None:
             return {"msisdn": incident.subscriber, "known": False}

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 import structlog
 
+from dispatcher import logs
 from dispatcher.errors import InputError
 from dispatcher.inbound import (
     DISPATCH_ID_RE,
@@ -218,8 +219,9 @@ class Runtime:
         self._legacy_seen: dict[str, float] = {}
         # the receipt of each reply within the dedupe window, by its CloudEvent id, with
         # when it was made: a redelivered reply is answered with it again
-        # receipt id -> (when, topic, the receipt as JSON): kept compact, a day of them is many
-        self._receipts: dict[str, tuple[float, str, str]] = {}
+        # receipt id -> (when, topic, the receipt as JSON in UTF-8): kept compact, a day of
+        # them is many
+        self._receipts: dict[str, tuple[float, str, bytes]] = {}
         self._expire_countdown = 0
         limits = settings.limits
         # every channel's budget, spent as its messages arrive, before they are read. The
@@ -544,11 +546,12 @@ class Runtime:
     def _remember(self, receipt: Publish, at: float) -> None:
         assert receipt.payload is not None
         receipts = self._receipts
-        # as text: orjson's bytes keep a 4 KiB buffer whatever their length
+        # copied: orjson's bytes keep a 4 KiB buffer whatever their length; UTF-8, not text:
+        # a receipt's Chinese words would make Python hold all of its text two bytes a letter
         receipts[receipt.payload["id"]] = (
             at,
             receipt.topic,
-            orjson.dumps(receipt.payload).decode(),
+            bytes(memoryview(orjson.dumps(receipt.payload))),
         )
         if len(receipts) > self.settings.limits.max_dedupe_entries:
             del receipts[next(iter(receipts))]
@@ -668,6 +671,7 @@ class Runtime:
 
     def _apply(self, effects: list[Effect], now: float) -> None:
         store = self.store
+        noting = logs.info_enabled()
         for effect in effects:
             if isinstance(effect, Publish):
                 self.counts["published"] += 1
@@ -677,14 +681,15 @@ class Runtime:
             elif isinstance(effect, Noted):
                 entry = effect.entry
                 store.add_timeline(effect.incident_id, entry)
-                log.info(
-                    entry.kind,
-                    incident_id=effect.incident_id,
-                    dispatch_id=entry.dispatch_id,
-                    by=entry.by,
-                    at=entry.at,
-                    text=entry.text,
-                )
+                if noting:
+                    log.info(
+                        entry.kind,
+                        incident_id=effect.incident_id,
+                        dispatch_id=entry.dispatch_id,
+                        by=entry.by,
+                        at=entry.at,
+                        text=entry.text,
+                    )
             elif isinstance(effect, IncidentSaved):
                 store.save_incident(effect.incident, effect.doc)
             elif isinstance(effect, TimerSet):

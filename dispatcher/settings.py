@@ -409,6 +409,9 @@ def _read_csv(
                 )
                 return []
             rows: list[tuple[int, Row]] = []
+            # a value repeated down the file (a kind, a station, an estate) is held once: a
+            # county's registries repeat each of them thousands of times
+            held: dict[str, str] = {}
             for line_no, values in enumerate(reader, start=2):
                 if not values or all(not v.strip() for v in values):
                     continue
@@ -417,7 +420,15 @@ def _read_csv(
                         f"{path}:{line_no}: has {len(values)} fields; expected {len(columns)}"
                     )
                     continue
-                rows.append((line_no, {c: v.strip() for c, v in zip(columns, values, strict=True)}))
+                rows.append(
+                    (
+                        line_no,
+                        {
+                            c: held.setdefault(text := v.strip(), text)
+                            for c, v in zip(columns, values, strict=True)
+                        },
+                    )
+                )
             if not rows and what and len(problems) == before:
                 problems.append(f"{path}: no {what}: the file has a header and no rows")
             return rows

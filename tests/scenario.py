@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.replay import replay
+from adapters.store import OUTBOX_PAYLOAD
 from dispatcher import logs
 from dispatcher.protocol import validate_outbound
 from dispatcher.settings import Settings
@@ -219,7 +220,7 @@ class Result:
     def outbox(self) -> list[dict[str, Any]]:
         with sqlite3.connect(self.store) as db:
             rows = db.execute(
-                "SELECT at, topic, retain, type, payload FROM outbox ORDER BY seq"
+                f"SELECT at, topic, retain, type, {OUTBOX_PAYLOAD} FROM outbox ORDER BY seq"
             ).fetchall()
         return [
             {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,3 +88,26 @@ def test_a_warning_writes_every_held_line_at_once() -> None:
     finally:
         logs.release()
         logs.configure("warning")
+
+
+async def test_a_timeline_entry_is_logged_only_at_a_level_that_writes_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Below ``info`` nothing of a timeline entry is written, and it is not even made into a
+    line (``logs.info_enabled``); at ``info`` every entry is."""
+    quiet, loud = io.StringIO(), io.StringIO()
+    logs.configure("warning", quiet)
+    try:
+        assert not logs.info_enabled()
+        await replay(SEED, settings, tmp_path / "quiet.sqlite3")
+        logs.configure("info", loud)
+        assert logs.info_enabled()
+        await replay(SEED, settings, tmp_path / "loud.sqlite3")
+    finally:
+        logs.configure("warning")
+    assert quiet.getvalue() == ""
+    with sqlite3.connect(tmp_path / "loud.sqlite3") as db:
+        entries = [kind for (kind,) in db.execute("SELECT kind FROM timeline ORDER BY seq")]
+    logged = [json.loads(line)["event"] for line in loud.getvalue().splitlines()]
+    assert len(entries) > 10
+    assert [event for event in logged if event in set(entries)] == entries

@@ -244,6 +244,82 @@ async def test_a_failed_commit_keeps_its_writes_for_the_next_one(
         assert await store.fetchall("SELECT value FROM meta WHERE key='first'") == [("1",)]
 
 
+DISPATCH_ROW = (
+    "id",
+    "unit",
+    "role",
+    "status",
+    "offered_at",
+    "accepted_at",
+    "arrived_at",
+    "reported_at",
+    "outcome",
+)
+
+
+def _dispatch_rows(db: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The dispatches table, and the same rows made from the incidents' documents."""
+    table = db.execute(
+        "SELECT id, incident_id, unit, role, status, offered_at, accepted_at, arrived_at, "
+        "reported_at, outcome FROM dispatches ORDER BY id"
+    ).fetchall()
+    from_docs = sorted(
+        (d["id"], incident_id, *(d[name] for name in DISPATCH_ROW[1:]))
+        for incident_id, doc in db.execute("SELECT id, doc FROM incidents")
+        for d in json.loads(doc)["dispatches"].values()
+    )
+    return table, from_docs
+
+
+async def test_the_dispatch_rows_follow_every_change_though_unchanged_ones_are_not_rewritten(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A save writes only the dispatch rows that changed since the last commit; the table
+    still ends as the incidents' documents say, also when a commit failed in between (its
+    rows are all written by the next)."""
+    day = DATA / "golden" / "day.jsonl"
+    await replay(day, settings, tmp_path / "day.sqlite3")
+    with sqlite3.connect(tmp_path / "day.sqlite3") as db:
+        table, from_docs = _dispatch_rows(db)
+    assert table == from_docs and len(table) > 10
+
+    await replay(SEED, settings, tmp_path / "seed.sqlite3")
+    with sqlite3.connect(tmp_path / "seed.sqlite3") as db:
+        (doc,) = db.execute("SELECT doc FROM incidents").fetchone()
+    path = tmp_path / "store.sqlite3"
+    async with Store(path) as store:
+        inc = Incident.from_doc(json.loads(doc))
+        inc.status = "escalated"
+        first, second = list(inc.dispatches.values())[:2]
+        first.status, second.status = "offered", "offered"
+        store.save_incident(inc)
+        await store.commit()
+        first.status = "accepted"
+        store.save_incident(inc)
+        real = store._in_thread
+
+        async def broken(*args: object) -> None:
+            raise OSError("disk full")
+
+        store._in_thread = broken  # type: ignore[method-assign,assignment]
+        with pytest.raises(OSError, match="disk full"):
+            await store.commit()
+        store._in_thread = real  # type: ignore[method-assign]
+        second.status = "declined"
+        store.save_incident(inc)
+        await store.commit()
+        statuses = dict(await store.fetchall("SELECT id, status FROM dispatches"))
+        assert (statuses[first.id], statuses[second.id]) == ("accepted", "declined")
+        first.status = "arrived"
+        store.save_incident(inc)
+        await store.commit()
+    with sqlite3.connect(path) as db:
+        table, from_docs = _dispatch_rows(db)
+    assert table == from_docs
+    statuses = {row[0]: row[4] for row in table}
+    assert (statuses[first.id], statuses[second.id]) == ("arrived", "declined")
+
+
 async def test_an_inline_write_that_fails_keeps_its_writes_for_the_next_one(
     tmp_path: Path,
 ) -> None:

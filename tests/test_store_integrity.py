@@ -508,6 +508,7 @@ async def test_an_old_store_is_migrated_to_the_current_version(
         db.execute("DROP INDEX outbox_dead_letters")
         db.execute("DROP INDEX outbox_receipts")
         db.execute("DROP TABLE incident_inbound")
+        _unreference_outbox(db)
         db.execute("PRAGMA user_version=2")
         db.commit()
     async with Store(path) as store:
@@ -516,10 +517,61 @@ async def test_an_old_store_is_migrated_to_the_current_version(
         assert {"rejected_at", "outbox_dead_letters", "outbox_receipts"} <= indexes
         assert {"incident_inbound", "incident_inbound_incident"} <= indexes
         assert len(await store.fetchall("SELECT action_id FROM timeline")) == len(rows)
-    assert SCHEMA_VERSION == 6
+    assert SCHEMA_VERSION == 7
     resumed = await replay(SEED, settings, path)  # the rest of the case, on the old store
     golden = (DATA / "golden" / "seed.report.json").read_text(encoding="utf-8")
     assert dump_report(resumed) == golden
+
+
+def _unreference_outbox(db: sqlite3.Connection) -> None:
+    """Turn the outbox back into what a store before schema 7 held: every payload in full."""
+    db.execute(
+        "UPDATE outbox SET payload = (SELECT p.payload FROM outbox AS p "
+        "WHERE p.seq = outbox.same_as) WHERE same_as IS NOT NULL"
+    )
+    db.execute("ALTER TABLE outbox DROP COLUMN same_as")
+
+
+async def test_a_retained_copy_is_stored_once_and_sent_whole_also_from_a_schema_6_store(
+    tmp_path: Path,
+) -> None:
+    """An incident's state goes to the operators and to its retained topic: one payload,
+    written once (schema 7: the retained row names the first). A store written at schema 6,
+    with messages still unsent, is taken forward; its rows and the new ones all go out
+    whole, in order, and a cleared retained topic stays a message without payload."""
+    path = tmp_path / "s.sqlite3"
+    state = {"data": {"incident_id": "I", "n": 1}}
+    async with Store(path) as store:
+        store.add_outbox(1.0, Publish("operators", "t", state), sent=False)
+        store.add_outbox(1.0, Publish("incidents/I", "t", state, retain=True), sent=False)
+        await store.commit()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        _unreference_outbox(db)
+        db.execute("PRAGMA user_version=6")
+        db.commit()
+    later = {"data": {"incident_id": "I", "n": 2}}
+    async with Store(path) as store:
+        assert store.migrated_from == 6
+        store.add_outbox(2.0, Publish("operators", "t", later), sent=False)
+        store.add_outbox(2.0, Publish("incidents/I", "t", later, retain=True), sent=False)
+        store.add_outbox(3.0, Publish("incidents/I", None, None, retain=True), sent=False)
+        pending = await store.commit()
+        assert await store.fetchall(
+            "SELECT seq, payload IS NULL, same_as FROM outbox ORDER BY seq"
+        ) == [(1, 0, None), (2, 0, None), (3, 0, None), (4, 1, 3), (5, 1, None)]
+        unsent = await store.unsent(10)
+    whole = [json.dumps(state, separators=(",", ":")).encode()] * 2 + [
+        json.dumps(later, separators=(",", ":")).encode()
+    ] * 2
+    assert [row[4] for row in unsent] == [*whole, None]
+    assert [(row[0], row[1], row[3]) for row in unsent] == [
+        (1, "operators", False),
+        (2, "incidents/I", True),
+        (3, "operators", False),
+        (4, "incidents/I", True),
+        (5, "incidents/I", True),
+    ]
+    assert pending == unsent[2:]  # handed to the publisher as the store will send them again
 
 
 async def test_a_check_that_runs_out_of_time_opens_the_store_and_says_so(
