@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from adapters.reading import READ_ERRORS, StoreRef
+from adapters.reading import READ_ERRORS, StoreRef, read_failure
 from dispatcher.errors import StoreError
 from dispatcher.settings import load_settings
 from rules.engine import RuleSet
@@ -89,7 +89,7 @@ def _open(store: StoreRef) -> tuple[Any, dict[str, str]]:
         version = db.execute(version_sql).fetchone()[0]
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
     except READ_ERRORS as exc:
-        raise StoreError(f"{store}: not a dispatcher store ({exc})") from None
+        raise read_failure(store, exc) from None
     if version < EXPORT_SCHEMA:
         db.close()
         raise StoreError(
@@ -153,7 +153,7 @@ def export(
             if not rows:
                 raise StoreError(f"{store}: no kept inbound messages in that range")
     except READ_ERRORS as exc:
-        raise StoreError(f"{store}: not a dispatcher store ({exc})") from None
+        raise read_failure(store, exc) from None
     finally:
         db.close()
     first = rows[0][1]

@@ -250,34 +250,48 @@ def _columns(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
     return [[_text(v) for v in column] for column in zip(*rows, strict=True)]
 
 
+SECRET_PARAMS = ("password", "passfile")  # never in a URL: they would show where it does
+
+
 def conninfo(url: str) -> str:
     """libpq's connection string for ``url``, with the store's timeouts unless the URL sets
-    its own. A password in the URL is refused."""
+    its own. A password in the URL, as ``user:password@`` or as a parameter, is refused."""
+    shown = _shown(url)
     try:
         parts = urlsplit(url)
-        port = parts.port
+        parts.port  # noqa: B018  (parsing it is the check)
+        given = dict(parse_qsl(parts.query))
     except ValueError as exc:
-        raise StoreError(f"{url}: not a PostgreSQL URL: {exc}") from None
-    if parts.password is not None:
+        raise StoreError(f"{shown}: not a PostgreSQL URL: {exc}") from None
+    if parts.password is not None or "password" in given:
         raise StoreError(
-            f"{_shown(url)}: the store URL holds a password, which would show in the process "
+            f"{shown}: the store URL holds a password, which would show in the process "
             "list and the logs; give it in PGPASSWORD or a PGPASSFILE instead"
         )
     if not parts.path.strip("/"):
-        raise StoreError(f"{url}: the store URL names no database (postgresql://user@host/db)")
-    del port
-    given = dict(parse_qsl(parts.query))
+        raise StoreError(f"{shown}: the store URL names no database (postgresql://user@host/db)")
     params = {k: v for k, v in CONNECT_PARAMS.items() if k not in given}
     return psycopg.conninfo.make_conninfo(url, **params)
 
 
 def _shown(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+    """``url`` without its password (``user:password@`` or ``password=``), for messages."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+        query = parse_qsl(parts.query, keep_blank_values=True)
+    except ValueError:
+        head, at, rest = url.rpartition("@")
+        if not at:
+            return url
+        scheme, _, user = head.partition("://")
+        return f"{scheme}://{user.split(':', 1)[0]}:***@{rest}"
+    if password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1))
+    if any(k in SECRET_PARAMS for k, _ in query):
+        masked = "&".join(f"{k}={'***' if k in SECRET_PARAMS else v}" for k, v in query)
+        parts = parts._replace(query=masked)
+    return parts.geturl()
 
 
 def _failure(url: str, doing: str, exc: BaseException) -> StoreError:
@@ -360,6 +374,12 @@ async def ensure_schema(conn: psycopg.AsyncConnection[Any], url: str, *, create:
                     )
                 if not create:
                     raise StoreError(f"{_shown(url)}: no dispatcher store in this database")
+                cur = await conn.execute("SELECT current_schema()")
+                if (await cur.fetchone() or (None,))[0] is None:
+                    raise StoreError(
+                        f"{_shown(url)}: the URL's search path names no schema that exists; "
+                        "create it first (CREATE SCHEMA …) or name another"
+                    )
                 await conn.execute(SCHEMA)
                 return 0
             cur = await conn.execute("SELECT version FROM store_schema")
@@ -992,7 +1012,7 @@ class PgStore:
     async def backup(self, target: object) -> None:
         raise StoreError(
             f"{self.path}: a PostgreSQL store is backed up with pg_dump "
-            "(docs/operations.md, 'PostgreSQL')"
+            "(docs/operations.md, 'A PostgreSQL store: active/standby')"
         )
 
 

@@ -22,12 +22,23 @@ READ_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
 STORE_READ_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error, StoreError)
 
 
+def read_failure(store: object, exc: BaseException) -> StoreError:
+    """What a failed read says, on one line: the store unreachable, or not a store."""
+    first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if isinstance(exc, psycopg.OperationalError):
+        return StoreError(f"{store}: cannot read the store: {first}")
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        return StoreError(f"{store}: no dispatcher store in this database ({first})")
+    return StoreError(f"{store}: not a dispatcher store ({first})")
+
+
 class PgReader:
     """A PostgreSQL store read as a SQLite connection is: ``execute`` returns a cursor."""
 
     def __init__(self, url: str) -> None:
-        from adapters.pgstore import conninfo
+        from adapters.pgstore import _shown, conninfo
 
+        self.shown = _shown(url)
         self._conn = psycopg.connect(conninfo(url), autocommit=True)
 
     def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> psycopg.Cursor[Any]:
@@ -49,6 +60,10 @@ class StoreRef:
         self.postgres = is_postgres(spec)
 
     def __str__(self) -> str:
+        if self.postgres:
+            from adapters.pgstore import _shown
+
+            return _shown(str(self.spec))  # never a password
         return str(self.spec)
 
     def exists(self) -> bool:

@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from adapters.reading import READ_ERRORS, StoreRef
+from adapters.reading import READ_ERRORS, StoreRef, read_failure
 from adapters.stats_report import html_report
 from dispatcher.errors import StoreError
 from dispatcher.outcomes import figures
@@ -46,7 +46,7 @@ def read_store(
     try:
         db = ref.connect()
     except READ_ERRORS as exc:
-        raise StoreError(f"{ref}: cannot open the store: {exc}") from None
+        raise read_failure(ref, exc) from None
     try:
         meta = {key: value for key, value in db.execute("SELECT key, value FROM meta")}
         incidents = []
@@ -60,7 +60,7 @@ def read_store(
             )
         ]
     except READ_ERRORS as exc:
-        raise StoreError(f"{ref}: not a dispatcher store ({exc})") from None
+        raise read_failure(ref, exc) from None
     finally:
         db.close()
     return incidents, dispatches, float(meta.get("clock_origin", "0"))
@@ -69,6 +69,7 @@ def read_store(
 def cmd_stats(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     incidents, dispatches, origin = read_store(args.store)
+    shown = str(StoreRef(args.store))  # as given, a password masked
     stats = figures(
         incidents,
         dispatches,
@@ -78,10 +79,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
         args.date_to,
     )
     if args.html is not None:
-        _write(Path(args.html), html_report(stats, settings, args.store))
+        _write(Path(args.html), html_report(stats, settings, shown))
     if args.json is None and args.html is not None:
         return 0
-    text = json.dumps({"store": args.store, **stats}, ensure_ascii=False, indent=2) + "\n"
+    text = json.dumps({"store": shown, **stats}, ensure_ascii=False, indent=2) + "\n"
     if args.json in (None, "-"):
         sys.stdout.write(text)
         sys.stdout.flush()

@@ -196,7 +196,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         print(
             "antifraud: a PostgreSQL store is backed up with PostgreSQL's own tools: "
             "pg_dump --format=custom, or continuous archiving (docs/operations.md, "
-            "'PostgreSQL store')",
+            "'A PostgreSQL store: active/standby')",
             file=sys.stderr,
         )
         return 1

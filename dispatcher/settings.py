@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
@@ -107,7 +107,7 @@ class ServiceSettings(_Strict):
                 parts.port  # noqa: B018  (parsing it is the check)
             except ValueError as exc:
                 raise ValueError(f"not a PostgreSQL URL: {exc}") from None
-            if parts.password is not None:
+            if parts.password is not None or "password" in dict(parse_qsl(parts.query)):
                 raise ValueError(
                     "the PostgreSQL URL holds a password, which would show in the process "
                     "list and the logs; give it in PGPASSWORD or a PGPASSFILE instead"

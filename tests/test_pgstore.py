@@ -289,3 +289,55 @@ async def test_a_store_of_an_earlier_version_is_migrated_forward(pg_url: str) ->
         assert db.execute("SELECT version FROM store_schema").fetchone() == (SCHEMA_VERSION,)
         copies = db.execute("SELECT count(*) FROM outbox WHERE same_as IS NOT NULL").fetchone()
         assert copies is not None and copies[0] > 0  # written since as references
+
+
+@pytest.mark.parametrize(
+    ("store", "said"),
+    [
+        ("postgresql://postgres:s3cretPW@127.0.0.1:5432/x", "holds a password"),
+        ("postgresql://postgres@127.0.0.1:5432/x?password=s3cretPW", "holds a password"),
+        ("postgresql://postgres:s3cretPW@127.0.0.1:abc/x", "not a PostgreSQL URL"),
+        ("postgresql://postgres@127.0.0.1:5432", "names no database"),
+    ],
+)
+def test_run_refuses_a_store_url_that_can_never_work_at_once_and_never_shows_a_password(
+    store: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from antifraud.cli import main
+
+    for args in (["run", "--broker", "mqtt://127.0.0.1:9"], ["report", "--report", "-"]):
+        assert main([*args, "--store", store]) == 1
+        err = capsys.readouterr().err
+        assert said in err and "s3cretPW" not in err, err
+
+
+def test_run_on_a_database_that_holds_other_tables_exits_with_why(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from antifraud.cli import main
+
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("CREATE TABLE payroll (id INT)")
+    assert main(["run", "--store", pg_url, "--broker", "mqtt://127.0.0.1:9"]) == 1
+    assert "holds 1 tables but no dispatcher store" in capsys.readouterr().err
+
+
+def test_a_search_path_naming_no_schema_is_said_so(pg_url: str) -> None:
+    url = f"{pg_url}?options=-csearch_path%3Dnot_made"
+    with pytest.raises(StoreError, match="names no schema that exists; create it first"):
+        await_replay = replay(GOLDEN / "spec-01.jsonl", load_settings(CONFIG), url)
+        asyncio.run(await_replay)
+
+
+def test_the_readers_say_on_one_line_why_a_database_cannot_be_read(pg_url: str) -> None:
+    from adapters.export import export
+    from adapters.stats import read_store
+
+    with pytest.raises(StoreError, match="no dispatcher store in this database") as caught:
+        read_store(pg_url)
+    assert "\n" not in str(caught.value)
+    unreachable = pg_url.replace(":5432/", ":1/", 1)
+    for read in (lambda: read_store(unreachable), lambda: export(unreachable, Path("/x"))):
+        with pytest.raises(StoreError, match="cannot read the store") as caught:
+            read()
+        assert "\n" not in str(caught.value)

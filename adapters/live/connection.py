@@ -152,9 +152,10 @@ async def receiving_session(
                 log.info("broker_session_connected", broker=node_of(client), client_id=client_id)
                 await disconnected(client)
         except BrokerError as exc:
-            log.warning(
-                "broker_unavailable", broker=str(broker), client_id=client_id, error=str(exc)
-            )
+            if may_connect():  # else the session is another instance's: nothing is wrong
+                log.warning(
+                    "broker_unavailable", broker=str(broker), client_id=client_id, error=str(exc)
+                )
         finally:
             sessions.gone(suffix)
         await sessions.backoff(suffix, backoff.next_delay())
@@ -258,10 +259,13 @@ class Connection:
                     )
                     await disconnected(client)  # messages arrive through the inbox
             except BrokerError as exc:
-                log.warning("broker_unavailable", broker=str(self.broker), error=str(exc))
+                if self.may_connect():  # else the session is another instance's: all is well
+                    log.warning("broker_unavailable", broker=str(self.broker), error=str(exc))
             finally:
                 self.announcer = None
                 link.down()
+            if not self.may_connect():
+                continue  # waits above, without a word, until the service stops
             delay = backoff.next_delay()
             log.info("broker_reconnect_wait", seconds=round(delay, 2))
             await sessions.backoff("", delay)

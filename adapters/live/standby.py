@@ -35,7 +35,7 @@ from adapters.live.clock import Clock
 from adapters.live.heartbeat import HEARTBEAT_S
 from adapters.live.service import LiveService
 from adapters.mqtt import BrokerURL
-from adapters.pgstore import LEASE_TTL_S, Lease, Term, instance_name, keep
+from adapters.pgstore import LEASE_TTL_S, Lease, Term, conninfo, instance_name, keep
 from dispatcher.errors import FlushError, LeaseLost, StoreError, StoreUnavailable
 from dispatcher.settings import Settings
 
@@ -70,6 +70,7 @@ class Standby:
         self.settings, self.broker, self.url = settings, broker, url
         self.clock, self.client_id, self.heartbeat_s = clock, client_id, heartbeat_s
         self.ttl_s = ttl_s
+        conninfo(url)  # a URL that can never work is refused now, not retried for ever
         self.instance = instance or instance_name()
         self.lease = Lease(url, holder=self.instance, ttl_s=ttl_s)
         self.services: list[LiveService] = []
@@ -85,7 +86,7 @@ class Standby:
                 try:
                     fence = await self.lease.take()
                     current = None if fence is not None else await self.lease.current()
-                except StoreError as exc:
+                except StoreUnavailable as exc:  # anything else is not worth waiting for
                     if sent - unavailable_said >= UNAVAILABLE_LOG_S:  # not twice a second
                         unavailable_said = sent
                         log.warning("store_unavailable", instance=self.instance, error=str(exc))
