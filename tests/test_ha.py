@@ -23,7 +23,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,22 @@ def with_lease(ttl: float) -> Callable[[str], str]:
     return edit
 
 
+STARTED: list[asyncio.subprocess.Process] = []  # every process a test started, until it ends
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test() -> Iterator[None]:
+    """A test that fails half-way leaves no dispatcher behind (it would go on retrying a
+    database and a broker that are gone, on a machine other tests share)."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGCONT)
+                process.send_signal(signal.SIGKILL)
+
+
 class Instance:
     """``antifraud run`` on the PostgreSQL store, as a process of its own, its log kept."""
 
@@ -78,6 +94,7 @@ class Instance:
     async def start(self) -> None:
         with self.log.open("a") as out:
             self.process = await asyncio.create_subprocess_exec(*self.args, stdout=out, stderr=out)
+        STARTED.append(self.process)
 
     @property
     def pid(self) -> int:
