@@ -159,7 +159,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tools.demo import DEFAULT_RECORDING, run_demo
+    from tools.demo import DEFAULT_RECORDING, run_demo, stopping
 
     settings = _settings(args.config)
     recording = Path(args.recording) if args.recording else DEFAULT_RECORDING
@@ -170,8 +170,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            # asked until it takes: a cancellation arriving just as an inner wait_for ends
+            # is lost on Python 3.11, and the demo would play its case to the end; once the
+            # demo is cleaning up (its broker, its files), it is left to finish that
+            if not task.done() and not stopping():
+                task.cancel()
+                loop.call_later(1.0, stop)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+            loop.add_signal_handler(sig, stop)
         return await run_demo(
             settings,
             recording,

@@ -199,6 +199,7 @@ def test_every_command_and_option_says_what_it_is_for() -> None:
 def test_sigterm_to_the_demo_stops_its_broker_and_removes_its_files(tmp_path: Path) -> None:
     import os
     import signal
+    import threading
     import time
 
     private = tmp_path / "tmp"
@@ -215,6 +216,9 @@ def test_sigterm_to_the_demo_stops_its_broker_and_removes_its_files(tmp_path: Pa
         for line in demo.stdout:  # the case is under way
             if "playing" in line:
                 break
+        # the demo goes on printing the case: read it, or a full pipe stops the demo mid-write
+        drain = threading.Thread(target=demo.stdout.read, daemon=True)
+        drain.start()
         children = subprocess.run(
             ["ps", "-o", "pid=,comm=", "--ppid", str(demo.pid)],
             capture_output=True,
@@ -226,7 +230,7 @@ def test_sigterm_to_the_demo_stops_its_broker_and_removes_its_files(tmp_path: Pa
         assert brokers, children
         assert any(private.iterdir())  # the broker's and the store's folders
         demo.send_signal(signal.SIGTERM)
-        assert demo.wait(20) == 143
+        assert demo.wait(60) == 143
         deadline = time.monotonic() + 5
         while any(os.path.exists(f"/proc/{pid}") for pid in brokers):
             assert time.monotonic() < deadline, "the demo's broker outlived it"

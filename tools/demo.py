@@ -268,6 +268,14 @@ async def _serve_console(
     return runner
 
 
+_state = {"stopping": False}
+
+
+def stopping() -> bool:
+    """Whether the demo has begun to stop (its services, then its broker and files)."""
+    return _state["stopping"]
+
+
 async def run_demo(
     settings: Settings,
     recording: Path,
@@ -344,10 +352,14 @@ async def run_demo(
                 out.write(f"the console stays up {linger_s:g} s more\n")
                 await asyncio.sleep(linger_s)
         finally:
+            _state["stopping"] = True  # a stop asked again from here on would cut the cleanup
+            # everything stops together, within 5 s: one by one, each of some twenty tasks
+            # that did not see the stop in time would have added its own 5 s
             stop.set()
-            for task in tasks:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, 5)
+            _, late = await asyncio.wait(tasks, timeout=5)
+            for task in late:
+                task.cancel()
+            await asyncio.wait(tasks, timeout=5)
         timeline.flush()
         async with Store(store_path) as store:
             report = await build_report(store, settings, base=timeline.origin)
