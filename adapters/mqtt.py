@@ -161,8 +161,6 @@ async def disconnected(client: aiomqtt.Client) -> None:
     raise BrokerError("Disconnected") from ended.exception()
 
 
-DISCONNECT_WAIT_S = 5.0  # the longest a closing client waits to say goodbye
-
 
 def _client(
     broker: BrokerURL,
@@ -306,10 +304,8 @@ async def open_client(
     finally:
         if lost and _first_node.get(key) == index:
             _first_node[key] = (index + 1) % len(nodes)  # the next connection tries another
-        # the goodbye is bounded: a connection that cannot say it (a broker gone quiet, a
-        # socket that takes nothing) must not hold up whoever is stopping
-        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            await asyncio.wait_for(client.__aexit__(None, None, None), DISCONNECT_WAIT_S)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.__aexit__(None, None, None)
 
 
 def node_of(client: aiomqtt.Client) -> str:
