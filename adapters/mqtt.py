@@ -161,7 +161,6 @@ async def disconnected(client: aiomqtt.Client) -> None:
     raise BrokerError("Disconnected") from ended.exception()
 
 
-
 def _client(
     broker: BrokerURL,
     protocol: aiomqtt.ProtocolVersion,
