@@ -55,6 +55,7 @@ from adapters.store import (
     RECEIPT,
     SCHEMA_VERSION,
     TIMELINE_SELECT,
+    QueuedWrites,
     _Batch,
     _dumps,
     _Rows,
@@ -62,8 +63,8 @@ from adapters.store import (
     timeline_rows,
 )
 from dispatcher.errors import FlushError, LeaseLost, StoreError, StoreUnavailable
-from dispatcher.model import Incident, Publish, TimelineEntry
-from dispatcher.ports import KeptInbound, OutboxRow, Snapshot
+from dispatcher.model import Incident, TimelineEntry
+from dispatcher.ports import OutboxRow, Snapshot
 
 log = structlog.get_logger("store")
 
@@ -570,7 +571,7 @@ async def keep(lease: Lease, term: Term, every_s: float) -> None:
 # ---- the store ---------------------------------------------------------------------------
 
 
-class PgStore:
+class PgStore(QueuedWrites):
     """The store on PostgreSQL, an async context manager like ``adapters.store.Store``.
 
     ``writer``: this process writes the store; it must hold the lease, given as ``term``
@@ -778,63 +779,7 @@ class PgStore:
             (RECEIPT,),
         )
 
-    # ---- queueing (synchronous, in memory), as adapters/store.py ---------------------------
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._batch.meta[key] = value
-        if key == "mode":
-            self._mode = value
-
-    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
-        self._batch.incidents[incident.id] = (incident, doc)
-
-    def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None:
-        self._batch.timeline.append(
-            (
-                incident_id,
-                entry.at,
-                entry.kind,
-                entry.by,
-                entry.text,
-                entry.dispatch_id,
-                entry.action_id,
-            )
-        )
-
-    def add_outbox(self, at: float, message: Publish, sent: bool) -> None:
-        self._batch.outbox.append(
-            (
-                self._next_seq,
-                at,
-                message.topic,
-                message.qos,
-                message.retain,
-                message.type,
-                message.payload,
-                sent,
-            )
-        )
-        self._next_seq += 1
-
-    def add_inbound(self, source: str, event_id: str, at: float) -> None:
-        self._batch.inbound.append((source, event_id, at))
-
-    def add_rejected(self, at: float, topic: str, reason: str, payload: str) -> None:
-        self._batch.rejected.append((at, topic, reason, payload))
-
-    def add_contact(self, subscriber: str, at: float, counterpart: str) -> None:
-        self._batch.contacts.append((subscriber, at, counterpart))
-
-    def set_presence(self, unit: str, state: str, at: float) -> None:
-        self._batch.presence[unit] = (state, at)
-
-    def keep_inbound(self, message: KeptInbound) -> None:
-        self._batch.kept.append(message)
-
-    # ---- committing ------------------------------------------------------------------------
-
-    def holds_effects(self) -> bool:
-        return self._batch.holds_effects()
+    # ---- committing (queueing: QueuedWrites, adapters/store.py) -------------------------
 
     def writes_inline(self, inline: bool = True) -> bool:
         """A commit is sent to the server from the event loop, which is free meanwhile."""

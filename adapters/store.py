@@ -598,7 +598,76 @@ class WriterLock:
             self._fd = None
 
 
-class Store:
+class QueuedWrites:
+    """The queueing half of both stores (SQLite here, PostgreSQL in adapters/pgstore.py):
+    each write of a step goes into ``_batch`` until ``commit()`` writes it; outbox rows are
+    numbered as they are queued (``_next_seq``, read from the store when it opens)."""
+
+    _batch: _Batch
+    _next_seq: int
+    _mode: str  # meta "mode": "live", "replay", or not yet said
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._batch.meta[key] = value
+        if key == "mode":
+            self._mode = value
+
+    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
+        """Upsert ``incident``; ``doc``: its ``to_doc()`` as of now, if already made."""
+        self._batch.incidents[incident.id] = (incident, doc)
+
+    def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None:
+        self._batch.timeline.append(
+            (
+                incident_id,
+                entry.at,
+                entry.kind,
+                entry.by,
+                entry.text,
+                entry.dispatch_id,
+                entry.action_id,
+            )
+        )
+
+    def add_outbox(self, at: float, message: Publish, sent: bool) -> None:
+        """Queue an outbound message; it is serialised when committed (``payload`` is not
+        changed after it was built)."""
+        self._batch.outbox.append(
+            (
+                self._next_seq,
+                at,
+                message.topic,
+                message.qos,
+                message.retain,
+                message.type,
+                message.payload,
+                sent,
+            )
+        )
+        self._next_seq += 1
+
+    def add_inbound(self, source: str, event_id: str, at: float) -> None:
+        self._batch.inbound.append((source, event_id, at))
+
+    def add_rejected(self, at: float, topic: str, reason: str, payload: str) -> None:
+        self._batch.rejected.append((at, topic, reason, payload))
+
+    def add_contact(self, subscriber: str, at: float, counterpart: str) -> None:
+        self._batch.contacts.append((subscriber, at, counterpart))
+
+    def set_presence(self, unit: str, state: str, at: float) -> None:
+        self._batch.presence[unit] = (state, at)
+
+    def keep_inbound(self, message: KeptInbound) -> None:
+        self._batch.kept.append(message)
+
+    def holds_effects(self) -> bool:
+        """Whether anything queued since the last commit is more than bookkeeping (processed
+        ``(source, id)`` pairs and the clock): what handling a message changed or produced."""
+        return self._batch.holds_effects()
+
+
+class Store(QueuedWrites):
     """Async context manager over one SQLite file.
 
     ``sync="full"`` (the default) flushes every commit to the disk before ``commit()`` returns;
@@ -822,68 +891,7 @@ class Store:
             (RECEIPT,),
         )
 
-    # ---- queueing (synchronous, in memory) -------------------------------------------------
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._batch.meta[key] = value
-        if key == "mode":
-            self._mode = value
-
-    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
-        """Upsert ``incident``; ``doc``: its ``to_doc()`` as of now, if already made."""
-        self._batch.incidents[incident.id] = (incident, doc)
-
-    def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None:
-        self._batch.timeline.append(
-            (
-                incident_id,
-                entry.at,
-                entry.kind,
-                entry.by,
-                entry.text,
-                entry.dispatch_id,
-                entry.action_id,
-            )
-        )
-
-    def add_outbox(self, at: float, message: Publish, sent: bool) -> None:
-        """Queue an outbound message; it is serialised when committed (``payload`` is not
-        changed after it was built)."""
-        self._batch.outbox.append(
-            (
-                self._next_seq,
-                at,
-                message.topic,
-                message.qos,
-                message.retain,
-                message.type,
-                message.payload,
-                sent,
-            )
-        )
-        self._next_seq += 1
-
-    def add_inbound(self, source: str, event_id: str, at: float) -> None:
-        self._batch.inbound.append((source, event_id, at))
-
-    def add_rejected(self, at: float, topic: str, reason: str, payload: str) -> None:
-        self._batch.rejected.append((at, topic, reason, payload))
-
-    def add_contact(self, subscriber: str, at: float, counterpart: str) -> None:
-        self._batch.contacts.append((subscriber, at, counterpart))
-
-    def set_presence(self, unit: str, state: str, at: float) -> None:
-        self._batch.presence[unit] = (state, at)
-
-    def keep_inbound(self, message: KeptInbound) -> None:
-        self._batch.kept.append(message)
-
     # ---- committing ------------------------------------------------------------------------
-
-    def holds_effects(self) -> bool:
-        """Whether anything queued since the last commit is more than bookkeeping (processed
-        ``(source, id)`` pairs and the clock): what handling a message changed or produced."""
-        return self._batch.holds_effects()
 
     def writes_inline(self, inline: bool = True) -> bool:
         """Whether ``commit(inline=inline)`` would write what is queued now on the event
