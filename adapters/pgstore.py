@@ -828,7 +828,7 @@ class PgStore(QueuedWrites):
 
     async def _write(self, rows: _Rows, outbox: list[tuple[Any, ...]]) -> None:
         conn = self._writes()
-        incidents = [(*r[:8], _dumps(r[8])) for r in rows.incidents]
+        incidents = rows.incidents
         kept = [(*k[:3], int(k[3]), *k[4:]) for k in rows.kept]
         inbound = []
         if rows.inbound:

@@ -212,7 +212,7 @@ OUTBOX_PAYLOAD = (
 class _Batch(QueuedEffects):
     meta: dict[str, str] = field(default_factory=dict)
     # incident_id -> (the incident, its document if the caller made it)
-    incidents: dict[str, tuple[Incident, dict[str, Any] | None]] = field(default_factory=dict)
+    incidents: dict[str, tuple[Incident, str | None]] = field(default_factory=dict)
     timeline: list[tuple[Any, ...]] = field(default_factory=list)
     outbox: list[tuple[Any, ...]] = field(default_factory=list)
     inbound: list[tuple[str, str, float]] = field(default_factory=list)
@@ -612,8 +612,8 @@ class QueuedWrites:
         if key == "mode":
             self._mode = value
 
-    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
-        """Upsert ``incident``; ``doc``: its ``to_doc()`` as of now, if already made."""
+    def save_incident(self, incident: Incident, doc: str | None = None) -> None:
+        """Upsert ``incident``; ``doc``: its ``to_json()`` as of now, if already made."""
         self._batch.incidents[incident.id] = (incident, doc)
 
     def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None:
@@ -1175,7 +1175,7 @@ class _Rows:
                     inc.opened_at,
                     inc.closed_at,
                     inc.outcome,
-                    doc if doc is not None else inc.to_doc(),
+                    doc if doc is not None else inc.to_json(),
                 )
             )
             rows = [
@@ -1263,7 +1263,7 @@ def _write(
         db.execute("BEGIN IMMEDIATE")
         try:
             if rows.incidents:
-                db.executemany(UPSERT_INCIDENT, [(*r[:8], _dumps(r[8])) for r in rows.incidents])
+                db.executemany(UPSERT_INCIDENT, rows.incidents)
             if rows.dispatches:
                 db.executemany(UPSERT_DISPATCH, rows.dispatches)
             if rows.timeline:

@@ -2,7 +2,7 @@
 
 Everything here is plain data: the workflow mutates a ``State`` and returns ``Effect`` values;
 the runtime persists, publishes and logs them. An ``Incident`` round-trips through
-``to_doc``/``from_doc`` so the store can rebuild the exact state after a restart.
+``to_json``/``from_doc`` so the store can rebuild the exact state after a restart.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import Any, Literal
+
+import orjson
 
 from rules.contacts import ContactLog
 
@@ -21,9 +23,9 @@ DispatchStatus = Literal[
 SlotName = Literal["door", "police", "notice"]
 ENGAGED: frozenset[str] = frozenset({"accepted", "arrived"})  # busy: accepted, not reported
 AWAITING_REPLY: frozenset[str] = ENGAGED | {"offered"}  # the unit has yet to answer or report
-# (incident id, its document or None when not in memory, whether it was ever opened)
-# (incident id, its document then, whether it was known, its timeline list and its length then)
-IncidentCopies = list[tuple[str, dict[str, Any] | None, bool, list[Any] | None, int]]
+# (incident id, its document then (``to_json``, None when not in memory), whether it was known,
+# its timeline list and its length then)
+IncidentCopies = list[tuple[str, str | None, bool, list[Any] | None, int]]
 
 
 def incident_of_call(call_id: str) -> str:
@@ -120,31 +122,28 @@ class Incident:
     timeline_said: int = 0  # entries the incident's messages have carried so far
     seq: int = 0  # messages published for this incident: the tail of their CloudEvent ids
 
-    def to_doc(self) -> dict[str, Any]:
-        """The incident as plain data (what ``dataclasses.asdict`` gives, several times faster:
-        this runs for every incident a commit writes)."""
+    def to_json(self) -> str:
+        """The incident as the store keeps it: JSON text of every field but the timeline
+        (which the store keeps row by row), as ``dataclasses.asdict`` would give it. orjson
+        writes the calls, dispatches and slots from the dataclasses themselves, in C: this
+        runs for every change of an incident, and is its undo copy too."""
         doc = dict(zip(_INCIDENT_SCALARS, _incident_scalars(self), strict=True))
-        doc["calls"] = {
-            key: {**dict(zip(_CALL_SCALARS, _call_scalars(c), strict=True)), "rules": list(c.rules)}
-            for key, c in self.calls.items()
-        }
-        doc["dispatches"] = {
-            key: dict(zip(_DISPATCH_FIELDS, _dispatch_fields(d), strict=True))
-            for key, d in self.dispatches.items()
-        }
-        doc["slots"] = {
-            key: dict(zip(_SLOT_FIELDS, _slot_fields(s), strict=True))
-            for key, s in self.slots.items()
-        }
-        doc["alerts"] = list(self.alerts)
-        doc["acknowledged"] = list(self.acknowledged)
-        return doc
+        doc["calls"] = self.calls
+        doc["dispatches"] = self.dispatches
+        doc["slots"] = self.slots
+        doc["alerts"] = self.alerts
+        doc["acknowledged"] = self.acknowledged
+        return orjson.dumps(doc).decode("utf-8")
+
+    def to_doc(self) -> dict[str, Any]:
+        """The incident as plain data (``to_json`` read back)."""
+        return orjson.loads(self.to_json())  # type: ignore[no-any-return]
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any], timeline: list[TimelineEntry] | None = None) -> Incident:
-        """The incident of ``doc`` (``to_doc``), with ``timeline``: the timeline is kept apart,
-        row by row, so that a change writes only what it added (a document written before
-        that still holds one, which the rows repeat: it is ignored)."""
+        """The incident of ``doc`` (``to_json`` read back), with ``timeline``: the timeline is
+        kept apart, row by row, so that a change writes only what it added (a document written
+        before that still holds one, which the rows repeat: it is ignored)."""
         doc = dict(doc)
         doc.pop("timeline", None)
         doc["calls"] = {k: Call(**v) for k, v in doc["calls"].items()}
@@ -170,9 +169,9 @@ class State:
     known_incident_ids: set[str] = field(default_factory=set)  # every incident ever opened
     presence: dict[str, str] = field(default_factory=dict)  # unit -> online/offline
     busy: dict[str, str] = field(default_factory=dict)  # unit -> accepted dispatch not reported
-    # incident_id -> its document as the last step that changed it left it (open incidents):
-    # the next step's undo copy, with no second serialisation
-    docs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # incident_id -> its document (``to_json``) as the last step that changed it left it (open
+    # incidents): the next step's undo copy, with no second serialisation
+    docs: dict[str, str] = field(default_factory=dict)
 
     def adopt(self, incident: Incident) -> None:
         """Index an incident loaded from the store (or just opened)."""
@@ -196,7 +195,7 @@ class State:
                 copies.append((i, None, i in known, None, 0))
             else:  # the timeline only grows (or is let go at close): its length is its copy
                 timeline = incident.timeline
-                doc = self.docs.get(i) or incident.to_doc()
+                doc = self.docs.get(i) or incident.to_json()
                 copies.append((i, doc, True, timeline, len(timeline)))
         return copies
 
@@ -218,7 +217,7 @@ class State:
             if doc is not None:
                 assert timeline is not None
                 del timeline[length:]
-                self.adopt(Incident.from_doc(doc, timeline))
+                self.adopt(Incident.from_doc(orjson.loads(doc), timeline))
             elif not known:
                 self.known_incident_ids.discard(incident_id)
 
@@ -260,11 +259,11 @@ class Noted:
 @dataclass(frozen=True, slots=True)
 class IncidentSaved:
     """The incident changed; the store upserts its snapshot (and its dispatches). ``doc`` is
-    the incident as plain data after the step (``Incident.to_doc``), made once for both the
+    the incident's document after the step (``Incident.to_json``), made once for both the
     store and the next step's undo copy."""
 
     incident: Incident
-    doc: dict[str, Any] | None = None
+    doc: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,11 +365,5 @@ class TimerFired:
 
 _CONTAINERS = ("calls", "dispatches", "slots", "alerts", "acknowledged", "timeline")
 _INCIDENT_SCALARS = tuple(f.name for f in fields(Incident) if f.name not in _CONTAINERS)
-_CALL_SCALARS = tuple(f.name for f in fields(Call) if f.name != "rules")
-_DISPATCH_FIELDS = tuple(f.name for f in fields(Dispatch))
-_SLOT_FIELDS = tuple(f.name for f in fields(Slot))
-# each reads those attributes at once, as a tuple (in C: ``to_doc`` runs for every change)
+# reads those attributes at once, as a tuple (in C: ``to_json`` runs for every change)
 _incident_scalars = attrgetter(*_INCIDENT_SCALARS)
-_call_scalars = attrgetter(*_CALL_SCALARS)
-_dispatch_fields = attrgetter(*_DISPATCH_FIELDS)
-_slot_fields = attrgetter(*_SLOT_FIELDS)

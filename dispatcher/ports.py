@@ -121,8 +121,8 @@ class Journal(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
-    def save_incident(self, incident: Incident, doc: dict[str, Any] | None = None) -> None:
-        """Upsert ``incident``; ``doc``, if given, is its ``to_doc()`` as of now."""
+    def save_incident(self, incident: Incident, doc: str | None = None) -> None:
+        """Upsert ``incident``; ``doc``, if given, is its ``to_json()`` as of now."""
 
     def add_timeline(self, incident_id: str, entry: TimelineEntry) -> None: ...
 

@@ -185,7 +185,7 @@ class Workflow:
         effects = self.messages.render(changes.effects, self.state, now)
         for incident, kind in changed:
             effects.extend(self.timers_for(incident))
-            doc = incident.to_doc()
+            doc = incident.to_json()
             if kind == "closed":
                 # said in full once; the store keeps it, and nothing more is added to it
                 incident.timeline = []

@@ -593,3 +593,32 @@ async def test_a_check_that_runs_out_of_time_opens_the_store_and_says_so(
             ]
     [warning] = [line for line in lines if line["event"] == "store_check_incomplete"]
     assert warning["store"] == str(path) and warning["log_level"] == "warning"
+
+
+@pytest.mark.parametrize(("rows", "nul"), [(5, True), (200, False), (2000, True)])
+async def test_every_value_reads_back_as_it_was_queued(
+    tmp_path: Path, rows: int, nul: bool
+) -> None:
+    """What a commit writes reads back exactly, whatever its size: each double, and each
+    string (control characters, a NUL, characters beyond the BMP, escapes)."""
+    rng = random.Random(rows)
+    alphabet = [chr(c) for c in (*range(1, 0x80), 0x2028, 0x4E8B, 0x1F600, 0x10FFFF)]
+    queued = []
+    for i in range(rows):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        if nul and i == rows // 2:
+            text += "\x00 after a NUL"
+        at = rng.choice([rng.uniform(0, 1e7), float(i), 0.1 * i, 5e-324])
+        queued.append((at, f"topic/{i}", text, rng.choice(["", "\\u0000", '"\\']) + text))
+    path = tmp_path / "s.sqlite3"
+    async with Store(path) as store:
+        for at, topic, reason, payload in queued:
+            store.add_rejected(at, topic, reason, payload)
+        for i in range(rows):
+            store.add_contact(f"+86{i}", float(i) / 3, "+852" + "9" * (i % 7))
+        await store.commit()
+        got = await store.fetchall("SELECT at, topic, reason, payload FROM rejected ORDER BY seq")
+        assert got == queued
+        assert [(type(r[0]), len(r[3])) for r in got] == [(float, len(q[3])) for q in queued]
+        contacts = await store.fetchall("SELECT subscriber, at, counterpart FROM contacts")
+        assert contacts == [(f"+86{i}", float(i) / 3, "+852" + "9" * (i % 7)) for i in range(rows)]
