@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from scenario import CHEN, LIU, Player, Result, Script
 
 from dispatcher.inbound import RFC3339
+from dispatcher.outbound import rfc3339
 from dispatcher.settings import Settings
 
 RADIO = re.compile(r"/units/(G-|W-)[^/]+/dispatches$")
@@ -170,3 +175,26 @@ async def test_an_update_carries_only_the_entries_it_added(play: Player) -> None
         assert max(len(e["data"]["timeline"]) for e in updates) < len(heard) / 2
         stored = result.entries(incident)
         assert [(e["kind"], e["text"]) for e in heard] == [(e["kind"], e["text"]) for e in stored]
+
+
+def _datetime_stamp(origin: float, at: float) -> str:
+    stamp = datetime.fromtimestamp(origin + at, tz=UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+@hsettings(max_examples=3000, deadline=None)
+@given(
+    origin=st.one_of(st.just(0.0), st.just(1767225600.0), st.floats(-1e9, 4e9)),
+    at=st.one_of(
+        st.floats(0, 1e7),
+        st.integers(0, 10**7).map(float),
+        st.tuples(
+            st.integers(0, 10**6), st.sampled_from([0.0005, 0.9995, 0.4999995, 0.9999995])
+        ).map(sum),
+    ),
+)
+def test_a_timestamp_says_what_datetime_says(origin: float, at: float) -> None:
+    """Stamps are formatted by hand from the whole second (``datetime`` is too slow for a
+    wave's moments): to the millisecond, rounding and carrying as ``datetime`` does."""
+    assert rfc3339(origin, at) == _datetime_stamp(origin, at)
+    assert RFC3339.match(rfc3339(origin, at))
