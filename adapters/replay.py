@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from adapters import heap
 from adapters.journal import open_store
 from adapters.recording import fingerprint, read_lines
 from adapters.report import build_report
@@ -66,8 +67,7 @@ async def _replay(
         await runtime.start()
         # start-up objects live as long as the process: keep them out of garbage collections
         # (a full collection walks them all, ~20 ms, several times in a day's replay)
-        gc.collect()
-        gc.freeze()
+        heap.settle()
         meta = runtime.meta
         if meta.get("mode", "replay") != "replay":
             raise StoreError(f"{store_path}: this store belongs to a live dispatcher, not a replay")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 from collections.abc import Coroutine, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiomqtt
 import structlog
 
+from adapters import heap
 from adapters.journal import LiveJournal, open_store
 from adapters.live.acker import Acker
 from adapters.live.clock import Clock
@@ -231,8 +231,7 @@ class LiveService:
             await runtime.commit()
             # Everything loaded so far lives as long as the process: keep it out of every
             # garbage collection, or a full collection stalls the loop for tens of ms.
-            gc.collect()
-            gc.freeze()
+            heap.settle()
             self.link.wake.set()  # anything left unsent by the last process goes first
             tasks = [
                 asyncio.create_task(coro, name=name)
