@@ -65,7 +65,7 @@ from dispatcher.outbound import Messages, Topics
 from dispatcher.outcomes import behind, figures
 from dispatcher.protocol import OUTBOUND_EVENTS
 from dispatcher.settings import Settings
-from dispatcher.workflow import OUTCOME_TEXT
+from dispatcher.texts import OUTCOME_TEXT
 
 log = structlog.get_logger("console")
 

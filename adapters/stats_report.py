@@ -8,7 +8,7 @@ from typing import Any
 
 from adapters.charts import Bar, bar_chart
 from dispatcher.settings import Settings
-from dispatcher.workflow import OUTCOME_TEXT
+from dispatcher.texts import OUTCOME_TEXT
 
 OUTCOME_LABELS = {**OUTCOME_TEXT, "open": "未结案"}
 ROLE_LABELS = {

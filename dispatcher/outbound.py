@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from dispatcher import texts
 from dispatcher.model import (
     Answered,
     Decision,
@@ -28,28 +29,13 @@ from dispatcher.model import (
     TimelineEntry,
 )
 from dispatcher.settings import Settings
+from dispatcher.texts import CANCEL_TEXT
 from rules.flagged import FlaggedNumbers
 
 SPECVERSION = "1.0"
 RADIO_ROLES = frozenset({"guard", "grid_worker"})
 RECEIPT = "cn.antifraud.reply.receipt"
 REPLY_VERBS = ("accepted", "declined", "arrived", "reported")
-# a receipt's text when its reply was applied, by reply (a report adds its outcome)
-APPLIED_TEXT = {
-    "accepted": "接警成功：此任务由您负责，请立即上门",
-    "declined": "已拒绝：任务将转派他人",
-    "arrived": "已记录到达：请立即敲门劝阻",
-    "reported": "已反馈处置结果：{outcome}，任务完成",
-}
-REFUSED_PREFIX = "操作被拒绝："
-
-CANCEL_TEXT = {
-    "taken": "已由其他人员接警，您无需前往。",
-    "expired": "接警超时，任务已转派，您无需前往。",
-    "closed": "事件已结束，您无需前往或请收队。",
-}
-
-
 _SECONDS: dict[int, str] = {}  # "YYYY-MM-DDTHH:MM:SS" of each whole second formatted lately
 
 
@@ -78,7 +64,6 @@ def rfc3339(origin: float, at: float) -> str:
     return f"{head}.{micros // 1000:03d}Z"
 
 
-SEVERITY_TEXT = {"warning": "预警", "critical": "紧急"}
 CACHED_SUBSCRIBERS = 65536  # subscribers' details rendered and kept at most
 
 
@@ -393,11 +378,7 @@ class Messages:
             data |= {
                 "address": address,
                 "honorific": honorific,
-                "text": (
-                    f"反诈紧急上门：{address}，{honorific}正在接听疑似诈骗电话。"
-                    f"请立即上门敲门，让{honorific}挂断电话、不要转账。"
-                    "接受请按1，拒绝请按2，到达后按3。"
-                ),
+                "text": texts.door_knock(address, honorific),
             }
         else:
             data |= {
@@ -417,10 +398,7 @@ class Messages:
     ) -> Publish:
         type_ = "cn.antifraud.dispatch.notice"
         address, honorific = self.radio_address(incident)
-        if closing:
-            text = f"知悉：{address}的反诈事件已结束，无需前往。"
-        else:
-            text = f"知悉：{address}，{honorific}疑似正在接听诈骗电话，小区保安已在处置，无需回复。"
+        text = texts.notice(address, honorific, closing)
         data = {
             "dispatch_id": dispatch.id,
             "incident_id": incident.id,
@@ -467,15 +445,16 @@ class Messages:
 
     def _full_text(self, incident: Incident) -> str:
         sub = self.settings.subscribers.get(incident.subscriber)
-        who = f"{sub.name}（{sub.display_name}，{sub.msisdn}）" if sub else incident.subscriber
-        where = self.subscriber_detail(incident).get("address", "地址不详")
+        who = texts.police_subject(sub.name, sub.display_name, sub.msisdn) if sub else None
         flag = self.flagged.lookup(incident.counterpart)
-        category = flag.label if flag is not None and flag.label else incident.category
-        return (
-            f"反诈出警：{who}，地址{where}，正与涉诈号码{incident.counterpart}"
-            f"（{category or '未分类'}）通话，已持续{incident.duration_s:g}秒，"
-            f"风险等级{SEVERITY_TEXT.get(incident.severity, incident.severity)}"
-            f"（规则：{self.settings.rule_name(incident.rule)}）。"
+        return texts.police_dispatch(
+            who or incident.subscriber,
+            self.subscriber_detail(incident).get("address", texts.ADDRESS_UNKNOWN),
+            incident.counterpart,
+            flag.label if flag is not None and flag.label else incident.category,
+            incident.duration_s,
+            incident.severity,
+            self.settings.rule_name(incident.rule),
         )
 
     # ---- reply receipts --------------------------------------------------------------------

@@ -44,10 +44,11 @@ from dispatcher.model import (
     dispatch_parts,
     incident_of_call,
 )
-from dispatcher.outbound import RECEIPT, REFUSED_PREFIX, REPLY_VERBS, receipt_id
+from dispatcher.outbound import RECEIPT, REPLY_VERBS, receipt_id
 from dispatcher.ports import Journal, KeptInbound, Publisher
 from dispatcher.settings import Settings
-from dispatcher.workflow import INVALID_REPLY, Workflow, timer_order
+from dispatcher.texts import INVALID_REPLY, REFUSED_PREFIX
+from dispatcher.workflow import Workflow, timer_order
 from rules.contacts import ContactLog
 from rules.engine import RuleSet
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from dispatcher import texts
 from dispatcher.errors import InputError
 from dispatcher.inbound import (
     CallProgress,
@@ -53,8 +54,17 @@ from dispatcher.model import (
     dispatch_parts,
     incident_of_call,
 )
-from dispatcher.outbound import APPLIED_TEXT, REFUSED_PREFIX, SEVERITY_TEXT, Messages
+from dispatcher.outbound import Messages
 from dispatcher.settings import Settings, Unit
+from dispatcher.texts import (
+    APPLIED_TEXT,
+    DONE_TEXT,
+    INTERNAL_ERROR,
+    INVALID_REPLY,
+    OUT_OF_ORDER_TEXT,
+    OUTCOME_TEXT,
+    REFUSED_PREFIX,
+)
 from rules.conditions import RuleSettings
 from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
 from rules.flagged import FlaggedNumbers, FlaggedPattern
@@ -69,16 +79,6 @@ TIMELINE_FULL = "timeline_full"
 TIMER_RANK = {"callback_window": 0, "slot": 1, "retention": 2}
 CLOSE_OUTCOMES = ("loss", "dissuaded", "false_alarm")
 REPORT_TO_OUTCOME = {"loss": "loss", "dissuaded": "prevented", "false_alarm": "false_alarm"}
-# how the timeline names a unit's report and an incident's outcome, the code kept beside it
-OUTCOME_TEXT = {
-    "dissuaded": "已劝阻",
-    "not_home": "无人在家",
-    "loss": "已被骗",
-    "false_alarm": "误报",
-    "prevented": "已阻止",
-    "unreachable": "未能联系到居民",
-    "resolved_by_callback": "回拨确认安全",
-}
 
 
 class ReplyRefused(InputError):
@@ -89,39 +89,6 @@ class ReplyRefused(InputError):
         super().__init__(reason)
         self.code = code
         self.text = text
-
-
-# the receipt of a reply that could not be read as one, or whose handling failed
-INVALID_REPLY = ("invalid", "回复格式有误，未被受理")
-INTERNAL_ERROR = ("internal_error", "系统暂时无法受理，请电话联系值班员")
-# a reply refused for being out of order, by (the dispatch's status, the reply)
-OUT_OF_ORDER_TEXT = {
-    ("offered", "arrived"): "请先确认接警再报到达",
-    ("offered", "reported"): "请先确认接警再反馈结果",
-    ("accepted", "accepted"): "已接警，无需重复确认",
-    ("accepted", "declined"): "已接警，不能再拒绝",
-    ("arrived", "accepted"): "已接警，无需重复确认",
-    ("arrived", "declined"): "已接警，不能再拒绝",
-    ("arrived", "arrived"): "已报到达，无需重复",
-    ("declined", "accepted"): "您已拒绝此任务",
-    ("declined", "declined"): "您已拒绝此任务",
-    ("declined", "arrived"): "您已拒绝此任务",
-    ("declined", "reported"): "您已拒绝此任务",
-}
-DONE_TEXT = "已反馈结果，任务已完成"  # any reply after the unit's report
-
-
-# how the timeline names a dead end (the operators' consoles say what to do about it)
-ALERT_NAME = {
-    "unknown_subscriber": "未登记用户",
-    "no_address": "地址不明",
-    "door_exhausted": "无人可上门",
-    "police_exhausted": "无民警接警",
-}
-
-
-def outcome_text(code: str) -> str:
-    return f"{OUTCOME_TEXT.get(code, code)}（{code}）"
 
 
 def timer_order(timer: TimerSet) -> tuple[float, str, int, str]:
@@ -219,7 +186,7 @@ class Workflow:
         if incident is None or TimerSet(fired.due, fired.key) not in self.timers_for(incident):
             return  # the state moved on: this timer no longer applies
         if kind == "callback_window":
-            passed = f"回拨窗口{self.settings.callback.window_s:g}秒内无人接听"
+            passed = texts.callback_window_passed(self.settings.callback.window_s)
             self._note(incident, now, "callback_window_passed", SYSTEM, passed, changes)
             self._escalate(incident, now, SYSTEM, passed, changes)
         elif kind == "slot":
@@ -231,7 +198,7 @@ class Workflow:
                     now,
                     "offer_expired",
                     SYSTEM,
-                    f"{self._unit_label(d.unit)}未在时限内接警",
+                    texts.offer_expired(self._unit_label(d.unit)),
                     changes,
                     d.id,
                 )
@@ -302,7 +269,7 @@ class Workflow:
                     now,
                     "call_joined",
                     data.subscriber,
-                    f"同一用户的另一通电话加入事件（对方{data.counterpart}）",
+                    texts.call_joined(data.counterpart),
                     changes,
                     repeatable=True,
                 )
@@ -320,7 +287,7 @@ class Workflow:
                 now,
                 "call_ended",
                 data.subscriber,
-                f"通话结束，时长{duration:g}秒",
+                texts.call_ended(duration),
                 changes,
                 repeatable=True,
             )
@@ -363,8 +330,7 @@ class Workflow:
             now,
             "opened",
             SYSTEM,
-            f"规则「{self.settings.rule_name(first.id)}」触发，事件开启"
-            + ("" if sub else "（用户不在登记名单，地址不详）"),
+            texts.opened(self.settings.rule_name(first.id), sub is not None),
             changes,
         )
         if sub is None:
@@ -372,8 +338,7 @@ class Workflow:
                 incident,
                 now,
                 "unknown_subscriber",
-                "用户未登记，无法上门；如需出警请升级，由"
-                f"{self.settings.service.default_station}派警",
+                texts.unknown_subscriber(self.settings.service.default_station),
                 changes,
             )
         changes.mark(incident, "opened")
@@ -394,7 +359,7 @@ class Workflow:
                 now,
                 "rule_fired",
                 SYSTEM,
-                f"规则「{self.settings.rule_name(rule.id)}」（{SEVERITY_TEXT[rule.severity]}）触发",
+                texts.rule_fired(self.settings.rule_name(rule.id), rule.severity),
                 changes,
             )
         best = strongest(fresh)
@@ -409,8 +374,9 @@ class Workflow:
                         now,
                         "callback_requested",
                         SYSTEM,
-                        f"升为紧急：请接线员立即回拨（{self.settings.callback.max_attempts}次"
-                        f"/{self.settings.callback.window_s:g}秒内无人接听即上门）",
+                        texts.callback_requested(
+                            self.settings.callback.max_attempts, self.settings.callback.window_s
+                        ),
                         changes,
                     )
         changes.mark(incident)
@@ -440,8 +406,7 @@ class Workflow:
                 now,
                 "operator_close",
                 who,
-                f"接线员结案：{outcome_text(msg.data.outcome)}"
-                + (f"，备注：{msg.data.note}" if msg.data.note else ""),
+                texts.operator_close(msg.data.outcome, msg.data.note),
                 changes,
             )
             self._close(incident, msg.data.outcome, now, who, changes, note=msg.data.note)
@@ -469,7 +434,7 @@ class Workflow:
                 now,
                 "acknowledge_ignored",
                 who,
-                "警报已有人确认，本次操作无变化",
+                texts.ACKNOWLEDGE_IGNORED,
                 changes,
                 repeatable=True,
             )
@@ -480,7 +445,7 @@ class Workflow:
             now,
             "acknowledged",
             who,
-            "接线员确认警报，转人工处置：" + "、".join(ALERT_NAME.get(a, a) for a in new),
+            texts.acknowledged(new),
             changes,
         )
         changes.mark(incident)
@@ -489,20 +454,13 @@ class Workflow:
         self, incident: Incident, result: str, who: str, now: float, changes: Changes
     ) -> None:
         counts = incident.severity == "critical" and incident.status == "open"
-        label = {
-            "no_answer": "无人接听",
-            "busy": "占线",
-            "answered_safe": "接通，确认安全",
-            "answered_at_risk": "接通，仍有风险",
-        }[result]
         if not counts:
-            why = "已升级" if incident.status == "escalated" else "尚未紧急"
             self._note(
                 incident,
                 now,
                 "callback_result",
                 who,
-                f"回拨结果：{label}（{why}，不计入）",
+                texts.callback_not_counted(result, incident.status == "escalated"),
                 changes,
                 repeatable=True,
             )
@@ -515,27 +473,31 @@ class Workflow:
                 now,
                 "callback_result",
                 who,
-                f"回拨结果：{label}（第{n}/{limit}次）",
+                texts.callback_counted(result, n, limit),
                 changes,
             )
             changes.mark(incident)
             if n >= limit:
-                self._escalate(incident, now, SYSTEM, f"{n}次回拨均未接通", changes)
+                self._escalate(incident, now, SYSTEM, texts.callbacks_failed(n), changes)
         elif result == "answered_safe":
-            self._note(incident, now, "callback_result", who, f"回拨结果：{label}", changes)
+            self._note(
+                incident, now, "callback_result", who, texts.callback_result(result), changes
+            )
             self._close(incident, "resolved_by_callback", now, who, changes)
         else:
-            self._note(incident, now, "callback_result", who, f"回拨结果：{label}", changes)
-            self._escalate(incident, now, who, "回拨接通，居民仍有被骗风险", changes)
+            self._note(
+                incident, now, "callback_result", who, texts.callback_result(result), changes
+            )
+            self._escalate(incident, now, who, texts.CALLBACK_AT_RISK, changes)
 
     def _on_escalate(self, incident: Incident, who: str, now: float, changes: Changes) -> None:
         if incident.status == "open":
-            self._escalate(incident, now, who, "接线员手动升级", changes)
+            self._escalate(incident, now, who, texts.OPERATOR_ESCALATED, changes)
             return
         police = incident.slots.get("police")
         if not incident.known and police is None:
             self._note(
-                incident, now, "escalate", who, f"接线员要求出警：派{incident.station}民警", changes
+                incident, now, "escalate", who, texts.escalate_police(incident.station), changes
             )
             self._start_police(incident, now, changes)
             self._maybe_close(incident, now, changes)
@@ -546,7 +508,7 @@ class Workflow:
                 now,
                 "escalate_ignored",
                 who,
-                "事件已升级，本次操作无变化",
+                texts.ESCALATE_IGNORED,
                 changes,
                 repeatable=True,
             )
@@ -558,7 +520,7 @@ class Workflow:
     ) -> None:
         incident.status = "escalated"
         incident.escalated_at = now
-        self._note(incident, now, "escalated", who, f"升级上门处置：{reason}", changes)
+        self._note(incident, now, "escalated", who, texts.escalated(reason), changes)
         changes.mark(incident)
         sub = self.settings.subscribers.get(incident.subscriber)
         if sub is None:
@@ -569,7 +531,7 @@ class Workflow:
                     incident,
                     now,
                     "no_address",
-                    f"用户地址不详，无法上门；请接线员升级以派{incident.station}民警，或电话处置",
+                    texts.no_address(incident.station),
                     changes,
                 )
             return
@@ -586,7 +548,7 @@ class Workflow:
                     now,
                     "notified",
                     SYSTEM,
-                    f"已通知{self._unit_label(worker.id)}",
+                    texts.notified(self._unit_label(worker.id)),
                     changes,
                     d.id,
                 )
@@ -641,14 +603,7 @@ class Workflow:
     def _exhausted(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
         slot.stage = "exhausted"
         slot.expires_at = None
-        what = "上门（保安/网格员/快警）" if slot.name == "door" else "出警（民警/快警）"
-        self._alert(
-            incident,
-            now,
-            f"{slot.name}_exhausted",
-            f"{what}无人可派或无人接警，请接线员人工调度",
-            changes,
-        )
+        self._alert(incident, now, f"{slot.name}_exhausted", texts.exhausted(slot.name), changes)
 
     def _offer_group(
         self,
@@ -682,7 +637,7 @@ class Workflow:
             now,
             "offered",
             SYSTEM,
-            f"派单给{self._unit_label(unit.id)}（{accept_s:g}秒内接警）",
+            texts.offered(self._unit_label(unit.id), accept_s),
             changes,
             d.id,
         )
@@ -708,15 +663,11 @@ class Workflow:
 
     def _available(self, incident: Incident, unit: Unit, now: float, changes: Changes) -> bool:
         """Offline or busy units get no offer; the skip is written on the incident's timeline."""
-        if self.state.presence.get(unit.id) == "offline":
-            why = "离线"
-        elif unit.id in self.state.busy:
-            why = "正在处置其他事件"
-        else:
+        offline = self.state.presence.get(unit.id) == "offline"
+        if not offline and unit.id not in self.state.busy:
             return True
-        self._note(
-            incident, now, "skipped", SYSTEM, f"跳过{self._unit_label(unit.id)}（{why}）", changes
-        )
+        label = self._unit_label(unit.id)
+        self._note(incident, now, "skipped", SYSTEM, texts.skipped(label, offline), changes)
         return False
 
     # ---- unit replies ----------------------------------------------------------------------
@@ -728,27 +679,27 @@ class Workflow:
             raise ReplyRefused(
                 f"reply on the topic of unit {msg.party} names dispatch {named} of unit {unit_id}",
                 "not_your_dispatch",
-                "此任务不是派给本机的",
+                texts.NOT_YOUR_DISPATCH,
             )
         incident = self.state.incidents.get(incident_id)
         if incident is None:
             if incident_id in self.state.known_incident_ids:
                 raise ReplyRefused(
-                    f"incident {incident_id} is closed", "incident_closed", "事件已结案，无需前往"
+                    f"incident {incident_id} is closed", "incident_closed", texts.INCIDENT_CLOSED
                 )
             raise ReplyRefused(
                 f"unknown dispatch {named} (no incident {incident_id})",
                 "unknown_dispatch",
-                "没有这个任务，请核对",
+                texts.UNKNOWN_DISPATCH,
             )
         d = incident.dispatches.get(named)
         if d is None:
             raise ReplyRefused(
-                f"unknown dispatch {named}", "unknown_dispatch", "没有这个任务，请核对"
+                f"unknown dispatch {named}", "unknown_dispatch", texts.UNKNOWN_DISPATCH
             )
         if incident.status == "closed":
             raise ReplyRefused(
-                f"incident {incident_id} is closed", "incident_closed", "事件已结案，无需前往"
+                f"incident {incident_id} is closed", "incident_closed", texts.INCIDENT_CLOSED
             )
         verb = msg.verb
         self._check_order(d, verb)
@@ -762,7 +713,7 @@ class Workflow:
         if verb == "accepted":
             d.status, d.accepted_at = "accepted", now
             self.state.busy[d.unit] = d.id
-            self._note(incident, now, "accepted", d.unit, f"{label}已接警", changes, d.id)
+            self._note(incident, now, "accepted", d.unit, texts.accepted(label), changes, d.id)
             if slot is not None:
                 slot.stage, slot.expires_at = "filled", None
                 for other in self._slot_dispatches(incident, d.slot, ("offered",)):
@@ -775,19 +726,19 @@ class Workflow:
                         now,
                         "cancelled",
                         SYSTEM,
-                        f"{self._unit_label(other.unit)}的派单撤回（已由{label}接警）",
+                        texts.taken_from(self._unit_label(other.unit), label),
                         changes,
                         other.id,
                     )
         elif verb == "declined":
             d.status, d.ended_at = "declined", now
-            self._note(incident, now, "declined", d.unit, f"{label}拒绝接警", changes, d.id)
+            self._note(incident, now, "declined", d.unit, texts.declined(label), changes, d.id)
             if slot is not None and not self._pending(incident, slot.name):
                 slot.expires_at = None
                 self._fallback(incident, slot, now, changes)
         elif verb == "arrived":
             d.status, d.arrived_at = "arrived", now
-            self._note(incident, now, "arrived", d.unit, f"{label}已到达", changes, d.id)
+            self._note(incident, now, "arrived", d.unit, texts.arrived(label), changes, d.id)
         else:
             assert isinstance(msg.data, UnitReported)
             d.status, d.reported_at, d.outcome = "reported", now, msg.data.outcome
@@ -797,7 +748,7 @@ class Workflow:
                 now,
                 "reported",
                 d.unit,
-                f"{label}反馈处置结果：{outcome_text(msg.data.outcome)}",
+                texts.reported(label, msg.data.outcome),
                 changes,
                 d.id,
             )
@@ -819,12 +770,10 @@ class Workflow:
             raise ReplyRefused(
                 f"dispatch {d.id} is a notice and expects no reply",
                 "no_reply_expected",
-                "此为知悉通知，无需回复",
+                texts.NO_REPLY_EXPECTED,
             )
         taken = d.reason == "taken"
-        code, text = (
-            ("taken", "该任务已由他人接警") if taken else ("expired", "接警已超时，任务已转派")
-        )
+        code, text = ("taken", texts.TAKEN) if taken else ("expired", texts.EXPIRED)
         if d.status in ("expired", "cancelled") and verb in ("accepted", "declined"):
             why = "was taken by another unit" if taken else f"has {d.status}"
             raise ReplyRefused(f"{verb} too late: the offer {d.id} {why}", code, text)
@@ -902,7 +851,7 @@ class Workflow:
                     now,
                     "cancelled",
                     SYSTEM,
-                    f"通知{self._unit_label(d.unit)}收队",
+                    texts.stood_down(self._unit_label(d.unit)),
                     changes,
                     d.id,
                 )
@@ -915,7 +864,7 @@ class Workflow:
         incident.status, incident.outcome, incident.closed_at = "closed", outcome, now
         incident.note, incident.closed_by = note, who
         del self.state.open_by_subscriber[incident.subscriber]
-        self._note(incident, now, "closed", who, f"事件结案：{outcome_text(outcome)}", changes)
+        self._note(incident, now, "closed", who, texts.closed(outcome), changes)
         changes.mark(incident, "closed")
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -935,7 +884,7 @@ class Workflow:
         return [d for d in incident.dispatches.values() if d.slot == slot and d.status in statuses]
 
     def _unit_label(self, unit_id: str) -> str:
-        return f"{self.settings.unit_name(unit_id)}（{unit_id}）"
+        return texts.unit_label(self.settings.unit_name(unit_id), unit_id)
 
     def _note(
         self,
@@ -958,7 +907,7 @@ class Workflow:
             kind, by, text, dispatch_id = (
                 TIMELINE_FULL,
                 SYSTEM,
-                f"时间线已达{MAX_TIMELINE}条：此后不改变事件的通话与操作不再逐条记录",
+                texts.timeline_full(MAX_TIMELINE),
                 None,
             )
         entry = TimelineEntry(

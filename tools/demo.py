@@ -41,7 +41,7 @@ from dispatcher.inbound import cloudevent, event_epoch
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 from dispatcher.summary import render_summary
-from dispatcher.workflow import OUTCOME_TEXT
+from dispatcher.texts import OUTCOME_TEXT
 from tools.handset import Handset, Step
 
 DEFAULT_RECORDING = (

@@ -41,9 +41,9 @@ from adapters.mqtt import (
 )
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
-from dispatcher.outbound import SEVERITY_TEXT, Topics
+from dispatcher.outbound import Topics
 from dispatcher.settings import Settings, Unit
-from dispatcher.workflow import OUTCOME_TEXT
+from dispatcher.texts import OUTCOME_TEXT, SEVERITY_TEXT
 
 # a reply as the guard's screen echoes it once the broker has it
 PRESSED = {"accepted": "接受", "declined": "拒绝", "arrived": "已到达", "reported": "反馈结果"}
