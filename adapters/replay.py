@@ -92,7 +92,10 @@ async def _replay(
                 cursor = number  # physical lines consumed so far
                 if cursor % COMMIT_EVERY == 0:
                     store.set_meta("replay.cursor", str(cursor))
-                    await runtime.commit_soon()
+                    # written, not flushed: safe from the process dying (--until), and a
+                    # power cut can only take the last commits, with the cursor beside
+                    # them, for the next run to do again (decisions.md 88)
+                    await runtime.commit_soon(flush=False)
         finally:
             store.set_meta("replay.cursor", str(cursor))
             await runtime.commit()

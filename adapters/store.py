@@ -769,6 +769,9 @@ class Store(QueuedWrites):
             await self._db.execute("PRAGMA synchronous=NORMAL")  # the store flushes the log
             await self._db.execute("PRAGMA wal_autocheckpoint=0")  # and checkpoints it
             await self._db.execute("PRAGMA busy_timeout=5000")
+            # 8 MiB of pages (SQLite's default is 2): the index pages a large commit touches
+            # stay in memory instead of being written out and read back within it
+            await self._db.execute("PRAGMA cache_size=-8192")
             for step in range(version, SCHEMA_VERSION):
                 await self._db.executescript(
                     f"BEGIN IMMEDIATE;\n{MIGRATIONS[step]}\nPRAGMA user_version={step + 1};\n"
