@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import selectors
 import sys
 import threading
@@ -468,19 +469,17 @@ async def test_outputs_leave_once_written_and_the_input_is_acknowledged_once_flu
     script.progress(0, "C1", CHEN, INVESTMENT, 30).progress(0, "C2", ZHAO, INVESTMENT, 30)
     events = [line["payload"] for line in script.lines]
     async with (
-        dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running,
+        dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0),
         open_client(BrokerURL.parse(broker.url)) as client,
     ):
-        runtime = running.service.runtime
-        assert runtime is not None and runtime.store._log is not None
         release = threading.Event()
-        real_flush = runtime.store._log.flush
+        real_fdatasync = os.fdatasync
 
-        def slow_flush() -> None:  # on the store's flush thread
+        def slow_fdatasync(fd: int) -> None:  # on the store's flush thread
             release.wait(10)
-            real_flush()
+            real_fdatasync(fd)
 
-        monkeypatch.setattr(runtime.store._log, "flush", slow_flush)
+        monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
         await client.subscribe(f"{P}/operators/incidents", qos=1)
         received = client.messages.__aiter__()
         for event in events:
@@ -504,19 +503,17 @@ async def test_the_disk_flush_comes_after_the_commits_messages_have_left(
     acked = recorded_acks(monkeypatch)
     event = Script().progress(0, "C1", CHEN, INVESTMENT, 30).lines[0]["payload"]
     async with (
-        dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running,
+        dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0),
         open_client(BrokerURL.parse(broker.url)) as client,
     ):
-        runtime = running.service.runtime
-        assert runtime is not None and runtime.store._log is not None
         flushes: list[float] = []
-        real_flush = runtime.store._log.flush
+        real_fdatasync = os.fdatasync
 
-        def recorded_flush() -> None:  # on the store's flush thread
+        def recorded_fdatasync(fd: int) -> None:  # on the store's flush thread
             flushes.append(time.monotonic())
-            real_flush()
+            real_fdatasync(fd)
 
-        monkeypatch.setattr(runtime.store._log, "flush", recorded_flush)
+        monkeypatch.setattr(os, "fdatasync", recorded_fdatasync)
         await client.subscribe(f"{P}/operators/incidents", qos=1)
         received = client.messages.__aiter__()
         published = time.monotonic()
@@ -547,13 +544,11 @@ async def test_a_flush_the_disk_refuses_stops_the_service_without_acknowledging(
     script.progress(0, "C1", CHEN, INVESTMENT, 30)
     running = Running(settings, broker, tmp_path / "live.sqlite3", speed=1.0)
     await running.ready()
-    runtime = running.service.runtime
-    assert runtime is not None and runtime.store._log is not None
 
-    def refused() -> None:
+    def refused(fd: int) -> None:  # the disk refuses the log's flush
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(runtime.store._log, "flush", refused)
+    monkeypatch.setattr(os, "fdatasync", refused)
     async with open_client(BrokerURL.parse(broker.url)) as client:
         await client.publish(
             f"{P}/events/hengnan/calls", json.dumps(script.lines[0]["payload"]), qos=1
@@ -571,7 +566,7 @@ async def test_a_refused_flush_of_a_commit_made_by_a_timer_stops_the_service_too
     running = Running(settings, broker, tmp_path / "live.sqlite3")
     await running.ready()
     runtime = running.service.runtime
-    assert runtime is not None and runtime.store._log is not None
+    assert runtime is not None
     await publish_recording(
         script.write(tmp_path / "c1.jsonl"), BrokerURL.parse(broker.url), speed=SPEED
     )
@@ -584,10 +579,10 @@ async def test_a_refused_flush_of_a_commit_made_by_a_timer_stops_the_service_too
     )
     assert runtime.state.incidents["INC-C1"].status == "open"
 
-    def refused() -> None:
+    def refused(fd: int) -> None:  # the disk refuses the log's flush
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(runtime.store._log, "flush", refused)
+    monkeypatch.setattr(os, "fdatasync", refused)
     # nothing more arrives: the window's timer escalates the incident, and its commit fails
     await stopped_by_a_refused_flush(running)
     assert runtime.state.incidents["INC-C1"].status == "escalated"
