@@ -222,11 +222,13 @@ async def test_operators_see_whether_the_dispatcher_is_running(
     """Unknown until the dispatcher is heard from; online once it is connected; offline as
     its will when its connection is cut, online again when it is back; offline when it stops.
     Each status is a retained message of the published protocol."""
-    import socket
-
     from dispatcher.protocol import validate_outbound
+    from tools.bench_ha import Relay
 
     url = BrokerURL.parse(broker.url)
+    relay = Relay(("127.0.0.1", broker.port))  # the dispatcher's way to the broker
+    await relay.start()
+    through_relay = BrokerURL.parse(f"mqtt://127.0.0.1:{relay.port}")
     async with (
         serving(settings, broker, tmp_path) as (base, _),
         ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
@@ -241,20 +243,20 @@ async def test_operators_see_whether_the_dispatcher_is_running(
                     if frame["kind"] == "dispatcher":
                         return str(frame["data"]["state"])
 
-            service = LiveService(settings, url, tmp_path / "live.sqlite3", Clock())
+            service = LiveService(settings, through_relay, tmp_path / "live.sqlite3", Clock())
             stop = asyncio.Event()
             task = asyncio.create_task(service.run(stop))
             try:
                 assert await next_presence() == "online"
                 # announced once it is subscribed, as it takes the connection as its own
                 await asyncio.wait_for(service.connected.wait(), 10)
-                assert service.client is not None
-                service.client._client.socket().shutdown(socket.SHUT_RDWR)  # cut, no goodbye
+                relay.drop()  # the connection is cut: no goodbye
                 assert await next_presence() == "offline"  # the broker published its will
                 assert await next_presence() == "online"  # reconnected
             finally:
                 stop.set()
                 await task
+                await relay.close()
             assert await next_presence() == "offline"
     async with open_client(url) as reader:
         await reader.subscribe(f"{settings.service.prefix}/dispatcher/status", qos=1)

@@ -48,8 +48,10 @@ KINDS = ("kill", "freeze", "cut")
 
 
 class Relay:
-    """A TCP relay to PostgreSQL that can be cut: ``cut()`` stops forwarding on every
-    connection, open or new, until ``mend()``; the connections themselves stay open."""
+    """A TCP relay (to PostgreSQL, or to a broker) that can be cut: ``cut()`` stops
+    forwarding on every connection, open or new, until ``mend()``; the connections
+    themselves stay open. ``drop()`` closes every open connection at once, with no goodbye
+    from either side, and relays new ones as before."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
@@ -69,9 +71,12 @@ class Relay:
     def mend(self) -> None:
         """Forward again; what was held during the cut is dropped with its connections
         (as after a partition, the peers' TCP gave up on them)."""
+        self.drop()
+        self.open.set()
+
+    def drop(self) -> None:
         for task in list(self._links):
             task.cancel()
-        self.open.set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
