@@ -135,10 +135,6 @@ class Incident:
         doc["acknowledged"] = self.acknowledged
         return orjson.dumps(doc).decode("utf-8")
 
-    def to_doc(self) -> dict[str, Any]:
-        """The incident as plain data (``to_json`` read back)."""
-        return orjson.loads(self.to_json())  # type: ignore[no-any-return]
-
     @classmethod
     def from_doc(cls, doc: dict[str, Any], timeline: list[TimelineEntry] | None = None) -> Incident:
         """The incident of ``doc`` (``to_json`` read back), with ``timeline``: the timeline is

@@ -29,7 +29,6 @@ from dispatcher.model import (
     TimelineEntry,
 )
 from dispatcher.settings import Settings
-from dispatcher.texts import CANCEL_TEXT
 from rules.flagged import FlaggedNumbers
 
 SPECVERSION = "1.0"
@@ -420,7 +419,7 @@ class Messages:
             "dispatch_id": dispatch.id,
             "incident_id": incident.id,
             "reason": reason,
-            "text": CANCEL_TEXT.get(reason, CANCEL_TEXT["closed"]),
+            "text": texts.CANCEL_TEXT.get(reason, texts.CANCEL_TEXT["closed"]),
         }
         return self._to_unit(incident, dispatch, event_id, type_, at, origin, data)
 

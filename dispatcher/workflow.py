@@ -56,15 +56,6 @@ from dispatcher.model import (
 )
 from dispatcher.outbound import Messages
 from dispatcher.settings import Settings, Unit
-from dispatcher.texts import (
-    APPLIED_TEXT,
-    DONE_TEXT,
-    INTERNAL_ERROR,
-    INVALID_REPLY,
-    OUT_OF_ORDER_TEXT,
-    OUTCOME_TEXT,
-    REFUSED_PREFIX,
-)
 from rules.conditions import RuleSettings
 from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
 from rules.flagged import FlaggedNumbers, FlaggedPattern
@@ -704,9 +695,9 @@ class Workflow:
         verb = msg.verb
         self._check_order(d, verb)
         # the answer to the press comes first, before anything the reply causes
-        text = APPLIED_TEXT[verb]
+        text = texts.APPLIED_TEXT[verb]
         if isinstance(msg.data, UnitReported):
-            text = text.format(outcome=OUTCOME_TEXT[msg.data.outcome])
+            text = text.format(outcome=texts.OUTCOME_TEXT[msg.data.outcome])
         changes.effects.append(Answered(msg.party, msg.source, msg.id, named, verb, text))
         label = self._unit_label(d.unit)
         slot = incident.slots.get(d.slot)
@@ -780,7 +771,9 @@ class Workflow:
         reason = f"{verb} out of order: dispatch {d.id} is {d.status}"
         if d.status in ("expired", "cancelled"):
             raise ReplyRefused(reason, code, text)
-        text = DONE_TEXT if d.status == "reported" else OUT_OF_ORDER_TEXT[(d.status, verb)]
+        text = (
+            texts.DONE_TEXT if d.status == "reported" else texts.OUT_OF_ORDER_TEXT[(d.status, verb)]
+        )
         raise ReplyRefused(reason, "out_of_order", text)
 
     def refusal_receipt(self, msg: Inbound, exc: Exception, now: float) -> Publish:
@@ -789,7 +782,9 @@ class Workflow:
         if isinstance(exc, ReplyRefused):
             code, text = exc.code, exc.text
         else:
-            code, text = INVALID_REPLY if isinstance(exc, InputError) else INTERNAL_ERROR
+            code, text = (
+                texts.INVALID_REPLY if isinstance(exc, InputError) else texts.INTERNAL_ERROR
+            )
         return self.messages.receipt(
             msg.party,
             msg.source,
@@ -798,7 +793,7 @@ class Workflow:
             msg.verb,
             now,
             self.state.clock_origin,
-            text=REFUSED_PREFIX + text,
+            text=texts.REFUSED_PREFIX + text,
             code=code,
             reason=text,
         )

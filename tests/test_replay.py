@@ -565,7 +565,7 @@ def test_the_backup_command_refuses_to_overwrite(
 async def test_an_incident_document_is_exactly_its_dataclass_fields(
     settings: Settings, tmp_path: Path
 ) -> None:
-    """``Incident.to_doc`` is hand-written for speed: it must say what ``asdict`` says, but
+    """``Incident.to_json`` is hand-written for speed: it must say what ``asdict`` says, but
     for the timeline, which the store keeps row by row."""
     store_path = tmp_path / "s.sqlite3"
     script = Script()
@@ -587,7 +587,7 @@ async def test_an_incident_document_is_exactly_its_dataclass_fields(
         assert incident_.dispatches and incident_.timeline and incident_.calls
         whole = dataclasses.asdict(incident_)
         assert whole.pop("timeline") == [dataclasses.asdict(e) for e in timeline]
-        assert incident_.to_doc() == whole == doc
+        assert json.loads(incident_.to_json()) == whole == doc
 
 
 async def test_one_writer_at_a_time_per_store_while_readers_come_and_go(
