@@ -45,11 +45,16 @@ PASSWORD = "correct horse battery"
 
 @contextlib.asynccontextmanager
 async def serving(
-    settings: Settings, broker: Mosquitto, tmp_path: Path, store: Path | None = None
+    settings: Settings,
+    broker: Mosquitto,
+    tmp_path: Path,
+    store: Path | None = None,
+    via: str | None = None,
 ) -> AsyncIterator[tuple[str, Console]]:
+    """The console served, connected to ``broker`` (or through ``via``, a relay's URL)."""
     users = Users(tmp_path / "users.json")
     users.set_password("op-01", PASSWORD)
-    console = Console(settings, BrokerURL.parse(broker.url), store, users)
+    console = Console(settings, BrokerURL.parse(via or broker.url), store, users)
     runner = web.AppRunner(console.app)
     await runner.setup()
     port = free_port()
@@ -78,12 +83,12 @@ async def login(
 
 @contextlib.asynccontextmanager
 async def operator_watched(
-    settings: Settings, broker: Mosquitto, tmp_path: Path
+    settings: Settings, broker: Mosquitto, tmp_path: Path, via: str | None = None
 ) -> AsyncIterator[tuple[str, Console, ClientSession, dict[str, Any], aiomqtt.Client]]:
     """The console served, op-01 logged in (its state: the CSRF token), and a client
     subscribed to every operator's actions, to see what the console publishes."""
     async with (
-        serving(settings, broker, tmp_path) as (base, console),
+        serving(settings, broker, tmp_path, via=via) as (base, console),
         ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
         open_client(BrokerURL.parse(broker.url)) as spy,
     ):
@@ -165,9 +170,18 @@ async def test_an_action_the_broker_may_not_have_is_reported_as_unconfirmed(
     """The console's connection dies after the action reached the broker but before the
     broker's acknowledgement came back: the operator is told at once that it may or may not
     have gone, not kept waiting and then shown a server error."""
-    async with operator_watched(settings, broker, tmp_path) as (base, console, http, state, spy):
-        assert console.client is not None
-        console.client._client.on_publish = lambda *args: None  # its acknowledgement is lost
+    from tools.relay import PUBACK, Relay
+
+    relay = Relay(("127.0.0.1", broker.port), mqtt=True)  # the console's way to the broker
+    await relay.start()
+    async with operator_watched(settings, broker, tmp_path, via=relay.url) as (
+        base,
+        _,
+        http,
+        state,
+        spy,
+    ):
+        relay.lose(PUBACK)  # the broker's acknowledgements do not reach the console
 
         async def escalate() -> tuple[int, str]:
             async with http.post(
@@ -179,8 +193,10 @@ async def test_an_action_the_broker_may_not_have_is_reported_as_unconfirmed(
 
         acting = asyncio.create_task(escalate())
         await asyncio.wait_for(anext(spy.messages.__aiter__()), 5)  # the broker has it
+        await asyncio.wait_for(relay.a_packet_lost.wait(), 5)  # and acknowledged it, in vain
         broker.kill()
         status, text = await asyncio.wait_for(acting, 3)  # before the 5 s it may wait
+    await relay.close()
     assert status == 503
     assert text == UNCONFIRMED
 
@@ -223,7 +239,7 @@ async def test_operators_see_whether_the_dispatcher_is_running(
     its will when its connection is cut, online again when it is back; offline when it stops.
     Each status is a retained message of the published protocol."""
     from dispatcher.protocol import validate_outbound
-    from tools.bench_ha import Relay
+    from tools.relay import Relay
 
     url = BrokerURL.parse(broker.url)
     relay = Relay(("127.0.0.1", broker.port))  # the dispatcher's way to the broker

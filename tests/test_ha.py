@@ -324,7 +324,7 @@ async def test_a_dispatcher_started_before_its_database_serves_once_it_answers(
     broker: Mosquitto, deployment: Callable[..., Path], pg_url: str, tmp_path: Path
 ) -> None:
     from adapters.broker import free_port
-    from tools.bench_ha import Relay
+    from tools.relay import Relay
 
     config = deployment(edit_toml=with_lease(TTL))
     port = free_port()

@@ -39,6 +39,7 @@ from adapters.store import Store
 from dispatcher.errors import BrokerError, FlushError
 from dispatcher.settings import Settings
 from tools.handset import Handset, Step
+from tools.relay import PUBACK, PUBLISH, Relay
 
 pytestmark = [
     pytest.mark.broker,
@@ -862,16 +863,19 @@ async def test_a_handset_key_never_acts_on_an_offer_that_was_stood_down(
 
 @contextlib.asynccontextmanager
 async def guard_with_an_offer(
-    settings: Settings, broker: Mosquitto, tmp_path: Path
+    settings: Settings, broker: Mosquitto, tmp_path: Path, via: str | None = None
 ) -> AsyncIterator[tuple[Running, Handset, list[str]]]:
     """A dispatcher on the real clock (the guard's offer stays open for 30 s), C1 escalated,
-    and the handset of guard G-YJ-CH-01 (with what it showed) once the offer reached it."""
+    and the handset of guard G-YJ-CH-01 (with what it showed) once the offer reached it; the
+    handset connects to the broker through ``via`` (a relay's URL) when given."""
     url = BrokerURL.parse(broker.url)
     script = Script()
     script.escalated(0, "C1")
     async with dispatcher(settings, broker, tmp_path / "live.sqlite3", speed=1.0) as running:
         shown: list[str] = []
-        handset = Handset(settings, "G-YJ-CH-01", url, show=shown.append)
+        handset = Handset(
+            settings, "G-YJ-CH-01", BrokerURL.parse(via or broker.url), show=shown.append
+        )
         async with handset_running(handset):
             await asyncio.wait_for(handset.connected.wait(), 10)
             await publish_recording(script.write(tmp_path / "e.jsonl"), url, speed=1000)
@@ -916,25 +920,24 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
         await original(client, messages)
 
     monkeypatch.setattr(handset_module, "publish_acknowledged", publish_acknowledged)
-    async with guard_with_an_offer(settings, broker, tmp_path) as (running, handset, shown):
-        assert handset.client is not None
-        paho = handset.client._client  # this connection's: the next one is not affected
-        withheld: list[int] = []
-        paho.on_publish = lambda *args: withheld.append(args[2])
-        # nothing about the reply comes back over this connection: neither the broker's
-        # acknowledgement nor the dispatcher's receipt (a receipt would stop the re-send)
-        on_message = handset.on_message
-
-        def lose_receipts(message: aiomqtt.Message) -> None:
-            current = handset.client is not None and handset.client._client is paho
-            receipt = b"cn.antifraud.reply.receipt" in bytes(message.payload)  # type: ignore[arg-type]
-            if not (current and receipt):
-                on_message(message)
-
-        handset.on_message = lose_receipts  # type: ignore[method-assign]
+    relay = Relay(("127.0.0.1", broker.port), mqtt=True)  # the radio's way to the broker
+    await relay.start()
+    async with guard_with_an_offer(settings, broker, tmp_path, via=relay.url) as (
+        running,
+        handset,
+        shown,
+    ):
+        # nothing about the reply comes back over this connection (the next one is not
+        # affected): neither the broker's acknowledgement nor the dispatcher's receipt (a
+        # receipt would stop the re-send)
+        relay.lose(PUBACK)
+        relay.lose(PUBLISH, containing=b"cn.antifraud.reply.receipt")
         await asyncio.wait_for(handset.on_key("1"), 5)
         await wait_until(
-            lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted" and withheld
+            lambda: (
+                dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted"
+                and any(packet[0] >> 4 == PUBACK for packet in relay.lost)
+            )
         )
         assert "📻 G-YJ-CH-01 ▶ 接受" not in shown  # not known to have arrived
         runtime = running.service.runtime
@@ -951,6 +954,7 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
         # is counted
         await wait_until(lambda: receipts() >= 1, within=10)
         await asyncio.sleep(0.3)
+    await relay.close()
     assert len(sent) == 2 and sent[0] == sent[1]  # the same event, twice
     accepted = [
         e.kind
@@ -982,19 +986,27 @@ async def test_a_receipt_stops_the_handset_sending_its_reply_again(
         await original(client, messages)
 
     monkeypatch.setattr(handset_module, "publish_acknowledged", publish_acknowledged)
-    async with guard_with_an_offer(settings, broker, tmp_path) as (running, handset, shown):
-        assert any(line.strip().startswith("⏳ 请在") for line in shown)  # the countdown
-        assert handset.client is not None
-        handset.client._client.on_publish = lambda *args: None  # acknowledgements lost
+    relay = Relay(("127.0.0.1", broker.port), mqtt=True)  # the radio's way to the broker
+    await relay.start()
+    async with guard_with_an_offer(settings, broker, tmp_path, via=relay.url) as (
+        running,
+        handset,
+        shown,
+    ):
+        # the countdown, shown once the offer is in
+        await wait_until(lambda: any(line.strip().startswith("⏳ 请在") for line in shown))
+        relay.lose(PUBACK)  # the broker's acknowledgements do not reach the radio
         await asyncio.wait_for(handset.on_key("1"), 5)
         receipt = "◀ ✔ 接警成功：此任务由您负责，请立即上门"
         await wait_until(lambda: any(line.endswith(receipt) for line in shown), within=20)
+        assert any(packet[0] >> 4 == PUBACK for packet in relay.lost)  # the receipt alone
         assert not handset._unsent and not handset._unanswered
         runtime = running.service.runtime
         assert runtime is not None
         broker.restart()
         await wait_until(lambda: handset.connected.is_set(), within=20)
         await asyncio.sleep(1.0)
+    await relay.close()
     assert len(sent) == 1
     assert "⚠ 连接中断，正在重连…" in shown and shown.count("📶 已连接") == 2
 

@@ -42,69 +42,10 @@ from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 from tools.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
+from tools.relay import Relay
 
 OFFER_WAIT_S = 30.0
 KINDS = ("kill", "freeze", "cut")
-
-
-class Relay:
-    """A TCP relay (to PostgreSQL, or to a broker) that can be cut: ``cut()`` stops
-    forwarding on every connection, open or new, until ``mend()``; the connections
-    themselves stay open. ``drop()`` closes every open connection at once, with no goodbye
-    from either side, and relays new ones as before."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.open = asyncio.Event()
-        self.open.set()
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self._links: set[asyncio.Task[None]] = set()
-
-    async def start(self, port: int = 0) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    def cut(self) -> None:
-        self.open.clear()
-
-    def mend(self) -> None:
-        """Forward again; what was held during the cut is dropped with its connections
-        (as after a partition, the peers' TCP gave up on them)."""
-        self.drop()
-        self.open.set()
-
-    def drop(self) -> None:
-        for task in list(self._links):
-            task.cancel()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._links.add(task)
-        try:
-            await self.open.wait()
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            self._links.discard(task)
-            writer.close()
-
-    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-        try:
-            while data := await source.read(65536):
-                await self.open.wait()  # cut: held, never delivered
-                sink.write(data)
-                await sink.drain()
-        finally:
-            sink.close()
-
-    async def close(self) -> None:
-        self.mend()
-        if self.server is not None:
-            self.server.close()
 
 
 class Instance:

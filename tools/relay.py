@@ -1,0 +1,143 @@
+"""A TCP relay that stands for the network between a client and its server (PostgreSQL, or
+an MQTT broker): it can be cut, its connections dropped, and, for MQTT, chosen packets from
+the server lost on the connections open now.
+
+``cut()`` stops forwarding on every connection, open or new, until ``mend()``; the
+connections themselves stay open (a partition, not a refused connection). ``drop()`` closes
+every open connection at once, with no goodbye from either side, and relays new ones as
+before. ``lose(kind)`` (with ``mqtt=True``): from now on, the server's packets of that kind
+(``PUBACK``, or ``PUBLISH`` with a payload holding ``containing``) on the connections open
+now are read and not delivered, as if lost on the way; the next connections are not
+affected. Each lost packet is kept in ``lost``, and ``a_packet_lost`` is set at the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+PUBLISH = 3  # MQTT control packet types (the high nibble of a packet's first byte)
+PUBACK = 4
+
+
+@dataclass
+class Loss:
+    kind: int
+    containing: bytes = b""
+
+
+@dataclass
+class _Link:
+    losses: list[Loss] = field(default_factory=list)
+
+
+class Relay:
+    def __init__(self, target: tuple[str, int], mqtt: bool = False) -> None:
+        self.target = target
+        self.mqtt = mqtt
+        self.open = asyncio.Event()
+        self.open.set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.lost: list[bytes] = []
+        self.a_packet_lost = asyncio.Event()
+        self._links: dict[asyncio.Task[None], _Link] = {}
+
+    async def start(self, port: int = 0) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def cut(self) -> None:
+        self.open.clear()
+
+    def mend(self) -> None:
+        """Forward again; what was held during the cut is dropped with its connections
+        (as after a partition, the peers' TCP gave up on them)."""
+        self.drop()
+        self.open.set()
+
+    def drop(self) -> None:
+        for task in list(self._links):
+            task.cancel()
+
+    def lose(self, kind: int, containing: bytes = b"") -> None:
+        if not self.mqtt:
+            raise ValueError("packets can be lost only on an MQTT relay (mqtt=True)")
+        for link in self._links.values():
+            link.losses.append(Loss(kind, containing))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        link = self._links[task] = _Link()
+        try:
+            await self.open.wait()
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            downstream = (
+                self._packets(up_reader, writer, link)
+                if self.mqtt
+                else self._pipe(up_reader, writer)
+            )
+            await asyncio.gather(self._pipe(reader, up_writer), downstream)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            self._links.pop(task, None)
+            writer.close()
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self.open.wait()  # cut: held, never delivered
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def _packets(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, link: _Link
+    ) -> None:
+        """The server's side of an MQTT connection, packet by packet."""
+        try:
+            while True:
+                try:
+                    packet = await read_packet(source)
+                except asyncio.IncompleteReadError:
+                    return  # the server closed the connection
+                await self.open.wait()
+                if any(_matches(loss, packet) for loss in link.losses):
+                    self.lost.append(packet)
+                    self.a_packet_lost.set()
+                    continue
+                sink.write(packet)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def close(self) -> None:
+        self.mend()
+        if self.server is not None:
+            self.server.close()
+
+
+async def read_packet(source: asyncio.StreamReader) -> bytes:
+    """One MQTT control packet, whole: its first byte, its remaining length (one to four
+    bytes, seven bits each, least significant first) and that many bytes."""
+    head = await source.readexactly(1)
+    length, shift = 0, 0
+    for _ in range(4):
+        byte = (await source.readexactly(1))[0]
+        head += bytes([byte])
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return head + await source.readexactly(length)
+
+
+def _matches(loss: Loss, packet: bytes) -> bool:
+    return packet[0] >> 4 == loss.kind and loss.containing in packet
