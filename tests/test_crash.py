@@ -17,9 +17,7 @@ import contextlib
 import json
 import os
 import random
-import signal
 import sqlite3
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from adapters.recording import read_lines
 from adapters.replay import replay
 from adapters.report import live_report
 from dispatcher.settings import Settings
+from tools.dispatcher_process import DispatcherProcess
 
 pytestmark = [
     pytest.mark.broker,
@@ -65,42 +64,6 @@ def recording(tmp: Path) -> Path:
         encoding="utf-8",
     )
     return path
-
-
-class Dispatcher:
-    """``antifraud run`` as a process of its own."""
-
-    def __init__(self, config: Path, broker: str, store: Path) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "antifraud.cli",
-            "--log-level",
-            "warning",
-            "run",
-            "--config",
-            str(config),
-            "--broker",
-            broker,
-            "--store",
-            str(store),
-        ]
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-        )
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(self.process.wait(), 30)
 
 
 def integrity(store: Path) -> str:
@@ -156,7 +119,7 @@ async def test_sigkill_at_random_moments_loses_nothing(
                     online.set()
 
         stack.push_async_callback(_cancel, asyncio.create_task(watch()))
-        dispatcher = Dispatcher(settings.path, broker.url, store)
+        dispatcher = DispatcherProcess(settings.path, broker.url, store, level="warning")
         await dispatcher.start()
         # its persistent sessions exist before anything is published: what is published to
         # a session that does not exist yet is not queued for anyone

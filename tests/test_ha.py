@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from adapters.mqtt import BrokerURL, open_client
 from adapters.replay import replay
 from adapters.report import live_report
 from dispatcher.settings import Settings, load_settings
+from tools.dispatcher_process import DispatcherProcess
 
 pytestmark = [
     pytest.mark.broker,
@@ -69,65 +69,17 @@ def no_process_outlives_its_test() -> Iterator[None]:
                 process.send_signal(signal.SIGKILL)
 
 
-class Instance:
-    """``antifraud run`` on the PostgreSQL store, as a process of its own, its log kept."""
+class Instance(DispatcherProcess):
+    """``antifraud run`` on the PostgreSQL store, its log kept in ``logs``; every start is
+    registered, for no process to outlive its test."""
 
     def __init__(self, name: str, config: Path, broker: str, store: str, logs: Path) -> None:
-        self.name, self.log = name, logs / f"{name}.log"
-        self.args = [
-            sys.executable,
-            "-m",
-            "antifraud.cli",
-            "--log-level",
-            "info",
-            "run",
-            "--config",
-            str(config),
-            "--broker",
-            broker,
-            "--store",
-            store,
-        ]
-        self.process: asyncio.subprocess.Process | None = None
-        self.frozen = False
+        super().__init__(config, broker, store, name=name, log=logs / f"{name}.log")
 
     async def start(self) -> None:
-        with self.log.open("a") as out:
-            self.process = await asyncio.create_subprocess_exec(*self.args, stdout=out, stderr=out)
+        await super().start()
+        assert self.process is not None
         STARTED.append(self.process)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        if self.frozen:
-            self.wake()
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    def freeze(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGSTOP)
-        self.frozen = True
-
-    def wake(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGCONT)
-        self.frozen = False
-
-    async def stop(self) -> None:
-        assert self.process is not None
-        if self.frozen:
-            self.wake()
-        self.process.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(self.process.wait(), 30)
-
-    def events(self) -> list[dict[str, Any]]:
-        lines = self.log.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 def lease(store: str) -> tuple[str, int] | None:

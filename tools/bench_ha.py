@@ -42,63 +42,11 @@ from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics
 from dispatcher.settings import Settings
 from tools.bench_live import CHEN, FLAGGED, call_bytes, event_bytes, percentile
+from tools.dispatcher_process import DispatcherProcess
 from tools.relay import Relay
 
 OFFER_WAIT_S = 30.0
 KINDS = ("kill", "freeze", "cut")
-
-
-class Instance:
-    """``antifraud run`` on the PostgreSQL store through its own relay."""
-
-    def __init__(self, name: str, config: Path, broker: str, store: str, log: Path) -> None:
-        self.name, self.log = name, log
-        self.args = [
-            sys.executable,
-            "-m",
-            "antifraud.cli",
-            "--log-level",
-            "info",
-            "run",
-            "--config",
-            str(config),
-            "--broker",
-            broker,
-            "--store",
-            store,
-        ]
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("a") as out:
-            self.process = await asyncio.create_subprocess_exec(*self.args, stdout=out, stderr=out)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def signal(self, sig: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 30)
-            except TimeoutError:
-                self.signal(signal.SIGKILL)
-                await self.process.wait()
-
-    def standing_by(self) -> bool:
-        """Whether its log's last word on the lease is that it stands by."""
-        said = ""
-        for line in self.log.read_text(encoding="utf-8").splitlines():
-            if '"standing_by"' in line or '"serving"' in line:
-                said = line
-        return '"standing_by"' in said
 
 
 def holder_pid(store: str) -> int | None:
@@ -193,7 +141,7 @@ async def _rounds(
         await relay.start()
     store_of = [direct.replace(f":{target[1]}/", f":{r.port}/", 1) for r in relays]
     instances = [
-        Instance(n, config, str(broker), store_of[i], folder / f"{n}.log")
+        DispatcherProcess(config, str(broker), store_of[i], name=n, log=folder / f"{n}.log")
         for i, n in enumerate(("a", "b"))
     ]
     offers: dict[str, float] = {}
@@ -252,6 +200,7 @@ async def _rounds(
                 results[kind] = (times, lost)
         except BaseException:
             for instance in instances:  # what each instance said last, to see why
+                assert instance.log is not None
                 lines = instance.log.read_text(encoding="utf-8").splitlines()[-5:]
                 print(f"{instance.name}'s log ends:", *lines, sep="\n  ", file=sys.stderr)
             raise
@@ -259,7 +208,7 @@ async def _rounds(
             for task in listeners:
                 task.cancel()
             for instance in instances:
-                await instance.stop()
+                await instance.stop(strict=False)
             for relay in relays:
                 await relay.close()
     return results
@@ -268,7 +217,7 @@ async def _rounds(
 async def _round(
     kind: str,
     i: int,
-    instances: list[Instance],
+    instances: list[DispatcherProcess],
     relays: list[Relay],
     store: str,
     ops: Any,
@@ -291,7 +240,7 @@ async def _round(
     restore: Callable[[], Awaitable[None]]
     start = time.perf_counter()
     if kind == "kill":
-        active.signal(signal.SIGKILL)
+        active.send(signal.SIGKILL)
 
         async def restore() -> None:
             assert active.process is not None
@@ -299,10 +248,10 @@ async def _round(
             await active.start()
 
     elif kind == "freeze":
-        active.signal(signal.SIGSTOP)
+        active.freeze()
 
         async def restore() -> None:
-            active.signal(signal.SIGCONT)
+            active.wake()
 
     else:
         relay.cut()

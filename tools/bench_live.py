@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import gc
 import json
-import signal
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from dispatcher.inbound import call_data, cloudevent
 from dispatcher.model import incident_of_call
 from dispatcher.outbound import Topics, rfc3339
 from dispatcher.settings import Settings
+from tools.dispatcher_process import DispatcherProcess
 
 BACKLOG_RATE = 1000.0  # events/s of the feed whose backlog (b) drains
 CHEN = "+8613800000001"
@@ -119,55 +119,32 @@ async def ceiling(broker: BrokerURL, count: int, delivered: bool = False) -> flo
 # ---- the dispatcher as its own process -------------------------------------------------------
 
 
-class DispatcherProcess:
+class TimedDispatcher:
+    """``antifraud run`` whose log is read as it is written: when it began connecting (by
+    this process's clock), whether it is connected, and its counts when it stopped."""
+
     def __init__(self, config: Path, broker: BrokerURL, store: str | Path) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "antifraud.cli",
-            "--log-level",
-            "info",
-            "run",
-            "--config",
-            str(config),
-            "--broker",
-            str(broker),
-            "--store",
-            str(store),
-        ]
-        self.process: asyncio.subprocess.Process | None = None
+        self.process = DispatcherProcess(config, str(broker), store, on_event=self._heard)
         self.connecting_at: float | None = None  # of the latest start
         self.connected = asyncio.Event()
         self.last_counts: dict[str, Any] = {}
-        self._reader: asyncio.Task[None] | None = None
+
+    def _heard(self, line: dict[str, Any]) -> None:
+        if line.get("event") == "broker_connecting" and self.connecting_at is None:
+            self.connecting_at = time.perf_counter()
+        elif line.get("event") == "broker_connected":
+            self.connected.set()
+        elif line.get("event") == "stopped":
+            self.last_counts = line
 
     async def start(self) -> None:
         self.connected.clear()
         self.connecting_at = None
-        self.process = await asyncio.create_subprocess_exec(
-            *self.args, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
-        )
-        self._reader = asyncio.create_task(self._read())
+        await self.process.start()
         await asyncio.wait_for(self.connected.wait(), 30)
 
-    async def _read(self) -> None:
-        assert self.process is not None and self.process.stderr is not None
-        async for raw in self.process.stderr:
-            with contextlib.suppress(ValueError):
-                line = json.loads(raw)
-                if line.get("event") == "broker_connecting" and self.connecting_at is None:
-                    self.connecting_at = time.perf_counter()
-                elif line.get("event") == "broker_connected":
-                    self.connected.set()
-                elif line.get("event") == "stopped":
-                    self.last_counts = line
-
     async def stop(self) -> None:
-        if self.process and self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(self.process.wait(), 30)
-        if self._reader:
-            await self._reader
+        await self.process.stop()
 
 
 # ---- (b) ------------------------------------------------------------------------------------
@@ -175,11 +152,11 @@ class DispatcherProcess:
 
 async def dispatcher_rate(
     settings: Settings, broker: BrokerURL, store: str | Path, count: int
-) -> tuple[float, dict[str, Any], DispatcherProcess]:
+) -> tuple[float, dict[str, Any], TimedDispatcher]:
     """(b) on ``store``: a SQLite file's path or a PostgreSQL URL."""
     topics = Topics(settings.service.prefix)
     calls = topics.calls(settings.service.region)
-    dispatcher = DispatcherProcess(settings.path, broker, store)
+    dispatcher = TimedDispatcher(settings.path, broker, store)
     await dispatcher.start()  # creates its persistent session
     await dispatcher.stop()
     # what a carrier feed sending BACKLOG_RATE events/s produced while the dispatcher was down:
