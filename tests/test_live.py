@@ -39,7 +39,7 @@ from adapters.store import Store
 from dispatcher.errors import BrokerError, FlushError
 from dispatcher.settings import Settings
 from tools.handset import Handset, Step
-from tools.relay import PUBACK, PUBLISH, Relay
+from tools.relay import PUBACK, PUBLISH, Relay, kind_of
 
 pytestmark = [
     pytest.mark.broker,
@@ -55,12 +55,17 @@ class Running:
     """A live dispatcher in the background of a test."""
 
     def __init__(
-        self, settings: Settings, broker: Mosquitto, store: Path, speed: float = SPEED
+        self,
+        settings: Settings,
+        broker: Mosquitto,
+        store: Path,
+        speed: float = SPEED,
+        via: str | None = None,
     ) -> None:
         self.stop = asyncio.Event()
         self.service = LiveService(
             settings,
-            BrokerURL.parse(broker.url),
+            BrokerURL.parse(via or broker.url),  # through a relay's URL if given
             store,
             Clock(speed=speed),
             client_id="dispatcher-under-test",
@@ -77,9 +82,13 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def dispatcher(
-    settings: Settings, broker: Mosquitto, store: Path, speed: float = SPEED
+    settings: Settings,
+    broker: Mosquitto,
+    store: Path,
+    speed: float = SPEED,
+    via: str | None = None,
 ) -> AsyncIterator[Running]:
-    running = Running(settings, broker, store, speed)
+    running = Running(settings, broker, store, speed, via)
     await running.ready()
     try:
         yield running
@@ -936,7 +945,7 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
         await wait_until(
             lambda: (
                 dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted"
-                and any(packet[0] >> 4 == PUBACK for packet in relay.lost)
+                and any(kind_of(packet) == PUBACK for packet in relay.lost)
             )
         )
         assert "📻 G-YJ-CH-01 ▶ 接受" not in shown  # not known to have arrived
@@ -999,7 +1008,7 @@ async def test_a_receipt_stops_the_handset_sending_its_reply_again(
         await asyncio.wait_for(handset.on_key("1"), 5)
         receipt = "◀ ✔ 接警成功：此任务由您负责，请立即上门"
         await wait_until(lambda: any(line.endswith(receipt) for line in shown), within=20)
-        assert any(packet[0] >> 4 == PUBACK for packet in relay.lost)  # the receipt alone
+        assert any(kind_of(packet) == PUBACK for packet in relay.lost)  # the receipt alone
         assert not handset._unsent and not handset._unanswered
         runtime = running.service.runtime
         assert runtime is not None
@@ -1048,16 +1057,16 @@ def test_a_handset_shows_a_refusal_in_chinese_and_lets_go_of_the_offer(
 
 
 async def test_publishing_stops_at_once_when_the_broker_dies_before_acknowledging(
-    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+    broker: Mosquitto,
 ) -> None:
     """aiomqtt's publish() would wait out its whole operation timeout for an acknowledgement
     that can no longer come; ``publish_acknowledged`` says so the moment the connection ends."""
     from adapters.mqtt import publish_acknowledged
 
-    withhold_acknowledgements(monkeypatch, client_id="impatient")
-    async with open_client(
-        BrokerURL.parse(broker.url), "impatient", operation_timeout=600
-    ) as client:
+    async with (
+        acknowledgements_lost(broker) as relay,
+        open_client(BrokerURL.parse(relay.url), "impatient", operation_timeout=600) as client,
+    ):
         sending = asyncio.create_task(
             publish_acknowledged(client, [(f"{P}/events/hengnan/calls", b"{}", 1, False)])
         )
@@ -1323,31 +1332,24 @@ async def test_a_stop_while_the_dispatcher_subscribes_leaves_it_offline(
     assert json.loads(bytes(retained.payload))["data"] == {"state": "offline"}  # type: ignore[arg-type]
 
 
-def withhold_acknowledgements(
-    monkeypatch: pytest.MonkeyPatch,
-    at_most: int | None = None,
-    client_id: str = "dispatcher-under-test",
-) -> list[int]:
-    """The broker's acknowledgements of the messages of client ``client_id`` (by default the
-    dispatcher) never reach it (the first ``at_most`` of them, or all); returns the message
-    ids withheld."""
-    from adapters import mqtt
-
-    original = mqtt.Client._on_publish
-    withheld: list[int] = []
-
-    def on_publish(self: mqtt.Client, *args: Any) -> None:
-        if self.identifier == client_id and (at_most is None or len(withheld) < at_most):
-            withheld.append(args[2])
-            return
-        original(self, *args)
-
-    monkeypatch.setattr(mqtt.Client, "_on_publish", on_publish)
-    return withheld
+@contextlib.asynccontextmanager
+async def acknowledgements_lost(
+    broker: Mosquitto, at_most: int | None = None
+) -> AsyncIterator[Relay]:
+    """A way to ``broker`` (``relay.url``) on which the broker's acknowledgements of a
+    client's messages (the first ``at_most`` of them, or all) never come back, on every
+    connection through it; each one lost is in ``relay.lost``."""
+    relay = Relay(("127.0.0.1", broker.port), mqtt=True)
+    await relay.start()
+    relay.lose(PUBACK, at_most=at_most, later_connections=True)
+    try:
+        yield relay
+    finally:
+        await relay.close()
 
 
 async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers_presence(
-    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
     """While Mosquitto sends the dispatcher a persistent session's backlog it holds back its
     acknowledgements of the dispatcher's own messages, the online announcement too, for
@@ -1356,21 +1358,23 @@ async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers
     from tools.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
-    # the connection's first QoS 1 message: its presence
-    withheld = withhold_acknowledgements(monkeypatch, at_most=1)
-    async with open_client(url) as console:
+    async with (
+        # the first QoS 1 message of the dispatcher's: its presence
+        acknowledgements_lost(broker, at_most=1) as relay,
+        open_client(url) as console,
+    ):
         await console.subscribe(f"{P}/operators/incidents", qos=1)
-        async with dispatcher(settings, broker, tmp_path / "live.sqlite3"):
+        async with dispatcher(settings, broker, tmp_path / "live.sqlite3", via=relay.url):
             async with open_client(url) as feed:
                 call = call_bytes("progress", "LATE-ACK", RESIDENT, FLAGGED, 30)
                 await feed.publish(f"{P}/events/{settings.service.region}/calls", call, qos=1)
             message = await asyncio.wait_for(anext(console.messages.__aiter__()), 5)
     assert json.loads(bytes(message.payload))["subject"] == "INC-LATE-ACK"  # type: ignore[arg-type]
-    assert withheld
+    assert len(relay.lost) == 1
 
 
 async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowledge_them(
-    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
     """A broker sending the dispatcher a backlog holds its acknowledgements back until the
     backlog is through, while it routes the dispatcher's messages at once. The next
@@ -1379,13 +1383,12 @@ async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowle
     from tools.bench_live import FLAGGED, call_bytes
 
     url = BrokerURL.parse(broker.url)
-    withheld = withhold_acknowledgements(monkeypatch)
     calls = f"{P}/events/{settings.service.region}/calls"
-    async with open_client(url) as console:
+    async with acknowledgements_lost(broker) as relay, open_client(url) as console:
         await console.subscribe(f"{P}/operators/incidents", qos=1)
         received = console.messages.__aiter__()
         async with (
-            dispatcher(settings, broker, tmp_path / "live.sqlite3"),
+            dispatcher(settings, broker, tmp_path / "live.sqlite3", via=relay.url),
             open_client(url) as feed,
         ):
             for call_id, resident in (("FIRST", CHEN), ("SECOND", ZHAO)):
@@ -1394,7 +1397,7 @@ async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowle
                 )
                 message = await asyncio.wait_for(anext(received), 5)
                 assert json.loads(bytes(message.payload))["subject"] == f"INC-{call_id}"  # type: ignore[arg-type]
-    assert len(withheld) >= 4  # presence, then two messages per incident: none acknowledged
+    assert len(relay.lost) >= 4  # presence, then two messages per incident: none acknowledged
 
 
 async def test_a_broker_restart_in_the_middle_of_a_burst_loses_no_output(

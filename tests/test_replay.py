@@ -17,7 +17,7 @@ from scenario import CHEN, INVESTMENT, Player, Script
 from adapters.replay import replay
 from adapters.store import INLINE_MAX_WRITES, SCHEMA_VERSION, Store
 from dispatcher.errors import FlushError, RecordingError, StoreError
-from dispatcher.model import Incident, Publish
+from dispatcher.model import Incident, Publish, TimerFired
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 from dispatcher.workflow import Workflow
@@ -671,16 +671,17 @@ async def test_a_step_that_fails_half_way_is_undone_and_the_service_goes_on(
         return real(self, incident, change, at, o)
 
     monkeypatch.setattr(Messages, "incident_changed", incident_changed)
-    real_on_timer = Workflow._on_timer
+    real_step = Workflow.step
 
-    def on_timer(self: Workflow, fired: Any, now: float, changes: Any) -> None:
-        if fired.key[1] == "slot" and "timer" not in failed:  # a dispatch slot's deadline
+    def step(self: Workflow, event: Any, now: float) -> Any:
+        # a dispatch slot's deadline: its incident is changed, then the step fails
+        if isinstance(event, TimerFired) and event.key[1] == "slot" and "timer" not in failed:
             failed.append("timer")
-            self.state.incidents[fired.key[0]].alerts.append("half-way")
+            self.state.incidents[event.key[0]].alerts.append("half-way")
             raise RuntimeError("a defect in a timer")
-        real_on_timer(self, fired, now, changes)
+        return real_step(self, event, now)
 
-    monkeypatch.setattr(Workflow, "_on_timer", on_timer)
+    monkeypatch.setattr(Workflow, "step", step)
     report = await replay(SEED, settings, tmp_path / "s.sqlite3")
     assert failed == ["timer", "arrival"]
     assert [(r["at"], r["reason"]) for r in report["rejected"]] == [

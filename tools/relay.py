@@ -7,8 +7,9 @@ connections themselves stay open (a partition, not a refused connection). ``drop
 every open connection at once, with no goodbye from either side, and relays new ones as
 before. ``lose(kind)`` (with ``mqtt=True``): from now on, the server's packets of that kind
 (``PUBACK``, or ``PUBLISH`` with a payload holding ``containing``) on the connections open
-now are read and not delivered, as if lost on the way; the next connections are not
-affected. Each lost packet is kept in ``lost``, and ``a_packet_lost`` is set at the first.
+now (and, with ``later_connections``, on those opened later too) are read and not
+delivered, as if lost on the way, ``at_most`` of them if given. Each lost packet is kept in
+``lost``, and ``a_packet_lost`` is set at the first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,17 @@ PUBACK = 4
 class Loss:
     kind: int
     containing: bytes = b""
+    at_most: int | None = None
+    count: int = 0
+
+    def takes(self, packet: bytes) -> bool:
+        """Whether ``packet`` is lost (and counted) by this loss."""
+        if self.at_most is not None and self.count >= self.at_most:
+            return False
+        if kind_of(packet) != self.kind or self.containing not in packet:
+            return False
+        self.count += 1
+        return True
 
 
 @dataclass
@@ -42,6 +54,7 @@ class Relay:
         self.lost: list[bytes] = []
         self.a_packet_lost = asyncio.Event()
         self._links: dict[asyncio.Task[None], _Link] = {}
+        self._standing: list[Loss] = []  # for the connections to come
 
     async def start(self, port: int = 0) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", port)
@@ -64,16 +77,25 @@ class Relay:
         for task in list(self._links):
             task.cancel()
 
-    def lose(self, kind: int, containing: bytes = b"") -> None:
+    def lose(
+        self,
+        kind: int,
+        containing: bytes = b"",
+        at_most: int | None = None,
+        later_connections: bool = False,
+    ) -> None:
         if not self.mqtt:
             raise ValueError("packets can be lost only on an MQTT relay (mqtt=True)")
+        loss = Loss(kind, containing, at_most)
         for link in self._links.values():
-            link.losses.append(Loss(kind, containing))
+            link.losses.append(loss)
+        if later_connections:
+            self._standing.append(loss)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        link = self._links[task] = _Link()
+        link = self._links[task] = _Link(list(self._standing))
         try:
             await self.open.wait()
             up_reader, up_writer = await asyncio.open_connection(*self.target)
@@ -109,7 +131,7 @@ class Relay:
                 except asyncio.IncompleteReadError:
                     return  # the server closed the connection
                 await self.open.wait()
-                if any(_matches(loss, packet) for loss in link.losses):
+                if any(loss.takes(packet) for loss in link.losses):
                     self.lost.append(packet)
                     self.a_packet_lost.set()
                     continue
@@ -122,6 +144,10 @@ class Relay:
         self.mend()
         if self.server is not None:
             self.server.close()
+
+
+def kind_of(packet: bytes) -> int:
+    return packet[0] >> 4
 
 
 async def read_packet(source: asyncio.StreamReader) -> bytes:
@@ -137,7 +163,3 @@ async def read_packet(source: asyncio.StreamReader) -> bytes:
         if not byte & 0x80:
             break
     return head + await source.readexactly(length)
-
-
-def _matches(loss: Loss, packet: bytes) -> bool:
-    return packet[0] >> 4 == loss.kind and loss.containing in packet
