@@ -69,6 +69,7 @@ import orjson
 import structlog
 
 from adapters.sqlite_internals import check_aiosqlite, in_thread
+from adapters.sqlite_writes import WRITER_PRAGMAS, Tables, rollback, write_tables
 from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 from dispatcher.ports import KeptInbound, OutboxRow, QueuedEffects, Snapshot
@@ -522,15 +523,6 @@ def _create(path: Path, shown: Path) -> None:
         raise store_failure(shown, "creating the store", exc) from None
 
 
-def _rollback(db: sqlite3.Connection) -> None:
-    """Roll back what is left of a failed transaction. SQLite has already rolled it back
-    itself after some failures (a full disk, for one): then there is nothing to do, and the
-    error to report is the one that failed it, not ``cannot rollback``."""
-    if db.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-
-
 class WriterLock:
     """One writer per store: ``REAL.lock`` beside the store's real path (symlinks and any
     spelling of the path resolved), locked (``flock``) for as long as a live service or a
@@ -766,12 +758,8 @@ class Store(QueuedWrites):
             if not 1 <= version <= SCHEMA_VERSION:  # checked just before; changed since
                 raise StoreError(f"{self.path}: store schema version {version} is unexpected")
             await self._db.execute("PRAGMA journal_mode=WAL")
-            await self._db.execute("PRAGMA synchronous=NORMAL")  # the store flushes the log
-            await self._db.execute("PRAGMA wal_autocheckpoint=0")  # and checkpoints it
-            await self._db.execute("PRAGMA busy_timeout=5000")
-            # 8 MiB of pages (SQLite's default is 2): the index pages a large commit touches
-            # stay in memory instead of being written out and read back within it
-            await self._db.execute("PRAGMA cache_size=-8192")
+            for pragma in WRITER_PRAGMAS:
+                await self._db.execute(f"PRAGMA {pragma}")
             for step in range(version, SCHEMA_VERSION):
                 await self._db.executescript(
                     f"BEGIN IMMEDIATE;\n{MIGRATIONS[step]}\nPRAGMA user_version={step + 1};\n"
@@ -1043,7 +1031,7 @@ class Store(QueuedWrites):
                         _prune_kept(db, *kept_before)
                 db.execute("COMMIT")
             except BaseException:
-                _rollback(db)
+                rollback(db)
                 raise
 
         async with self._writing:
@@ -1159,6 +1147,22 @@ class _Rows:
     presence: list[tuple[str, str, float]]
     kept: list[KeptInbound]
 
+    def tables(self, outbox: list[tuple[Any, ...]]) -> Tables:
+        """The rows as written, with ``outbox`` as ``serialise_outbox`` made it."""
+        inbound = self.inbound
+        return Tables(
+            self.meta,
+            self.incidents,
+            self.dispatches,
+            self.timeline,
+            outbox,
+            (inbound[0][2], inbound[-1][2], _dumps(inbound)) if inbound else None,
+            self.rejected,
+            self.contacts,
+            self.presence,
+            [tuple(k) for k in self.kept],
+        )
+
     @classmethod
     def snapshot(cls, batch: _Batch, written: dict[str, tuple[Any, ...]] | None = None) -> _Rows:
         """``written``: the row each dispatch was last given in, by dispatch id, kept by
@@ -1221,27 +1225,6 @@ class _Rows:
         )
 
 
-def _upsert(table: str, columns: str) -> str:
-    """Insert a row, or update the one with its id in place: unlike ``INSERT OR REPLACE``
-    (a delete and an insert under a new rowid), an index whose columns did not change is
-    left alone."""
-    names = columns.split()
-    return (
-        f"INSERT INTO {table} ({', '.join(names)}) VALUES ({','.join('?' * len(names))}) "
-        f"ON CONFLICT (id) DO UPDATE SET "
-        + ", ".join(f"{name} = excluded.{name}" for name in names[1:])
-    )
-
-
-UPSERT_INCIDENT = _upsert(
-    "incidents", "id subscriber status severity rule opened_at closed_at outcome doc"
-)
-UPSERT_DISPATCH = _upsert(
-    "dispatches",
-    "id incident_id unit role status offered_at accepted_at arrived_at reported_at outcome",
-)
-
-
 def _mark_sent(db: sqlite3.Connection, seqs: list[int]) -> None:
     """One transaction (in autocommit mode each UPDATE would be a commit of its own)."""
     db.execute("BEGIN IMMEDIATE")
@@ -1249,7 +1232,7 @@ def _mark_sent(db: sqlite3.Connection, seqs: list[int]) -> None:
         db.executemany("UPDATE outbox SET sent = 1 WHERE seq = ?", [(s,) for s in seqs])
         db.execute("COMMIT")
     except BaseException:
-        _rollback(db)
+        rollback(db)
         raise
 
 
@@ -1263,50 +1246,7 @@ def _write(
     as it is written, and returned."""
     outbox, pending = serialise_outbox(rows.outbox)
     try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            if rows.incidents:
-                db.executemany(UPSERT_INCIDENT, rows.incidents)
-            if rows.dispatches:
-                db.executemany(UPSERT_DISPATCH, rows.dispatches)
-            if rows.timeline:
-                db.executemany(
-                    "INSERT INTO timeline (incident_id, at, kind, by, text, "
-                    "dispatch_id, action_id) VALUES (?,?,?,?,?,?,?)",
-                    rows.timeline,
-                )
-            if outbox:
-                db.executemany(
-                    "INSERT INTO outbox (seq, at, topic, qos, retain, type, payload, "
-                    "sent, same_as) VALUES (?,?,?,?,?,?,?,?,?)",
-                    outbox,
-                )
-            if rows.inbound:
-                db.execute(
-                    "INSERT INTO inbound (first_at, last_at, pairs) VALUES (?,?,?)",
-                    (rows.inbound[0][2], rows.inbound[-1][2], _dumps(rows.inbound)),
-                )
-            if rows.rejected:
-                db.executemany(
-                    "INSERT INTO rejected (at, topic, reason, payload) VALUES (?,?,?,?)",
-                    rows.rejected,
-                )
-            if rows.contacts:
-                db.executemany("INSERT INTO contacts VALUES (?,?,?)", rows.contacts)
-            if rows.presence:
-                db.executemany("INSERT OR REPLACE INTO presence VALUES (?,?,?)", rows.presence)
-            if rows.kept:
-                db.executemany(
-                    "INSERT INTO incident_inbound (incident_id, subscriber, call_id, contact, at, "
-                    "topic, payload) VALUES (?,?,?,?,?,?,?)",
-                    rows.kept,
-                )
-            if rows.meta:
-                db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)", rows.meta)
-            db.execute("COMMIT")
-        except BaseException:
-            _rollback(db)
-            raise
+        write_tables(db, rows.tables(outbox))
     except sqlite3.Error as exc:
         raise store_failure(path, "commit", exc) from exc
     hand_over(pending)
