@@ -1,9 +1,7 @@
-"""One write transaction of the SQLite store: its rows (``Tables``), the statements that write
-them, and ``write_tables``, which runs them all or none.
-
-The store runs it on the event loop, on aiosqlite's thread, or, for a replay's large
-transactions, in its bulk writer, a process of its own (``adapters/store_writer.py``); so this
-module imports nothing but ``sqlite3``.
+"""One write transaction of the SQLite store: its rows (``Tables``: plain tuples of text and
+numbers), the statements that write them, and ``write_tables``, which runs them all or none.
+The store runs it on the event loop (``inline_writes``) or on aiosqlite's thread; it needs
+nothing but ``sqlite3``.
 """
 
 from __future__ import annotations
