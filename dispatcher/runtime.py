@@ -14,6 +14,7 @@ import hashlib
 import heapq
 import json
 import re
+from itertools import takewhile
 from typing import Any
 
 import orjson
@@ -561,17 +562,14 @@ class Runtime:
         """Forget pairs (and receipts) older than the dedupe window (the dicts are in
         arrival order)."""
         horizon = now - self.settings.limits.dedupe_window_s
+        # the keys gathered first, then deleted: deleting from the front one at a time and
+        # looking for the new front each time passes over every deleted slot again, which
+        # made forgetting a flood's pairs at once quadratic (100,000 of them: 1.5 s)
         for seen in (self._seen, self._legacy_seen):
-            while seen:
-                key = next(iter(seen))
-                if seen[key] >= horizon:
-                    break
+            for key, _ in list(takewhile(lambda item: item[1] < horizon, seen.items())):
                 del seen[key]
         receipts = self._receipts
-        while receipts:
-            key = next(iter(receipts))
-            if receipts[key][0] >= horizon:
-                break
+        for key, _ in list(takewhile(lambda item: item[1][0] < horizon, receipts.items())):
             del receipts[key]
 
     def _past_refusal_budget(self, channel: str, topic: str, now: float) -> bool:

@@ -244,6 +244,33 @@ def test_the_contact_log_keeps_at_most_max_subscribers() -> None:
     assert log.distinct("+86139" + f"{49_999:08d}", 49_999.0, 86400) == 1
 
 
+async def test_a_floods_pairs_leave_the_dedupe_memory_together_once_the_window_has_passed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Tens of thousands of pairs that leave the dedupe window within one expiry are all
+    forgotten there, and the pair still within it is kept (and still a duplicate)."""
+    window = settings.limits.dedupe_window_s
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        template = json.loads(SEED.read_text(encoding="utf-8").splitlines()[0])["payload"]
+        calls = "antifraud/v1/events/hengnan/calls"
+        for i in range(30_000):  # a flood, 30 s of it
+            at = i / 1000
+            runtime.advance(at)
+            runtime.handle(calls, json.loads(json.dumps(template)) | {"id": f"e{i}"}, at)
+        late = json.loads(json.dumps(template)) | {"id": "late"}
+        runtime.advance(window)
+        runtime.handle(calls, late, window)
+        for k in range(2048):  # two expiries' worth of advances, past the flood's window
+            runtime.advance(window + 40 + k / 1000)
+        assert list(runtime._seen) == [next(k for k in runtime._seen if k.endswith("\0late"))]
+        duplicates = runtime.counts["duplicates"]
+        runtime.handle(calls, late, window + 43)
+        assert runtime.counts["duplicates"] == duplicates + 1
+        await runtime.commit()
+
+
 async def test_the_dedupe_memory_is_bounded_under_a_flood(
     settings: Settings, tmp_path: Path
 ) -> None:

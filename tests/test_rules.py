@@ -70,6 +70,35 @@ class TestContactLog:
         log.prune(now=500)
         assert len(log) == 1
 
+    def test_prune_goes_by_each_subscribers_latest_contact(self) -> None:
+        log = ContactLog(horizon_s=60, per_subscriber=8)
+        log.record("first", "a", 0)  # known first, and contacted again since
+        for i in range(1000):
+            log.record(f"s{i}", "a", 1)
+        log.record("first", "b", 480)
+        log.prune(now=500)
+        assert len(log) == 1  # "first"'s latest: the one within the horizon
+        assert log.distinct("first", now=500, window_s=60) == 1
+
+    def test_a_subscriber_behind_a_newer_one_is_pruned_later_and_never_counted(self) -> None:
+        log = ContactLog(horizon_s=60, per_subscriber=8)
+        log.record("new", "a", 100)
+        log.record("old", "a", 10)  # came late, out of order
+        log.prune(now=100)
+        assert log.distinct("old", now=100, window_s=60) == 0
+        log.prune(now=200)
+        assert len(log) == 0
+
+    def test_at_most_max_subscribers_forgets_the_one_contacted_longest_ago(self) -> None:
+        log = ContactLog(horizon_s=10_000, per_subscriber=8, max_subscribers=2)
+        log.record("a", "x", 0)
+        log.record("b", "x", 1)
+        log.record("a", "y", 2)
+        log.record("c", "x", 3)
+        assert log.distinct("a", now=3, window_s=10_000) == 2
+        assert log.distinct("b", now=3, window_s=10_000) == 0
+        assert log.distinct("c", now=3, window_s=10_000) == 1
+
 
 class TestRuleSet:
     def rule(self, **when: object) -> RuleSettings:
