@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rules.bounded import trim
+
 
 class RateLimiter:
     """At most ``rate`` messages a second per key, with bursts of up to ``burst``.
@@ -19,8 +21,7 @@ class RateLimiter:
     def allow(self, key: str, now: float) -> bool:
         bucket = self._buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                del self._buckets[next(iter(self._buckets))]
+            trim(self._buckets, self.max_keys - 1)  # the longest-known go first
             self._buckets[key] = [self.burst - 1.0, now]
             return True
         tokens, at = bucket

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from itertools import takewhile
+
+from rules.bounded import forget_while, trim
 
 
 class ContactLog:
@@ -12,8 +13,8 @@ class ContactLog:
     A contact counts from its ``call.started``. Entries older than ``horizon_s`` are dropped as
     new ones arrive, each subscriber keeps at most ``per_subscriber`` entries (the newest), a
     subscriber whose history has expired is forgotten, and at most ``max_subscribers`` are
-    kept (the one contacted longest ago is forgotten first), so memory stays bounded even
-    under a flood.
+    kept (the ones contacted longest ago are forgotten first: ``rules/bounded.py``), so
+    memory stays bounded even under a flood.
 
     Subscribers are kept in the order of their latest contact, so that ``prune`` looks only
     at those it forgets (and the first one it keeps), not at every subscriber known: with
@@ -32,8 +33,7 @@ class ContactLog:
     def record(self, subscriber: str, counterpart: str, at: float) -> None:
         entries = self._log.pop(subscriber, None)  # to the end: its latest contact is now
         if entries is None:
-            if len(self._log) >= self.max_subscribers:  # forget the one contacted longest ago
-                del self._log[next(iter(self._log))]
+            trim(self._log, self.max_subscribers - 1)  # forget the ones contacted longest ago
             entries = deque(maxlen=self.per_subscriber)
         self._log[subscriber] = entries
         entries.append((at, counterpart))
@@ -52,11 +52,7 @@ class ContactLog:
         come a little out of order: one behind a newer one is forgotten at a later prune;
         ``distinct`` never counts it meanwhile.)"""
         since = now - self.horizon_s
-        # the keys gathered first, then deleted: deleting from the front one at a time and
-        # looking for the new front each time passes over every deleted slot again
-        gone = list(takewhile(lambda item: item[1][-1][0] < since, self._log.items()))
-        for subscriber, _ in gone:
-            del self._log[subscriber]
+        forget_while(self._log, lambda entries: entries[-1][0] < since)
 
     def _expire(self, subscriber: str, entries: deque[tuple[float, str]], now: float) -> None:
         since = now - self.horizon_s
