@@ -305,6 +305,12 @@ async def open_client(
             _first_node[key] = (index + 1) % len(nodes)  # the next connection tries another
         with contextlib.suppress(aiomqtt.MqttError):
             await client.__aexit__(None, None, None)
+        ended = ending(client)
+        if ended.done() and not ended.cancelled():
+            # what a lost connection ended with was said (``BrokerError``, and the caller's
+            # log); taken here, or asyncio would log it once more when the future is
+            # collected, as an error with no context: "Future exception was never retrieved"
+            ended.exception()
 
 
 def node_of(client: aiomqtt.Client) -> str:

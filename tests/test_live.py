@@ -1056,6 +1056,32 @@ def test_a_handset_shows_a_refusal_in_chinese_and_lets_go_of_the_offer(
     assert not any(line.lstrip().startswith("{") for line in shown)
 
 
+async def test_a_lost_connection_is_not_logged_again_when_its_future_is_collected(
+    broker: Mosquitto,
+) -> None:
+    """A connection that dies while its client is idle (a console between actions, a radio
+    between replies) must not be logged again later, out of context, by asyncio as "Future
+    exception was never retrieved" (a radio's terminal would show it to the guard)."""
+    import gc
+
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    relay = Relay(("127.0.0.1", broker.port))
+    await relay.start()
+    try:
+        async with open_client(BrokerURL.parse(relay.url), "idle") as client:
+            relay.drop()  # no goodbye from either side
+            await asyncio.sleep(0.5)  # the client sees its socket closed
+        del client
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+        await relay.close()
+    assert unhandled == []
+
+
 async def test_publishing_stops_at_once_when_the_broker_dies_before_acknowledging(
     broker: Mosquitto,
 ) -> None:
