@@ -49,8 +49,9 @@ class ContactLog:
     def prune(self, now: float) -> None:
         """Forget the subscribers whose contacts are all older than the horizon, from the one
         contacted longest ago, up to the first whose latest contact is within it. (Events
-        come a little out of order: one behind a newer one is forgotten at a later prune;
-        ``distinct`` never counts it meanwhile.)"""
+        come a little out of order: one behind a newer one is forgotten at a later prune.
+        Meanwhile it changes no count: ``distinct`` counts only contacts within its window,
+        and no rule's window is longer than the horizon.)"""
         since = now - self.horizon_s
         forget_while(self._log, lambda entries: entries[-1][0] < since)
 

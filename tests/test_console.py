@@ -172,14 +172,9 @@ async def test_an_action_the_broker_may_not_have_is_reported_as_unconfirmed(
     have gone, not kept waiting and then shown a server error."""
     from tools.relay import PUBACK, Relay
 
-    relay = Relay(("127.0.0.1", broker.port), mqtt=True)  # the console's way to the broker
-    await relay.start()
-    async with operator_watched(settings, broker, tmp_path, via=relay.url) as (
-        base,
-        _,
-        http,
-        state,
-        spy,
+    async with (
+        Relay(("127.0.0.1", broker.port), mqtt=True) as relay,  # the console's way to the broker
+        operator_watched(settings, broker, tmp_path, via=relay.url) as (base, _, http, state, spy),
     ):
         relay.lose(PUBACK)  # the broker's acknowledgements do not reach the console
 
@@ -196,7 +191,6 @@ async def test_an_action_the_broker_may_not_have_is_reported_as_unconfirmed(
         await asyncio.wait_for(relay.a_packet_lost.wait(), 5)  # and acknowledged it, in vain
         broker.kill()
         status, text = await asyncio.wait_for(acting, 3)  # before the 5 s it may wait
-    await relay.close()
     assert status == 503
     assert text == UNCONFIRMED
 

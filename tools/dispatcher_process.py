@@ -132,9 +132,10 @@ class DispatcherProcess:
             self._reader = None
 
     def events(self) -> list[dict[str, Any]]:
-        """The JSON lines of its log so far."""
+        """The JSON lines of its log so far (a last line still being written is not one)."""
         assert self.log is not None
-        lines = self.log.read_text(encoding="utf-8").splitlines()
+        text = self.log.read_text(encoding="utf-8")
+        lines = text.splitlines() if text.endswith("\n") else text.splitlines()[:-1]
         return [json.loads(line) for line in lines if line.startswith("{")]
 
     def standing_by(self) -> bool:
