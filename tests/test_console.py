@@ -238,7 +238,7 @@ async def test_operators_see_whether_the_dispatcher_is_running(
     url = BrokerURL.parse(broker.url)
     relay = Relay(("127.0.0.1", broker.port))  # the dispatcher's way to the broker
     await relay.start()
-    through_relay = BrokerURL.parse(f"mqtt://127.0.0.1:{relay.port}")
+    through_relay = BrokerURL.parse(relay.url)
     async with (
         serving(settings, broker, tmp_path) as (base, _),
         ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 STOP_WITHIN_S = 30.0  # after SIGTERM, before SIGKILL
 
@@ -52,20 +52,18 @@ class DispatcherProcess:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        out: int | IO[str]
+        err: int | IO[str]
+        with contextlib.ExitStack() as files:
+            if self.on_event is not None:
+                out, err = asyncio.subprocess.DEVNULL, asyncio.subprocess.PIPE
+            elif self.log is not None:
+                out = err = files.enter_context(self.log.open("a"))
+            else:
+                out = err = asyncio.subprocess.DEVNULL
+            self.process = await asyncio.create_subprocess_exec(*self.args, stdout=out, stderr=err)
         if self.on_event is not None:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-            )
             self._reader = asyncio.create_task(self._read())
-        elif self.log is not None:
-            with self.log.open("a") as out:
-                self.process = await asyncio.create_subprocess_exec(
-                    *self.args, stdout=out, stderr=out
-                )
-        else:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-            )
         self.frozen = False
 
     async def _read(self) -> None:

@@ -194,24 +194,13 @@ def kind_of(packet: bytes) -> int:
     return packet[0] >> 4
 
 
-def _remaining_length(packet: bytes) -> tuple[int, int]:
-    """A packet's remaining length and where its variable header starts."""
-    length, shift, index = 0, 0, 1
-    while True:
-        byte = packet[index]
-        length |= (byte & 0x7F) << shift
-        index += 1
-        if not byte & 0x80 or index == 5:
-            return length, index
-        shift += 7
-
-
 def puback_for(packet: bytes) -> bytes | None:
     """The acknowledgement of a QoS 1 ``PUBLISH`` (its packet id follows the topic); None
     for QoS 0, which has none, and QoS 2, which is acknowledged in two steps."""
     if kind_of(packet) != PUBLISH or (packet[0] >> 1) & 0x03 != 1:
         return None
-    _, start = _remaining_length(packet)
+    # the variable header starts after the remaining length's last byte (high bit clear)
+    start = next(i for i in range(1, 5) if not packet[i] & 0x80) + 1
     topic = int.from_bytes(packet[start : start + 2], "big")
     packet_id = packet[start + 2 + topic : start + 4 + topic]
     return bytes([PUBACK << 4, 2]) + packet_id  # MQTT 3.1.1 and 5: success, no properties
