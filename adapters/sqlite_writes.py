@@ -63,15 +63,18 @@ INSERT_KEPT = (
 )
 PUT_META = "INSERT OR REPLACE INTO meta VALUES (?,?)"
 
-# the connection settings of every writer: the store flushes the log and checkpoints it
-# itself; 8 MiB of pages (SQLite's default is 2), so that the index pages a large commit
-# touches stay in memory instead of being written out and read back within it
-WRITER_PRAGMAS = (
+# the connection settings of the writer on the event loop: the store flushes the log and
+# checkpoints it itself; a log started over is cut back to 64 MiB on the disk
+INLINE_WRITER_PRAGMAS = (
     "synchronous=NORMAL",
     "wal_autocheckpoint=0",
     "busy_timeout=5000",
-    "cache_size=-8192",
+    "journal_size_limit=67108864",
 )
+# and of the writer on aiosqlite's thread, with 8 MiB of pages (SQLite's default is 2), so
+# that the index pages a large commit touches stay in memory instead of being written out and
+# read back within it
+WRITER_PRAGMAS = (*INLINE_WRITER_PRAGMAS, "cache_size=-8192")
 
 
 def rollback(db: sqlite3.Connection) -> None:

@@ -30,7 +30,8 @@ connection never waits for SQLite's lock.
 The log is copied back into the database (a checkpoint) by a second connection in the
 background, at most every ``CHECKPOINT_EVERY_S``, never by a commit: a checkpoint flushes the
 database file and would otherwise stall whichever commit happened to trigger it for several
-milliseconds.
+milliseconds. Once the log holds ``LOG_LIMIT_FRAMES`` pages, the checkpoint copies what is left
+with the writer held back, so that the next commit starts the log over.
 
 The schema is versioned with ``PRAGMA user_version``; a store written by a newer version is
 refused rather than guessed at.
@@ -69,7 +70,13 @@ import orjson
 import structlog
 
 from adapters.sqlite_internals import check_aiosqlite, in_thread
-from adapters.sqlite_writes import WRITER_PRAGMAS, Tables, rollback, write_tables
+from adapters.sqlite_writes import (
+    INLINE_WRITER_PRAGMAS,
+    WRITER_PRAGMAS,
+    Tables,
+    rollback,
+    write_tables,
+)
 from dispatcher.errors import FlushError, StoreError
 from dispatcher.model import Incident, Publish, TimelineEntry
 from dispatcher.ports import KeptInbound, OutboxRow, QueuedEffects, Snapshot
@@ -78,6 +85,8 @@ SCHEMA_VERSION = 7
 T = TypeVar("T")
 log = structlog.get_logger("store")
 CHECKPOINT_EVERY_S = 10.0  # the log is copied back into the database at most this often
+CHECKPOINT = "PRAGMA wal_checkpoint(PASSIVE)"
+LOG_LIMIT_FRAMES = 16_384  # pages (64 MiB): a log this long is copied with the writer held
 # with inline_writes, a commit of more rows than this (a backlog drained in large batches) is
 # still written on aiosqlite's thread, so that the loop receives the next messages meanwhile
 INLINE_MAX_WRITES = 200
@@ -776,7 +785,7 @@ class Store(QueuedWrites):
             self._mode = str(row[0]) if row else ""
             if self._inline:
                 self._writer = sqlite3.connect(self._file, isolation_level=None)
-                for pragma in ("synchronous=NORMAL", "wal_autocheckpoint=0", "busy_timeout=5000"):
+                for pragma in INLINE_WRITER_PRAGMAS:
                     self._writer.execute(f"PRAGMA {pragma}")
         except (aiosqlite.Error, sqlite3.Error) as exc:
             raise store_failure(self.path, "opening the store", exc) from None
@@ -990,7 +999,16 @@ class Store(QueuedWrites):
             if self._checkpointer is None:
                 self._checkpointer = await aiosqlite.connect(self._file, isolation_level=None)
             # PASSIVE: copies what no reader still needs, never waits for the writer
-            await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            (_, frames, _), *_ = await self._checkpointer.execute_fetchall(CHECKPOINT)
+            if frames >= LOG_LIMIT_FRAMES:
+                # SQLite starts the log over at the first commit after a checkpoint that
+                # copied all of it; under a steady stream of commits one lands while each
+                # checkpoint runs, and the log grew by everything written (a gigabyte in a
+                # wave's replay), every page read searching more of it. Past the limit, what
+                # the last copy left is copied with the writer held back: the next commit
+                # starts the log over, and cuts its file to WRITER_PRAGMAS' size limit.
+                async with self._writing:
+                    await self._checkpointer.execute_fetchall(CHECKPOINT)
         except (aiosqlite.Error, sqlite3.Error) as exc:
             log.warning("store_checkpoint_failed", store=str(self.path), error=str(exc))
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from scenario import CHEN, INVESTMENT, Player, Script
 
+from adapters import store as store_module
 from adapters.replay import replay
 from adapters.store import INLINE_MAX_WRITES, SCHEMA_VERSION, Store
 from dispatcher.errors import FlushError, RecordingError, StoreError
@@ -494,6 +495,30 @@ async def test_the_log_is_checkpointed_in_the_background_not_by_commits(tmp_path
         assert store._checkpointing is not None  # it started a checkpoint in the background
         await store._checkpointing
         assert path.stat().st_size >= before + 300_000  # which copied the log into the file
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size
+
+
+async def test_the_log_starts_over_under_a_steady_stream_of_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite starts the log over only at a commit after a checkpoint that copied all of it;
+    when a commit lands while each checkpoint runs, the log grew by all that was written
+    (a gigabyte in a wave's replay)."""
+    monkeypatch.setattr(store_module, "CHECKPOINT_EVERY_S", 0.05)
+    monkeypatch.setattr(store_module, "LOG_LIMIT_FRAMES", 64)
+    path = tmp_path / "s.sqlite3"
+    async with Store(path) as store:
+        written = 0
+        while written < 16_000_000:
+            store.add_rejected(1.0, "t", "r", "x" * 40_000)  # about ten pages
+            await store.commit(flush=False)
+            written += 40_000
+            await asyncio.sleep(0.001)
+        # without starting over, the log held all of it (21 MB with SQLite's frame headers)
+        assert _size(Path(f"{path}-wal")) < written / 4
 
 
 V1_SCHEMA_STORE_TABLES = (
