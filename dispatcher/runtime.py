@@ -325,23 +325,38 @@ class Runtime:
 
     # ---- time ------------------------------------------------------------------------------
 
-    def advance(self, now: float) -> None:
-        """Fire, in order, every timer due at or before ``now``; each fires at its due time."""
+    def advance(self, now: float, late_after: float | None = None) -> None:
+        """Fire, in order, every timer due at or before ``now``; each fires at its due time
+        (a replay's virtual clock), or, with ``late_after``, at ``now`` when it is more than
+        that late: the live service was not running when it fell due (a restart, a takeover),
+        and what it starts — an escalation's offers, a fallback's — must run its full time
+        from when it is actually sent, not from a moment already past (decisions.md 91)."""
         while self._timers and self._timers[0][1].due <= now:
             _, timer = heapq.heappop(self._timers)
             self._scheduled.discard(timer)
-            self.clock = max(self.clock, timer.due)
+            at = timer.due
+            if late_after is not None and now - at > late_after:
+                log.warning(
+                    "timer_late",
+                    incident_id=timer.key[0],
+                    timer=timer.key[1],
+                    due=at,
+                    late_s=round(now - at, 3),
+                    hint="fired now: what it starts runs its full time from now",
+                )
+                at = now
+            self.clock = max(self.clock, at)
             self.counts["timers"] += 1
             before = self.state.snapshot((timer.key[0],))
             try:
-                effects = self.workflow.step(TimerFired(timer.key, timer.due), timer.due)
+                effects = self.workflow.step(TimerFired(timer.key, timer.due), at)
             except Exception:  # a defect: a timer that fails must not stop every other one
                 self.state.restore(before)
                 log.exception(
                     "internal_error", incident_id=timer.key[0], timer=timer.key[1], due=timer.due
                 )
                 continue
-            self._apply(effects, timer.due)
+            self._apply(effects, at)
         if now > self.clock:
             self.clock = now
         if self._suppressed:

@@ -187,6 +187,33 @@ class TestARestart:
         second.handle(CALLS, call(INVESTMENT, 200.0), 11.0)  # redelivered after the restart
         assert second.counts["duplicates"] == 1
 
+    async def test_a_timer_that_fell_due_while_the_service_was_down_gives_offers_their_time(
+        self, settings: Settings
+    ) -> None:
+        journal = MemoryJournal()
+        first, _ = await started(settings, journal)
+        first.handle(CALLS, call(INVESTMENT, 200.0), 10.0)
+        await first.commit()
+        # down for 70 s past the callback window; back, it catches up at 200
+        second, _ = await started(settings, journal)
+        second.advance(200.0, late_after=2.0)
+        incident = second.state.incidents[INCIDENT]
+        assert incident.escalated_at == 200.0
+        offers = [d for d in incident.dispatches.values() if d.status == "offered"]
+        assert offers and all(d.offered_at == 200.0 for d in offers)
+        guard_accept_s = settings.dispatch.guard_accept_s
+        assert {d.expires_at for d in offers if d.role == "guard"} == {200.0 + guard_accept_s}
+        assert second.clock == 200.0
+
+    async def test_a_timer_a_little_late_still_fires_at_its_due_time(
+        self, settings: Settings
+    ) -> None:
+        journal = MemoryJournal()
+        runtime, _ = await started(settings, journal)
+        runtime.handle(CALLS, call(INVESTMENT, 200.0), 10.0)
+        runtime.advance(10.0 + CALLBACK_WINDOW_S + 1.5, late_after=2.0)
+        assert runtime.state.incidents[INCIDENT].escalated_at == 10.0 + CALLBACK_WINDOW_S
+
 
 class TestKeptInbound:
     async def test_a_call_that_opens_an_incident_is_kept_as_received_against_it(

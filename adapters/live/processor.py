@@ -39,6 +39,9 @@ LOG_RELEASE_S = 0.002
 # its inbound messages are acknowledged once it is flushed, as always; a store may want
 # longer (``Journal.flush_after_s``: PostgreSQL's, decisions.md 86)
 FLUSH_AFTER_S = 0.005
+# a timer later than this (real seconds) fell due while the service was not running: it fires
+# at the current time, so that the offers it makes get their whole time (decisions.md 91)
+LATE_TIMER_S = 2.0
 
 
 def _payload_bytes(payload: object) -> bytes:
@@ -81,7 +84,7 @@ class Processor:
             # this batch's log lines wait until its messages are on their way (logs.py)
             logs.hold()
             now = max(clock.now(), runtime.clock)
-            runtime.advance(now)
+            runtime.advance(now, late_after=LATE_TIMER_S * clock.speed)
             if batch and "first_inbound_at" not in runtime.meta:
                 runtime.meta["first_inbound_at"] = repr(now)
                 runtime.store.set_meta("first_inbound_at", repr(now))
