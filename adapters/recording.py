@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +24,9 @@ class Line(NamedTuple):
     # raw bytes (``payload_raw``, or a payload only Python's parser reads) or the decoded
     # JSON ``payload``, as the strict parser read it
     payload: bytes | Any
+    # a checksum (CRC-32) of the file's lines up to this one: a store resumed on a recording
+    # checks that the lines it already replayed are the ones it has (``prefix_digest``)
+    digest: int = 0
 
 
 def fingerprint(path: Path) -> str:
@@ -31,26 +35,46 @@ def fingerprint(path: Path) -> str:
         return hashlib.sha256(handle.readline()).hexdigest()[:16]
 
 
+def prefix_digest(path: Path, lines: int) -> int | None:
+    """The ``Line.digest`` of the file's first ``lines`` physical lines, or None if it has
+    fewer."""
+    digest, count = 0, 0
+    with path.open("rb") as handle:
+        for raw in handle:
+            if count == lines:
+                break
+            digest = zlib.crc32(raw, digest)
+            count += 1
+    return digest if count == lines else None
+
+
 def read_lines(
-    path: Path, skip: int = 0, skipped: list[RecordingError] | None = None
+    path: Path,
+    skip: int = 0,
+    skipped: list[RecordingError] | None = None,
+    last_at: float = 0.0,
+    digest: int = 0,
 ) -> Iterator[Line]:
     """Yield the recording's lines after the first ``skip`` physical lines (not parsed).
 
     Blank lines are passed over. A line that is not a recording line (not JSON, no ``at`` or
     ``topic``, ``at`` going backwards) raises ``RecordingError`` naming the file and line;
     with ``skipped``, it is passed over instead and its error appended there (a recording
-    whose last line was cut short by a crash, say).
+    whose last line was cut short by a crash, say). Resuming after ``skip`` lines,
+    ``last_at`` is the ``at`` of the last line yielded before them (a line after the cut is
+    checked against it, as it would have been read straight through) and ``digest`` their
+    ``Line.digest``.
     """
-    last_at = 0.0
     try:
         handle = path.open("r", encoding="utf-8", errors="surrogateescape", newline="\n")
     except OSError as exc:
         raise RecordingError(f"{path}: cannot read the recording: {exc.strerror}") from None
-    loads, fast_loads = json.loads, orjson.loads
+    loads, fast_loads, crc32 = json.loads, orjson.loads, zlib.crc32
     with handle:
         for number, raw in enumerate(handle, start=1):
             if number <= skip:
                 continue
+            digest = crc32(raw.encode("utf-8", "surrogateescape"), digest)
             try:
                 strict = True
                 try:
@@ -88,7 +112,7 @@ def read_lines(
                 skipped.append(exc)
                 continue
             last_at = at
-            yield Line(number, float(at), topic, payload)
+            yield Line(number, float(at), topic, payload, digest)
 
 
 _MISSING = object()

@@ -15,7 +15,7 @@ from typing import Any
 
 from adapters import heap
 from adapters.journal import open_store
-from adapters.recording import fingerprint, read_lines
+from adapters.recording import fingerprint, prefix_digest, read_lines
 from adapters.report import build_report
 from dispatcher.errors import RecordingError, StoreError
 from dispatcher.runtime import Runtime
@@ -77,11 +77,23 @@ async def _replay(
                 "use a fresh --store to replay this one"
             )
         cursor = start = int(meta.get("replay.cursor", "0"))
+        digest = 0
+        if start and "replay.prefix" in meta:  # stores of earlier versions have none
+            digest = int(meta["replay.prefix"], 16)
+            if prefix_digest(recording, start) != digest:
+                raise StoreError(
+                    f"{store_path}: this store holds the replay of another recording (its "
+                    f"first {start} lines are not {recording}'s); use a fresh --store to "
+                    "replay this one"
+                )
         store.set_meta("mode", "replay")
         store.set_meta("replay.recording", print_)
         need_origin = "clock_origin" not in meta
+        # a line after the cut is checked against the last one before it (the clock stands
+        # at its ``at``), as it would have been read straight through
+        lines = read_lines(recording, start, skipped, runtime.clock if start else 0.0, digest)
         try:
-            for number, at, topic, payload in read_lines(recording, start, skipped):
+            for number, at, topic, payload, digest_ in lines:
                 if until is not None and at > until:
                     break
                 if need_origin:
@@ -89,15 +101,17 @@ async def _replay(
                     need_origin = False
                 runtime.advance(at)
                 runtime.handle(topic, payload, at, strict=True)  # as read_lines read it
-                cursor = number  # physical lines consumed so far
+                cursor, digest = number, digest_  # physical lines consumed so far
                 if cursor % COMMIT_EVERY == 0:
                     store.set_meta("replay.cursor", str(cursor))
+                    store.set_meta("replay.prefix", f"{digest:08x}")
                     # written, not flushed: safe from the process dying (--until), and a
                     # power cut can only take the last commits, with the cursor beside
                     # them, for the next run to do again (decisions.md 88)
                     await runtime.commit_soon(flush=False)
         finally:
             store.set_meta("replay.cursor", str(cursor))
+            store.set_meta("replay.prefix", f"{digest:08x}")
             await runtime.commit()
         # the report is read from the store alone: the state goes first, so that the two are
         # never in memory at once (at a wave of 5,000 cases, some 80 MB each)

@@ -157,6 +157,54 @@ async def test_resuming_a_store_on_another_recording_is_refused(
         await replay(other, settings, store)
 
 
+async def test_resuming_on_a_recording_that_differs_before_the_stop_is_refused(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The same first line is not the same recording: every line replayed so far must be."""
+    store = tmp_path / "store.sqlite3"
+    await replay(SEED, settings, store, until=262)
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join([*SEED_LINES[:3], *SEED_LINES[4:]]) + "\n", encoding="utf-8")
+    with pytest.raises(StoreError, match="another recording"):
+        await replay(other, settings, store)
+    shorter = tmp_path / "shorter.jsonl"
+    shorter.write_text("\n".join(SEED_LINES[:3]) + "\n", encoding="utf-8")
+    with pytest.raises(StoreError, match="another recording"):
+        await replay(shorter, settings, store)
+
+
+@pytest.mark.parametrize("skip_bad_lines", [False, True])
+async def test_a_line_going_back_in_time_right_after_the_stop_is_refused_on_resume(
+    settings: Settings, tmp_path: Path, skip_bad_lines: bool
+) -> None:
+    """As it is when read straight through: the stop must not change what the file says."""
+    cut = next(i for i, line in enumerate(SEED_LINES) if json.loads(line)["at"] == 262.0)
+    back = json.loads(SEED_LINES[cut])
+    back["at"] = 250.0
+    recording = tmp_path / "back.jsonl"
+    lines = [*SEED_LINES[: cut + 1], json.dumps(back, ensure_ascii=False), *SEED_LINES[cut + 1 :]]
+    recording.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    async def run(store: Path, until: float | None = None) -> dict[str, Any] | str:
+        try:
+            skipped: list[RecordingError] | None = [] if skip_bad_lines else None
+            report = await replay(recording, settings, store, until=until, skipped=skipped)
+        except RecordingError as exc:
+            return str(exc)
+        return {**report, "skipped": [str(e) for e in skipped or []]}
+
+    whole = await run(tmp_path / "whole.sqlite3")
+    stopped = tmp_path / "stopped.sqlite3"
+    await run(stopped, until=262.0)
+    resumed = await run(stopped)
+    if skip_bad_lines:
+        assert isinstance(whole, dict) and isinstance(resumed, dict)
+        assert whole["skipped"] == resumed["skipped"] != []
+    else:
+        assert isinstance(whole, str) and "goes back in time" in whole
+    assert resumed == whole
+
+
 async def test_a_store_from_a_newer_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "newer.sqlite3"
     with sqlite3.connect(path) as db:
