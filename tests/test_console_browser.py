@@ -419,6 +419,37 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
         assert first < 60
 
 
+async def test_a_warning_is_escalated_from_its_detail_and_a_double_press_counts_once(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    async with ahead_dispatcher(settings, broker, tmp_path) as (page, url, console):
+        # a warning is a row under 预警: its detail has the actions (escalate at any severity)
+        await call(url, "C-WARN", ZHAO, REFUND, 40)
+        row = page.locator('#warnings [data-incident="INC-C-WARN"]')
+        await expect(row).to_be_visible(timeout=10_000)
+        await row.click()
+        detail = page.locator("#detail")
+        await expect(detail.locator('select[data-field="outcome"]')).to_be_visible()
+        await page.screenshot(path=ARTIFACTS / "12-warning-detail.png")
+        await detail.locator('button[data-action="escalate"]').click()
+        card = page.locator('#critical [data-incident="INC-C-WARN"]')
+        await expect(card).to_contain_text("上门处置中", timeout=10_000)
+
+        # a second press while the first waits for the dispatcher sends nothing
+        await call(url, "C-TWICE", WANG, INVESTMENT, 200)
+        twice = page.locator('#critical [data-incident="INC-C-TWICE"]')
+        no_answer = twice.locator('button[data-action="no_answer"]')
+        await no_answer.click()
+        await page.wait_for_timeout(300)
+        await no_answer.click(force=True)  # a disabled button takes no click
+        await expect(twice.locator(".feedback")).to_contain_text("已生效", timeout=10_000)
+        await page.wait_for_timeout(1_000)
+        assert console.board.incidents["INC-C-TWICE"]["callback"]["attempts"] == 1
+        await expect(twice.locator('button[data-action="no_answer"]')).to_be_enabled()
+
+
 async def test_the_stats_view_charts_a_period_and_opens_the_incidents_behind_a_figure(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:

@@ -161,9 +161,19 @@ function feedback(id, status, text) {
   renderBoard();
 }
 
+// while an action waits for the dispatcher, the incident's buttons wait too, for at most
+// PENDING_MS, and for REPEAT_MS in any case: a second press would be a second action (two
+// callback attempts counted for one call, an early escalation), and a dispatcher answers
+// well within the time a hand takes to press twice
+const PENDING_MS = 10000;
+const REPEAT_MS = 2000;
+
 async function act(inc, action, body, word) {
   const id = inc.incident_id;
-  state.feedback.set(id, { status: "sent", text: word, action });
+  if (pending(inc)) return;
+  state.feedback.set(id, { status: "sent", text: word, action, since: Date.now() });
+  setTimeout(renderBoard, REPEAT_MS + 50);
+  setTimeout(renderBoard, PENDING_MS + 50);
   renderBoard();
   let response;
   try {
@@ -279,6 +289,13 @@ function closeControl(inc) {
 }
 
 // only the actions that apply to the incident's state
+function pending(inc) {
+  const fb = state.feedback.get(inc.incident_id);
+  if (!fb || !fb.since) return false;
+  const age = Date.now() - fb.since;
+  return age < REPEAT_MS || (fb.status === "sent" && age < PENDING_MS);
+}
+
 function actionBar(inc) {
   if (inc.status === "closed") return null;
   const stop = (fn) => (event) => { event.stopPropagation(); fn(); };
@@ -301,7 +318,11 @@ function actionBar(inc) {
     // no door to knock on: the operator may still send the station's police
     buttons.push(el("button", { class: "danger", "data-action": "police", onclick: stop(() => act(inc, "escalate", {}, ACTION_LABEL.police)) }, "派民警"));
   }
-  return el("div", { class: "actions" }, buttons, closeControl(inc));
+  const busy = pending(inc);
+  if (busy) for (const button of buttons) button.disabled = true;
+  const close = closeControl(inc);
+  if (busy) for (const control of close.querySelectorAll("button")) control.disabled = true;
+  return el("div", { class: "actions" }, buttons, close);
 }
 
 function dispatchSummary(inc) {
@@ -351,7 +372,7 @@ function row(inc, closed) {
   return el("div", { class: "row", "data-incident": inc.incident_id, onclick: () => select(inc.incident_id) },
     el("span", {}, inc.incident_id), el("span", {}, inc.subscriber.display_name || inc.subscriber.msisdn),
     el("span", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
-    el("span", {}, `${Math.round(inc.duration_s)}秒`), el("span", { class: "row-status" }, status),
+    el("span", {}, `${Math.round(inc.duration_s)}秒`), el("span", { class: `row-status ${closed ? inc.outcome : ""}` }, status),
     closed ? el("span", {}, `结案 ${time(inc.closed_at)}`) : null);
 }
 
@@ -398,10 +419,12 @@ function renderDetail() {
   const arrived = inc.dispatches.map((d) => d.arrived_at).filter(Boolean).sort()[0];
   box.replaceChildren(...[
     el("div", { class: "detail-head" },
-      el("h2", {}, inc.incident_id, " ", el("span", { class: `badge ${inc.status}` }, statusWord(inc))),
+      el("h2", {}, inc.incident_id, " ", el("span", { class: `badge ${inc.status} ${inc.outcome || ""}` }, statusWord(inc))),
       el("button", { class: "close-detail", title: "关闭详情", "aria-label": "关闭详情", onclick: () => select(null) }, "×")),
     inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", {}, alertText(a)))) : null,
     residentFacts(inc, true),
+    // a warning is a row, not a card: its actions (escalate at any severity, close) are here
+    inc.status !== "closed" && group(inc) === 3 ? [feedbackLine(inc), actionBar(inc)] : null,
     el("dl", { class: "facts" },
       el("dt", {}, "开启"), el("dd", {}, stamp(inc.opened_at), inc.closed_at ? ` · 结案 ${stamp(inc.closed_at)}` : ""),
       el("dt", {}, "预警→紧急"), el("dd", {}, between(inc.opened_at, inc.critical_at)),
