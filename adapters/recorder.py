@@ -100,7 +100,13 @@ async def record(
                             else str(payload or "").encode()
                         )
                         handle.write(
-                            write_line(round(now - start, 3), str(message.topic), bytes(raw)) + "\n"
+                            write_line(
+                                round(now - start, 3),
+                                str(message.topic),
+                                bytes(raw),
+                                retained=bool(message.retain),
+                            )
+                            + "\n"
                         )
                         handle.flush()
                         count += 1

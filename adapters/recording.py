@@ -27,6 +27,8 @@ class Line(NamedTuple):
     # a checksum (CRC-32) of the file's lines up to this one: a store resumed on a recording
     # checks that the lines it already replayed are the ones it has (``prefix_digest``)
     digest: int = 0
+    # the broker delivered a message it kept (``"retained": true`` on the line)
+    retained: bool = False
 
 
 def fingerprint(path: Path) -> str:
@@ -112,7 +114,7 @@ def read_lines(
                 skipped.append(exc)
                 continue
             last_at = at
-            yield Line(number, float(at), topic, payload, digest)
+            yield Line(number, float(at), topic, payload, digest, line.get("retained") is True)
 
 
 _MISSING = object()
@@ -153,11 +155,14 @@ def _explain(where: str, raw: str, last_at: float) -> None:
     raise RecordingError(f"{where}: not a recording line")
 
 
-def write_line(at: float, topic: str, payload: bytes) -> str:
-    """One recording line for a message received at ``at`` with ``payload`` bytes."""
+def write_line(at: float, topic: str, payload: bytes, retained: bool = False) -> str:
+    """One recording line for a message received at ``at`` with ``payload`` bytes (and
+    ``"retained": true`` if the broker delivered a message it kept)."""
+    kept = {"retained": True} if retained else {}
     try:
         decoded = json.loads(payload)
-        return json.dumps({"at": at, "topic": topic, "payload": decoded}, ensure_ascii=False)
+        line = {"at": at, "topic": topic, "payload": decoded, **kept}
     except (ValueError, RecursionError):
         text = payload.decode("utf-8", "replace")
-        return json.dumps({"at": at, "topic": topic, "payload_raw": text}, ensure_ascii=False)
+        line = {"at": at, "topic": topic, "payload_raw": text, **kept}
+    return json.dumps(line, ensure_ascii=False)

@@ -93,14 +93,14 @@ async def _replay(
         # at its ``at``), as it would have been read straight through
         lines = read_lines(recording, start, skipped, runtime.clock if start else 0.0, digest)
         try:
-            for number, at, topic, payload, digest_ in lines:
+            for number, at, topic, payload, digest_, retained in lines:
                 if until is not None and at > until:
                     break
                 if need_origin:
                     runtime.set_clock_origin(_origin(payload, at))
                     need_origin = False
                 runtime.advance(at)
-                runtime.handle(topic, payload, at, strict=True)  # as read_lines read it
+                runtime.handle(topic, payload, at, strict=True, retained=retained)
                 cursor, digest = number, digest_  # physical lines consumed so far
                 if cursor % COMMIT_EVERY == 0:
                     store.set_meta("replay.cursor", str(cursor))

@@ -191,6 +191,12 @@ def safe_text(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+RETAINED_INPUT = (
+    "a retained message: only a unit's status may be kept by the broker; a kept call, action "
+    "or reply is not live input (clear it with an empty retained message on its topic)"
+)
+
+
 class Runtime:
     def __init__(self, settings: Settings, store: Journal, *, outbox: bool = False) -> None:
         """``store``: the journal the runtime's writes go to (dispatcher/ports.py), the SQLite
@@ -377,14 +383,22 @@ class Runtime:
 
     # ---- inbound ---------------------------------------------------------------------------
 
-    def handle(self, topic: str, payload: bytes | Any, now: float, strict: bool = False) -> None:
+    def handle(
+        self,
+        topic: str,
+        payload: bytes | Any,
+        now: float,
+        strict: bool = False,
+        retained: bool = False,
+    ) -> None:
         """Process one inbound message received at ``now``. Never raises for bad input.
 
         The topic names who speaks (its channel: the region's calls, an operator's actions, a
         unit's replies or status); each channel has a budget, spent before anything of the
         message is read, so that one party's flood costs little and touches nobody else's
         messages, and (source, id) pairs are remembered per channel. ``strict``: a decoded
-        ``payload`` came from the strict parser (a recording's reader says so)."""
+        ``payload`` came from the strict parser (a recording's reader says so). ``retained``:
+        the broker delivered a message it kept (decisions.md 94)."""
         try:
             kind, party, channel = self.router.channel(topic)
         except InputError as exc:
@@ -398,6 +412,15 @@ class Runtime:
         over = not limiter.allow(channel, now)
         if over and kind != "calls":
             self._over_rate(channel, topic, payload, now)
+            return
+        if retained and kind != "status":
+            # only presence is kept by the broker on purpose: a kept call, action or reply
+            # is sent again on every subscription, long after it was meant (a reply left by
+            # a lost radio would accept an offer made days later): refused, never answered
+            if over:
+                self._over_rate(channel, topic, payload, now)
+            else:
+                self._refuse(channel, topic, RETAINED_INPUT, payload, now, None)
             return
         try:
             msg = parse_routed(kind, party, topic, payload, self.settings, strict)

@@ -1541,3 +1541,29 @@ async def test_every_reply_on_the_broker_gets_its_receipt_applied_or_refused(
         ("P-YJ-01", "r-4", "refused", "unknown_dispatch"),
     ]
     assert got[0][1] == got[1][1]  # the same event again
+
+
+async def test_a_call_the_broker_kept_is_refused_live_and_recorded_as_kept(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A source that publishes retained by mistake (or a party planting a message) leaves it
+    on the broker, sent again on every subscription: it is refused, not taken as new input,
+    and a recording says it was kept, so that its replay refuses it too (decisions.md 94)."""
+    url = BrokerURL.parse(broker.url)
+    flagged = json.loads(SEED.read_text(encoding="utf-8").splitlines()[6])
+    assert flagged["payload"]["data"]["duration_s"] >= 180  # critical: it would open one
+    async with open_client(url) as source:
+        await source.publish(flagged["topic"], json.dumps(flagged["payload"]), qos=1, retain=True)
+    out = tmp_path / "recorded.jsonl"
+    recorder = asyncio.create_task(record(settings, url, out, asyncio.Event(), duration=1.5))
+    async with dispatcher(settings, broker, tmp_path / "s.sqlite3") as running:
+        runtime = running.service.runtime
+        assert runtime is not None
+        await wait_until(lambda: runtime.counts["rejected"] == 1)
+        assert runtime.state.incidents == {}
+    assert await recorder == 1
+    (line,) = out.read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["retained"] is True
+    report = await replay(out, settings)
+    assert report["incidents"] == []
+    assert "a retained message" in report["rejected"][0]["reason"]

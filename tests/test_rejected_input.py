@@ -363,3 +363,35 @@ async def test_a_units_replies_go_accepted_then_arrived_then_reported(
     assert r.reasons() == ([] if reason is None else [pytest.approx(r.reasons()[0])])
     if reason is not None:
         assert reason in r.reasons()[0]
+
+
+def _kept(lines: list[str], marker: str) -> list[str]:
+    """The line holding ``marker`` as the broker delivers a message it kept."""
+    index = next(i for i, line in enumerate(lines) if marker in line)
+    return [*lines[:index], json.dumps(json.loads(lines[index]) | {"retained": True}),
+            *lines[index + 1 :]]  # fmt: skip
+
+
+async def test_a_retained_reply_is_refused_unanswered_and_a_retained_status_is_taken(
+    settings: Settings, tmp_path: Path, baseline: Any
+) -> None:
+    """A reply the broker kept (a lost radio's, say) would accept the next offer made to its
+    unit, on every reconnect: only presence is retained on purpose (decisions.md 94)."""
+    clean_report, _ = baseline
+    topic, payload = reply("G-YJ-CH-01", "accepted")
+    lines = _kept(_insert(SEED_LINES, 256, topic, payload | {"id": "kept-accept"}, None), "kept-")
+    status = event("cn.antifraud.unit.status", {"state": "online"}, id="kept-status")
+    lines = _kept(_insert(lines, 10, f"{P}/units/P-YJ-02/status", status, None), "kept-status")
+    recording = tmp_path / "kept.jsonl"
+    recording.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    store = tmp_path / "kept.sqlite3"
+    report = await replay(recording, settings, store)
+    assert [(r["at"], r["topic"]) for r in report["rejected"]] == [(256, topic)]
+    assert "a retained message" in report["rejected"][0]["reason"]
+    receipt = "cn.antifraud.reply.receipt"
+    receipts = [p for p in report["published"] if p["type"] == receipt]
+    assert receipts == [p for p in clean_report["published"] if p["type"] == receipt]
+    assert report["incidents"] == clean_report["incidents"]
+    with sqlite3.connect(store) as db:
+        presence = db.execute("SELECT state FROM presence WHERE unit = 'P-YJ-02'").fetchall()
+    assert presence == [("online",)]

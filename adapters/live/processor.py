@@ -90,7 +90,12 @@ class Processor:
                 runtime.store.set_meta("first_inbound_at", repr(now))
             suppressed = runtime.counts["suppressed"]
             for _client, message in batch:
-                runtime.handle(str(message.topic), _payload_bytes(message.payload), now)
+                runtime.handle(
+                    str(message.topic),
+                    _payload_bytes(message.payload),
+                    now,
+                    retained=bool(message.retain),
+                )
             # what was read counts towards the rate that moves commits to the store's thread
             # (INLINE_MAX_RATE); what was counted unread does not
             rate.add(len(batch) - (runtime.counts["suppressed"] - suppressed), loop.time())
