@@ -72,7 +72,9 @@ class OperatorClose(_Data):
     note: Annotated[str, Field(max_length=2000)] | None = None
 
 
-AlertCode = Literal["unknown_subscriber", "no_address", "door_exhausted", "police_exhausted"]
+AlertCode = Literal[
+    "unknown_subscriber", "no_address", "door_exhausted", "police_exhausted", "arrival_overdue"
+]
 
 
 class OperatorAcknowledge(_Data):

@@ -104,7 +104,7 @@ class IncidentDetail(_Out):
     dispatches: list[DispatchDetail]
     alerts: list[str] = Field(
         description="dead ends the operators must handle: "
-        "unknown_subscriber, no_address, door_exhausted, police_exhausted"
+        "unknown_subscriber, no_address, door_exhausted, police_exhausted, arrival_overdue"
     )
     acknowledged: list[str] = Field(
         description="the alerts an operator has acknowledged (operator.acknowledge): a "

@@ -148,6 +148,11 @@ class CallbackSettings(_Strict):
 class DispatchSettings(_Strict):
     guard_accept_s: float = Field(30, gt=0)
     police_accept_s: float = Field(60, gt=0)
+    # a unit that accepted and has not arrived within this alerts the operators (a lost or
+    # stolen radio's accept would otherwise hold the door-knock for ever): guards and grid
+    # workers, on the estate or nearby; patrols and quick-police platforms, across the town
+    guard_arrive_s: float = Field(600, gt=0)
+    police_arrive_s: float = Field(1800, gt=0)
 
 
 class IncidentSettings(_Strict):

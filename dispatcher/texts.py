@@ -27,6 +27,7 @@ ALERT_NAME = {
     "no_address": "地址不明",
     "door_exhausted": "无人可上门",
     "police_exhausted": "无民警接警",
+    "arrival_overdue": "接警未到",
 }
 CALLBACK_RESULT_TEXT = {
     "no_answer": "无人接听",
@@ -136,6 +137,10 @@ def no_address(station: str) -> str:
 def exhausted(slot: str) -> str:
     what = "上门（保安/网格员/快警）" if slot == "door" else "出警（民警/快警）"
     return f"{what}无人可派或无人接警，请接线员人工调度"
+
+
+def arrival_overdue(unit: str, minutes: float) -> str:
+    return f"{unit}接警后{minutes:g}分钟仍未到达，请接线员联系核实，必要时另行派员"
 
 
 def notified(unit: str) -> str:

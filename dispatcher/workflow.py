@@ -54,7 +54,7 @@ from dispatcher.model import (
     dispatch_parts,
     incident_of_call,
 )
-from dispatcher.outbound import Messages
+from dispatcher.outbound import RADIO_ROLES, Messages
 from dispatcher.settings import Settings, Unit
 from rules.conditions import RuleSettings
 from rules.engine import SEVERITY_RANK, CallFacts, RuleSet, strongest
@@ -67,7 +67,7 @@ SYSTEM = "dispatcher"
 MAX_CALLS = 50
 MAX_TIMELINE = 100
 TIMELINE_FULL = "timeline_full"
-TIMER_RANK = {"callback_window": 0, "slot": 1, "retention": 2}
+TIMER_RANK = {"callback_window": 0, "slot": 1, "arrival": 2, "retention": 3}
 CLOSE_OUTCOMES = ("loss", "dissuaded", "false_alarm")
 REPORT_TO_OUTCOME = {"loss": "loss", "dissuaded": "prevented", "false_alarm": "false_alarm"}
 
@@ -169,7 +169,16 @@ class Workflow:
         for slot in incident.slots.values():
             if slot.expires_at is not None and self._pending(incident, slot.name):
                 timers.append(TimerSet(slot.expires_at, (incident.id, "slot", slot.name)))
+        if "arrival_overdue" not in incident.alerts:
+            for d in incident.dispatches.values():
+                if d.status == "accepted" and d.accepted_at is not None:
+                    due = d.accepted_at + self._arrive_s(d.role)
+                    timers.append(TimerSet(due, (incident.id, "arrival", d.id)))
         return timers
+
+    def _arrive_s(self, role: str) -> float:
+        dispatch = self.settings.dispatch
+        return dispatch.guard_arrive_s if role in RADIO_ROLES else dispatch.police_arrive_s
 
     def _on_timer(self, fired: TimerFired, now: float, changes: Changes) -> None:
         incident_id, kind, detail = fired.key
@@ -199,6 +208,16 @@ class Workflow:
             self._fallback(incident, slot, now, changes)
             self._maybe_close(incident, now, changes)
             changes.mark(incident)
+        elif kind == "arrival":
+            d = incident.dispatches[detail]
+            minutes = self._arrive_s(d.role) / 60
+            self._alert(
+                incident,
+                now,
+                "arrival_overdue",
+                texts.arrival_overdue(self._unit_label(d.unit), round(minutes, 1)),
+                changes,
+            )
         elif kind == "retention":
             changes.effects.append(IncidentForgotten(incident.id))
             self.state.forget(incident.id)

@@ -597,6 +597,40 @@ def _(s: Script) -> Check:
     return check
 
 
+@case("a unit that accepted and has not arrived within its time alerts the operators")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)  # a lost radio's accept, say
+    s.reply(270, "P-YJ-01", "accepted", incident)
+    s.reply(300, "P-YJ-01", "arrived", incident)
+    s.progress(859, "C1", CHEN, INVESTMENT, 859)  # guard_arrive_s (600) not yet over
+    s.progress(861, "C1", CHEN, INVESTMENT, 861)
+
+    def check(r: Result) -> None:
+        assert "arrival_overdue" in r.doc("INC-C1")["alerts"]
+        (alert,) = [e for e in r.entries("INC-C1") if e["kind"] == "alert"]
+        assert alert["at"] == 860.0
+        assert "G-YJ-CH-01" in alert["text"] and "10分钟仍未到达" in alert["text"]
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "accepted"  # it is the operators' call
+
+    return check
+
+
+@case("a unit that arrives in time raises no arrival alert")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.reply(850, "G-YJ-CH-01", "arrived", incident)
+    s.reply(270, "P-YJ-01", "accepted", incident)
+    s.progress(2200, "C1", CHEN, INVESTMENT, 2200)  # the patrol: police_arrive_s (1800) over
+
+    def check(r: Result) -> None:
+        alerts = [e["text"] for e in r.entries("INC-C1") if e["kind"] == "alert"]
+        assert len(alerts) == 1 and "P-YJ-01" in alerts[0] and "30分钟" in alerts[0]
+
+    return check
+
+
 @case("every guard declining runs the fallback at once")
 def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
