@@ -235,10 +235,12 @@ def door_knock(address: str, honorific: str) -> str:
 
 
 def notice(address: str, honorific: str, closing: bool) -> str:
-    """A grid worker told where guards go (no reply expected), or that it has ended."""
+    """A grid worker told that someone is sent to the door (no reply expected), or that it
+    has ended. Who goes is not said: the estate's guards, or the quick police when no guard
+    is available."""
     if closing:
         return f"知悉：{address}的反诈事件已结束，无需前往。"
-    return f"知悉：{address}，{honorific}疑似正在接听诈骗电话，小区保安已在处置，无需回复。"
+    return f"知悉：{address}，{honorific}疑似正在接听诈骗电话，已派员上门处置，无需回复。"
 
 
 ADDRESS_UNKNOWN = "地址不详"

@@ -631,6 +631,21 @@ def _(s: Script) -> Check:
     return check
 
 
+@case("with every guard offline, the grid worker's notice does not say guards are on it")
+def _(s: Script) -> Check:
+    s.status(0, "G-YJ-CH-01", "offline")
+    s.status(0, "G-YJ-CH-02", "offline")
+    s.escalated(10, "C1")
+
+    def check(r: Result) -> None:
+        units = r.units("INC-C1")
+        assert units["W-YJ-07"] == "notified" and units["Q-YJ-LF"] == "offered"
+        (notice,) = [m for m in r.outbox() if m["type"] == "cn.antifraud.dispatch.notice"]
+        assert "保安" not in notice["payload"]["data"]["text"]
+
+    return check
+
+
 @case("every guard declining runs the fallback at once")
 def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
