@@ -124,12 +124,8 @@ def cmd_handset(args: argparse.Namespace) -> int:
     broker = BrokerURL.parse(url, secret, args.unit if secret else None, args.ca_file)
     handset = Handset(settings, args.unit, broker, script)
     print(
-        f"{args.unit} ({settings.units[args.unit].name}) on {handset.broker}; "
-        + (
-            "replying automatically"
-            if script
-            else "keys: 1 accept, 2 decline, 3 arrived, 4 report, q quit"
-        )
+        f"{args.unit}（{settings.units[args.unit].name}）@ {handset.broker}："
+        + ("自动回复" if script else "按键：1 接受，2 拒绝，3 已到达，4 反馈结果，q 退出")
     )
     asyncio.run(run_handset(handset, interactive=not args.auto))
     return 0

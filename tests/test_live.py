@@ -901,7 +901,7 @@ async def test_a_reply_made_while_the_handset_is_cut_off_goes_out_when_it_is_bac
         broker.stop()
         await wait_until(lambda: not handset.connected.is_set())
         await asyncio.wait_for(handset.on_key("1"), 5)  # the key returns at once
-        assert shown[-1].strip() == "accepted：未连接，恢复连接后自动发送"
+        assert shown[-1].strip() == "接受：未连接，恢复连接后自动发送"
         assert dispatch_status(running, "INC-C1:G-YJ-CH-01") == "offered"
         broker.start()
         await wait_until(
@@ -1567,3 +1567,17 @@ async def test_a_call_the_broker_kept_is_refused_live_and_recorded_as_kept(
     report = await replay(out, settings)
     assert report["incidents"] == []
     assert "a retained message" in report["rejected"][0]["reason"]
+
+
+def test_a_police_app_names_an_unregistered_resident_as_such(settings: Settings) -> None:
+    from tools.handset import render
+
+    event = {
+        "type": "cn.antifraud.dispatch.offered",
+        "data": {
+            "dispatch_id": "INC-C1:P-YJ-01",
+            "incident": {"subscriber": {"msisdn": "+8613999999999", "known": False}},
+        },
+    }
+    (_, resident, *_) = render(settings.units["P-YJ-01"], event)
+    assert "未登记用户" in resident and "?" not in resident

@@ -131,10 +131,14 @@ def render(unit: Unit, event: dict[str, Any]) -> list[str]:
     if kind == "offered":
         inc = data.get("incident", {})
         sub = inc.get("subscriber", {})
+        who = (
+            f"{sub.get('name', '?')}（{sub.get('display_name', '')}）"
+            if sub.get("known", True)
+            else "未登记用户"
+        )
         return [
             f"{head} ◀ 出警单 {data.get('dispatch_id')}",
-            f"    居民 {sub.get('name', '?')}（{sub.get('display_name', '')}）"
-            f" {sub.get('msisdn', '')}  {sub.get('address', '地址不详')}",
+            f"    居民 {who} {sub.get('msisdn', '')}  {sub.get('address', '地址不详')}",
             f"    涉诈号码 {inc.get('counterpart')}（{inc.get('category_label') or '未分类'}）"
             f"  风险 {SEVERITY_TEXT.get(inc.get('severity'), inc.get('severity'))} / "
             f"{inc.get('rule_label') or inc.get('rule')}  通话{inc.get('duration_s')}秒",
@@ -365,7 +369,7 @@ class Handset:
         self._unsent.append((reply_id, self.topics.replies(self.unit.id), payload, label))
         self._changed.set()
         if not self.connected.is_set():
-            self.show(f"    {verb}：未连接，恢复连接后自动发送")
+            self.show(f"    {PRESSED.get(verb, verb)}：未连接，恢复连接后自动发送")
         if verb in ("accepted", "declined"):
             self._answered.add(dispatch_id)
         if verb in ("declined", "reported"):
