@@ -155,6 +155,7 @@ async def test_an_operator_handles_the_seed_case_in_the_browser(
             await expect(page.locator("#dispatcher")).to_have_text(
                 "调度服务已停止：预警不会自动处置", timeout=15_000
             )
+            await expect(page.locator("#dispatcher-down")).to_be_visible()  # a banner too
             await page.screenshot(path=ARTIFACTS / "5-dispatcher-stopped.png")
             await browser.close()
     finally:

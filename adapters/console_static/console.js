@@ -602,11 +602,14 @@ function setDispatcher(presence) {
   if (state.feed !== "live") {
     node.textContent = "无法获知：本台未连上消息服务器";
     node.className = "link unknown";
+    $("#dispatcher-down").hidden = true;  // the stale banner says what is known
     return;
   }
   node.textContent = { online: "调度服务运行中", offline: "调度服务已停止：预警不会自动处置" }[presence]
     || "调度服务状态未知";
   node.className = `link ${presence === "online" ? "up" : "down"}`;
+  // nobody dispatching is the board's emergency: a banner across it, as for a lost broker
+  $("#dispatcher-down").hidden = presence !== "offline";
   // with active/standby, which instance serves and since when: a takeover shows here
   const serving = state.serving;
   node.title = "";
