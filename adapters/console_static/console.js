@@ -288,7 +288,7 @@ function closeControl(inc) {
       onclick: () => { draft.confirming = true; renderBoard(); } }, "结案"));
 }
 
-// only the actions that apply to the incident's state
+// whether the incident's last action holds its buttons (PENDING_MS, REPEAT_MS)
 function pending(inc) {
   const fb = state.feedback.get(inc.incident_id);
   if (!fb || !fb.since) return false;
@@ -296,6 +296,7 @@ function pending(inc) {
   return age < REPEAT_MS || (fb.status === "sent" && age < PENDING_MS);
 }
 
+// only the actions that apply to the incident's state
 function actionBar(inc) {
   if (inc.status === "closed") return null;
   const stop = (fn) => (event) => { event.stopPropagation(); fn(); };
