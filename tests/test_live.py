@@ -49,6 +49,7 @@ pytestmark = [
 SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
 SPEED = 100.0  # clock speed of these tests: the 25-minute seed case plays in 15 s
 P = "antifraud/v1"
+CHEN_DOOR = "衡南县云集街道春晖路18号 春晖小区3栋2单元502"  # the address C1's offers send to
 
 
 class Running:
@@ -870,6 +871,55 @@ async def test_a_handset_key_never_acts_on_an_offer_that_was_stood_down(
     assert shown[-1].strip() == "当前没有待处理的出警单  [q] 退出"
 
 
+async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
+    settings: Settings,
+) -> None:
+    """Two residents of one estate at once: the guard's screen names the door of every
+    prompt and echo, says a second offer came and which one the keys act on, [0] switches,
+    and an outcome goes to the dispatch its [4] was pressed for, whatever arrives between."""
+    shown: list[str] = []
+    handset = Handset(
+        settings, "G-YJ-CH-02", BrokerURL.parse("mqtt://127.0.0.1:9"), show=shown.append
+    )
+    replied: list[tuple[str, str, str | None]] = []
+
+    async def reply(dispatch_id: str, verb: str, outcome: str | None = None) -> None:
+        replied.append((dispatch_id, verb, outcome))
+
+    handset.reply = reply  # type: ignore[method-assign]
+    topic = f"{P}/units/G-YJ-CH-02/dispatches"
+
+    def deliver(n: int, kind: str, dispatch_id: str, address: str) -> None:
+        event = {
+            "id": f"e{n}",
+            "source": "antifraud/dispatcher",
+            "type": f"cn.antifraud.dispatch.{kind}",
+            "data": {"dispatch_id": dispatch_id, "address": address, "text": "反诈紧急上门"},
+        }
+        handset.on_message(aiomqtt.Message(topic, json.dumps(event).encode(), 1, False, n, None))
+
+    deliver(1, "offered", "INC-A:G-YJ-CH-02", "3栋502")
+    assert not any("共有" in line for line in shown)  # one offer: nothing to choose
+    deliver(2, "offered", "INC-B:G-YJ-CH-02", "7栋101")
+    assert shown[-1].strip() == "⚠ 共有2张出警单：按键作用于最新一张（7栋101），按0切换"
+    await handset.on_key("0")
+    assert shown[-1].strip() == "当前出警单：3栋502（第1/2张，按0切换）"
+    await handset.on_key("1")
+    assert replied[-1] == ("INC-A:G-YJ-CH-02", "accepted", None)
+    await handset.on_key("4")
+    assert shown[-1].strip().endswith("（3栋502）")
+    deliver(3, "offered", "INC-C:G-YJ-CH-02", "9栋303")  # while the outcome is asked for
+    await handset.on_key("d")
+    assert replied[-1] == ("INC-A:G-YJ-CH-02", "reported", "dissuaded")
+    await handset.on_key("0")
+    assert handset.current == "INC-A:G-YJ-CH-02"  # the keys cycle through what is open
+    deliver(4, "cancelled", "INC-A:G-YJ-CH-02", "3栋502")
+    assert shown[-2].strip().endswith("· 3栋502")  # the stand-down names its door
+    assert shown[-1].strip().startswith("当前出警单：9栋303")
+    await handset.on_key("2")
+    assert replied[-1] == ("INC-C:G-YJ-CH-02", "declined", None)
+
+
 @contextlib.asynccontextmanager
 async def guard_with_an_offer(
     settings: Settings, broker: Mosquitto, tmp_path: Path, via: str | None = None
@@ -907,8 +957,9 @@ async def test_a_reply_made_while_the_handset_is_cut_off_goes_out_when_it_is_bac
         await wait_until(
             lambda: dispatch_status(running, "INC-C1:G-YJ-CH-01") == "accepted", within=20
         )
-        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ 接受" in shown)
-        assert shown.count("📻 G-YJ-CH-01 ▶ 接受") == 1
+        echo = f"📻 G-YJ-CH-01 ▶ 接受 · {CHEN_DOOR}"  # the press, with the door it is for
+        await wait_until(lambda: echo in shown)
+        assert shown.count(echo) == 1
 
 
 async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_connection(
@@ -946,16 +997,20 @@ async def test_a_reply_the_broker_never_acknowledged_goes_again_over_the_next_co
                 and any(kind_of(packet) == PUBACK for packet in relay.lost)
             )
         )
-        assert "📻 G-YJ-CH-01 ▶ 接受" not in shown  # not known to have arrived
+        echo = f"📻 G-YJ-CH-01 ▶ 接受 · {CHEN_DOOR}"
+        assert echo not in shown  # not known to have arrived
         runtime = running.service.runtime
         assert runtime is not None
         duplicates = runtime.counts["duplicates"]
         broker.restart()
-        await wait_until(lambda: "📻 G-YJ-CH-01 ▶ 接受" in shown, within=20)
+        await wait_until(lambda: echo in shown, within=20)
         await wait_until(lambda: runtime.counts["duplicates"] > duplicates, within=20)
 
         def receipts() -> int:
-            return sum(line.endswith("◀ ✔ 接警成功：此任务由您负责，请立即上门") for line in shown)
+            return sum(
+                line.endswith(f"◀ ✔ 接警成功：此任务由您负责，请立即上门 · {CHEN_DOOR}")
+                for line in shown
+            )
 
         # the repeat's receipt leaves once its commit is written, a moment after the repeat
         # is counted
@@ -997,10 +1052,11 @@ async def test_a_receipt_stops_the_handset_sending_its_reply_again(
         guard_with_an_offer(settings, broker, tmp_path, via=relay.url) as (running, handset, shown),
     ):
         # the countdown, shown once the offer is in
-        await wait_until(lambda: any(line.strip().startswith("⏳ 请在") for line in shown))
+        countdown = f"⏳ {CHEN_DOOR}：请在"
+        await wait_until(lambda: any(line.strip().startswith(countdown) for line in shown))
         relay.lose(PUBACK)  # the broker's acknowledgements do not reach the radio
         await asyncio.wait_for(handset.on_key("1"), 5)
-        receipt = "◀ ✔ 接警成功：此任务由您负责，请立即上门"
+        receipt = f"◀ ✔ 接警成功：此任务由您负责，请立即上门 · {CHEN_DOOR}"
         await wait_until(lambda: any(line.endswith(receipt) for line in shown), within=20)
         assert any(kind_of(packet) == PUBACK for packet in relay.lost)  # the receipt alone
         assert not handset._unsent and not handset._unanswered
@@ -1044,7 +1100,8 @@ def test_a_handset_shows_a_refusal_in_chinese_and_lets_go_of_the_offer(
         },
     }
     handset.on_message(aiomqtt.Message(topic, json.dumps(receipt).encode(), 1, False, 2, None))
-    assert shown[-1].endswith("◀ ✖ 操作被拒绝：事件已结案，无需前往")
+    # the offer named no address: the refusal names its dispatch
+    assert shown[-1].endswith("◀ ✖ 操作被拒绝：事件已结案，无需前往 · INC-A:G-YJ-CH-02")
     assert handset.current is None
     assert not any(line.lstrip().startswith("{") for line in shown)
 

@@ -12,6 +12,10 @@ receipt arrives from the dispatcher; one made while cut off, lost with its conne
 acknowledged by the broker but not yet answered, goes out (the same event) over the next
 connection, in order (decisions.md 52, 62). Receipts, the link and the seconds left to
 accept an offer are shown in Chinese; the handset's own log never goes to the screen.
+
+Two offers can be open at once (two residents of one estate in the same minutes): every
+prompt, countdown and echoed reply names the address it is about, a second offer is
+announced with the count, and [0] switches the keys between them (decisions.md 96).
 """
 
 from __future__ import annotations
@@ -52,11 +56,24 @@ log = structlog.get_logger("handset")
 
 OUTCOME_KEYS = {"d": "dissuaded", "n": "not_home", "l": "loss", "f": "false_alarm"}
 VERB_KEYS = {"1": "accepted", "2": "declined", "3": "arrived", "4": "reported"}
+SWITCH_KEY = "0"  # with several offers open: the keys act on the next one
 GOODBYE_S = 5.0  # at a clean exit, how long replies still queued may take to leave
 COUNTDOWN_EVERY_S = 10.0  # how often the seconds left to accept a pending offer are shown
 RECEIPT = "cn.antifraud.reply.receipt"
 LINK_UP = "📶 已连接"
 LINK_DOWN = "⚠ 连接中断，正在重连…"
+KEYS_HELP = "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果"
+OUTCOME_HELP = "    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报"
+
+
+def offer_place(data: dict[str, Any]) -> str:
+    """Where an offer sends the unit, in a few words: a radio's offer names the address, a
+    police app's carries the incident's resident."""
+    address = data.get("address")
+    if not address:
+        sub = (data.get("incident") or {}).get("subscriber") or {}
+        address = sub.get("address")
+    return str(address or data.get("incident_id") or data.get("dispatch_id") or "?")
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,7 @@ def render(unit: Unit, event: dict[str, Any]) -> list[str]:
         return [
             f"{head} ◀ 派单 {data.get('dispatch_id')}",
             f"    {data.get('text')}",
-            "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果",
+            KEYS_HELP,
         ]
     if kind == "offered":
         inc = data.get("incident", {})
@@ -142,7 +159,7 @@ def render(unit: Unit, event: dict[str, Any]) -> list[str]:
             f"    涉诈号码 {inc.get('counterpart')}（{inc.get('category_label') or '未分类'}）"
             f"  风险 {SEVERITY_TEXT.get(inc.get('severity'), inc.get('severity'))} / "
             f"{inc.get('rule_label') or inc.get('rule')}  通话{inc.get('duration_s')}秒",
-            "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果",
+            KEYS_HELP,
         ]
     if kind in ("cancelled", "notice"):
         return [f"{head} ◀ {data.get('text')}"]
@@ -173,11 +190,13 @@ class Handset:
         self.connected = asyncio.Event()
         self.received: list[dict[str, Any]] = []
         # dispatches offered to this unit and not yet over for it (stood down, declined or
-        # reported), oldest first: the keys act on the newest
+        # reported), oldest first: the keys act on the one chosen with [0], else the newest
         self._open: list[str] = []
+        self._chosen: str | None = None
+        self._place: dict[str, str] = {}  # dispatch id -> where it sends the unit
+        self._outcome_for: str | None = None  # [4] pressed: the dispatch its outcome reports
         self._seen: deque[tuple[str, str]] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._outcome_pending = False
         # replies to send over the next connection, oldest first: (id, topic, payload, label)
         self._unsent: deque[tuple[str, str, bytes, str]] = deque()
         # replies the broker acknowledged whose receipt has not come yet, by id, in order:
@@ -189,14 +208,30 @@ class Handset:
 
     @property
     def current(self) -> str | None:
-        """The dispatch the keys act on: the newest one still open for this unit."""
+        """The dispatch the keys act on: the one chosen with [0] while it is open, else the
+        newest one still open for this unit."""
+        if self._chosen in self._open:
+            return self._chosen
         return self._open[-1] if self._open else None
 
+    def place(self, dispatch_id: str | None) -> str:
+        """Where the dispatch sends the unit, as its offer said."""
+        return self._place.get(str(dispatch_id), str(dispatch_id))
+
     def _close(self, dispatch_id: object) -> None:
-        if dispatch_id == self.current:
-            self._outcome_pending = False
+        if dispatch_id == self._outcome_for:
+            self._outcome_for = None
+        was_current = dispatch_id == self.current
         if dispatch_id in self._open:
             self._open.remove(str(dispatch_id))
+            if was_current and self._open:  # the keys move on: say to which
+                self.show(f"    当前出警单：{self.place(self.current)}{self._position()}")
+
+    def _position(self) -> str:
+        """（第i/n张，按0切换） while more than one offer is open."""
+        if len(self._open) < 2 or self.current is None:
+            return ""
+        return f"（第{self._open.index(self.current) + 1}/{len(self._open)}张，按0切换）"
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -271,9 +306,14 @@ class Handset:
             return  # a redelivery: already shown and handled
         self._seen.append(key)
         self.received.append(event)
-        for line in render(self.unit, event):
-            self.show(line)
         data = event.get("data", {})
+        lines = render(self.unit, event)
+        if event.get("type") in (RECEIPT, "cn.antifraud.dispatch.cancelled"):
+            named = str(data.get("dispatch_id"))
+            if named in self._place:  # which of the offers it is about
+                lines[-1] += f" · {self._place[named]}"
+        for line in lines:
+            self.show(line)
         if event.get("type") == RECEIPT:
             self._receipt(data)
         if event.get("type") == "cn.antifraud.dispatch.cancelled":
@@ -281,7 +321,14 @@ class Handset:
         if event.get("type") == "cn.antifraud.dispatch.offered":
             dispatch_id = str(data.get("dispatch_id"))
             if dispatch_id not in self._open:
+                self._place[dispatch_id] = offer_place(data)
                 self._open.append(dispatch_id)
+                self._chosen = None  # the keys act on the newest offer, as the screen says
+                if len(self._open) > 1:
+                    self.show(
+                        f"    ⚠ 共有{len(self._open)}张出警单：按键作用于最新一张"
+                        f"（{self.place(dispatch_id)}），按0切换"
+                    )
                 self._count_down(dispatch_id, event)
             if self.script:
                 task = asyncio.create_task(self._play(dispatch_id, self.script))
@@ -343,10 +390,11 @@ class Handset:
         deadline = loop.time() + left / self.speed
         while self._pending(dispatch_id):
             remaining = round((deadline - loop.time()) * self.speed)
+            where = self.place(dispatch_id)
             if remaining <= 0:
-                self.show(f"    ⌛ 接警时限已过：{dispatch_id}")
+                self.show(f"    ⌛ 接警时限已过：{where}")
                 return
-            self.show(f"    ⏳ 请在{remaining}秒内接警（按1接受，按2拒绝）")
+            self.show(f"    ⏳ {where}：请在{remaining}秒内接警（按1接受，按2拒绝）")
             step = min(COUNTDOWN_EVERY_S, float(remaining)) / self.speed
             await asyncio.sleep(step)
 
@@ -363,7 +411,8 @@ class Handset:
         said = PRESSED.get(verb, verb) + (
             f"：{OUTCOME_TEXT.get(outcome, outcome)}" if outcome else ""
         )
-        label = f"{'📻' if self.unit.channel == 'radio' else '📱'} {self.unit.id} ▶ {said}"
+        icon = "📻" if self.unit.channel == "radio" else "📱"
+        label = f"{icon} {self.unit.id} ▶ {said} · {self.place(dispatch_id)}"
         payload = unit_event(self.unit.id, f"cn.antifraud.unit.{verb}", data)
         reply_id = json.loads(payload)["id"]
         self._unsent.append((reply_id, self.topics.replies(self.unit.id), payload, label))
@@ -439,24 +488,31 @@ class Handset:
                 termios.tcsetattr(fd, termios.TCSADRAIN, restore)
 
     async def on_key(self, key: str) -> None:
-        if self._outcome_pending:
+        if self._outcome_for is not None:
+            # the outcome reports the dispatch [4] was pressed for, whatever came since
             outcome = OUTCOME_KEYS.get(key)
             if outcome is None:
-                self.show("    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报")
+                self.show(f"{OUTCOME_HELP}（{self.place(self._outcome_for)}）")
                 return
-            self._outcome_pending = False
-            await self.reply(str(self.current), "reported", outcome)
+            target, self._outcome_for = self._outcome_for, None
+            await self.reply(target, "reported", outcome)
             return
-        verb, current = VERB_KEYS.get(key), self.current
+        current = self.current
+        if key == SWITCH_KEY and len(self._open) > 1 and current is not None:
+            self._chosen = self._open[(self._open.index(current) + 1) % len(self._open)]
+            self.show(f"    当前出警单：{self.place(self.current)}{self._position()}")
+            return
+        verb = VERB_KEYS.get(key)
         if verb is None:
-            self.show("    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果  [q] 退出")
+            more = "  [0] 切换" if len(self._open) > 1 else ""
+            self.show(f"{KEYS_HELP}{more}  [q] 退出")
             return
         if current is None:  # nothing offered, or it was stood down meanwhile
             self.show("    当前没有待处理的出警单  [q] 退出")
             return
         if verb == "reported":
-            self._outcome_pending = True
-            self.show("    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报")
+            self._outcome_for = current
+            self.show(f"{OUTCOME_HELP}（{self.place(current)}）")
             return
         await self.reply(current, verb)
 
