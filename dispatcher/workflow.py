@@ -934,6 +934,10 @@ class Workflow:
         )
         incident.timeline.append(entry)
         changes.effects.append(Noted(incident.id, entry))
+        if changes.action_id is not None:
+            # an operator's action is answered at once, also one that changes nothing: the
+            # console that sent it learns it was recorded from its entry (decisions.md 97)
+            changes.mark(incident)
 
     def _alert(
         self, incident: Incident, now: float, code: str, text: str, changes: Changes

@@ -128,3 +128,55 @@ async def test_the_console_sends_an_acknowledgement_as_the_operators_action(
         "incident_id": "INC-C-ACK",
         "alerts": ["no_address", "unknown_subscriber"],
     }
+
+
+async def test_an_action_that_changes_nothing_is_answered_at_once_with_its_entry(
+    play: Player,
+) -> None:
+    """A repeated acknowledgement, an escalation of an escalated incident and a callback
+    result after the escalation change nothing; each is still answered by an incident message
+    carrying the entry that records it, at the moment it was handled (not with whatever
+    changes the incident next), so the console that sent it can say it was recorded."""
+    s = Script().call(0, "C-ACK", STRANGER, INVESTMENT, until_s=200)
+    acknowledge(s, 205, "INC-C-ACK", ["unknown_subscriber"])
+    incident = s.escalated(0, "C1")
+
+    def act(at: float, verb: str, data: dict[str, object]) -> str:
+        event = s.event(
+            at, f"{PREFIX}/operators/op-01/actions", "console/op-01", f"cn.antifraud.{verb}", data
+        )
+        return str(event["id"])
+
+    expected = {
+        acknowledge(s, 206, "INC-C-ACK", ["unknown_subscriber"]): (
+            "INC-C-ACK",
+            206.0,
+            "acknowledge_ignored",
+        ),
+        act(270, "operator.escalate", {"incident_id": incident}): (
+            incident,
+            270.0,
+            "escalate_ignored",
+        ),
+        act(271, "operator.callback", {"incident_id": incident, "result": "no_answer"}): (
+            incident,
+            271.0,
+            "callback_result",
+        ),
+    }
+    r = await play(s)
+    sent = [m for m in r.outbox() if m["topic"] == f"{PREFIX}/operators/incidents"]
+    for action_id, (incident_id, at, kind) in expected.items():
+        answers = [
+            m
+            for m in sent
+            if m["payload"]["subject"] == incident_id
+            and any(e["action_id"] == action_id for e in m["payload"]["data"]["timeline"])
+        ]
+        assert answers, (action_id, kind)
+        assert answers[0]["at"] == at, (kind, answers[0]["at"])
+        entry = next(
+            e for e in answers[0]["payload"]["data"]["timeline"] if e["action_id"] == action_id
+        )
+        assert entry["kind"] == kind
+    assert r.report["rejected"] == []

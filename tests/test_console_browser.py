@@ -451,6 +451,81 @@ async def test_a_warning_is_escalated_from_its_detail_and_a_double_press_counts_
         await expect(twice.locator('button[data-action="no_answer"]')).to_be_enabled()
 
 
+async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_says_what_counted(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    from playwright.async_api import expect
+
+    async with ahead_dispatcher(settings, broker, tmp_path) as (page, url, console):
+        await call(url, "C-OLD", WANG, INVESTMENT, 70)
+        old = page.locator('#critical [data-incident="INC-C-OLD"]')
+        await expect(old.locator('button[data-action="no_answer"]')).to_be_visible(timeout=10_000)
+
+        # a new critical card comes in at the top, pushing the old one down just as the
+        # operator presses its button: the press is not sent
+        pressed = asyncio.create_task(
+            page.evaluate(
+                """() => new Promise((resolve) => {
+                  const board = document.querySelector("#critical");
+                  const seen = new MutationObserver(() => {
+                    if (!board.querySelector('[data-incident="INC-C-NEW"]')) return;
+                    seen.disconnect();
+                    board.querySelector('[data-incident="INC-C-OLD"] [data-action="no_answer"]').click();
+                    resolve(true);
+                  });
+                  seen.observe(board, { childList: true, subtree: true });
+                })"""
+            )
+        )
+        await asyncio.sleep(0.2)
+        await call(url, "C-NEW", ZHAO, IMPERSONATION, 130)
+        assert await asyncio.wait_for(pressed, 10)
+        order = await page.locator("#critical article").evaluate_all(
+            "a => a.map(n => n.dataset.incident)"
+        )
+        assert order == ["INC-C-NEW", "INC-C-OLD"], order
+        await expect(old.locator(".feedback")).to_contain_text("看板刚刚变动，回拨：无人接听未发送")
+        await page.wait_for_timeout(500)
+        assert console.board.incidents["INC-C-OLD"]["callback"]["attempts"] == 0
+        await page.wait_for_timeout(500)  # the board has stood still: the press goes
+        await old.locator('button[data-action="no_answer"]').click()
+        # the feedback is the dispatcher's own word on the press
+        await expect(old.locator(".feedback")).to_contain_text(
+            "已生效：回拨结果：无人接听（第1/3次）", timeout=10_000
+        )
+
+        # "answered, safe" closes the incident: it asks again, and a double click is one press
+        new = page.locator('#critical [data-incident="INC-C-NEW"]')
+        await new.locator('button[data-action="answered_safe"]').dblclick()
+        confirm = new.locator('button[data-action="confirm-answered_safe"]')
+        await expect(confirm).to_contain_text("确认：接通·已安全")
+        await page.wait_for_timeout(500)
+        assert console.board.incidents["INC-C-NEW"]["status"] == "open"
+        await new.locator('button[data-action="cancel-answered_safe"]').click()
+        await expect(confirm).to_have_count(0)
+        await new.locator('button[data-action="answered_safe"]').click()
+        await page.wait_for_timeout(600)
+        await confirm.click()
+        await expect(page.locator('#closed [data-incident="INC-C-NEW"]')).to_contain_text(
+            "回拨确认安全", timeout=10_000
+        )
+
+        # a callback result that comes after the escalation is recorded, and said not to count
+        await old.locator('button[data-action="escalate"]').click()
+        await expect(old).to_contain_text("上门处置中", timeout=10_000)
+        await page.wait_for_timeout(2_200)  # the escalation's press no longer holds the card
+        await page.evaluate(
+            """() => act(state.incidents.get("INC-C-OLD"), "callback", { result: "no_answer" },
+                         ACTION_LABEL.no_answer)"""
+        )
+        feedback = old.locator(".feedback")
+        await expect(feedback).to_contain_text(
+            "已记录，事件未因此改变：回拨结果：无人接听（已升级，不计入）", timeout=10_000
+        )
+        assert "noted" in (await feedback.get_attribute("class") or "")
+        await page.screenshot(path=ARTIFACTS / "13-not-counted.png")
+
+
 async def test_the_stats_view_charts_a_period_and_opens_the_incidents_behind_a_figure(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:

@@ -4,7 +4,8 @@ wave are replayed and their reports compared, byte for byte, with the reports co
 beside them. A change to how the dispatcher is built must leave every one identical; a change
 to what it decides must regenerate them on purpose, and say why in its commit:
 
-    .venv/bin/python tests/test_golden.py --write
+    .venv/bin/python tests/test_golden.py --write      # the recordings and their reports
+    .venv/bin/python tests/test_golden.py --reports    # the reports of the recordings as they are
 """
 
 from __future__ import annotations
@@ -57,21 +58,23 @@ def test_the_corpus_is_all_there() -> None:
     assert sum(n.startswith("spec-") for n in names) >= 57
 
 
-async def _write() -> None:
-    """Regenerate the corpus and its reports from the current code."""
+async def _write(recordings_too: bool) -> None:
+    """Regenerate the reports from the current code, and first the corpus itself when
+    ``recordings_too`` (the spec cases' recordings are numbered in the order of the cases)."""
     from scenario import Script
     from test_workflow_spec import CASES
 
     logs.configure("error")
     settings = load_settings(CONFIG)
-    shutil.rmtree(GOLDEN, ignore_errors=True)
-    GOLDEN.mkdir(parents=True)
-    shutil.copy(ROOT / "tests" / "data" / "chen_case.jsonl", GOLDEN / "seed.jsonl")
-    write_day(GOLDEN / "day.jsonl", settings, 1_500)
-    for n, param in enumerate(CASES, 1):
-        script = Script()
-        param.values[0](script)  # type: ignore[attr-defined]
-        script.write(GOLDEN / f"spec-{n:02d}.jsonl")
+    if recordings_too:
+        shutil.rmtree(GOLDEN, ignore_errors=True)
+        GOLDEN.mkdir(parents=True)
+        shutil.copy(ROOT / "tests" / "data" / "chen_case.jsonl", GOLDEN / "seed.jsonl")
+        write_day(GOLDEN / "day.jsonl", settings, 1_500)
+        for n, param in enumerate(CASES, 1):
+            script = Script()
+            param.values[0](script)  # type: ignore[attr-defined]
+            script.write(GOLDEN / f"spec-{n:02d}.jsonl")
     with tempfile.TemporaryDirectory() as tmp:
         for recording in recordings():
             report = await report_of(recording, settings, Path(tmp))
@@ -80,12 +83,13 @@ async def _write() -> None:
         config, _ = write_wave(wave, settings, WAVE_CASES)
         report = await report_of(wave / "wave.jsonl", load_settings(config), Path(tmp))
         (GOLDEN / "wave.report").write_text(report, encoding="utf-8")
-    print(f"wrote {len(recordings())} recordings and their reports, and the wave's, to {GOLDEN}")
+    what = "recordings and their reports" if recordings_too else "recordings' reports"
+    print(f"wrote {len(recordings())} {what}, and the wave's, to {GOLDEN}")
 
 
 if __name__ == "__main__":
     import asyncio
 
-    if sys.argv[1:] != ["--write"]:
+    if sys.argv[1:] not in (["--write"], ["--reports"]):
         sys.exit(__doc__)
-    asyncio.run(_write())
+    asyncio.run(_write(sys.argv[1:] == ["--write"]))

@@ -20,6 +20,7 @@ const CLOSE_OUTCOMES = ["prevented", "loss", "false_alarm", "unreachable"];
 const state = {
   operator: null, csrf: null, incidents: new Map(), viewed: new Map(), units: [], selected: null,
   seen: new Set(), first: true, offset: 0, feedback: new Map(), drafts: new Map(),
+  tops: new Map(), moved: new Map(),
   vocab: { outcomes: {}, alert_text: {}, rules: {}, stations: {}, unit_names: {}, timezone: "Asia/Shanghai" },
   feed: "connecting",
 };
@@ -167,10 +168,20 @@ function feedback(id, status, text) {
 // well within the time a hand takes to press twice
 const PENDING_MS = 10000;
 const REPEAT_MS = 2000;
+// a card that moved on the board this recently takes no press: the hand was aimed at what
+// was there a moment ago (a new critical card comes in at the top and pushes the rest down)
+const MOVED_MS = 800;
+// a confirmation takes no press this soon after it was asked for: a double click is one press
+const CONFIRM_MS = 500;
 
 async function act(inc, action, body, word) {
   const id = inc.incident_id;
   if (pending(inc)) return;
+  if (Date.now() - (state.moved.get(id) || 0) < MOVED_MS) {
+    state.feedback.set(id, { status: "failed", text: `看板刚刚变动，${word}未发送：请核对事件后再按` });
+    renderBoard();
+    return;
+  }
   state.feedback.set(id, { status: "sent", text: word, action, since: Date.now() });
   setTimeout(renderBoard, REPEAT_MS + 50);
   setTimeout(renderBoard, PENDING_MS + 50);
@@ -206,16 +217,20 @@ async function act(inc, action, body, word) {
 // a refusal may come over the socket before the POST that sent the action has returned
 const earlyRefusals = new Map();
 
-// applied once the incident's timeline holds an entry recording this very action
+// applied once the incident's timeline holds an entry recording this very action; the
+// first such entry is the dispatcher's own word on it, shown as the feedback
 function applied(inc) {
   const pending = state.feedback.get(inc.incident_id);
-  if (pending && pending.status === "sent" && pending.actionId
-      && inc.timeline.some((t) => t.action_id === pending.actionId)) {
-    pending.status = "applied";
-    return true;
-  }
-  return false;
+  if (!pending || pending.status !== "sent" || !pending.actionId) return false;
+  const entry = inc.timeline.find((t) => t.action_id === pending.actionId);
+  if (!entry) return false;
+  pending.status = "applied";
+  pending.entry = { kind: entry.kind, text: entry.text };
+  return true;
 }
+// an action recorded that changed nothing: a repeat, or a callback result that no longer
+// counts (the incident was escalated meanwhile, or is not critical)
+const unchanged = (entry) => /_ignored$/.test(entry.kind) || /不计入）$/.test(entry.text);
 
 function refused(data) {
   for (const [id, pending] of state.feedback) {
@@ -236,8 +251,12 @@ function refused(data) {
 function feedbackLine(inc) {
   const fb = state.feedback.get(inc.incident_id);
   if (!fb) return null;
+  if (fb.status === "applied" && fb.entry && unchanged(fb.entry)) {
+    return el("p", { class: "feedback noted", role: "status" }, `已记录，事件未因此改变：${readable(fb.entry.text)}`);
+  }
   const text = {
-    sent: `已发送：${fb.text}，等待调度服务…`, applied: `已生效：${fb.text}`,
+    sent: `已发送：${fb.text}，等待调度服务…`,
+    applied: `已生效：${fb.entry ? readable(fb.entry.text) : fb.text}`,
     refused: `被拒绝：${fb.text}`, failed: fb.text,
   }[fb.status];
   return el("p", { class: `feedback ${fb.status}`, role: "status" }, text);
@@ -264,14 +283,23 @@ function residentFacts(inc, full) {
   );
 }
 
+// what an operator has started on an incident's card and not yet sent: the close outcome
+// and note, and the confirmations of close and of "answered, safe"
+function draftOf(inc) {
+  const id = inc.incident_id;
+  const draft = state.drafts.get(id) || { outcome: "", note: "", confirming: false, safe: false, asked: 0 };
+  state.drafts.set(id, draft);
+  return draft;
+}
+
 function closeControl(inc) {
   const id = inc.incident_id;
-  const draft = state.drafts.get(id) || { outcome: "", note: "", confirming: false };
-  state.drafts.set(id, draft);
+  const draft = draftOf(inc);
   const keep = (event) => event.stopPropagation();
   if (draft.confirming) {
     return el("span", { class: "confirm", onclick: keep },
       el("button", { class: "danger", "data-action": "confirm-close", onclick: () => {
+        if (Date.now() - draft.asked < CONFIRM_MS) return;  // the first press's twin
         draft.confirming = false;
         state.drafts.delete(id);
         act(inc, "close", draft.note ? { outcome: draft.outcome, note: draft.note } : { outcome: draft.outcome }, `结案：${label(draft.outcome)}`);
@@ -285,7 +313,7 @@ function closeControl(inc) {
     oninput: (e) => { draft.note = e.target.value; } });
   return el("span", { class: "close-control", onclick: keep }, select, note,
     el("button", { "data-action": "close", disabled: !draft.outcome, title: draft.outcome ? "" : "先选择结案结果",
-      onclick: () => { draft.confirming = true; renderBoard(); } }, "结案"));
+      onclick: () => { Object.assign(draft, { confirming: true, asked: Date.now() }); renderBoard(); } }, "结案"));
 }
 
 // whether the incident's last action holds its buttons (PENDING_MS, REPEAT_MS)
@@ -306,8 +334,23 @@ function actionBar(inc) {
       onclick: stop(() => act(inc, "acknowledge", { alerts: inc.alerts }, ACTION_LABEL.acknowledge)) }, "确认警报（我来处理）"));
   }
   if (inc.status === "open" && inc.severity === "critical") {
+    const draft = state.drafts.get(inc.incident_id);
     for (const r of ["no_answer", "busy", "answered_safe", "answered_at_risk"]) {
-      buttons.push(el("button", { "data-action": r, onclick: stop(() => act(inc, "callback", { result: r }, ACTION_LABEL[r])) }, label(r)));
+      if (r === "answered_safe" && draft && draft.safe) {
+        // "safe" closes the incident: it asks once more, as closing does
+        buttons.push(el("span", { class: "confirm", onclick: (e) => e.stopPropagation() },
+          el("button", { class: "danger", "data-action": "confirm-answered_safe", onclick: () => {
+            if (Date.now() - draft.asked < CONFIRM_MS) return;  // the first press's twin
+            draft.safe = false;
+            act(inc, "callback", { result: r }, ACTION_LABEL[r]);
+          } }, "确认：接通·已安全（结案，不再上门）"),
+          el("button", { "data-action": "cancel-answered_safe", onclick: () => { draft.safe = false; renderBoard(); } }, "取消")));
+        continue;
+      }
+      const press = r === "answered_safe"
+        ? () => { Object.assign(draftOf(inc), { safe: true, asked: Date.now() }); renderBoard(); }
+        : () => act(inc, "callback", { result: r }, ACTION_LABEL[r]);
+      buttons.push(el("button", { "data-action": r, onclick: stop(press) }, label(r)));
     }
   }
   if (inc.status === "open") {
@@ -390,6 +433,7 @@ function renderBoard() {
     .sort((a, b) => (b.closed_at || "").localeCompare(a.closed_at || "")).slice(0, 20);
   $("#critical").replaceChildren(...(cards.length ? cards.map(card)
     : [el("p", { class: "empty" }, "当前没有需要处置的事件：新的紧急预警会在这里出现并响铃")]));
+  noteMoves();
   $("#warnings").replaceChildren(...(warnings.length ? warnings.map((i) => row(i, false)) : [el("p", { class: "empty-quiet" }, "无")]));
   $("#closed").replaceChildren(...closed.map((i) => row(i, true)));
   state.first = false;
@@ -402,6 +446,23 @@ function renderBoard() {
 }
 
 function select(id) { state.selected = id; renderDetail(); }
+
+// each card's place on the page; one that is elsewhere than at the last render has moved
+// under the operator's hand (MOVED_MS)
+function noteMoves() {
+  const tops = new Map();
+  for (const node of document.querySelectorAll("#critical article[data-incident]")) {
+    const id = node.dataset.incident;
+    const box = node.getBoundingClientRect();  // the board is a grid: rows and columns
+    const at = [Math.round(box.left + window.scrollX), Math.round(box.top + window.scrollY)];
+    tops.set(id, at);
+    const before = state.tops.get(id);
+    if (before && (Math.abs(before[0] - at[0]) > 2 || Math.abs(before[1] - at[1]) > 2)) {
+      state.moved.set(id, Date.now());
+    }
+  }
+  state.tops = tops;
+}
 
 function timeline(inc) {
   const missing = inc.timeline_from > 0
