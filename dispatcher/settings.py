@@ -395,10 +395,11 @@ T = TypeVar("T")
 
 
 def _read_csv(
-    path: Path, columns: list[str], problems: list[str], what: str = ""
+    path: Path, columns: list[str], problems: list[str], what: str = "", named_by: str = ""
 ) -> list[tuple[int, Row]]:
     """The rows of a registry; with ``what``, a registry without rows is a problem too (a
-    deployment with no units, say, would start and never send anyone)."""
+    deployment with no units, say, would start and never send anyone). ``named_by`` is where
+    the deployment names the file ("FILE.toml: registries.units"), said when it is missing."""
     before = len(problems)
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
@@ -438,7 +439,13 @@ def _read_csv(
                 problems.append(f"{path}: no {what}: the file has a header and no rows")
             return rows
     except FileNotFoundError:
-        problems.append(f"{path}: file not found")
+        if named_by:
+            problems.append(
+                f"{named_by}: {path}: file not found (the paths of [registries] are relative "
+                "to the deployment's file)"
+            )
+        else:
+            problems.append(f"{path}: file not found")
     except UnicodeDecodeError as exc:
         problems.append(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})")
     except csv.Error as exc:
@@ -492,7 +499,7 @@ def load_settings(path: str | Path) -> Settings:
         with contextlib.suppress(ValidationError):  # the registries need both
             stations = _STATIONS.validate_python(raw.get("stations"))
             registries = RegistryPaths.model_validate(raw.get("registries"))
-            flagged_found = _load_registries(path.parent, registries, stations, problems)[3]
+            flagged_found = _load_registries(path, registries, stations, problems)[3]
         rules = []
         raw_rules = raw.get("rules")
         for index, rule in enumerate(raw_rules if isinstance(raw_rules, list) else []):
@@ -506,7 +513,7 @@ def load_settings(path: str | Path) -> Settings:
         raise ConfigError(problems) from None
 
     estates, units, subscribers, flagged = _load_registries(
-        path.parent, doc.registries, doc.stations, problems
+        path, doc.registries, doc.stations, problems
     )
     stations = doc.stations
     flagged_path = path.parent / doc.registries.flagged_numbers
@@ -581,12 +588,17 @@ def _check_rules(
 
 
 def _load_registries(
-    base: Path,
+    config: Path,
     registries: RegistryPaths,
     stations: dict[str, StationSettings],
     problems: list[str],
 ) -> tuple[dict[str, Estate], dict[str, Unit], dict[str, Subscriber], list[FlaggedPattern]]:
-    """Read and cross-check the CSV registries, appending every problem found."""
+    """Read and cross-check the CSV registries ``config`` names, appending every problem
+    found."""
+    base = config.parent
+
+    def key(name: str) -> str:
+        return f"{config}: registries.{name}"
 
     def station_ok(where: str, column: str, station: str) -> bool:
         if station not in stations:
@@ -597,7 +609,7 @@ def _load_registries(
     # estates
     estates_path = base / registries.estates
     estate_cols = ["id", "name", "kind", "township", "grid", "station", "address"]
-    estate_rows = _read_csv(estates_path, estate_cols, problems, "estates")
+    estate_rows = _read_csv(estates_path, estate_cols, problems, "estates", key("estates"))
 
     def build_estate(line_no: int, row: Row) -> Estate | None:
         where = f"{estates_path}:{line_no}"
@@ -633,7 +645,7 @@ def _load_registries(
     # units
     units_path = base / registries.units
     unit_cols = ["id", "kind", "channel", "estate", "grid", "station", "name"]
-    unit_rows = _read_csv(units_path, unit_cols, problems, "units")
+    unit_rows = _read_csv(units_path, unit_cols, problems, "units", key("units"))
     order = iter(range(len(unit_rows)))
 
     def build_unit(line_no: int, row: Row) -> Unit | None:
@@ -668,6 +680,15 @@ def _load_registries(
             ok = False
         else:
             ok = station_ok(where, "station", row["station"]) and ok
+        guarded = estate_stations.get(row["estate"]) if kind == "guard" else None
+        if guarded is not None and row["station"] and row["station"] != guarded:
+            # a guard works at his estate, whose police are its station's: another station
+            # here is a typo in one of the two files, and who is told what depends on which
+            problems.append(
+                f"{where}: station: {row['station']!r} is not the station of the guard's "
+                f"estate {row['estate']!r} ({guarded!r}, in {estates_path})"
+            )
+            ok = False
         if not ok:
             return None
         return Unit(
@@ -682,12 +703,13 @@ def _load_registries(
         )
 
     estate_ids = {line_row[1]["id"] for line_row in estate_rows}
+    estate_stations = {row["id"]: row["station"] for _, row in estate_rows}
     units = _unique(units_path, unit_rows, "id", build_unit, problems)
 
     # subscribers
     subs_path = base / registries.subscribers
     sub_cols = ["msisdn", "name", "display_name", "estate", "address", "grid", "vulnerable"]
-    sub_rows = _read_csv(subs_path, sub_cols, problems, "subscribers")
+    sub_rows = _read_csv(subs_path, sub_cols, problems, "subscribers", key("subscribers"))
 
     def build_subscriber(line_no: int, row: Row) -> Subscriber | None:
         where = f"{subs_path}:{line_no}"
@@ -727,7 +749,11 @@ def _load_registries(
     # flagged numbers
     flagged_path = base / registries.flagged_numbers
     flagged_rows = _read_csv(
-        flagged_path, ["pattern", "match", "category", "label"], problems, "flagged numbers"
+        flagged_path,
+        ["pattern", "match", "category", "label"],
+        problems,
+        "flagged numbers",
+        key("flagged_numbers"),
     )
     flagged: list[FlaggedPattern] = []
     seen_patterns: dict[tuple[str, str], int] = {}

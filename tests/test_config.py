@@ -236,9 +236,35 @@ def test_a_config_error_names_file_key_and_problem(
         assert any(fragment in p for p in problems), f"{fragment!r} not in {problems}"
 
 
-def test_a_missing_registry_file_is_named(deployment: Callable[..., Path]) -> None:
+def test_a_missing_registry_file_is_named_with_the_key_that_names_it(
+    deployment: Callable[..., Path],
+) -> None:
     toml = deployment(edit_toml=lambda t: t.replace("hengnan/units.csv", "hengnan/nope.csv"))
-    assert any("nope.csv: file not found" in p for p in problems_of(toml))
+    assert any(
+        p.startswith(f"{toml}: registries.units: ")
+        and p.endswith(
+            "nope.csv: file not found (the paths of [registries] are relative to "
+            "the deployment's file)"
+        )
+        for p in problems_of(toml)
+    ), problems_of(toml)
+
+
+def test_a_guard_of_another_station_than_his_estates_is_refused(
+    deployment: Callable[..., Path],
+) -> None:
+    """A guard works at his estate: a station in units.csv other than the estate's is a
+    typo in one of the two files."""
+    units = (Path(__file__).parent.parent / "config" / "hengnan" / "units.csv").read_text(
+        encoding="utf-8"
+    )
+    wrong = units.replace(
+        "G-YJ-CH-02,guard,radio,E-YJ-CH,,PS-YJ,", "G-YJ-CH-02,guard,radio,E-YJ-CH,,PS-ST,"
+    )
+    assert wrong != units
+    problems = problems_of(deployment(units=wrong))
+    expected = "units.csv:3: station: 'PS-ST' is not the station of the guard's estate 'E-YJ-CH'"
+    assert any(expected in p and "('PS-YJ', in " in p for p in problems), problems
 
 
 def test_toml_syntax_errors_name_the_file(tmp_path: Path) -> None:
