@@ -109,6 +109,10 @@ async def _replay(
                     # power cut can only take the last commits, with the cursor beside
                     # them, for the next run to do again (decisions.md 88)
                     await runtime.commit_soon(flush=False)
+            else:
+                # the recording is over: what was counted over a channel's budget and not
+                # yet summed up is, as of its last line (a flood at its end is in the report)
+                runtime.report_suppressed(runtime.clock, force=True)
         finally:
             store.set_meta("replay.cursor", str(cursor))
             store.set_meta("replay.prefix", f"{digest:08x}")

@@ -374,7 +374,15 @@ class Runtime:
             self.state.contacts.prune(self.clock)
 
     def next_due(self) -> float | None:
-        return self._timers[0][1].due if self._timers else None
+        """When ``advance`` next has something to do: the earliest timer, or the summary of
+        a channel's suppressed messages (``report_suppressed``), which is said when its
+        period is over even if nothing more arrives."""
+        due = self._timers[0][1].due if self._timers else None
+        if self._suppressed:
+            period = self.settings.limits.refusal_period_s
+            summary = min(pending[1] for pending in self._suppressed.values()) + period
+            due = summary if due is None else min(due, summary)
+        return due
 
     def _schedule(self, timer: TimerSet) -> None:
         if timer not in self._scheduled:

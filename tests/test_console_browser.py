@@ -470,7 +470,8 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
                   const seen = new MutationObserver(() => {
                     if (!board.querySelector('[data-incident="INC-C-NEW"]')) return;
                     seen.disconnect();
-                    board.querySelector('[data-incident="INC-C-OLD"] [data-action="no_answer"]').click();
+                    const old = board.querySelector('[data-incident="INC-C-OLD"]');
+                    old.querySelector('[data-action="no_answer"]').click();
                     resolve(true);
                   });
                   seen.observe(board, { childList: true, subtree: true });

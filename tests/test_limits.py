@@ -102,8 +102,14 @@ async def test_a_flooding_unit_is_counted_not_stored_and_other_channels_go_on(
         assert stored <= limits.refusals_per_period + 1
         assert runtime.counts["suppressed"] == count - limits.refusals_per_period
         assert runtime.state.presence["G-YJ-CH-01"] == "online"
+        # the summary is due a period after the first message suppressed, whether or not
+        # anything else arrives: a live processor waits for next_due()
+        assert runtime.next_due() == 1.0 + limits.refusals_per_period / 100_000 + (
+            limits.refusal_period_s
+        )
         # once a period has passed, one summary says how many were left unread
         runtime.advance(1.0 + limits.refusal_period_s + 1)
+        assert runtime.next_due() is None
         await runtime.commit()
         summary = await store.fetchall("SELECT topic, reason FROM rejected WHERE payload = ''")
         assert summary == [
@@ -113,6 +119,29 @@ async def test_a_flooding_unit_is_counted_not_stored_and_other_channels_go_on(
                 "since 1.000 were counted and not processed",
             )
         ]
+
+
+async def test_a_flood_at_the_end_of_a_recording_is_summed_up_in_its_report(
+    settings: Settings, play: Player
+) -> None:
+    """The recording ends before a refusal period has passed since the flood began: its
+    report still says how many messages were counted and not processed."""
+    limits = settings.limits
+    over = 35
+    s = Script().call(0, "C1", CHEN, CLEAN, until_s=10)
+    for i in range(limits.refusals_per_period + over):
+        s.raw(20 + i / 1000, REPLIES, f"garbage {i}")
+    r = await play(s)
+    last = 20 + (limits.refusals_per_period + over - 1) / 1000
+    summaries = [x for x in r.report["rejected"] if x["reason"].startswith("over budget")]
+    assert summaries == [
+        {
+            "at": last,
+            "topic": REPLIES,
+            "reason": f"over budget: {over} messages on this channel since "
+            f"{20 + limits.refusals_per_period / 1000:.3f} were counted and not processed",
+        }
+    ]
 
 
 async def test_a_pair_seen_on_one_channel_is_not_a_duplicate_on_another(
