@@ -1143,8 +1143,16 @@ class Console:
         elif topic == self.topics.deadletter:
             model = self._event(topic, raw, ("cn.antifraud.input.rejected",))
             self._hear(model.time, retained_copy)
-            operator = self.board.pending.pop(model.data.id or "", None)
-            if operator is not None:
+            # the refusal of an action this console sent: its id, and its operator's topic
+            # and source (another party's message of the same id is not this action)
+            refused = model.data
+            operator = self.board.pending.get(refused.id or "")
+            if (
+                operator is not None
+                and refused.topic == self.topics.actions(operator)
+                and refused.source == f"console/{operator}"
+            ):
+                del self.board.pending[refused.id or ""]
                 await self.broadcast(
                     "refused",
                     {

@@ -227,6 +227,55 @@ async def test_a_refused_action_comes_back_with_the_dispatchers_reason(
         await task
 
 
+async def test_a_refusal_is_matched_to_an_action_by_its_id_topic_and_source(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """A dead letter of another party's message that happens to carry the same id is not
+    the refusal of the operator's action; the dispatcher's, of the action itself, is."""
+    from dispatcher.inbound import cloudevent
+
+    prefix = settings.service.prefix
+    async with (
+        serving(settings, broker, tmp_path) as (base, _),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+        open_client(BrokerURL.parse(broker.url)) as other,
+    ):
+        state = await login(http, base)
+        async with http.ws_connect(f"{base}/ws") as ws:
+            async with http.post(
+                f"{base}/api/incidents/INC-NOPE/escalate",
+                json={},
+                headers={"X-CSRF-Token": state["csrf"]},
+            ) as response:
+                action_id = (await response.json())["action_id"]
+
+            async def dead_letter(topic: str, source: str, reason: str) -> None:
+                data = {
+                    "topic": topic,
+                    "reason": reason,
+                    "source": source,
+                    "id": action_id,
+                    "payload": "{}",
+                }
+                event = cloudevent(
+                    f"dl-{reason}",
+                    settings.service.source,
+                    "cn.antifraud.input.rejected",
+                    data,
+                    subject=topic,
+                )
+                await other.publish(f"{prefix}/deadletter", json.dumps(event), qos=1)
+
+            await dead_letter(f"{prefix}/units/G-YJ-CH-01/replies", "unit/G-YJ-CH-01", "not-it")
+            await dead_letter(f"{prefix}/operators/op-01/actions", "console/op-01", "the-one")
+            while True:
+                frame = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+                if frame["kind"] == "refused":
+                    break
+    assert frame["data"]["action_id"] == action_id
+    assert frame["data"]["reason"] == "the-one"
+
+
 async def test_operators_see_whether_the_dispatcher_is_running(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
