@@ -566,7 +566,15 @@ class Runtime:
         stored = f"{channel}{SEP}{key[0]}"
         seen_key = f"{stored}\0{key[1]}"
         seen = self._seen
-        if seen_key in seen or (self._legacy_seen and f"{key[0]}\0{key[1]}" in self._legacy_seen):
+        at = seen.get(seen_key)
+        if at is None and self._legacy_seen:
+            at = self._legacy_seen.get(f"{key[0]}\0{key[1]}")
+        # remembered for the dedupe window exactly, whenever the memory is next swept
+        # (``_expire_seen``): a run resumed from the store decides as one straight through
+        if at is not None and now - at > self.settings.limits.dedupe_window_s:
+            at = None
+            seen.pop(seen_key, None)  # new again: it goes to the back, in arrival order
+        if at is not None:
             self.counts["duplicates"] += 1
             log.info("duplicate_dropped", channel=channel, source=key[0], event_id=key[1])
             if channel.startswith("replies/"):

@@ -108,6 +108,29 @@ async def test_a_duplicated_malformed_line_is_rejected_once(
     assert report["incidents"] == EXPECTED["incidents"]
 
 
+async def test_a_copy_after_the_dedupe_window_is_new_and_one_within_it_is_not(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Pairs are remembered for the dedupe window exactly, whenever memory is next swept: a
+    copy two days later is handled again (here: refused again), its own copy a moment later
+    is a duplicate, and a replay stopped between them decides as one straight through."""
+    window = settings.limits.dedupe_window_s
+    s = Script()
+    topic = "antifraud/v1/operators/op-01/actions"
+    event = s.event(
+        10, topic, "console/op-01", "cn.antifraud.operator.escalate", {"incident_id": "INC-NOPE"}
+    )
+    s.line(10 + window / 2, topic, event)  # within the window: a duplicate
+    s.line(10 + 2 * window, topic, event)  # past it: new again
+    s.line(15 + 2 * window, topic, event)  # and its copy a moment later: a duplicate
+    recording = s.write(tmp_path / "copies.jsonl")
+    whole = await replay(recording, settings, tmp_path / "whole.sqlite3")
+    assert [r["at"] for r in whole["rejected"]] == [10.0, 10 + 2 * window]
+    store = tmp_path / "resumed.sqlite3"
+    await replay(recording, settings, store, until=10 + window)
+    assert await replay(recording, settings, store) == whole
+
+
 @pytest.mark.parametrize("until", [0.0, 30.0, 195.0, 254.0, 255.0, 262.0, 450.0, 1155.0])
 async def test_stopping_and_resuming_gives_the_same_report(
     settings: Settings, tmp_path: Path, until: float
