@@ -60,6 +60,7 @@ class Dispatch:
     ended_at: float | None = None  # declined, expired or cancelled at
     outcome: str | None = None
     reason: str | None = None  # why it was cancelled: taken, closed
+    overdue_at: float | None = None  # accepted and not there in time: announced at
 
 
 @dataclass(slots=True)
@@ -143,7 +144,16 @@ class Incident:
         doc = dict(doc)
         doc.pop("timeline", None)
         doc["calls"] = {k: Call(**v) for k, v in doc["calls"].items()}
-        doc["dispatches"] = {k: Dispatch(**v) for k, v in doc["dispatches"].items()}
+        raw_dispatches = doc["dispatches"]
+        doc["dispatches"] = {k: Dispatch(**v) for k, v in raw_dispatches.items()}
+        if "arrival_overdue" in doc.get("alerts", ()) and not any(
+            "overdue_at" in v for v in raw_dispatches.values()
+        ):
+            # written when one lateness was announced an incident, not which unit's: each
+            # unit accepted by then counts as announced (none is announced twice)
+            for d in doc["dispatches"].values():
+                if d.accepted_at is not None:
+                    d.overdue_at = d.accepted_at
         doc["slots"] = {k: Slot(**v) for k, v in doc["slots"].items()}
         doc["timeline"] = timeline if timeline is not None else []
         return cls(**doc)

@@ -169,11 +169,10 @@ class Workflow:
         for slot in incident.slots.values():
             if slot.expires_at is not None and self._pending(incident, slot.name):
                 timers.append(TimerSet(slot.expires_at, (incident.id, "slot", slot.name)))
-        if "arrival_overdue" not in incident.alerts:
-            for d in incident.dispatches.values():
-                if d.status == "accepted" and d.accepted_at is not None:
-                    due = d.accepted_at + self._arrive_s(d.role)
-                    timers.append(TimerSet(due, (incident.id, "arrival", d.id)))
+        for d in incident.dispatches.values():
+            if d.status == "accepted" and d.accepted_at is not None and d.overdue_at is None:
+                due = d.accepted_at + self._arrive_s(d.role)
+                timers.append(TimerSet(due, (incident.id, "arrival", d.id)))
         return timers
 
     def _arrive_s(self, role: str) -> float:
@@ -210,7 +209,11 @@ class Workflow:
             changes.mark(incident)
         elif kind == "arrival":
             d = incident.dispatches[detail]
+            d.overdue_at = now
             minutes = self._arrive_s(d.role) / 60
+            if "arrival_overdue" in incident.acknowledged:
+                # an operator took on an earlier unit's lateness; this one is news: it sounds
+                incident.acknowledged.remove("arrival_overdue")
             self._alert(
                 incident,
                 now,

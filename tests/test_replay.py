@@ -686,6 +686,29 @@ async def test_an_incident_document_is_exactly_its_dataclass_fields(
         assert json.loads(incident_.to_json()) == whole == doc
 
 
+def test_a_document_from_before_each_lateness_was_its_units_announces_none_again() -> None:
+    """A store written when one lateness was announced an incident (``arrival_overdue`` in
+    its alerts, no ``overdue_at`` on its dispatches): every unit accepted by then counts as
+    announced, so no restart announces one of them again."""
+    incident = Incident(
+        id="INC-X", subscriber=CHEN, counterpart=INVESTMENT, category=None, rule="r",
+        severity="critical", status="escalated", opened_at=0.0, known=True, station="PS-YJ",
+    )  # fmt: skip
+    doc = json.loads(incident.to_json())
+    doc["alerts"] = ["arrival_overdue"]
+    base = {"role": "guard", "slot": "door", "offered_at": 255.0}
+    doc["dispatches"] = {
+        "INC-X:G1": {"id": "INC-X:G1", "unit": "G1", "status": "accepted", "accepted_at": 260.0}
+        | base,
+        "INC-X:G2": {"id": "INC-X:G2", "unit": "G2", "status": "offered"} | base,
+    }
+    loaded = Incident.from_doc(doc)
+    assert loaded.dispatches["INC-X:G1"].overdue_at == 260.0
+    assert loaded.dispatches["INC-X:G2"].overdue_at is None
+    doc["alerts"] = []
+    assert Incident.from_doc(doc).dispatches["INC-X:G1"].overdue_at is None
+
+
 async def test_one_writer_at_a_time_per_store_while_readers_come_and_go(
     settings: Settings, tmp_path: Path
 ) -> None:

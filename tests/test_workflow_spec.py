@@ -616,6 +616,29 @@ def _(s: Script) -> Check:
     return check
 
 
+@case("each unit late is announced, and one after an acknowledged lateness sounds again")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.reply(270, "P-YJ-01", "accepted", incident)
+    s.progress(861, "C1", CHEN, INVESTMENT, 861)  # the guard: 600 s over
+    s.action(900, "acknowledge", {"incident_id": incident, "alerts": ["arrival_overdue"]})
+    s.progress(2071, "C1", CHEN, INVESTMENT, 2071)  # the patrol: 1800 s over
+
+    def check(r: Result) -> None:
+        alerts = [e for e in r.entries("INC-C1") if e["kind"] == "alert"]
+        assert [(e["at"], "G-YJ-CH-01" in e["text"]) for e in alerts] == [
+            (860.0, True),
+            (2070.0, False),
+        ]
+        assert "P-YJ-01" in alerts[1]["text"] and "30分钟" in alerts[1]["text"]
+        doc = r.doc("INC-C1")
+        assert doc["alerts"] == ["arrival_overdue"]
+        assert "arrival_overdue" not in doc["acknowledged"]  # the patrol's lateness is news
+
+    return check
+
+
 @case("a unit that arrives in time raises no arrival alert")
 def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
