@@ -419,6 +419,26 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
         assert seconds(await shown.inner_text()) == first  # stopped at close
         assert first < 60
 
+        # closed in the step that found no police for a loss: the row says what was left
+        loss = dict(
+            console.board.incidents["INC-C-WAIT"],
+            incident_id="INC-LOSS",
+            outcome="loss",
+            alerts=["police_exhausted"],
+            acknowledged=[],
+        )
+        event = dict(event, id="loss-1", type="cn.antifraud.incident.closed", subject="INC-LOSS")
+        event["data"] = loss
+        async with open_client(url) as other:
+            await other.publish("antifraud/v1/operators/incidents", json.dumps(event), qos=1)
+        row = page.locator('#closed [data-incident="INC-LOSS"]')
+        await expect(row.locator(".tag.unhandled")).to_contain_text(
+            "结案时仍有未处置警报", timeout=10_000
+        )
+        await expect(row).to_contain_text("已被骗")
+        assert not (await page.evaluate("window.consoleAlarm.active"))  # a closed one: no alarm
+        await page.screenshot(path=ARTIFACTS / "14-closed-unhandled.png")
+
 
 async def test_a_warning_is_escalated_from_its_detail_and_a_double_press_counts_once(
     settings: Settings, broker: Mosquitto, tmp_path: Path

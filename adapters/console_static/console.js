@@ -417,7 +417,11 @@ function row(inc, closed) {
     el("span", {}, inc.incident_id), el("span", {}, inc.subscriber.display_name || inc.subscriber.msisdn),
     el("span", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
     el("span", {}, `${Math.round(inc.duration_s)}秒`), el("span", { class: `row-status ${closed ? inc.outcome : ""}` }, status),
-    closed ? el("span", {}, `结案 ${time(inc.closed_at)}`) : null);
+    closed ? el("span", {}, `结案 ${time(inc.closed_at)}`) : null,
+    // closed with a dead end nobody took on (a loss reported as the police offers ran out,
+    // say): the incident is over, what it needed is not
+    closed && !acknowledged(inc) ? el("span", { class: "tag unhandled", "data-unhandled": inc.alerts.join(" ") },
+      `⚠ 结案时仍有未处置警报：${inc.alerts.map(alertText).join("；")}`) : null);
 }
 
 function renderBoard() {
