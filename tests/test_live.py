@@ -49,7 +49,7 @@ pytestmark = [
 SEED = Path(__file__).parent / "data" / "chen_case.jsonl"
 SPEED = 100.0  # clock speed of these tests: the 25-minute seed case plays in 15 s
 P = "antifraud/v1"
-CHEN_DOOR = "衡南县云集街道春晖路18号 春晖小区3栋2单元502"  # the address C1's offers send to
+CHEN_DOOR = "陈女士 春晖小区3栋2单元502"  # who and which door C1's offers name on a guard's radio
 
 
 class Running:

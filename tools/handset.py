@@ -66,14 +66,20 @@ KEYS_HELP = "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果"
 OUTCOME_HELP = "    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报"
 
 
-def offer_place(data: dict[str, Any]) -> str:
-    """Where an offer sends the unit, in a few words: a radio's offer names the address, a
-    police app's carries the incident's resident."""
-    address = data.get("address")
+def offer_place(data: dict[str, Any], estate_address: str | None = None) -> str:
+    """Where an offer sends the unit, in a few words: who and which door. A radio's offer
+    names the resident's honorific and address (the unit's own estate's street, which every
+    offer of a guard repeats, left out), a police app's carries the incident's resident."""
+    address, who = data.get("address"), data.get("honorific")
     if not address:
         sub = (data.get("incident") or {}).get("subscriber") or {}
-        address = sub.get("address")
-    return str(address or data.get("incident_id") or data.get("dispatch_id") or "?")
+        address, who = sub.get("address"), sub.get("display_name")
+    if not address:
+        return str(data.get("incident_id") or data.get("dispatch_id") or "?")
+    address = str(address)
+    if estate_address and address.startswith(estate_address + " "):
+        address = address[len(estate_address) + 1 :]
+    return f"{who} {address}" if who else address
 
 
 @dataclass(frozen=True)
@@ -194,6 +200,8 @@ class Handset:
         self._open: list[str] = []
         self._chosen: str | None = None
         self._place: dict[str, str] = {}  # dispatch id -> where it sends the unit
+        estate = settings.estates.get(self.unit.estate) if self.unit.estate else None
+        self._estate_address = estate.address if estate is not None else None
         self._outcome_for: str | None = None  # [4] pressed: the dispatch its outcome reports
         self._seen: deque[tuple[str, str]] = deque(maxlen=1000)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -321,7 +329,7 @@ class Handset:
         if event.get("type") == "cn.antifraud.dispatch.offered":
             dispatch_id = str(data.get("dispatch_id"))
             if dispatch_id not in self._open:
-                self._place[dispatch_id] = offer_place(data)
+                self._place[dispatch_id] = offer_place(data, self._estate_address)
                 self._open.append(dispatch_id)
                 self._chosen = None  # the keys act on the newest offer, as the screen says
                 if len(self._open) > 1:
