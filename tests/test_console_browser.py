@@ -520,6 +520,7 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
         await new.locator('button[data-action="answered_safe"]').dblclick()
         confirm = new.locator('button[data-action="confirm-answered_safe"]')
         await expect(confirm).to_contain_text("确认：接通·已安全")
+        await page.screenshot(path=ARTIFACTS / "13-safe-asks-again.png")
         await page.wait_for_timeout(500)
         assert console.board.incidents["INC-C-NEW"]["status"] == "open"
         await new.locator('button[data-action="cancel-answered_safe"]').click()
