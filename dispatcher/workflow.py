@@ -304,6 +304,8 @@ class Workflow:
                 changes,
                 repeatable=True,
             )
+            # the resident's line is free: a callback may now get through (decisions.md 105)
+            changes.mark(incident)
         fresh = [r for r in matched if r.id not in call.rules]
         if fresh:
             self._fire(incident, call, fresh, now, changes)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from scenario import CHEN, LIU, Player, Result, Script
+from scenario import CHEN, INVESTMENT, LIU, PREFIX, Player, Result, Script
 
 from dispatcher.inbound import RFC3339
 from dispatcher.outbound import rfc3339
@@ -198,3 +198,21 @@ def test_a_timestamp_says_what_datetime_says(origin: float, at: float) -> None:
     wave's moments): to the millisecond, rounding and carrying as ``datetime`` does."""
     assert rfc3339(origin, at) == _datetime_stamp(origin, at)
     assert RFC3339.match(rfc3339(origin, at))
+
+
+async def test_a_call_ending_is_told_at_once_also_when_it_adds_no_duration(play: Player) -> None:
+    """The resident's line is free again: a callback may now get through. The incident's
+    message saying so goes out when the call ends, also when it ends below the duration
+    last reported (which it never lowers)."""
+    s = Script()
+    s.started(0, "C-END", CHEN, INVESTMENT)
+    s.progress(100, "C-END", CHEN, INVESTMENT, 100)
+    s.ended(101, "C-END", CHEN, INVESTMENT, 90)
+    r = await play(s)
+    told = [
+        m for m in r.outbox() if m["topic"] == f"{PREFIX}/operators/incidents" and m["at"] == 101.0
+    ]
+    assert len(told) == 1, told
+    data = told[0]["payload"]["data"]
+    assert data["calls"][0]["ended"] is True and data["duration_s"] == 100.0
+    assert [e["kind"] for e in data["timeline"]] == ["call_ended"]
