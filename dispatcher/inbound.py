@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
@@ -81,7 +81,8 @@ class OperatorAcknowledge(_Data):
     """An operator has taken on the incident's dead ends (its ``alerts``) by hand."""
 
     incident_id: IncidentId
-    alerts: Annotated[list[AlertCode], Field(min_length=1, max_length=4)]
+    # each code at most once, so as many as there are codes
+    alerts: Annotated[list[AlertCode], Field(min_length=1, max_length=len(get_args(AlertCode)))]
 
 
 class UnitReply(_Data):

@@ -180,3 +180,22 @@ async def test_an_action_that_changes_nothing_is_answered_at_once_with_its_entry
         )
         assert entry["kind"] == kind
     assert r.report["rejected"] == []
+
+
+def test_every_alert_code_can_be_acknowledged_at_once() -> None:
+    """An incident may hold every code the vocabulary has; one press takes them all on."""
+    from typing import get_args
+
+    import pydantic
+
+    from dispatcher.inbound import AlertCode, OperatorAcknowledge
+
+    codes = list(get_args(AlertCode))
+    assert len(codes) == 5
+    OperatorAcknowledge.model_validate({"incident_id": "INC-C1", "alerts": codes})
+    try:
+        OperatorAcknowledge.model_validate({"incident_id": "INC-C1", "alerts": [*codes, codes[0]]})
+    except pydantic.ValidationError:
+        pass
+    else:
+        raise AssertionError("more alerts than there are codes were accepted")
