@@ -219,9 +219,13 @@ class Runtime:
         self.meta: dict[str, str] = {}  # the store's meta, as loaded by start()
         self._timers: list[tuple[tuple[float, str, int, str], TimerSet]] = []
         self._scheduled: set[TimerSet] = set()
-        # processed pairs as "channel\x1fsource\0id" -> time: plain strings keep this large
-        # dict out of the garbage collector's way (ids never contain control characters)
-        self._seen: dict[str, float] = {}
+        # processed pairs by channel, each as "source\0id" -> time: plain strings keep these
+        # large dicts out of the garbage collector's way (ids never contain control
+        # characters). At most ``max_dedupe_entries`` in all, and past that the channel
+        # holding the most forgets its oldest: one party's flood forgets its own pairs, not
+        # everyone's (a radio at its budget would have filled a shared memory in 11 hours)
+        self._seen: dict[str, dict[str, float]] = {}
+        self._seen_count = 0
         # pairs a store written before pairs were kept per channel holds, as "source\0id":
         # they count on every channel until they leave the dedupe window
         self._legacy_seen: dict[str, float] = {}
@@ -299,7 +303,8 @@ class Runtime:
         self.state.presence.update(snap.presence)
         for stored, event_id, at in snap.inbound:
             if SEP in stored:
-                self._seen[f"{stored}\0{event_id}"] = at
+                channel, _, source = stored.partition(SEP)
+                self._remember_pair(channel, f"{source}\0{event_id}", at)
             else:
                 self._legacy_seen[f"{stored}\0{event_id}"] = at
         for at, topic, payload in snap.receipts:
@@ -310,7 +315,7 @@ class Runtime:
             "state_loaded",
             incidents=len(snap.incidents),
             timers=len(self._timers),
-            dedupe=len(self._seen) + len(self._legacy_seen),
+            dedupe=self._seen_count + len(self._legacy_seen),
             clock=self.clock,
         )
         for incident in snap.incidents:
@@ -563,27 +568,45 @@ class Runtime:
         return now
 
     def _duplicate(self, channel: str, key: tuple[str, str], now: float) -> bool:
-        stored = f"{channel}{SEP}{key[0]}"
-        seen_key = f"{stored}\0{key[1]}"
-        seen = self._seen
-        at = seen.get(seen_key)
+        pair = f"{key[0]}\0{key[1]}"
+        seen = self._seen.get(channel)
+        at = seen.get(pair) if seen is not None else None
         if at is None and self._legacy_seen:
-            at = self._legacy_seen.get(f"{key[0]}\0{key[1]}")
+            at = self._legacy_seen.get(pair)
         # remembered for the dedupe window exactly, whenever the memory is next swept
         # (``_expire_seen``): a run resumed from the store decides as one straight through
         if at is not None and now - at > self.settings.limits.dedupe_window_s:
             at = None
-            seen.pop(seen_key, None)  # new again: it goes to the back, in arrival order
+            if seen is not None and seen.pop(pair, None) is not None:
+                self._seen_count -= 1  # new again: it goes to the back, in arrival order
         if at is not None:
             self.counts["duplicates"] += 1
             log.info("duplicate_dropped", channel=channel, source=key[0], event_id=key[1])
             if channel.startswith("replies/"):
                 self._answer_again(channel, key, now)
             return True
-        seen[seen_key] = now
-        trim(seen, self.settings.limits.max_dedupe_entries)  # a flood: the oldest go first
-        self.store.add_inbound(stored, key[1], now)
+        self._remember_pair(channel, pair, now)
+        self.store.add_inbound(f"{channel}{SEP}{key[0]}", key[1], now)
         return False
+
+    def _remember_pair(self, channel: str, pair: str, at: float) -> None:
+        """Keep a processed pair; past the cap, the channel holding the most forgets its
+        oldest (a 1,024th of the cap at once, ``trim``)."""
+        seen = self._seen.get(channel)
+        if seen is None:
+            seen = self._seen[channel] = {}
+        if pair not in seen:
+            self._seen_count += 1
+        seen[pair] = at
+        cap = self.settings.limits.max_dedupe_entries
+        if self._seen_count > cap:
+            fullest = max(self._seen, key=lambda c: len(self._seen[c]))
+            held = self._seen[fullest]
+            before = len(held)
+            trim(held, max(len(held) - (self._seen_count - cap), 0))
+            self._seen_count -= before - len(held)
+            if not held:
+                del self._seen[fullest]
 
     def _answer_again(self, channel: str, key: tuple[str, str], now: float) -> None:
         """A redelivered reply gets its receipt again: the same event, queued anew in the
@@ -616,8 +639,13 @@ class Runtime:
         horizon = now - self.settings.limits.dedupe_window_s
         # at a cost that grows with what is forgotten (rules/bounded.py): a flood's pairs
         # leaving at once, one by one from the front, took 1.5 s for 100,000
-        for seen in (self._seen, self._legacy_seen):
+        for channel, seen in list(self._seen.items()):
+            before = len(seen)
             forget_while(seen, lambda at: at < horizon)
+            self._seen_count -= before - len(seen)
+            if not seen:
+                del self._seen[channel]
+        forget_while(self._legacy_seen, lambda at: at < horizon)
         forget_while(self._receipts, lambda receipt: receipt[0] < horizon)
 
     def _past_refusal_budget(self, channel: str, topic: str, now: float) -> bool:

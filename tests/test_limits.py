@@ -293,7 +293,7 @@ async def test_a_floods_pairs_leave_the_dedupe_memory_together_once_the_window_h
         runtime.handle(calls, late, window)
         for k in range(2048):  # two expiries' worth of advances, past the flood's window
             runtime.advance(window + 40 + k / 1000)
-        (kept,) = runtime._seen  # the late pair alone
+        (kept,) = runtime._seen["calls/hengnan"]  # the late pair alone
         assert kept.endswith("\0late")
         duplicates = runtime.counts["duplicates"]
         runtime.handle(calls, late, window + 43)
@@ -314,7 +314,39 @@ async def test_the_dedupe_memory_is_bounded_under_a_flood(
         for i in range(5000):
             event = json.loads(json.dumps(template)) | {"id": f"e{i}"}
             runtime.handle("antifraud/v1/events/hengnan/calls", event, float(i))
-        assert len(runtime._seen) == 1000
+        assert runtime._seen_count == sum(map(len, runtime._seen.values())) == 1000
+        await runtime.commit()
+
+
+async def test_one_partys_flood_forgets_its_own_pairs_not_the_others(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The dedupe memory is bounded in all; past the bound the channel holding the most
+    forgets its oldest. A radio flipping its status at its budget fills the memory with its
+    own pairs: an operator's action redelivered after it is still a duplicate."""
+    from dataclasses import replace
+
+    small = settings.limits.model_copy(update={"max_dedupe_entries": 1000})
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(replace(settings, limits=small), store)
+        await runtime.start()
+        action = {
+            "specversion": "1.0",
+            "id": "op-cb-1",
+            "source": "console/op-01",
+            "type": "cn.antifraud.operator.escalate",
+            "data": {"incident_id": "INC-NOPE"},
+        }
+        actions = "antifraud/v1/operators/op-01/actions"
+        runtime.handle(actions, action, 1.0)
+        for i in range(1500):
+            flip = _status(f"flip-{i}", "online" if i % 2 else "offline")
+            runtime.handle(STATUS, flip, 2.0 + i / 50)
+        assert runtime._seen_count <= 1000
+        assert len(runtime._seen["actions/op-01"]) == 1
+        duplicates = runtime.counts["duplicates"]
+        runtime.handle(actions, action, 40.0)  # redelivered
+        assert runtime.counts["duplicates"] == duplicates + 1
         await runtime.commit()
 
 
