@@ -20,7 +20,9 @@ dispatcher's; every client's default client id is its username, so nothing chang
 
 Passwords are random, kept in ``credentials.csv`` (mode 0600, for provisioning devices) and
 stored hashed in ``mosquitto.passwd`` (PBKDF2-SHA512, Mosquitto's ``$7$`` format). Running the
-command again keeps existing passwords and adds the new users.
+command again keeps existing passwords and adds the new users; ``rotate`` gives the named
+users new passwords (a lost radio: its old password no longer logs in once the broker has
+reread the file).
 """
 
 from __future__ import annotations
@@ -164,11 +166,30 @@ def read_credentials(path: Path) -> dict[str, str]:
         return {row["username"]: row["password"] for row in csv.DictReader(handle)}
 
 
-def write_broker_files(settings: Settings, out: Path) -> list[Account]:
-    """Write ``credentials.csv`` (0600), ``mosquitto.passwd`` (0600) and ``acl`` into ``out``."""
+def write_broker_files(
+    settings: Settings, out: Path, rotate: frozenset[str] = frozenset()
+) -> list[Account]:
+    """Write ``credentials.csv`` (0600), ``mosquitto.passwd`` (0600) and ``acl`` into ``out``;
+    the users in ``rotate`` get new passwords (the dispatcher's sessions share one: naming
+    any of them renews it for all)."""
     out.mkdir(parents=True, exist_ok=True)
     credentials = out / "credentials.csv"
-    accounts = accounts_for(settings, read_credentials(credentials))
+    existing = read_credentials(credentials)
+    known = set(dispatcher_users(settings)) | {
+        settings.access.console_user,
+        settings.access.recorder_user,
+        *settings.access.sources,
+        *settings.access.operators,
+        *settings.units,
+    }
+    unknown = sorted(rotate - known)
+    if unknown:
+        raise ConfigError(
+            [f"{settings.path}: --rotate: {u!r} is no user of this deployment" for u in unknown]
+        )
+    if rotate & set(dispatcher_users(settings)):
+        rotate = rotate | {settings.access.dispatcher_user}
+    accounts = accounts_for(settings, {u: pw for u, pw in existing.items() if u not in rotate})
 
     def private(path: Path, text: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

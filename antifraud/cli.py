@@ -47,7 +47,7 @@ def cmd_broker_credentials(args: argparse.Namespace) -> int:
     from adapters.access import write_broker_files
 
     settings = _settings(args.config)
-    accounts = write_broker_files(settings, Path(args.out))
+    accounts = write_broker_files(settings, Path(args.out), frozenset(args.rotate))
     roles: dict[str, int] = {}
     for account in accounts:
         roles[account.role] = roles.get(account.role, 0) + 1
@@ -55,6 +55,11 @@ def cmd_broker_credentials(args: argparse.Namespace) -> int:
         f"{args.out}: credentials.csv (mode 0600), mosquitto.passwd (mode 0600), acl — "
         + ", ".join(f"{n} {role}" for role, n in roles.items())
     )
+    if args.rotate:
+        print(
+            f"new password for {', '.join(sorted(set(args.rotate)))}: reload the broker "
+            "(kill -HUP) to cut the old one off, then provision the new one from credentials.csv"
+        )
     return 0
 
 
@@ -585,6 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=DEFAULT_CONFIG, help=CONFIG_HELP)
     p.add_argument("--out", required=True, help="folder for credentials.csv, mosquitto.passwd, acl")
+    p.add_argument(
+        "--rotate",
+        action="append",
+        default=[],
+        metavar="USER",
+        help="give USER a new password (a lost radio: its unit id); repeatable",
+    )
     p.set_defaults(func=cmd_broker_credentials, quiet=True)
 
     p = sub.add_parser("schemas", help="write the JSON Schemas and AsyncAPI document")

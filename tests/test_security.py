@@ -19,7 +19,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from adapters.access import write_broker_files
+from adapters.access import read_credentials, write_broker_files
 from adapters.broker import SecureBroker, mosquitto_binary, secure_broker
 from adapters.live import Clock, LiveService
 from adapters.mqtt import BrokerURL, open_client
@@ -287,6 +287,41 @@ def test_credentials_are_private_and_kept_across_runs(settings: Settings, tmp_pa
     assert (tmp_path / "mosquitto.passwd").stat().st_mode & 0o777 == 0o600
     text = (tmp_path / "mosquitto.passwd").read_text(encoding="utf-8")
     assert all(password not in text for password in first.values())
+
+
+async def test_a_lost_radio_is_cut_off_by_rotating_its_password(
+    settings: Settings, secure: SecureBroker
+) -> None:
+    """A guard's radio is lost: ``broker-credentials --rotate UNIT`` and a reload of the
+    broker end the thief's connection and refuse the old password; the replacement radio
+    logs in with the new one, and nobody else's password changed."""
+    import signal
+
+    from antifraud.cli import main
+    from dispatcher.errors import BrokerError
+
+    conf = Path(secure.ca).parent.parent
+    old = dict(secure.passwords)
+    out = ["--config", str(settings.path), "--out", str(conf)]
+    with pytest.raises(BrokerError):  # the broker ends the thief's session
+        async with open_client(secure.url("G-YJ-CH-01")) as thief:
+            assert main(["broker-credentials", *out, "--rotate", "G-YJ-CH-01"]) == 0
+            new = read_credentials(conf / "credentials.csv")
+            assert new["G-YJ-CH-01"] != old["G-YJ-CH-01"]
+            assert {u: pw for u, pw in new.items() if u != "G-YJ-CH-01"} == {
+                u: pw for u, pw in old.items() if u != "G-YJ-CH-01"
+            }
+            assert secure.broker.process is not None
+            secure.broker.process.send_signal(signal.SIGHUP)
+            for _ in range(50):
+                await thief.publish(f"{P}/units/G-YJ-CH-01/status", b"still here", qos=1)
+                await asyncio.sleep(0.1)
+    with pytest.raises(BrokerError):
+        async with open_client(secure.url("G-YJ-CH-01", password=old["G-YJ-CH-01"])):
+            pass
+    async with open_client(secure.url("G-YJ-CH-01", password=new["G-YJ-CH-01"])):
+        pass
+    assert main(["broker-credentials", *out, "--rotate", "G-NOBODY"]) != 0
 
 
 async def test_the_dispatchers_password_is_never_printed_or_logged(
