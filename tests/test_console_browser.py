@@ -462,6 +462,10 @@ async def test_a_warning_is_escalated_from_its_detail_and_a_double_press_counts_
         await call(url, "C-TWICE", WANG, INVESTMENT, 200)
         twice = page.locator('#critical [data-incident="INC-C-TWICE"]')
         no_answer = twice.locator('button[data-action="no_answer"]')
+        await expect(no_answer).to_be_visible(timeout=10_000)
+        # it came in first on the board, where the escalated card was: it takes no press
+        # until the board has stood still (MOVED_MS)
+        await page.wait_for_timeout(900)
         await no_answer.click()
         await page.wait_for_timeout(300)
         await no_answer.click(force=True)  # a disabled button takes no click
@@ -492,6 +496,9 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
                     seen.disconnect();
                     const old = board.querySelector('[data-incident="INC-C-OLD"]');
                     old.querySelector('[data-action="no_answer"]').click();
+                    // and the new card, come in where the old one was
+                    const fresh = board.querySelector('[data-incident="INC-C-NEW"]');
+                    fresh.querySelector('[data-action="no_answer"]').click();
                     resolve(true);
                   });
                   seen.observe(board, { childList: true, subtree: true });
@@ -506,8 +513,11 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
         )
         assert order == ["INC-C-NEW", "INC-C-OLD"], order
         await expect(old.locator(".feedback")).to_contain_text("看板刚刚变动，回拨：无人接听未发送")
+        new = page.locator('#critical [data-incident="INC-C-NEW"]')
+        await expect(new.locator(".feedback")).to_contain_text("看板刚刚变动，回拨：无人接听未发送")
         await page.wait_for_timeout(500)
         assert console.board.incidents["INC-C-OLD"]["callback"]["attempts"] == 0
+        assert console.board.incidents["INC-C-NEW"]["callback"]["attempts"] == 0
         await page.wait_for_timeout(500)  # the board has stood still: the press goes
         await old.locator('button[data-action="no_answer"]').click()
         # the feedback is the dispatcher's own word on the press
@@ -516,7 +526,6 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
         )
 
         # "answered, safe" closes the incident: it asks again, and a double click is one press
-        new = page.locator('#critical [data-incident="INC-C-NEW"]')
         await new.locator('button[data-action="answered_safe"]').dblclick()
         confirm = new.locator('button[data-action="confirm-answered_safe"]')
         await expect(confirm).to_contain_text("确认：接通·已安全")
@@ -531,6 +540,8 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
         await expect(page.locator('#closed [data-incident="INC-C-NEW"]')).to_contain_text(
             "回拨确认安全", timeout=10_000
         )
+        # its card left the board at once: the close is said where the operator looks
+        await expect(page.locator("#toast")).to_contain_text("INC-C-NEW 已结案：回拨确认安全")
 
         # a callback result that comes after the escalation is recorded, and said not to count
         await old.locator('button[data-action="escalate"]').click()

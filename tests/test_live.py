@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -890,11 +891,14 @@ async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
     topic = f"{P}/units/G-YJ-CH-02/dispatches"
 
     def deliver(n: int, kind: str, dispatch_id: str, address: str) -> None:
+        data = {"dispatch_id": dispatch_id, "address": address, "text": "反诈紧急上门"}
+        if n <= 2:  # the first two offers count down their 30 s
+            data["expires_at"] = datetime.fromtimestamp(time.time() + 30, UTC).isoformat()
         event = {
             "id": f"e{n}",
             "source": "antifraud/dispatcher",
             "type": f"cn.antifraud.dispatch.{kind}",
-            "data": {"dispatch_id": dispatch_id, "address": address, "text": "反诈紧急上门"},
+            "data": data,
         }
         handset.on_message(aiomqtt.Message(topic, json.dumps(event).encode(), 1, False, n, None))
 
@@ -902,6 +906,15 @@ async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
     assert not any("共有" in line for line in shown)  # one offer: nothing to choose
     deliver(2, "offered", "INC-B:G-YJ-CH-02", "7栋101")
     assert shown[-1].strip() == "⚠ 共有2张出警单：按键作用于最新一张（7栋101），按0切换"
+    await asyncio.sleep(0.05)  # each offer's countdown says how to answer it
+    countdowns = [line.strip() for line in shown if line.strip().startswith("⏳")]
+    assert any(
+        c.startswith("⏳ 7栋101：请在") and c.endswith("（按1接受，按2拒绝）") for c in countdowns
+    ), countdowns
+    assert any(
+        c.startswith("⏳ 3栋502：请在") and c.endswith("（先按0切换到此单，再按1接受或按2拒绝）")
+        for c in countdowns
+    ), countdowns
     await handset.on_key("0")
     assert shown[-1].strip() == "当前出警单：3栋502（第1/2张，按0切换）"
     await handset.on_key("1")
@@ -918,6 +931,15 @@ async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
     assert shown[-1].strip().startswith("当前出警单：9栋303")
     await handset.on_key("2")
     assert replied[-1] == ("INC-C:G-YJ-CH-02", "declined", None)
+    # the operator closes the incident while the guard is asked for its outcome: he is told
+    deliver(5, "offered", "INC-D:G-YJ-CH-02", "2栋404")
+    await handset.on_key("4")
+    deliver(6, "cancelled", "INC-D:G-YJ-CH-02", "2栋404")
+    assert "结果未发送：此单已结束，无需再报（2栋404）" in [line.strip() for line in shown]
+    await handset.on_key("d")
+    assert replied[-1] == ("INC-C:G-YJ-CH-02", "declined", None)  # nothing sent for INC-D
+    for task in list(handset._tasks):  # the countdown of INC-B, still open
+        task.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -951,7 +973,7 @@ async def test_a_reply_made_while_the_handset_is_cut_off_goes_out_when_it_is_bac
         broker.stop()
         await wait_until(lambda: not handset.connected.is_set())
         await asyncio.wait_for(handset.on_key("1"), 5)  # the key returns at once
-        assert shown[-1].strip() == "接受：未连接，恢复连接后自动发送"
+        assert shown[-1].strip() == f"接受：未连接，恢复连接后自动发送 · {CHEN_DOOR}"
         assert dispatch_status(running, "INC-C1:G-YJ-CH-01") == "offered"
         broker.start()
         await wait_until(

@@ -138,6 +138,10 @@ def epoch(stamp: object) -> float | None:
         return None
 
 
+def _seconds(value: object) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 def render(unit: Unit, event: dict[str, Any]) -> list[str]:
     """What the radio screen (guard, grid worker) or the app (police) shows for a message."""
     data = event.get("data", {})
@@ -164,7 +168,7 @@ def render(unit: Unit, event: dict[str, Any]) -> list[str]:
             f"    居民 {who} {sub.get('msisdn', '')}  {sub.get('address', '地址不详')}",
             f"    涉诈号码 {inc.get('counterpart')}（{inc.get('category_label') or '未分类'}）"
             f"  风险 {SEVERITY_TEXT.get(inc.get('severity'), inc.get('severity'))} / "
-            f"{inc.get('rule_label') or inc.get('rule')}  通话{inc.get('duration_s')}秒",
+            f"{inc.get('rule_label') or inc.get('rule')}  通话{_seconds(inc.get('duration_s'))}秒",
             KEYS_HELP,
         ]
     if kind in ("cancelled", "notice"):
@@ -229,6 +233,7 @@ class Handset:
     def _close(self, dispatch_id: object) -> None:
         if dispatch_id == self._outcome_for:
             self._outcome_for = None
+            self.show(f"    结果未发送：此单已结束，无需再报（{self.place(str(dispatch_id))}）")
         was_current = dispatch_id == self.current
         if dispatch_id in self._open:
             self._open.remove(str(dispatch_id))
@@ -402,7 +407,12 @@ class Handset:
             if remaining <= 0:
                 self.show(f"    ⌛ 接警时限已过：{where}")
                 return
-            self.show(f"    ⏳ {where}：请在{remaining}秒内接警（按1接受，按2拒绝）")
+            keys = (
+                "按1接受，按2拒绝"
+                if dispatch_id == self.current
+                else "先按0切换到此单，再按1接受或按2拒绝"
+            )
+            self.show(f"    ⏳ {where}：请在{remaining}秒内接警（{keys}）")
             step = min(COUNTDOWN_EVERY_S, float(remaining)) / self.speed
             await asyncio.sleep(step)
 
@@ -426,7 +436,8 @@ class Handset:
         self._unsent.append((reply_id, self.topics.replies(self.unit.id), payload, label))
         self._changed.set()
         if not self.connected.is_set():
-            self.show(f"    {PRESSED.get(verb, verb)}：未连接，恢复连接后自动发送")
+            where = self.place(dispatch_id)
+            self.show(f"    {PRESSED.get(verb, verb)}：未连接，恢复连接后自动发送 · {where}")
         if verb in ("accepted", "declined"):
             self._answered.add(dispatch_id)
         if verb in ("declined", "reported"):

@@ -158,7 +158,8 @@ const alarming = (inc) => deadEnd(inc) && !acknowledged(inc);
 
 function feedback(id, status, text) {
   const current = state.feedback.get(id) || {};
-  state.feedback.set(id, { ...current, status, text });
+  state.feedback.set(id, { ...current, status, text, answered: Date.now() });
+  setTimeout(renderBoard, FEEDBACK_MS + 50);
   renderBoard();
 }
 
@@ -178,8 +179,7 @@ async function act(inc, action, body, word) {
   const id = inc.incident_id;
   if (pending(inc)) return;
   if (Date.now() - (state.moved.get(id) || 0) < MOVED_MS) {
-    state.feedback.set(id, { status: "failed", text: `看板刚刚变动，${word}未发送：请核对事件后再按` });
-    renderBoard();
+    feedback(id, "failed", `看板刚刚变动，${word}未发送：请核对事件后再按`);
     return;
   }
   state.feedback.set(id, { status: "sent", text: word, action, since: Date.now() });
@@ -226,6 +226,10 @@ function applied(inc) {
   if (!entry) return false;
   pending.status = "applied";
   pending.entry = { kind: entry.kind, text: entry.text };
+  pending.answered = Date.now();
+  // the card of a closed incident leaves the board at once: its feedback would go unseen
+  if (inc.status === "closed") toast(`${inc.incident_id} 已结案：${label(inc.outcome)}（见下方“最近结案”）`);
+  setTimeout(renderBoard, FEEDBACK_MS + 50);
   return true;
 }
 // an action recorded that changed nothing: a repeat, or a callback result that no longer
@@ -248,9 +252,13 @@ function refused(data) {
   }, 10000);
 }
 
+// an answered press is said for FEEDBACK_MS, then the line goes: an old "已生效" above a new
+// button reads as if it were about that button
+const FEEDBACK_MS = 15000;
 function feedbackLine(inc) {
   const fb = state.feedback.get(inc.incident_id);
   if (!fb) return null;
+  if (fb.answered && Date.now() - fb.answered > FEEDBACK_MS) return null;
   if (fb.status === "applied" && fb.entry && unchanged(fb.entry)) {
     return el("p", { class: "feedback noted", role: "status" }, `已记录，事件未因此改变：${readable(fb.entry.text)}`);
   }
@@ -275,6 +283,8 @@ function residentFacts(inc, full) {
     el("dt", {}, "手机"), el("dd", {}, sub.msisdn),
     el("dt", {}, "涉诈号码"), el("dd", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
     el("dt", {}, "通话时长"), el("dd", {}, el("b", {}, `${Math.round(inc.duration_s)}秒`),
+      inc.calls.length && inc.calls.every((c) => c.ended) && inc.status !== "closed"
+        ? el("span", { class: "tag ended" }, "通话已结束") : null,
       full ? ` · 规则「${state.vocab.rules[inc.rule] || inc.rule}」` : ""),
     inc.critical_at ? [el("dt", {}, "紧急已持续"), el("dd", { class: "big" }, clock("critical", inc.critical_at, end))]
       : [el("dt", {}, "已开启"), el("dd", {}, clock("opened", inc.opened_at, end))],
@@ -377,6 +387,12 @@ function dispatchSummary(inc) {
     d.outcome ? `：${label(d.outcome)}` : "")));
 }
 
+// the word on a card's badge and its detail's: the same everywhere
+function badgeWord(inc) {
+  if (deadEnd(inc)) return alarming(inc) ? "无法自动处置" : "已确认·人工处置中";
+  return statusWord(inc);
+}
+
 function statusWord(inc) {
   if (inc.status === "closed") return label(inc.outcome);
   if (inc.status === "escalated") return "上门处置中";
@@ -394,7 +410,7 @@ const newest = (a, b) => (b.critical_at || b.opened_at).localeCompare(a.critical
 
 function card(inc) {
   const g = group(inc);
-  const badge = g === 0 ? (alarming(inc) ? "无法自动处置" : "已确认·人工处置中") : statusWord(inc);
+  const badge = badgeWord(inc);
   const node = el("article", { class: `card ${groupClass[g]}${alarming(inc) ? " alarming" : ""}`, "data-incident": inc.incident_id,
                                onclick: () => select(inc.incident_id) },
     el("h3", {}, inc.incident_id, el("span", { class: `badge ${groupClass[g]}` }, badge)),
@@ -451,21 +467,40 @@ function renderBoard() {
 
 function select(id) { state.selected = id; renderDetail(); }
 
-// each card's place on the page; one that is elsewhere than at the last render has moved
-// under the operator's hand (MOVED_MS)
+// each card's place on the page; one that is elsewhere than at the last render, or was not
+// on the board then, is under the operator's hand unawares (MOVED_MS)
 function noteMoves() {
   const tops = new Map();
+  const arrived = [];
+  let shifted = false;
+  const now = Date.now();
   for (const node of document.querySelectorAll("#critical article[data-incident]")) {
     const id = node.dataset.incident;
     const box = node.getBoundingClientRect();  // the board is a grid: rows and columns
     const at = [Math.round(box.left + window.scrollX), Math.round(box.top + window.scrollY)];
     tops.set(id, at);
     const before = state.tops.get(id);
-    if (before && (Math.abs(before[0] - at[0]) > 2 || Math.abs(before[1] - at[1]) > 2)) {
-      state.moved.set(id, Date.now());
+    if (before === undefined) {
+      if (!state.first) arrived.push(id);
+    } else if (Math.abs(before[0] - at[0]) > 2 || Math.abs(before[1] - at[1]) > 2) {
+      state.moved.set(id, now);
+      shifted = true;
     }
   }
+  // a card that came in where another was (it pushed the others on) is under a hand that
+  // was aimed at that other one; one that came onto an empty place is not
+  if (shifted) for (const id of arrived) state.moved.set(id, now);
   state.tops = tops;
+}
+
+// an entry's text without the name the line already starts with ("李师傅 李师傅已接警",
+// "接线员 op-01 接线员结案")
+function entryText(t) {
+  const text = readable(t.text);
+  const name = who(t.by);
+  if (text.startsWith(name)) return text.slice(name.length);
+  if (t.by && t.by.startsWith("operator/") && text.startsWith("接线员")) return text.slice(3);
+  return text;
 }
 
 function timeline(inc) {
@@ -473,7 +508,7 @@ function timeline(inc) {
     ? el("li", { class: "missing" }, `此前还有${inc.timeline_from}条记录本台未收到（本台未接调度数据库）`) : null;
   return el("ol", { class: "timeline" }, missing, inc.timeline.map((t) =>
     el("li", { "data-kind": t.kind, class: t.kind === "alert" || t.kind === "acknowledged" ? t.kind : "" },
-      el("time", {}, time(t.at)), el("b", {}, who(t.by)), " ", readable(t.text))));
+      el("time", {}, time(t.at)), el("b", {}, who(t.by)), " ", entryText(t))));
 }
 
 function renderDetail() {
@@ -485,7 +520,7 @@ function renderDetail() {
   const arrived = inc.dispatches.map((d) => d.arrived_at).filter(Boolean).sort()[0];
   box.replaceChildren(...[
     el("div", { class: "detail-head" },
-      el("h2", {}, inc.incident_id, " ", el("span", { class: `badge ${inc.status} ${inc.outcome || ""}` }, statusWord(inc))),
+      el("h2", {}, inc.incident_id, " ", el("span", { class: `badge ${inc.status} ${inc.outcome || ""}` }, badgeWord(inc))),
       el("button", { class: "close-detail", title: "关闭详情", "aria-label": "关闭详情", onclick: () => select(null) }, "×")),
     inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", {}, alertText(a)))) : null,
     residentFacts(inc, true),
