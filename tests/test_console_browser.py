@@ -439,6 +439,37 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
         assert not (await page.evaluate("window.consoleAlarm.active"))  # a closed one: no alarm
         await page.screenshot(path=ARTIFACTS / "14-closed-unhandled.png")
 
+        # no guard took the door, but the patrol is on its way: the alarm says so
+        at = console.dispatcher_now()
+        patrol = {
+            "dispatch_id": "INC-DOOR:P-YJ-01",
+            "unit": "P-YJ-01",
+            "unit_name": "云集派出所 巡逻一组",
+            "role": "police",
+            "status": "accepted",
+            "offered_at": at,
+            "expires_at": None,
+            "accepted_at": at,
+            "arrived_at": None,
+            "reported_at": None,
+            "outcome": None,
+        }
+        door = dict(
+            loss,
+            incident_id="INC-DOOR",
+            status="escalated",
+            outcome=None,
+            closed_at=None,
+            alerts=["door_exhausted"],
+            dispatches=[patrol],
+        )
+        event = dict(event, id="door-1", type="cn.antifraud.incident.updated", subject="INC-DOOR")
+        event["data"] = door
+        async with open_client(url) as other:
+            await other.publish("antifraud/v1/operators/incidents", json.dumps(event), qos=1)
+        alert = page.locator('#critical [data-incident="INC-DOOR"] [data-alert="door_exhausted"]')
+        await expect(alert).to_contain_text("（云集派出所 巡逻一组 已接警，在途）", timeout=10_000)
+
 
 async def test_a_warning_is_escalated_from_its_detail_and_a_double_press_counts_once(
     settings: Settings, broker: Mosquitto, tmp_path: Path

@@ -105,7 +105,22 @@ function readable(text) {
   for (const [id, name] of Object.entries(state.vocab.stations)) out = out.split(id).join(name);
   return out.replace(/（[a-z_]+）/g, "");
 }
-const alertText = (code) => state.vocab.alert_text[code] || `需人工处置（警报代码 ${code}）`;
+// an alert's instruction, and what the incident's dispatches say beside it: a door nobody
+// took while a patrol is already on its way, police exhausted while quick police are asked
+function alertText(code, inc) {
+  const text = state.vocab.alert_text[code] || `需人工处置（警报代码 ${code}）`;
+  if (!inc || inc.status === "closed") return text;
+  const police = (inc.dispatches || []).filter((d) => d.role === "police" || d.role === "quick_police");
+  const coming = police.filter((d) => d.status === "accepted" || d.status === "arrived");
+  const asked = police.filter((d) => d.status === "offered");
+  if (code === "door_exhausted" && coming.length) {
+    return `${text}（${coming.map((d) => d.unit_name).join("、")} 已接警${coming.some((d) => d.status === "arrived") ? "并到达" : "，在途"}）`;
+  }
+  if (code === "police_exhausted" && asked.length) {
+    return `${text}（${asked.map((d) => d.unit_name).join("、")} 仍在等待接警）`;
+  }
+  return text;
+}
 
 // ---- the alarm: a dead end sounds until an operator acknowledges it -----------------------
 
@@ -414,7 +429,7 @@ function card(inc) {
   const node = el("article", { class: `card ${groupClass[g]}${alarming(inc) ? " alarming" : ""}`, "data-incident": inc.incident_id,
                                onclick: () => select(inc.incident_id) },
     el("h3", {}, inc.incident_id, el("span", { class: `badge ${groupClass[g]}` }, badge)),
-    inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", { "data-alert": a }, alertText(a)))) : null,
+    inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", { "data-alert": a }, alertText(a, inc)))) : null,
     residentFacts(inc, false),
     dispatchSummary(inc),
     feedbackLine(inc),
@@ -437,7 +452,7 @@ function row(inc, closed) {
     // closed with a dead end nobody took on (a loss reported as the police offers ran out,
     // say): the incident is over, what it needed is not
     closed && !acknowledged(inc) ? el("span", { class: "tag unhandled", "data-unhandled": inc.alerts.join(" ") },
-      `⚠ 结案时仍有未处置警报：${inc.alerts.map(alertText).join("；")}`) : null);
+      `⚠ 结案时仍有未处置警报：${inc.alerts.map((a) => alertText(a)).join("；")}`) : null);
 }
 
 function renderBoard() {
@@ -522,7 +537,7 @@ function renderDetail() {
     el("div", { class: "detail-head" },
       el("h2", {}, inc.incident_id, " ", el("span", { class: `badge ${inc.status} ${inc.outcome || ""}` }, badgeWord(inc))),
       el("button", { class: "close-detail", title: "关闭详情", "aria-label": "关闭详情", onclick: () => select(null) }, "×")),
-    inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", {}, alertText(a)))) : null,
+    inc.alerts.length ? el("ul", { class: "alerts" }, inc.alerts.map((a) => el("li", {}, alertText(a, inc)))) : null,
     residentFacts(inc, true),
     // a warning is a row, not a card: its actions (escalate at any severity, close) are here
     inc.status !== "closed" && group(inc) === 3 ? [feedbackLine(inc), actionBar(inc)] : null,
