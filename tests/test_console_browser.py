@@ -345,6 +345,8 @@ async def test_dead_ends_alarm_until_acknowledged_on_a_board_sorted_by_urgency(
         await dead.locator('button[data-action="acknowledge"]').click()
         await expect(dead.locator(".feedback")).to_contain_text("已生效", timeout=10_000)
         await expect(dead.locator('button[data-action="acknowledge"]')).to_have_count(0)
+        # every operator sees who took it on
+        await expect(dead.locator("h3 .badge")).to_have_text("接线员 op-01 已确认·人工处置中")
         stopped = await page.evaluate(alarm)
         assert not stopped["active"], stopped
         await page.wait_for_timeout(2_500)

@@ -398,14 +398,27 @@ function dispatchSummary(inc) {
   const shown = inc.dispatches.filter((d) => d.status !== "notified");
   if (!shown.length) return null;
   return el("p", { class: "dispatches" }, shown.map((d, i) => el("span", { class: `d ${d.status}` }, i ? "；" : "",
-    `${d.unit_name} ${label(d.status)}`, d.status === "offered" && d.expires_at && inc.status !== "closed" ? ["（", countdown(d.expires_at), "）"] : null,
+    `${d.unit_name} ${dispatchWord(d)}`, d.status === "offered" && d.expires_at && inc.status !== "closed" ? ["（", countdown(d.expires_at), "）"] : null,
     d.outcome ? `：${label(d.outcome)}` : "")));
 }
 
 // the word on a card's badge and its detail's: the same everywhere
 function badgeWord(inc) {
-  if (deadEnd(inc)) return alarming(inc) ? "无法自动处置" : "已确认·人工处置中";
+  if (deadEnd(inc)) {
+    if (alarming(inc)) return "无法自动处置";
+    // who took it on: the other operators need not ask
+    const taken = [...inc.timeline].reverse().find((t) => t.kind === "acknowledged");
+    return taken ? `${who(taken.by)} 已确认·人工处置中` : "已确认·人工处置中";
+  }
   return statusWord(inc);
+}
+
+// a dispatch's state in a word; one stood down at the close after its unit got there
+// says so, not only 已撤回
+function dispatchWord(d) {
+  if (d.status === "cancelled" && d.arrived_at) return "已到达（结案时撤回）";
+  if (d.status === "cancelled" && d.accepted_at) return "已接警（结案时撤回）";
+  return label(d.status);
 }
 
 function statusWord(inc) {
@@ -449,6 +462,7 @@ function row(inc, closed) {
     el("span", {}, `${inc.counterpart}（${inc.category_label || "未分类"}）`),
     el("span", {}, `${Math.round(inc.duration_s)}秒`), el("span", { class: `row-status ${closed ? inc.outcome : ""}` }, status),
     closed ? el("span", {}, `结案 ${time(inc.closed_at)}`) : null,
+    closed && inc.note ? el("span", { class: "row-note" }, `备注：${inc.note}`) : null,
     // closed with a dead end nobody took on (a loss reported as the police offers ran out,
     // say): the incident is over, what it needed is not
     closed && !acknowledged(inc) ? el("span", { class: "tag unhandled", "data-unhandled": inc.alerts.join(" ") },
@@ -551,7 +565,7 @@ function renderDetail() {
       el("table", { id: "dispatch-table" }, el("tr", {}, ["单位", "状态", "派单", "接警", "到达", "结果"].map((h) => el("th", {}, h))),
         inc.dispatches.map((d) => el("tr", { "data-unit": d.unit, "data-status": d.status },
           el("td", {}, d.unit_name, el("small", {}, ` ${label(d.role)}`)),
-          el("td", {}, label(d.status), d.status === "offered" && d.expires_at && inc.status !== "closed" ? [" ", countdown(d.expires_at)] : null),
+          el("td", {}, dispatchWord(d), d.status === "offered" && d.expires_at && inc.status !== "closed" ? [" ", countdown(d.expires_at)] : null),
           el("td", {}, time(d.offered_at)), el("td", {}, time(d.accepted_at)), el("td", {}, time(d.arrived_at)),
           el("td", {}, d.outcome ? label(d.outcome) : "—"))))] : null,
     el("h3", {}, "时间线"),
