@@ -99,7 +99,9 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # A dead end (IncidentDetail.alerts) as an operator acts on it: who could not be reached, and
 # what to do now. One text per code; a code this console does not know still alarms.
 ALERT_TEXT = {
-    "door_exhausted": "无人可上门：可派的保安（村里为网格员）与快警均未接警，请电话联系派出所安排上门",
+    "door_exhausted": (
+        "无人可上门：可派的保安（村里为网格员）与快警均未接警，请电话联系派出所安排上门"
+    ),
     "police_exhausted": "无民警接警：请用对讲机直接调度民警",
     "arrival_overdue": "接警未到：接警单位迟迟未到达，请电话或对讲机联系核实，必要时另行派员",
     "no_address": "地址不明：请电话核实住址；需出警请点「派民警」",
