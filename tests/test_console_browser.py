@@ -300,6 +300,11 @@ async def test_dead_ends_alarm_until_acknowledged_on_a_board_sorted_by_urgency(
             board.locator(f'[data-incident="INC-{c}"]') for c in ("C-DEAD", "C-WAIT", "C-RUN")
         )
         await expect(run).to_be_visible(timeout=10_000)
+        for other in (dead, wait):
+            await expect(other).to_be_visible(timeout=10_000)
+        # the cards came in one after another, each pushing the others on: the board takes
+        # a press once it has stood still (MOVED_MS)
+        await page.wait_for_timeout(900)
         await run.locator('button[data-action="escalate"]').click()
         # every press answers at once, then says it was applied
         await expect(run.locator(".feedback")).to_be_visible(timeout=1_000)

@@ -691,21 +691,40 @@ function showBehind(key, title) {
 
 // ---- connection ---------------------------------------------------------------------------
 
+// The board is a snapshot (load) and the frames since: every time the socket opens the
+// board is loaded again, and frames that come while a load is under way wait for it and are
+// applied after it, so nothing said between a snapshot and the socket is ever missed (a new
+// critical case announced in that moment would stay off the board until it next changed)
+let loads = 0;
+let held = [];
+async function reload() {
+  loads += 1;
+  try {
+    return await load();
+  } finally {
+    loads -= 1;
+    if (!loads) { const frames = held; held = []; frames.forEach(apply); }
+  }
+}
+
+function apply({ kind, data, time: at }) {
+  if (at) learnClock(at);
+  if (kind === "incident") { state.incidents.set(data.incident_id, data); renderBoard(); }
+  else if (kind === "units") { state.units = data; renderUnits(); }
+  else if (kind === "refused") refused(data);
+  else if (kind === "connection") setLink(data.feed);
+  else if (kind === "dispatcher") {
+    state.serving = data.instance ? { instance: data.instance, since: data.since } : null;
+    setDispatcher(data.state);
+  }
+}
+
 function connect() {
   const socket = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
-  // frames missed while the socket was down: the whole board again once it is back
-  socket.onopen = () => { if (state.live === false) load(); };
+  socket.onopen = () => { reload(); };
   socket.onmessage = (message) => {
-    const { kind, data, time: at } = JSON.parse(message.data);
-    if (at) learnClock(at);
-    if (kind === "incident") { state.incidents.set(data.incident_id, data); renderBoard(); }
-    else if (kind === "units") { state.units = data; renderUnits(); }
-    else if (kind === "refused") refused(data);
-    else if (kind === "connection") setLink(data.feed);
-    else if (kind === "dispatcher") {
-      state.serving = data.instance ? { instance: data.instance, since: data.since } : null;
-      setDispatcher(data.state);
-    }
+    const frame = JSON.parse(message.data);
+    if (loads) held.push(frame); else apply(frame);
   };
   socket.onclose = () => { state.live = false; setLink("page"); setTimeout(connect, 2000); };
 }
@@ -788,8 +807,8 @@ function toast(text) {
 }
 
 async function start() {
-  if (!await load()) return;
-  connect();
+  connect();  // first: what is said while the board loads waits for it (reload)
+  if (!await reload()) return;
   setInterval(() => {
     document.querySelectorAll("[data-clock]").forEach(tickClock);
     document.querySelectorAll("[data-until]").forEach(tickCountdown);
