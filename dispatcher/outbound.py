@@ -66,6 +66,12 @@ def rfc3339(origin: float, at: float) -> str:
 CACHED_SUBSCRIBERS = 65536  # subscribers' details rendered and kept at most
 
 
+def on_the_phone(incident: Incident) -> bool:
+    """Whether a call of the incident is still on (none listed counts as on: the calls a
+    flood made past the listed ones are not kept)."""
+    return not incident.calls or not all(c.ended for c in incident.calls.values())
+
+
 def unit_session(unit: str) -> str:
     """The suffix of the dispatcher's session for ``unit``'s replies and status."""
     return f"unit-{unit}"
@@ -377,7 +383,7 @@ class Messages:
             data |= {
                 "address": address,
                 "honorific": honorific,
-                "text": texts.door_knock(address, honorific),
+                "text": texts.door_knock(address, honorific, on_the_phone(incident)),
             }
         else:
             data |= {
@@ -397,7 +403,7 @@ class Messages:
     ) -> Publish:
         type_ = "cn.antifraud.dispatch.notice"
         address, honorific = self.radio_address(incident)
-        text = texts.notice(address, honorific, closing)
+        text = texts.notice(address, honorific, closing, on_the_phone(incident))
         data = {
             "dispatch_id": dispatch.id,
             "incident_id": incident.id,

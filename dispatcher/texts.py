@@ -225,22 +225,29 @@ DONE_TEXT = "已反馈结果，任务已完成"  # any reply after the unit's re
 # ---- messages to units ---------------------------------------------------------------------
 
 
-def door_knock(address: str, honorific: str) -> str:
-    """A guard's or grid worker's offer, on a radio screen: the buttons to press."""
-    return (
-        f"反诈紧急上门：{address}，{honorific}正在接听疑似诈骗电话。"
-        f"请立即上门敲门，让{honorific}挂断电话、不要转账。"
-        "接受请按1，拒绝请按2，到达后按3。"
-    )
+def door_knock(address: str, honorific: str, on_the_phone: bool = True) -> str:
+    """A guard's or grid worker's offer, on a radio screen: the buttons to press. A call
+    that has ended is said so: the resident may now be on the way to transfer the money."""
+    if on_the_phone:
+        situation = (
+            f"{honorific}正在接听疑似诈骗电话。请立即上门敲门，让{honorific}挂断电话、不要转账。"
+        )
+    else:
+        situation = (
+            f"{honorific}刚与疑似诈骗电话通完话，可能正被诱导转账。"
+            f"请立即上门敲门，劝阻{honorific}不要转账。"
+        )
+    return f"反诈紧急上门：{address}，{situation}接受请按1，拒绝请按2，到达后按3。"
 
 
-def notice(address: str, honorific: str, closing: bool) -> str:
+def notice(address: str, honorific: str, closing: bool, on_the_phone: bool = True) -> str:
     """A grid worker told that someone is sent to the door (no reply expected), or that it
     has ended. Who goes is not said: the estate's guards, or the quick police when no guard
     is available."""
     if closing:
         return f"知悉：{address}的反诈事件已结束，无需前往。"
-    return f"知悉：{address}，{honorific}疑似正在接听诈骗电话，已派员上门处置，无需回复。"
+    doing = "疑似正在接听诈骗电话" if on_the_phone else "刚与疑似诈骗电话通完话"
+    return f"知悉：{address}，{honorific}{doing}，已派员上门处置，无需回复。"
 
 
 ADDRESS_UNKNOWN = "地址不详"

@@ -216,3 +216,26 @@ async def test_a_call_ending_is_told_at_once_also_when_it_adds_no_duration(play:
     data = told[0]["payload"]["data"]
     assert data["calls"][0]["ended"] is True and data["duration_s"] == 100.0
     assert [e["kind"] for e in data["timeline"]] == ["call_ended"]
+
+
+async def test_a_door_knock_after_the_call_ended_says_so(play: Player) -> None:
+    """Sent while the scam call is on, the guard is to get the resident off the phone; sent
+    after it ended, the resident may be on the way to transfer: the offer says which."""
+    s = Script()
+    s.started(0, "C-ON", CHEN, INVESTMENT)
+    s.progress(200, "C-ON", CHEN, INVESTMENT, 200)
+    s.escalate(210, "INC-C-ON")
+    s.started(0, "C-OFF", LIU, INVESTMENT)
+    s.progress(200, "C-OFF", LIU, INVESTMENT, 200)
+    s.ended(205, "C-OFF", LIU, INVESTMENT, 205)
+    s.escalate(210, "INC-C-OFF")
+    r = await play(s)
+    texts = {
+        m["payload"]["data"]["incident_id"]: m["payload"]["data"]["text"]
+        for m in r.outbox()
+        if m["type"] in ("cn.antifraud.dispatch.offered", "cn.antifraud.dispatch.notice")
+        and "address" in m["payload"]["data"]
+    }
+    assert "正在接听疑似诈骗电话" in texts["INC-C-ON"], texts
+    assert "刚与疑似诈骗电话通完话" in texts["INC-C-OFF"], texts
+    assert "正在接听" not in texts["INC-C-OFF"], texts
