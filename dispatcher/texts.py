@@ -48,10 +48,10 @@ def unit_label(name: str, unit_id: str) -> str:
 # ---- the timeline: calls and rules ---------------------------------------------------------
 
 
-def opened(rule_name: str, known: bool) -> str:
-    return f"规则「{rule_name}」触发，事件开启" + (
-        "" if known else "（用户不在登记名单，地址不详）"
-    )
+def opened(known: bool) -> str:
+    """The first entry; the rules that opened the incident follow it, each with its
+    severity (``rule_fired``), so it does not name one of them again."""
+    return "事件开启" + ("" if known else "：用户不在登记名单，地址不详")
 
 
 def call_joined(counterpart: str) -> str:

@@ -345,7 +345,7 @@ class Workflow:
             now,
             "opened",
             SYSTEM,
-            texts.opened(self.settings.rule_name(first.id), sub is not None),
+            texts.opened(sub is not None),
             changes,
         )
         if sub is None:
