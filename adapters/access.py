@@ -174,22 +174,15 @@ def write_broker_files(
     any of them renews it for all)."""
     out.mkdir(parents=True, exist_ok=True)
     credentials = out / "credentials.csv"
+    if rotate & set(dispatcher_users(settings)):
+        rotate = rotate | {settings.access.dispatcher_user}
     existing = read_credentials(credentials)
-    known = set(dispatcher_users(settings)) | {
-        settings.access.console_user,
-        settings.access.recorder_user,
-        *settings.access.sources,
-        *settings.access.operators,
-        *settings.units,
-    }
-    unknown = sorted(rotate - known)
-    if unknown:
+    accounts = accounts_for(settings, {u: pw for u, pw in existing.items() if u not in rotate})
+    unknown = sorted(rotate - {a.username for a in accounts})
+    if unknown:  # nothing is written
         raise ConfigError(
             [f"{settings.path}: --rotate: {u!r} is no user of this deployment" for u in unknown]
         )
-    if rotate & set(dispatcher_users(settings)):
-        rotate = rotate | {settings.access.dispatcher_user}
-    accounts = accounts_for(settings, {u: pw for u, pw in existing.items() if u not in rotate})
 
     def private(path: Path, text: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

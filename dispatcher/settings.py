@@ -702,8 +702,8 @@ def _load_registries(
             order=next(order),
         )
 
-    estate_ids = {line_row[1]["id"] for line_row in estate_rows}
     estate_stations = {row["id"]: row["station"] for _, row in estate_rows}
+    estate_ids = estate_stations.keys()
     units = _unique(units_path, unit_rows, "id", build_unit, problems)
 
     # subscribers

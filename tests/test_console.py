@@ -196,6 +196,17 @@ async def test_an_action_the_broker_may_not_have_is_reported_as_unconfirmed(
     assert text == UNCONFIRMED
 
 
+async def escalate_unknown(http: ClientSession, base: str, state: dict[str, Any]) -> str:
+    """An operator presses 立即上门 on an incident the dispatcher does not know; the id of
+    the action the console sent."""
+    async with http.post(
+        f"{base}/api/incidents/INC-NOPE/escalate",
+        json={},
+        headers={"X-CSRF-Token": state["csrf"]},
+    ) as response:
+        return str((await response.json())["action_id"])
+
+
 async def test_a_refused_action_comes_back_with_the_dispatchers_reason(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
@@ -210,12 +221,7 @@ async def test_a_refused_action_comes_back_with_the_dispatchers_reason(
         ):
             state = await login(http, base)
             async with http.ws_connect(f"{base}/ws") as ws:
-                async with http.post(
-                    f"{base}/api/incidents/INC-NOPE/escalate",
-                    json={},
-                    headers={"X-CSRF-Token": state["csrf"]},
-                ) as response:
-                    action_id = (await response.json())["action_id"]
+                action_id = await escalate_unknown(http, base, state)
                 while True:
                     frame = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
                     if frame["kind"] == "refused":
@@ -242,12 +248,7 @@ async def test_a_refusal_is_matched_to_an_action_by_its_id_topic_and_source(
     ):
         state = await login(http, base)
         async with http.ws_connect(f"{base}/ws") as ws:
-            async with http.post(
-                f"{base}/api/incidents/INC-NOPE/escalate",
-                json={},
-                headers={"X-CSRF-Token": state["csrf"]},
-            ) as response:
-                action_id = (await response.json())["action_id"]
+            action_id = await escalate_unknown(http, base, state)
 
             async def dead_letter(topic: str, source: str, reason: str) -> None:
                 data = {

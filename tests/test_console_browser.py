@@ -243,6 +243,12 @@ async def call(url: BrokerURL, call_id: str, subscriber: str, counterpart: str, 
             await source.publish(CALLS, json.dumps(event), qos=1)
 
 
+async def announce(url: BrokerURL, event: dict[str, Any]) -> None:
+    """An incident event on the operators' topic, as if from the dispatcher."""
+    async with open_client(url) as other:
+        await other.publish("antifraud/v1/operators/incidents", json.dumps(event), qos=1)
+
+
 @contextlib.asynccontextmanager
 async def ahead_dispatcher(settings: Settings, broker: Mosquitto, tmp_path: Path) -> Any:
     """A live dispatcher whose clock is AHEAD_S ahead (as the demo's sped-up clock runs
@@ -398,8 +404,7 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
             "datacontenttype": "application/json",
             "data": ghost,
         }
-        async with open_client(url) as other:
-            await other.publish("antifraud/v1/operators/incidents", json.dumps(event), qos=1)
+        await announce(url, event)
         phantom = page.locator('#critical [data-incident="INC-GHOST"]')
         await phantom.locator('button[data-action="busy"]').click()
         await expect(phantom.locator(".feedback")).to_contain_text(
@@ -436,8 +441,7 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
         )
         event = dict(event, id="loss-1", type="cn.antifraud.incident.closed", subject="INC-LOSS")
         event["data"] = loss
-        async with open_client(url) as other:
-            await other.publish("antifraud/v1/operators/incidents", json.dumps(event), qos=1)
+        await announce(url, event)
         row = page.locator('#closed [data-incident="INC-LOSS"]')
         await expect(row.locator(".tag.unhandled")).to_contain_text(
             "结案时仍有未处置警报", timeout=10_000
@@ -472,8 +476,7 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
         )
         event = dict(event, id="door-1", type="cn.antifraud.incident.updated", subject="INC-DOOR")
         event["data"] = door
-        async with open_client(url) as other:
-            await other.publish("antifraud/v1/operators/incidents", json.dumps(event), qos=1)
+        await announce(url, event)
         alert = page.locator('#critical [data-incident="INC-DOOR"] [data-alert="door_exhausted"]')
         await expect(alert).to_contain_text("（云集派出所 巡逻一组 已接警，在途）", timeout=10_000)
 

@@ -238,13 +238,15 @@ class Handset:
         if dispatch_id in self._open:
             self._open.remove(str(dispatch_id))
             if was_current and self._open:  # the keys move on: say to which
-                self.show(f"    当前出警单：{self.place(self.current)}{self._position()}")
+                self._show_current()
 
-    def _position(self) -> str:
-        """（第i/n张，按0切换） while more than one offer is open."""
-        if len(self._open) < 2 or self.current is None:
-            return ""
-        return f"（第{self._open.index(self.current) + 1}/{len(self._open)}张，按0切换）"
+    def _show_current(self) -> None:
+        """The offer the keys act on, with （第i/n张，按0切换） while more than one is open."""
+        current = self.current
+        position = ""
+        if len(self._open) > 1 and current is not None:
+            position = f"（第{self._open.index(current) + 1}/{len(self._open)}张，按0切换）"
+        self.show(f"    当前出警单：{self.place(current)}{position}")
 
     # ---- connection ------------------------------------------------------------------------
 
@@ -519,7 +521,7 @@ class Handset:
         current = self.current
         if key == SWITCH_KEY and len(self._open) > 1 and current is not None:
             self._chosen = self._open[(self._open.index(current) + 1) % len(self._open)]
-            self.show(f"    当前出警单：{self.place(self.current)}{self._position()}")
+            self._show_current()
             return
         verb = VERB_KEYS.get(key)
         if verb is None:
