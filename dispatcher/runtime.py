@@ -226,6 +226,11 @@ class Runtime:
         # everyone's (a radio at its budget would have filled a shared memory in 11 hours)
         self._seen: dict[str, dict[str, float]] = {}
         self._seen_count = 0
+        # when each channel's oldest pair was made, as far as the sweep knows (never later
+        # than it is), and the same as a heap: a sweep visits the channels that have pairs
+        # to forget, not every channel there is (a wave's thousands of radios)
+        self._seen_front: dict[str, float] = {}
+        self._seen_fronts: list[tuple[float, str]] = []
         # pairs a store written before pairs were kept per channel holds, as "source\0id":
         # they count on every channel until they leave the dedupe window
         self._legacy_seen: dict[str, float] = {}
@@ -595,6 +600,8 @@ class Runtime:
         seen = self._seen.get(channel)
         if seen is None:
             seen = self._seen[channel] = {}
+            self._seen_front[channel] = at
+            heapq.heappush(self._seen_fronts, (at, channel))
         if pair not in seen:
             self._seen_count += 1
         seen[pair] = at
@@ -607,6 +614,7 @@ class Runtime:
             self._seen_count -= before - len(held)
             if not held:
                 del self._seen[fullest]
+                del self._seen_front[fullest]
 
     def _answer_again(self, channel: str, key: tuple[str, str], now: float) -> None:
         """A redelivered reply gets its receipt again: the same event, queued anew in the
@@ -639,12 +647,21 @@ class Runtime:
         horizon = now - self.settings.limits.dedupe_window_s
         # at a cost that grows with what is forgotten (rules/bounded.py): a flood's pairs
         # leaving at once, one by one from the front, took 1.5 s for 100,000
-        for channel, seen in list(self._seen.items()):
+        fronts, heap = self._seen_front, self._seen_fronts
+        while heap and heap[0][0] < horizon:
+            at, channel = heapq.heappop(heap)
+            if fronts.get(channel) != at:
+                continue  # the channel was swept or emptied since: a later entry stands
+            seen = self._seen[channel]
             before = len(seen)
             forget_while(seen, lambda at: at < horizon)
             self._seen_count -= before - len(seen)
-            if not seen:
+            if seen:
+                fronts[channel] = front = next(iter(seen.values()))
+                heapq.heappush(heap, (front, channel))
+            else:
                 del self._seen[channel]
+                del fronts[channel]
         forget_while(self._legacy_seen, lambda at: at < horizon)
         forget_while(self._receipts, lambda receipt: receipt[0] < horizon)
 

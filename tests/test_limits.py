@@ -301,6 +301,35 @@ async def test_a_floods_pairs_leave_the_dedupe_memory_together_once_the_window_h
         await runtime.commit()
 
 
+async def test_each_channel_forgets_its_pairs_when_they_leave_the_window(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Thousands of channels (a wave's radios), each swept when its own oldest pair leaves
+    the window: one whose oldest pair was made new again is swept at that pair's time, and
+    a channel emptied and used again is swept as a new one."""
+    window = settings.limits.dedupe_window_s
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        for i in range(3000):
+            runtime._remember_pair(f"replies/U{i}", f"U{i}\0a", float(i))
+            runtime._remember_pair(f"replies/U{i}", f"U{i}\0b", float(i) + 0.5)
+        # the oldest pair of U0 arrives again past the window: new again, at the back
+        assert not runtime._duplicate("replies/U0", ("U0", "a"), window + 1)
+        runtime._expire_seen(window + 1000.25)  # pairs made before 1000.25 leave
+        assert "replies/U0" in runtime._seen and list(runtime._seen["replies/U0"]) == ["U0\0a"]
+        assert "replies/U999" not in runtime._seen
+        assert list(runtime._seen["replies/U1000"]) == ["U1000\0b"]
+        assert all(f"replies/U{i}" in runtime._seen for i in range(1001, 3000))
+        runtime._remember_pair("replies/U5", "U5\0c", window + 1001)  # emptied, used again
+        runtime._expire_seen(window + 2999.25)
+        assert set(runtime._seen) == {"replies/U0", "replies/U2999", "replies/U5"}
+        runtime._expire_seen(2 * window + 1002)
+        assert runtime._seen == {}
+        assert runtime._seen_count == 0 and runtime._seen_front == {}
+        await runtime.commit()
+
+
 async def test_the_dedupe_memory_is_bounded_under_a_flood(
     settings: Settings, tmp_path: Path
 ) -> None:
