@@ -73,7 +73,12 @@ class OperatorClose(_Data):
 
 
 AlertCode = Literal[
-    "unknown_subscriber", "no_address", "door_exhausted", "police_exhausted", "arrival_overdue"
+    "unknown_subscriber",
+    "no_address",
+    "door_exhausted",
+    "police_exhausted",
+    "arrival_overdue",
+    "report_without_arrival",
 ]
 
 

@@ -104,7 +104,8 @@ class IncidentDetail(_Out):
     dispatches: list[DispatchDetail]
     alerts: list[str] = Field(
         description="dead ends the operators must handle: "
-        "unknown_subscriber, no_address, door_exhausted, police_exhausted, arrival_overdue"
+        "unknown_subscriber, no_address, door_exhausted, police_exhausted, arrival_overdue, "
+        "report_without_arrival"
     )
     acknowledged: list[str] = Field(
         description="the alerts an operator has acknowledged (operator.acknowledge): a "

@@ -28,6 +28,7 @@ ALERT_NAME = {
     "door_exhausted": "无人可上门",
     "police_exhausted": "无民警接警",
     "arrival_overdue": "接警未到",
+    "report_without_arrival": "未到先报",
 }
 CALLBACK_RESULT_TEXT = {
     "no_answer": "无人接听",
@@ -141,6 +142,13 @@ def exhausted(slot: str) -> str:
 
 def arrival_overdue(unit: str, minutes: float) -> str:
     return f"{unit}接警后{minutes:g}分钟仍未到达，请接线员联系核实，必要时另行派员"
+
+
+def report_without_arrival(unit: str, outcome: str) -> str:
+    return (
+        f"{unit}未报到达即反馈「{outcome_text(outcome)}」，"
+        "请接线员电话核实是否已上门，必要时另行派员"
+    )
 
 
 def notified(unit: str) -> str:

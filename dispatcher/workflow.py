@@ -211,10 +211,7 @@ class Workflow:
             d = incident.dispatches[detail]
             d.overdue_at = now
             minutes = self._arrive_s(d.role) / 60
-            if "arrival_overdue" in incident.acknowledged:
-                # an operator took on an earlier unit's lateness; this one is news: it sounds
-                incident.acknowledged.remove("arrival_overdue")
-            self._alert(
+            self._alert_again(
                 incident,
                 now,
                 "arrival_overdue",
@@ -756,6 +753,7 @@ class Workflow:
             self._note(incident, now, "arrived", d.unit, texts.arrived(label), changes, d.id)
         else:
             assert isinstance(msg.data, UnitReported)
+            unarrived = d.status == "accepted"
             d.status, d.reported_at, d.outcome = "reported", now, msg.data.outcome
             self.state.busy.pop(d.unit, None)
             self._note(
@@ -767,6 +765,16 @@ class Workflow:
                 changes,
                 d.id,
             )
+            if unarrived:
+                # SPEC §5 lets a report follow the acceptance; nobody said they were at the
+                # door, though: a press missed, or a lost radio standing the others down
+                self._alert_again(
+                    incident,
+                    now,
+                    "report_without_arrival",
+                    texts.report_without_arrival(label, msg.data.outcome),
+                    changes,
+                )
         self._maybe_close(incident, now, changes)
         changes.mark(incident)
 
@@ -952,3 +960,12 @@ class Workflow:
             incident.alerts.append(code)
         self._note(incident, now, "alert", SYSTEM, text, changes)
         changes.mark(incident)
+
+    def _alert_again(
+        self, incident: Incident, now: float, code: str, text: str, changes: Changes
+    ) -> None:
+        """A dead end of one unit that may come again for another: an operator who took on
+        the earlier one has not seen this one, so it sounds again."""
+        if code in incident.acknowledged:
+            incident.acknowledged.remove(code)
+        self._alert(incident, now, code, text, changes)

@@ -654,6 +654,62 @@ def _(s: Script) -> Check:
     return check
 
 
+@case("a report with no arrival before it alerts the operators, and the report still counts")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)  # a lost radio: accept, report at once
+    s.reply(262, "G-YJ-CH-01", "reported", incident, outcome="false_alarm")
+
+    def check(r: Result) -> None:
+        doc = r.doc("INC-C1")
+        assert doc["alerts"] == ["report_without_arrival"]
+        (alert,) = [e for e in r.entries("INC-C1") if e["kind"] == "alert"]
+        assert alert["at"] == 262.0
+        assert "G-YJ-CH-01" in alert["text"] and "未报到达即反馈「误报" in alert["text"]
+        units = r.units("INC-C1")
+        assert units["G-YJ-CH-01"] == "reported" and units["G-YJ-CH-02"] == "cancelled"
+        assert units["P-YJ-01"] == "offered"
+        assert r.incident("INC-C1")["status"] == "escalated"  # the patrol is still asked
+
+    return check
+
+
+@case("a second unit reporting unseen sounds again after the first was acknowledged")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident).reply(265, "P-YJ-01", "accepted", incident)
+    s.reply(270, "G-YJ-CH-01", "reported", incident, outcome="dissuaded")
+    s.action(280, "acknowledge", {"incident_id": incident, "alerts": ["report_without_arrival"]})
+    s.reply(290, "P-YJ-01", "reported", incident, outcome="dissuaded")
+
+    def check(r: Result) -> None:
+        alerts = [e for e in r.entries("INC-C1") if e["kind"] == "alert"]
+        assert [(e["at"], "G-YJ-CH-01" in e["text"], "P-YJ-01" in e["text"]) for e in alerts] == [
+            (270.0, True, False),
+            (290.0, False, True),
+        ]
+        doc = r.doc("INC-C1")
+        assert "report_without_arrival" not in doc["acknowledged"]
+        inc = r.incident("INC-C1")
+        assert (inc["status"], inc["outcome"]) == ("closed", "prevented")  # SPEC §5's rule
+
+    return check
+
+
+@case("a unit that arrived and then reported raises no alert")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident).reply(265, "P-YJ-01", "accepted", incident)
+    s.reply(300, "G-YJ-CH-01", "arrived", incident)
+    s.reply(310, "G-YJ-CH-01", "reported", incident, outcome="dissuaded")
+
+    def check(r: Result) -> None:
+        assert r.doc("INC-C1")["alerts"] == []
+        assert not [e for e in r.entries("INC-C1") if e["kind"] == "alert"]
+
+    return check
+
+
 @case("with every guard offline, the grid worker's notice does not say guards are on it")
 def _(s: Script) -> Check:
     s.status(0, "G-YJ-CH-01", "offline")
