@@ -448,6 +448,14 @@ async def test_closing_needs_an_outcome_refusals_are_chinese_and_clocks_are_the_
         )
         await expect(row).to_contain_text("已被骗")
         assert not (await page.evaluate("window.consoleAlarm.active"))  # a closed one: no alarm
+        # its card is gone: the operator is told once, with the alarm's tone
+        await expect(page.locator("#toast")).to_contain_text(
+            "⚠ INC-LOSS 已结案（已被骗），但仍有未处置警报：无民警接警"
+        )
+        beeps = await page.evaluate("window.consoleAlarm.beeps")
+        await announce(url, dict(event, id="loss-2"))  # the same close again: no second word
+        await page.wait_for_timeout(500)
+        assert await page.evaluate("window.consoleAlarm.beeps") == beeps
         await page.screenshot(path=ARTIFACTS / "14-closed-unhandled.png")
 
         # no guard took the door, but the patrol is on its way: the alarm says so

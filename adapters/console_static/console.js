@@ -709,7 +709,12 @@ async function reload() {
 
 function apply({ kind, data, time: at }) {
   if (at) learnClock(at);
-  if (kind === "incident") { state.incidents.set(data.incident_id, data); renderBoard(); }
+  if (kind === "incident") {
+    const before = state.incidents.get(data.incident_id);
+    state.incidents.set(data.incident_id, data);
+    if (data.status === "closed" && (!before || before.status !== "closed")) closedUnhandled(data);
+    renderBoard();
+  }
   else if (kind === "units") { state.units = data; renderUnits(); }
   else if (kind === "refused") refused(data);
   else if (kind === "connection") setLink(data.feed);
@@ -717,6 +722,15 @@ function apply({ kind, data, time: at }) {
     state.serving = data.instance ? { instance: data.instance, since: data.since } : null;
     setDispatcher(data.state);
   }
+}
+
+// an incident that closed by itself (every unit reported) with a dead end nobody took on:
+// its card leaves the board, so the operator is told, once, with the alarm's tone
+function closedUnhandled(inc) {
+  if (!inc.alerts.length || acknowledged(inc)) return;
+  const open = inc.alerts.filter((a) => !(inc.acknowledged || []).includes(a));
+  toast(`⚠ ${inc.incident_id} 已结案（${label(inc.outcome)}），但仍有未处置警报：${open.map((a) => alertText(a)).join("；")}`);
+  beep(true);
 }
 
 function connect() {
