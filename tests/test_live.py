@@ -921,6 +921,7 @@ async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
     assert replied[-1] == ("INC-A:G-YJ-CH-02", "accepted", None)
     await handset.on_key("4")
     assert shown[-1].strip().endswith("（3栋502）")
+    assert shown[-2].strip().startswith("⚠ 尚未报到达：已到门口请先按3")  # none keyed
     deliver(3, "offered", "INC-C:G-YJ-CH-02", "9栋303")  # while the outcome is asked for
     await handset.on_key("d")
     assert replied[-1] == ("INC-A:G-YJ-CH-02", "reported", "dissuaded")
@@ -940,6 +941,40 @@ async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
     assert replied[-1] == ("INC-C:G-YJ-CH-02", "declined", None)  # nothing sent for INC-D
     for task in list(handset._tasks):  # the countdown of INC-B, still open
         task.cancel()
+
+
+async def test_a_guard_asked_for_an_outcome_before_his_arrival_can_still_say_it_first(
+    settings: Settings,
+) -> None:
+    """[4] with no [3] before it: the screen says the report will be checked by phone, and
+    [3] still sends the arrival first, for the same dispatch, then the outcome is asked."""
+    shown: list[str] = []
+    handset = Handset(
+        settings, "G-YJ-CH-02", BrokerURL.parse("mqtt://127.0.0.1:9"), show=shown.append
+    )
+    replied: list[tuple[str, str, str | None]] = []
+
+    async def reply(dispatch_id: str, verb: str, outcome: str | None = None) -> None:
+        replied.append((dispatch_id, verb, outcome))
+
+    handset.reply = reply  # type: ignore[method-assign]
+    data = {"dispatch_id": "INC-A:G-YJ-CH-02", "address": "3栋502", "text": "反诈紧急上门"}
+    event = {"id": "e1", "source": "d", "type": "cn.antifraud.dispatch.offered", "data": data}
+    topic = f"{P}/units/G-YJ-CH-02/dispatches"
+    handset.on_message(aiomqtt.Message(topic, json.dumps(event).encode(), 1, False, 1, None))
+    await handset.on_key("1")
+    await handset.on_key("4")
+    assert shown[-2].strip() == (
+        "⚠ 尚未报到达：已到门口请先按3，再选结果；未上门就反馈，调度台会来电核实"
+    )
+    await handset.on_key("3")
+    assert replied[-1] == ("INC-A:G-YJ-CH-02", "arrived", None)
+    assert shown[-1].strip().startswith("结果：") and shown[-1].strip().endswith("（3栋502）")
+    await handset.on_key("3")  # once arrived, [3] is not an outcome: the choices again
+    assert len(replied) == 2 and shown[-1].strip().startswith("结果：")
+    assert "尚未报到达" not in shown[-2]
+    await handset.on_key("d")
+    assert replied[-1] == ("INC-A:G-YJ-CH-02", "reported", "dissuaded")
 
 
 @contextlib.asynccontextmanager

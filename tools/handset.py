@@ -64,6 +64,9 @@ LINK_UP = "📶 已连接"
 LINK_DOWN = "⚠ 连接中断，正在重连…"
 KEYS_HELP = "    [1] 接受  [2] 拒绝  [3] 已到达  [4] 反馈结果"
 OUTCOME_HELP = "    结果：[d] 已劝阻 [n] 无人在家 [l] 已被骗 [f] 误报"
+# a report with no arrival before it alerts the operators (decisions.md 112): say so, and
+# let [3] still say the arrival first
+NOT_ARRIVED_HINT = "    ⚠ 尚未报到达：已到门口请先按3，再选结果；未上门就反馈，调度台会来电核实"
 
 
 def offer_place(data: dict[str, Any], estate_address: str | None = None) -> str:
@@ -215,6 +218,7 @@ class Handset:
         # sent again after a reconnect
         self._unanswered: dict[str, tuple[str, str, bytes, str]] = {}
         self._answered: set[str] = set()  # dispatches accepted or declined from this handset
+        self._arrived: set[str] = set()  # dispatches whose arrival was keyed on this handset
         self._answered_replies: deque[str] = deque(maxlen=1000)  # replies with a receipt
         self._changed = asyncio.Event()  # a reply queued or acknowledged, or the sender ended
 
@@ -512,8 +516,12 @@ class Handset:
         if self._outcome_for is not None:
             # the outcome reports the dispatch [4] was pressed for, whatever came since
             outcome = OUTCOME_KEYS.get(key)
-            if outcome is None:
+            if key == "3" and self._outcome_for not in self._arrived:
+                await self._arrive(self._outcome_for)
                 self.show(f"{OUTCOME_HELP}（{self.place(self._outcome_for)}）")
+                return
+            if outcome is None:
+                self._ask_outcome(self._outcome_for)
                 return
             target, self._outcome_for = self._outcome_for, None
             await self.reply(target, "reported", outcome)
@@ -533,9 +541,21 @@ class Handset:
             return
         if verb == "reported":
             self._outcome_for = current
-            self.show(f"{OUTCOME_HELP}（{self.place(current)}）")
+            self._ask_outcome(current)
+            return
+        if verb == "arrived":
+            await self._arrive(current)
             return
         await self.reply(current, verb)
+
+    async def _arrive(self, dispatch_id: str) -> None:
+        self._arrived.add(dispatch_id)
+        await self.reply(dispatch_id, "arrived")
+
+    def _ask_outcome(self, dispatch_id: str) -> None:
+        if dispatch_id not in self._arrived:
+            self.show(NOT_ARRIVED_HINT)
+        self.show(f"{OUTCOME_HELP}（{self.place(dispatch_id)}）")
 
 
 async def run_handset(handset: Handset, interactive: bool) -> None:
