@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from scenario import CHEN, CLEAN, Player, Script
 
 from adapters.store import Store
@@ -327,6 +329,34 @@ async def test_each_channel_forgets_its_pairs_when_they_leave_the_window(
         runtime._expire_seen(2 * window + 1002)
         assert runtime._seen == {}
         assert runtime._seen_count == 0 and runtime._seen_front == {}
+        await runtime.commit()
+
+
+async def test_a_sweep_visits_only_the_channels_with_pairs_to_forget(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep costs what it forgets, not the county's size: with thousands of channels and
+    one pair past the window it looks into that one channel (and the receipts' and a legacy
+    store's memories), where it looked into every channel."""
+    import dispatcher.runtime as runtime_module
+
+    window = settings.limits.dedupe_window_s
+    async with Store(tmp_path / "s.sqlite3") as store:
+        runtime = Runtime(settings, store)
+        await runtime.start()
+        for i in range(3000):
+            runtime._remember_pair(f"replies/U{i}", f"U{i}\0a", 10.0 + i)
+        looked: list[int] = []
+        real = runtime_module.forget_while
+
+        def counting(ordered: dict[Any, Any], old: Any) -> None:
+            looked.append(len(ordered))
+            real(ordered, old)
+
+        monkeypatch.setattr(runtime_module, "forget_while", counting)
+        runtime._expire_seen(window + 10.5)  # U0's pair alone has left the window
+        assert "replies/U0" not in runtime._seen and len(runtime._seen) == 2999
+        assert len(looked) == 3  # U0's channel, the legacy pairs, the receipts
         await runtime.commit()
 
 
