@@ -574,6 +574,30 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
             "已生效：回拨结果：无人接听（第1/3次）", timeout=10_000
         )
 
+        # the operator narrows the window and opens a card's detail: the panel takes its
+        # width from the board and the other card goes to a row of its own, under his own
+        # hand; an update redraws the board, and a press on the card that moved still goes
+        await page.wait_for_timeout(2_100)  # past the last press's repeat guard (REPEAT_MS)
+        await page.set_viewport_size({"width": 1000, "height": 768})
+        before = await old.bounding_box()
+        await new.locator("h3").click()
+        await expect(page.locator("#detail")).to_be_visible()
+        after = await old.bounding_box()
+        assert before is not None and after is not None
+        assert (before["x"], before["y"]) != (after["x"], after["y"])  # it did move
+        await page.evaluate(
+            """() => {
+              renderBoard();  // an update, and the press right after it
+              document.querySelector('#critical [data-incident="INC-C-OLD"] '
+                                     + '[data-action="no_answer"]').click();
+            }"""
+        )
+        await expect(old.locator(".feedback")).to_contain_text(
+            "已生效：回拨结果：无人接听（第2/3次）", timeout=10_000
+        )
+        await page.locator("#detail .close-detail").click()
+        await page.set_viewport_size({"width": 1366, "height": 768})
+
         # "answered, safe" closes the incident: it asks again, and a double click is one press
         await new.locator('button[data-action="answered_safe"]').dblclick()
         confirm = new.locator('button[data-action="confirm-answered_safe"]')

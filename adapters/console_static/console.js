@@ -494,11 +494,14 @@ function renderBoard() {
   }
 }
 
-function select(id) { state.selected = id; renderDetail(); }
+// the detail panel takes its width from the board: the cards it moves, the operator moved
+function select(id) { state.selected = id; renderDetail(); noteMoves(true); }
+window.addEventListener("resize", () => noteMoves(true));
 
 // each card's place on the page; one that is elsewhere than at the last render, or was not
-// on the board then, is under the operator's hand unawares (MOVED_MS)
-function noteMoves() {
+// on the board then, is under the operator's hand unawares (MOVED_MS). ``own``: the operator
+// moved them (opened or closed the detail, resized the window): their places are only noted
+function noteMoves(own = false) {
   const tops = new Map();
   const arrived = [];
   let shifted = false;
@@ -511,7 +514,7 @@ function noteMoves() {
     const before = state.tops.get(id);
     if (before === undefined) {
       if (!state.first) arrived.push(id);
-    } else if (Math.abs(before[0] - at[0]) > 2 || Math.abs(before[1] - at[1]) > 2) {
+    } else if (!own && (Math.abs(before[0] - at[0]) > 2 || Math.abs(before[1] - at[1]) > 2)) {
       state.moved.set(id, now);
       shifted = true;
     }
