@@ -459,6 +459,11 @@ async def publish(
         raise BrokerError(str(exc)) from exc
 
 
+async def unsubscribe(client: aiomqtt.Client, filters: list[str]) -> None:
+    """aiomqtt's ``unsubscribe()`` (a filter the session does not hold is no error)."""
+    await client.unsubscribe(filters)
+
+
 def forget(client: aiomqtt.Client, waiting: dict[int, asyncio.Event]) -> None:
     """Stop waiting for the acknowledgements ``publish_now`` returned (the connection is
     gone: they will never come)."""

@@ -72,6 +72,9 @@ def on_the_phone(incident: Incident) -> bool:
     return not incident.calls or not all(c.ended for c in incident.calls.values())
 
 
+OPERATORS_SESSION = "operators"  # the suffix of the session that reads operators' actions
+
+
 def unit_session(unit: str) -> str:
     """The suffix of the dispatcher's session for ``unit``'s replies and status."""
     return f"unit-{unit}"
@@ -117,10 +120,12 @@ class Topics:
     def session_filters(self, region: str, units: Iterable[str]) -> dict[str, list[str]]:
         """What each of the dispatcher's broker sessions subscribes to, by the suffix of its
         client id (and username), in the order they are connected and read: the call
-        warnings; the main session (``""``), which also publishes, for the operators'
-        actions; then a session for each unit, its replies and status. A broker's queue
-        limit is per session: a flooding party can only ever fill its own."""
-        sessions = {"calls": [self.calls(region)], "": [self.all_actions]}
+        warnings; the operators' actions; the main session (``""``), which publishes and
+        reads nothing; then a session for each unit, its replies and status. A broker's
+        queue limit is per session: a flooding party can only ever fill its own, and never
+        the one whose acknowledgements the dispatcher's messages wait for (Mosquitto counts
+        a publisher's acknowledgements in its session's queue)."""
+        sessions = {"calls": [self.calls(region)], OPERATORS_SESSION: [self.all_actions], "": []}
         for unit in units:
             sessions[unit_session(unit)] = [self.replies(unit), self.unit_status(unit)]
         return sessions

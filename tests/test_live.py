@@ -1433,12 +1433,12 @@ async def test_a_message_the_broker_refuses_is_logged_as_an_error_with_its_topic
     assert "authori" in refused[0]["reason"].lower()
 
 
-async def test_a_stop_while_the_dispatcher_subscribes_leaves_it_offline(
+async def test_a_stop_while_the_dispatcher_connects_ends_the_run_and_never_says_online(
     settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The retained presence must never say online for a dispatcher that has stopped: a stop
-    that comes while the connection is still being set up says offline over it, and online
-    never follows."""
+    """The retained presence must never say online for a dispatcher that has stopped, and a
+    stop must not wait on a session that was connecting: a stop that comes while the
+    sessions connect ends the run, and online never follows."""
     from adapters import mqtt
 
     status_topic = f"{settings.service.prefix}/dispatcher/status"
@@ -1446,21 +1446,64 @@ async def test_a_stop_while_the_dispatcher_subscribes_leaves_it_offline(
     service = LiveService(
         settings, BrokerURL.parse(broker.url), tmp_path / "live.sqlite3", Clock(speed=SPEED)
     )
-    original_subscribe = mqtt.Client.subscribe
+    original_connect = mqtt.Client.__aenter__
 
-    async def subscribe(self: mqtt.Client, *args: Any, **kwargs: Any) -> Any:
+    async def connect(self: mqtt.Client) -> Any:
         if self.identifier == service.client_id:  # the session that says online
             stop.set()
-            await wait_until(lambda: service.connection.stopping)  # offline is on its way first
-        return await original_subscribe(self, *args, **kwargs)
+            await asyncio.sleep(0.3)  # the stop is under way, and the other sessions connect
+        return await original_connect(self)
 
-    monkeypatch.setattr(mqtt.Client, "subscribe", subscribe)
-    await asyncio.wait_for(service.run(stop), 10)
+    monkeypatch.setattr(mqtt.Client, "__aenter__", connect)
+    await asyncio.wait_for(service.run(stop), 5)
     monkeypatch.undo()
     async with open_client(BrokerURL.parse(broker.url)) as reader:
         await reader.subscribe(status_topic, qos=1)
-        retained = await asyncio.wait_for(anext(reader.messages.__aiter__()), 5)
-    assert json.loads(bytes(retained.payload))["data"] == {"state": "offline"}  # type: ignore[arg-type]
+        with contextlib.suppress(TimeoutError):
+            retained = await asyncio.wait_for(anext(reader.messages.__aiter__()), 2)
+            assert json.loads(bytes(retained.payload))["data"] == {"state": "offline"}  # type: ignore[arg-type]
+
+
+async def test_operators_actions_are_read_on_their_own_session_not_the_publishing_one(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The main session publishes and reads nothing: a flood on an operator's topic can fill
+    only the operators' session's queue at the broker, never the one the acknowledgements of
+    the dispatcher's messages wait in. A main session that an earlier version subscribed to
+    the actions (a persistent session keeps its subscriptions) is unsubscribed: each action
+    arrives once, on the operators' session."""
+    from tools.bench_live import FLAGGED, call_bytes
+
+    url = BrokerURL.parse(broker.url)
+    async with open_client(url, "dispatcher-under-test", persistent=True) as earlier:
+        await earlier.subscribe(f"{P}/operators/+/actions", qos=1)  # what it used to read
+    async with (
+        dispatcher(settings, broker, tmp_path / "live.sqlite3") as running,
+        open_client(url) as console,
+    ):
+        assert running.service.sessions[""] == []
+        await console.subscribe(f"{P}/operators/incidents", qos=1)
+        received = console.messages.__aiter__()
+        calls = f"{P}/events/{settings.service.region}/calls"
+        await console.publish(calls, call_bytes("progress", "OWN", CHEN, FLAGGED, 130), qos=1)
+        await asyncio.wait_for(anext(received), 5)
+        action = {
+            "specversion": "1.0",
+            "id": "op-01-esc-own",
+            "source": "console/op-01",
+            "type": "cn.antifraud.operator.escalate",
+            "datacontenttype": "application/json",
+            "data": {"incident_id": "INC-OWN"},
+        }
+        await console.publish(f"{P}/operators/op-01/actions", json.dumps(action), qos=1)
+        while True:
+            message = await asyncio.wait_for(anext(received), 5)
+            data = json.loads(bytes(message.payload))["data"]  # type: ignore[arg-type]
+            if data["status"] == "escalated":
+                break
+        await asyncio.sleep(0.5)  # a second copy, if the main session still read it
+        runtime = running.service.runtime
+        assert runtime is not None and runtime.counts["duplicates"] == 0
 
 
 @contextlib.asynccontextmanager

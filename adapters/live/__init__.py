@@ -20,7 +20,7 @@ from adapters.live.acker import Acker
 from adapters.live.clock import Clock, Rate
 from adapters.live.connection import RECEIVERS_WAIT_S, Connection, Sessions
 from adapters.live.heartbeat import HEARTBEAT_S
-from adapters.live.inbox import UNITS_QUEUED_QOS0, Inbox
+from adapters.live.inbox import QUEUED_QOS0, Inbox
 from adapters.live.link import Link
 from adapters.live.marker import MARK_EVERY, MARK_INTERVAL_S, Marker
 from adapters.live.processor import (
@@ -45,8 +45,8 @@ __all__ = [
     "MARK_INTERVAL_S",
     "PUBLISH_CHUNK",
     "PUBLISH_WINDOW",
+    "QUEUED_QOS0",
     "RECEIVERS_WAIT_S",
-    "UNITS_QUEUED_QOS0",
     "Acker",
     "Clock",
     "Connection",

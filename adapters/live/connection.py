@@ -1,10 +1,12 @@
 """The connection: the dispatcher's sessions with the broker.
 
-The main session connects with a fixed client id and a persistent session, subscribes to the
-inbound topics (QoS 1), announces the dispatcher ``online`` (retained, with an ``offline``
-will) and queues every message as paho decodes it (not through aiomqtt's per-message
-iterator, adapters/mqtt.py). The sessions that only receive (call warnings, units' messages)
-do the same without announcing anything. When the broker is unreachable or lost, each
+The main session connects with a fixed client id and a persistent session, announces the
+dispatcher ``online`` (retained, with an ``offline`` will) and publishes the dispatcher's
+messages; it reads nothing, so that no party's flood can fill its queue at the broker, where
+the acknowledgements of those messages wait (``Topics.session_filters``). The sessions that
+only receive (call warnings, operators' actions, units' messages) subscribe (QoS 1) and queue
+every message as paho decodes it (not through aiomqtt's per-message iterator,
+adapters/mqtt.py). When the broker is unreachable or lost, each
 reconnects with capped exponential backoff and jitter, logging each attempt, and retries at
 once when another session got through. Of a clustered broker, each connection takes the
 first node that answers and, once it is lost, the next (``open_client``); the log says which.
@@ -42,9 +44,11 @@ from adapters.mqtt import (
     protocol_of,
     publish,
     publish_now,
+    unsubscribe,
 )
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
+from dispatcher.outbound import OPERATORS_SESSION
 
 log = structlog.get_logger("live")
 
@@ -90,10 +94,10 @@ class Sessions:
         self._up.discard(suffix)
 
     async def after_previous(self, suffix: str) -> None:
-        """Wait until what ``suffix``'s messages answer is read: the main session connects
-        once the call warnings' has subscribed, the units' sessions (all at once) once the
-        main one has."""
-        if suffix == "":
+        """Wait until what ``suffix``'s messages answer is read: the operators' session and
+        the main one connect once the call warnings' has subscribed, the units' sessions
+        (all at once) once the main one has."""
+        if suffix in ("", OPERATORS_SESSION):
             await self._session_up["calls"].wait()
         elif suffix != "calls":
             await self._session_up[""].wait()
@@ -177,10 +181,13 @@ class Connection:
         link: Link,
         may_connect: Callable[[], bool] = lambda: True,
         serving: Callable[[], dict[str, Any]] = dict,
+        stale: tuple[str, ...] = (),
     ) -> None:
         """``may_connect``: asked before every attempt (an instance whose lease has ended
-        never takes the session back); ``serving``: who serves, said in the status."""
-        self.may_connect, self.serving = may_connect, serving
+        never takes the session back); ``serving``: who serves, said in the status;
+        ``stale``: filters an earlier version's main session subscribed to, which its
+        persistent session at the broker would go on reading."""
+        self.may_connect, self.serving, self.stale = may_connect, serving, stale
         self.broker, self.client_id, self.filters = broker, client_id, filters
         self.status_topic, self.source = status_topic, source
         self.sessions, self.inbox, self.link = sessions, inbox, link
@@ -238,9 +245,24 @@ class Connection:
                     will=will,
                 ) as client:
                     self.announcer = client
-                    await client.subscribe([(f, 1) for f in self.filters])
-                    if self.stopping:  # offline is said over this connection: never online after
-                        await disconnected(client)  # it, and keep the connection until the end
+                    if self.filters:
+                        await client.subscribe([(f, 1) for f in self.filters])
+                    if self.stale:
+                        await unsubscribe(client, list(self.stale))
+                    if self.stopping:
+                        # a stop came while this connection was set up: offline is said
+                        # over it (again, if it was already), and never online after it
+                        with contextlib.suppress(BrokerError, TimeoutError):
+                            await asyncio.wait_for(
+                                publish(
+                                    client,
+                                    self.status_topic,
+                                    self.status("offline"),
+                                    qos=1,
+                                    retain=True,
+                                ),
+                                2.0,
+                            )
                         return
                     # not awaited: behind a persistent session's backlog the broker may
                     # acknowledge it only seconds later, and outputs must not wait for that

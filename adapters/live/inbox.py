@@ -5,8 +5,9 @@ operators' actions, then units' messages (a call opens an incident an operator a
 offers units answer). Backlogs delivered at once after a restart are then handled in that
 order, and a flooding handset's messages wait behind nobody's.
 
-In: each message as paho decodes it, from the connection (``receive``) and the receiving
-sessions (``receive_call``, ``receive_unit``). Out: batches, to the processor (``take``).
+In: each message as paho decodes it, from the receiving sessions (``receive_call``,
+``receive`` for the operators' actions, ``receive_unit``). Out: batches, to the processor
+(``take``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from collections import deque
 
 import aiomqtt
 
-# a unit's QoS 0 messages waiting to be handled at most (QoS 1 is bounded by the broker)
-UNITS_QUEUED_QOS0 = 10_000
+# QoS 0 messages of the operators' or the units' waiting to be handled at most, in each queue
+# (QoS 1 is bounded by the broker's in-flight window; QoS 0, which no console or handset
+# uses, by nothing)
+QUEUED_QOS0 = 10_000
 
 Received = tuple[aiomqtt.Client, aiomqtt.Message]  # a message, with the connection it came over
 
@@ -25,17 +28,16 @@ Received = tuple[aiomqtt.Client, aiomqtt.Message]  # a message, with the connect
 class Inbox:
     def __init__(self) -> None:
         self.calls: deque[Received] = deque()
-        self.actions: deque[Received] = deque()  # and whatever else the main session reads
+        self.actions: deque[Received] = deque()
         self.units: deque[Received] = deque()
         self.arrived = asyncio.Event()  # set by each message, cleared by the processor
         self.received = 0
-        self.dropped = 0  # units' QoS 0 messages over ``UNITS_QUEUED_QOS0``
+        self.dropped = 0  # QoS 0 messages over ``QUEUED_QOS0``
 
     def receive(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        """A message of the main session (operators' actions, and the rest)."""
-        self.received += 1
-        self.actions.append((client, message))
-        self.arrived.set()
+        """An operator's action, or anything else a session that reads nothing of its own
+        was sent. Past a bound, QoS 0 is dropped (and counted)."""
+        self._queue(self.actions, client, message)
 
     def receive_call(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.received += 1
@@ -43,14 +45,18 @@ class Inbox:
         self.arrived.set()
 
     def receive_unit(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        """A unit's message: into the queue taken after the others. Its length is bounded
-        by the broker's in-flight window for QoS 1; QoS 0, which no handset uses, is not
-        bounded by anything, so past a bound it is dropped (and counted)."""
+        """A unit's message: into the queue taken after the others. Past a bound, QoS 0 is
+        dropped (and counted)."""
+        self._queue(self.units, client, message)
+
+    def _queue(
+        self, queue: deque[Received], client: aiomqtt.Client, message: aiomqtt.Message
+    ) -> None:
         self.received += 1
-        if message.qos == 0 and len(self.units) >= UNITS_QUEUED_QOS0:
+        if message.qos == 0 and len(queue) >= QUEUED_QOS0:
             self.dropped += 1
             return
-        self.units.append((client, message))
+        queue.append((client, message))
         self.arrived.set()
 
     @property

@@ -34,7 +34,7 @@ from adapters.live.publisher import Publisher
 from adapters.mqtt import BrokerURL
 from dispatcher import logs
 from dispatcher.errors import LeaseLost, StoreError
-from dispatcher.outbound import Topics
+from dispatcher.outbound import OPERATORS_SESSION, Topics
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -72,6 +72,17 @@ class Stats(Mapping[str, int]):
 
     def __len__(self) -> int:
         return 4
+
+
+async def _ended(task: asyncio.Task[Any]) -> None:
+    """Wait for a cancelled task to end, cancelling it again while it runs on: Python 3.11's
+    ``asyncio.wait_for`` (inside aiomqtt's connect) loses a cancellation that comes as the
+    connection completes, and the session would then run on, holding the stop up."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
 
 
 class LiveService:
@@ -119,6 +130,8 @@ class LiveService:
             self.link,
             may_connect=self.may_connect,
             serving=self.serving,
+            # read on the operators' own session now (decisions.md 116)
+            stale=(self.topics.all_actions,),
         )
         # made once the store is open (``run``)
         self.processor: Processor | None = None
@@ -172,7 +185,7 @@ class LiveService:
     ) -> list[Task]:
         """Every stage's work, as the tasks to run."""
         inbox = self.inbox
-        receivers = {"calls": inbox.receive_call}
+        receivers = {"calls": inbox.receive_call, OPERATORS_SESSION: inbox.receive}
         sessions = [
             (
                 f"session-{suffix}",
@@ -255,8 +268,7 @@ class LiveService:
                 for task in waits:
                     task.cancel()
                 for task in tasks:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+                    await _ended(task)
                 for flush in list(processor.flushes):  # waiting to start: flushed below
                     flush.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
