@@ -617,6 +617,7 @@ async def test_presses_land_on_the_card_aimed_at_safe_asks_twice_and_feedback_sa
         await expect(page.locator("#toast")).to_contain_text("INC-C-NEW 已结案：回拨确认安全")
 
         # a callback result that comes after the escalation is recorded, and said not to count
+        await page.wait_for_timeout(900)  # the closed card left, the other moved: MOVED_MS
         await old.locator('button[data-action="escalate"]').click()
         await expect(old).to_contain_text("上门处置中", timeout=10_000)
         await page.wait_for_timeout(2_200)  # the escalation's press no longer holds the card
