@@ -79,6 +79,7 @@ AlertCode = Literal[
     "police_exhausted",
     "arrival_overdue",
     "report_without_arrival",
+    "arrival_too_soon",
 ]
 
 

@@ -153,6 +153,9 @@ class DispatchSettings(_Strict):
     # workers, on the estate or nearby; patrols and quick-police platforms, across the town
     guard_arrive_s: float = Field(600, gt=0)
     police_arrive_s: float = Field(1800, gt=0)
+    # an arrival said sooner than this after the acceptance is checked by phone: nobody gets
+    # from the radio to the door that fast, and a lost radio's holder could press on (0: off)
+    min_arrive_s: float = Field(60, ge=0)
 
 
 class IncidentSettings(_Strict):

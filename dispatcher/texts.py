@@ -29,6 +29,7 @@ ALERT_NAME = {
     "police_exhausted": "无民警接警",
     "arrival_overdue": "接警未到",
     "report_without_arrival": "未到先报",
+    "arrival_too_soon": "到达过快",
 }
 CALLBACK_RESULT_TEXT = {
     "no_answer": "无人接听",
@@ -147,6 +148,13 @@ def arrival_overdue(unit: str, minutes: float) -> str:
 def report_without_arrival(unit: str, outcome: str) -> str:
     return (
         f"{unit}未报到达即反馈「{outcome_text(outcome)}」，"
+        "请接线员电话核实是否已上门，必要时另行派员"
+    )
+
+
+def arrival_too_soon(unit: str, seconds: float, least: float) -> str:
+    return (
+        f"{unit}接警后{seconds:.0f}秒即报到达（到场至少需{least:g}秒），"
         "请接线员电话核实是否已上门，必要时另行派员"
     )
 

@@ -751,6 +751,17 @@ class Workflow:
         elif verb == "arrived":
             d.status, d.arrived_at = "arrived", now
             self._note(incident, now, "arrived", d.unit, texts.arrived(label), changes, d.id)
+            least = self.settings.dispatch.min_arrive_s
+            if d.accepted_at is not None and now - d.accepted_at < least:
+                # too soon to have got there: a press ahead of the walk, or a lost radio
+                # saying what report_without_arrival would have caught
+                self._alert_again(
+                    incident,
+                    now,
+                    "arrival_too_soon",
+                    texts.arrival_too_soon(label, now - d.accepted_at, least),
+                    changes,
+                )
         else:
             assert isinstance(msg.data, UnitReported)
             unarrived = d.status == "accepted"

@@ -602,7 +602,7 @@ def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
     s.reply(260, "G-YJ-CH-01", "accepted", incident)  # a lost radio's accept, say
     s.reply(270, "P-YJ-01", "accepted", incident)
-    s.reply(300, "P-YJ-01", "arrived", incident)
+    s.reply(340, "P-YJ-01", "arrived", incident)
     s.progress(859, "C1", CHEN, INVESTMENT, 859)  # guard_arrive_s (600) not yet over
     s.progress(861, "C1", CHEN, INVESTMENT, 861)
 
@@ -696,12 +696,43 @@ def _(s: Script) -> Check:
     return check
 
 
+@case("an arrival said sooner than dispatch.min_arrive_s after accepting alerts the operators")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)  # a lost radio that knows the protocol
+    s.reply(261, "G-YJ-CH-01", "arrived", incident)
+    s.reply(262, "G-YJ-CH-01", "reported", incident, outcome="dissuaded")
+
+    def check(r: Result) -> None:
+        assert r.doc("INC-C1")["alerts"] == ["arrival_too_soon"]
+        (alert,) = [e for e in r.entries("INC-C1") if e["kind"] == "alert"]
+        assert alert["at"] == 261.0
+        assert (
+            "G-YJ-CH-01" in alert["text"] and "接警后1秒即报到达（到场至少需60秒）" in alert["text"]
+        )
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "reported"  # it still counts
+
+    return check
+
+
+@case("an arrival a minute or more after accepting raises no alert")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.reply(320, "G-YJ-CH-01", "arrived", incident)
+
+    def check(r: Result) -> None:
+        assert r.doc("INC-C1")["alerts"] == []
+
+    return check
+
+
 @case("a unit that arrived and then reported raises no alert")
 def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
     s.reply(260, "G-YJ-CH-01", "accepted", incident).reply(265, "P-YJ-01", "accepted", incident)
-    s.reply(300, "G-YJ-CH-01", "arrived", incident)
-    s.reply(310, "G-YJ-CH-01", "reported", incident, outcome="dissuaded")
+    s.reply(330, "G-YJ-CH-01", "arrived", incident)
+    s.reply(340, "G-YJ-CH-01", "reported", incident, outcome="dissuaded")
 
     def check(r: Result) -> None:
         assert r.doc("INC-C1")["alerts"] == []
