@@ -459,6 +459,12 @@ async def publish(
         raise BrokerError(str(exc)) from exc
 
 
+def drop(client: aiomqtt.Client) -> None:
+    """End the connection (a clean DISCONNECT: the will is not sent); whoever awaits
+    ``disconnected`` then reconnects."""
+    paho_of(client).disconnect()
+
+
 async def unsubscribe(client: aiomqtt.Client, filters: list[str]) -> None:
     """aiomqtt's ``unsubscribe()`` (a filter the session does not hold is no error)."""
     await client.unsubscribe(filters)

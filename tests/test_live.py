@@ -24,6 +24,7 @@ from adapters.broker import Mosquitto, local_broker, mosquitto_binary
 from adapters.live import Clock, LiveService, Publisher, Rate
 from adapters.live import acker as acker_stage
 from adapters.live import processor as processor_stage
+from adapters.live import publisher as publisher_stage
 from adapters.mqtt import (
     BrokerURL,
     acknowledged,
@@ -1541,6 +1542,41 @@ async def test_outputs_do_not_wait_for_the_broker_to_acknowledge_the_dispatchers
             message = await asyncio.wait_for(anext(console.messages.__aiter__()), 5)
     assert json.loads(bytes(message.payload))["subject"] == "INC-LATE-ACK"  # type: ignore[arg-type]
     assert len(relay.lost) == 1
+
+
+async def test_a_connection_whose_acknowledgements_never_come_is_replaced(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An acknowledgement the broker dropped never comes: past ``ACK_WAIT_S`` for the
+    oldest, the connection is given up and replaced, and what was not acknowledged goes
+    again from the store, until nothing committed is left unsent (before, the messages
+    waited for ever and, once 1,000 did, nothing more went out)."""
+    from tools.bench_live import FLAGGED, call_bytes
+
+    monkeypatch.setattr(publisher_stage, "ACK_WAIT_S", 1.0)
+    url = BrokerURL.parse(broker.url)
+    store = tmp_path / "live.sqlite3"
+    calls = f"{P}/events/{settings.service.region}/calls"
+    # the first three acknowledgements: the presence, then both messages of the incident
+    async with acknowledgements_lost(broker, at_most=3) as relay, open_client(url) as console:
+        await console.subscribe(f"{P}/operators/incidents", qos=1)
+        async with dispatcher(settings, broker, store, via=relay.url) as running:
+            await console.publish(calls, call_bytes("progress", "NOACK", CHEN, FLAGGED, 30), qos=1)
+            message = await asyncio.wait_for(anext(console.messages.__aiter__()), 5)
+            assert json.loads(bytes(message.payload))["subject"] == "INC-NOACK"  # type: ignore[arg-type]
+            publisher = running.service.publisher
+            assert publisher is not None
+            await wait_until(
+                lambda: (
+                    publisher.replaced >= 1
+                    and publisher.published >= 2
+                    # and none left waiting: the two, sent again, were acknowledged
+                    and publisher.waiting == 0
+                )
+            )
+    assert len(relay.lost) == 3
+    async with Store(store) as reopened:
+        assert await reopened.fetchall("SELECT count(*) FROM outbox WHERE sent = 0") == [(0,)]
 
 
 async def test_outputs_go_out_while_earlier_ones_wait_for_the_broker_to_acknowledge_them(

@@ -13,6 +13,7 @@ the socket; the sequence numbers the broker acknowledged, to the marker.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 import aiomqtt
@@ -21,7 +22,7 @@ import structlog
 from adapters.journal import LiveJournal
 from adapters.live.link import Link
 from adapters.live.marker import Marker
-from adapters.mqtt import forget, publish_now
+from adapters.mqtt import drop, forget, publish_now
 from dispatcher.errors import BrokerError
 from dispatcher.ports import OutboxRow
 
@@ -32,9 +33,13 @@ PUBLISH_CHUNK = 200  # messages handed to the client at once at most
 # without waiting for the last one's acknowledgements (which a broker sending this client a
 # backlog may hold back until the backlog is through; the messages themselves go on at once)
 PUBLISH_WINDOW = 1000
+# the longest the oldest message written may wait for its acknowledgement before the
+# connection is taken for broken and replaced: an acknowledgement the broker dropped never
+# comes, and once the window is full of them nothing more would go out, silently
+ACK_WAIT_S = 30.0
 
-# a chunk written over a connection, with the acknowledgements it waits for
-Chunk = tuple[aiomqtt.Client, list[OutboxRow], dict[int, asyncio.Event]]
+# a chunk written over a connection, with the acknowledgements it waits for and when
+Chunk = tuple[aiomqtt.Client, list[OutboxRow], dict[int, asyncio.Event], float]
 
 
 def _messages(rows: list[OutboxRow]) -> list[tuple[str, bytes, int, bool]]:
@@ -53,6 +58,8 @@ class Publisher:
         self.in_window = 0  # messages in those chunks
         self.write_failed = False  # a write found the connection broken: send again from the store
         self.published = 0  # messages the broker acknowledged
+        self.replaced = 0  # connections given up on for an acknowledgement that never came
+        self._dropped: aiomqtt.Client | None = None  # the one given up on last
 
     @property
     def waiting(self) -> int:
@@ -88,14 +95,14 @@ class Publisher:
             log.warning("publish_failed", error=str(exc), pending=len(rows))
             self.write_failed = True
             return
-        self.window.append((client, rows, waiting))
+        self.window.append((client, rows, waiting, asyncio.get_running_loop().time()))
         self.in_window += len(rows)
         self.last_written = rows[-1][0]
 
     def settle(self) -> None:
         """The chunks at the head of the window the broker acknowledged, in order."""
         while self.window:
-            _client, rows, waiting = self.window[0]
+            _client, rows, waiting, _at = self.window[0]
             if not all(event.is_set() for event in reversed(waiting.values())):
                 return  # acknowledgements come in order: the last one is checked first
             self.window.popleft()
@@ -107,7 +114,7 @@ class Publisher:
     def _lose_window(self) -> None:
         """The connection the window was written over is gone (or broke): its messages go
         again, from the store, over the next one."""
-        for client, _rows, waiting in self.window:
+        for client, _rows, waiting, _at in self.window:
             forget(client, waiting)
         self.window.clear()
         self.in_window = 0
@@ -153,6 +160,34 @@ class Publisher:
                     continue
             link.direct = not resync
             try:
-                await link.wake.wait()
+                await self._wait(client)
             finally:
                 link.direct = False
+
+    async def _wait(self, client: aiomqtt.Client) -> None:
+        """Wait for work; past ``ACK_WAIT_S`` for the oldest message's acknowledgement, give
+        the connection up: the connection stage reconnects, and what was not acknowledged
+        goes again, from the store."""
+        if not self.window:
+            await self.link.wake.wait()
+            return
+        written_at = self.window[0][3]
+        late = written_at + ACK_WAIT_S - asyncio.get_running_loop().time()
+        if late > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.link.wake.wait(), late)
+            return
+        if client is self._dropped:
+            await self.link.wake.wait()  # given up on already: its end wakes this
+            return
+        _client, rows, _waiting, _at = self.window[0]
+        log.warning(
+            "publish_unacknowledged",
+            seconds=round(asyncio.get_running_loop().time() - written_at, 1),
+            oldest=rows[0][0],
+            waiting=self.in_window,
+            hint="the broker never acknowledged these messages: reconnecting to send them again",
+        )
+        self.replaced += 1
+        self._dropped = client
+        drop(client)
