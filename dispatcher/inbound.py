@@ -80,6 +80,7 @@ AlertCode = Literal[
     "arrival_overdue",
     "report_without_arrival",
     "arrival_too_soon",
+    "report_overdue",
 ]
 
 

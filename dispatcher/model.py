@@ -60,7 +60,9 @@ class Dispatch:
     ended_at: float | None = None  # declined, expired or cancelled at
     outcome: str | None = None
     reason: str | None = None  # why it was cancelled: taken, closed
-    overdue_at: float | None = None  # accepted and not there in time: announced at
+    # when the unit's lateness was last announced: accepted and not there in time, or there
+    # (arrived_at before this) and no outcome in time
+    overdue_at: float | None = None
 
 
 @dataclass(slots=True)

@@ -105,7 +105,7 @@ class IncidentDetail(_Out):
     alerts: list[str] = Field(
         description="dead ends the operators must handle: "
         "unknown_subscriber, no_address, door_exhausted, police_exhausted, arrival_overdue, "
-        "report_without_arrival, arrival_too_soon"
+        "report_without_arrival, arrival_too_soon, report_overdue"
     )
     acknowledged: list[str] = Field(
         description="the alerts an operator has acknowledged (operator.acknowledge): a "

@@ -156,6 +156,9 @@ class DispatchSettings(_Strict):
     # an arrival said sooner than this after the acceptance is checked by phone: nobody gets
     # from the radio to the door that fast, and a lost radio's holder could press on (0: off)
     min_arrive_s: float = Field(60, ge=0)
+    # a unit that arrived and has given no outcome within this alerts the operators: an
+    # hour at a door without a word is worth a call (a lost radio's arrive, say)
+    report_s: float = Field(3600, gt=0)
 
 
 class IncidentSettings(_Strict):

@@ -30,6 +30,7 @@ ALERT_NAME = {
     "arrival_overdue": "接警未到",
     "report_without_arrival": "未到先报",
     "arrival_too_soon": "到达过快",
+    "report_overdue": "到达未报",
 }
 CALLBACK_RESULT_TEXT = {
     "no_answer": "无人接听",
@@ -157,6 +158,10 @@ def arrival_too_soon(unit: str, seconds: float, least: float) -> str:
         f"{unit}接警后{seconds:.0f}秒即报到达（到场至少需{least:g}秒），"
         "请接线员电话核实是否已上门，必要时另行派员"
     )
+
+
+def report_overdue(unit: str, minutes: float) -> str:
+    return f"{unit}到达后{minutes:g}分钟仍未反馈处置结果，请接线员联系核实"
 
 
 def notified(unit: str) -> str:

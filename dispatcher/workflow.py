@@ -67,7 +67,7 @@ SYSTEM = "dispatcher"
 MAX_CALLS = 50
 MAX_TIMELINE = 100
 TIMELINE_FULL = "timeline_full"
-TIMER_RANK = {"callback_window": 0, "slot": 1, "arrival": 2, "retention": 3}
+TIMER_RANK = {"callback_window": 0, "slot": 1, "arrival": 2, "report": 3, "retention": 4}
 CLOSE_OUTCOMES = ("loss", "dissuaded", "false_alarm")
 REPORT_TO_OUTCOME = {"loss": "loss", "dissuaded": "prevented", "false_alarm": "false_alarm"}
 
@@ -173,6 +173,13 @@ class Workflow:
             if d.status == "accepted" and d.accepted_at is not None and d.overdue_at is None:
                 due = d.accepted_at + self._arrive_s(d.role)
                 timers.append(TimerSet(due, (incident.id, "arrival", d.id)))
+            elif (
+                d.status == "arrived"
+                and d.arrived_at is not None
+                and (d.overdue_at is None or d.overdue_at < d.arrived_at)
+            ):
+                due = d.arrived_at + self.settings.dispatch.report_s
+                timers.append(TimerSet(due, (incident.id, "report", d.id)))
         return timers
 
     def _arrive_s(self, role: str) -> float:
@@ -216,6 +223,18 @@ class Workflow:
                 now,
                 "arrival_overdue",
                 texts.arrival_overdue(self._unit_label(d.unit), round(minutes, 1)),
+                changes,
+            )
+        elif kind == "report":
+            d = incident.dispatches[detail]
+            d.overdue_at = now
+            self._alert_again(
+                incident,
+                now,
+                "report_overdue",
+                texts.report_overdue(
+                    self._unit_label(d.unit), round(self.settings.dispatch.report_s / 60, 1)
+                ),
                 changes,
             )
         elif kind == "retention":

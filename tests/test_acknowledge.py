@@ -191,7 +191,7 @@ def test_every_alert_code_can_be_acknowledged_at_once() -> None:
     from dispatcher.inbound import AlertCode, OperatorAcknowledge
 
     codes = list(get_args(AlertCode))
-    assert len(codes) == 7
+    assert len(codes) == 8
     OperatorAcknowledge.model_validate({"incident_id": "INC-C1", "alerts": codes})
     try:
         OperatorAcknowledge.model_validate({"incident_id": "INC-C1", "alerts": [*codes, codes[0]]})

@@ -639,6 +639,43 @@ def _(s: Script) -> Check:
     return check
 
 
+@case("a unit that arrived and has given no outcome within dispatch.report_s alerts once")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.reply(400, "G-YJ-CH-01", "arrived", incident)  # and then nothing: a lost radio, say
+    s.progress(3999, "C1", CHEN, INVESTMENT, 3999)  # report_s (3600) not yet over
+    s.progress(4001, "C1", CHEN, INVESTMENT, 4001)
+    s.progress(9000, "C1", CHEN, INVESTMENT, 9000)
+
+    def check(r: Result) -> None:
+        alerts = [e for e in r.entries("INC-C1") if e["kind"] == "alert"]
+        texts = [(e["at"], e["text"]) for e in alerts if "到达后60分钟仍未反馈" in e["text"]]
+        assert len(texts) == 1 and texts[0][0] == 4000.0 and "G-YJ-CH-01" in texts[0][1]
+        assert "report_overdue" in r.doc("INC-C1")["alerts"]
+        assert r.units("INC-C1")["G-YJ-CH-01"] == "arrived"  # it is the operators' call
+
+    return check
+
+
+@case("a unit late to arrive is announced again if, there at last, it gives no outcome")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(260, "G-YJ-CH-01", "accepted", incident)
+    s.progress(861, "C1", CHEN, INVESTMENT, 861)  # 600 s late: arrival_overdue
+    s.reply(900, "G-YJ-CH-01", "arrived", incident)
+    s.progress(4501, "C1", CHEN, INVESTMENT, 4501)  # 3600 s there without an outcome
+
+    def check(r: Result) -> None:
+        entries = r.entries("INC-C1")
+        guard = [e["at"] for e in entries if e["kind"] == "alert" and "G-YJ-CH-01" in e["text"]]
+        assert guard == [860.0, 4500.0]
+        alerts = r.doc("INC-C1")["alerts"]
+        assert "arrival_overdue" in alerts and "report_overdue" in alerts
+
+    return check
+
+
 @case("a unit that arrives in time raises no arrival alert")
 def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
