@@ -873,12 +873,11 @@ async def test_a_handset_key_never_acts_on_an_offer_that_was_stood_down(
     assert shown[-1].strip() == "当前没有待处理的出警单  [q] 退出"
 
 
-async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
+def keyed_handset(
     settings: Settings,
-) -> None:
-    """Two residents of one estate at once: the guard's screen names the door of every
-    prompt and echo, says a second offer came and which one the keys act on, [0] switches,
-    and an outcome goes to the dispatch its [4] was pressed for, whatever arrives between."""
+) -> tuple[Handset, list[str], list[tuple[str, str, str | None]]]:
+    """Guard G-YJ-CH-02's handset off any broker, with what it shows and the replies its
+    keys make (recorded, not sent)."""
     shown: list[str] = []
     handset = Handset(
         settings, "G-YJ-CH-02", BrokerURL.parse("mqtt://127.0.0.1:9"), show=shown.append
@@ -889,6 +888,16 @@ async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
         replied.append((dispatch_id, verb, outcome))
 
     handset.reply = reply  # type: ignore[method-assign]
+    return handset, shown, replied
+
+
+async def test_a_guard_with_two_offers_knows_which_one_each_key_is_for(
+    settings: Settings,
+) -> None:
+    """Two residents of one estate at once: the guard's screen names the door of every
+    prompt and echo, says a second offer came and which one the keys act on, [0] switches,
+    and an outcome goes to the dispatch its [4] was pressed for, whatever arrives between."""
+    handset, shown, replied = keyed_handset(settings)
     topic = f"{P}/units/G-YJ-CH-02/dispatches"
 
     def deliver(n: int, kind: str, dispatch_id: str, address: str) -> None:
@@ -949,16 +958,7 @@ async def test_a_guard_asked_for_an_outcome_before_his_arrival_can_still_say_it_
 ) -> None:
     """[4] with no [3] before it: the screen says the report will be checked by phone, and
     [3] still sends the arrival first, for the same dispatch, then the outcome is asked."""
-    shown: list[str] = []
-    handset = Handset(
-        settings, "G-YJ-CH-02", BrokerURL.parse("mqtt://127.0.0.1:9"), show=shown.append
-    )
-    replied: list[tuple[str, str, str | None]] = []
-
-    async def reply(dispatch_id: str, verb: str, outcome: str | None = None) -> None:
-        replied.append((dispatch_id, verb, outcome))
-
-    handset.reply = reply  # type: ignore[method-assign]
+    handset, shown, replied = keyed_handset(settings)
     data = {"dispatch_id": "INC-A:G-YJ-CH-02", "address": "3栋502", "text": "反诈紧急上门"}
     event = {"id": "e1", "source": "d", "type": "cn.antifraud.dispatch.offered", "data": data}
     topic = f"{P}/units/G-YJ-CH-02/dispatches"
