@@ -518,7 +518,7 @@ class Handset:
             outcome = OUTCOME_KEYS.get(key)
             if key == "3" and self._outcome_for not in self._arrived:
                 await self._arrive(self._outcome_for)
-                self.show(f"{OUTCOME_HELP}（{self.place(self._outcome_for)}）")
+                self._ask_outcome(self._outcome_for)  # arrived now: the choices alone
                 return
             if outcome is None:
                 self._ask_outcome(self._outcome_for)

@@ -216,9 +216,10 @@ class Connection:
         # not the link's client: a stop between announcing online and handing the connection
         # to the publisher must still say offline, or the retained online would outlive the
         # dispatcher
-        client = self.announcer
-        if client is None:
-            return
+        if self.announcer is not None:
+            await self._say_offline_over(self.announcer)
+
+    async def _say_offline_over(self, client: aiomqtt.Client) -> None:
         with contextlib.suppress(BrokerError, TimeoutError):
             await asyncio.wait_for(
                 publish(client, self.status_topic, self.status("offline"), qos=1, retain=True),
@@ -252,17 +253,7 @@ class Connection:
                     if self.stopping:
                         # a stop came while this connection was set up: offline is said
                         # over it (again, if it was already), and never online after it
-                        with contextlib.suppress(BrokerError, TimeoutError):
-                            await asyncio.wait_for(
-                                publish(
-                                    client,
-                                    self.status_topic,
-                                    self.status("offline"),
-                                    qos=1,
-                                    retain=True,
-                                ),
-                                2.0,
-                            )
+                        await self._say_offline_over(client)
                         return
                     # not awaited: behind a persistent session's backlog the broker may
                     # acknowledge it only seconds later, and outputs must not wait for that

@@ -171,7 +171,7 @@ class Publisher:
         if not self.window:
             await self.link.wake.wait()
             return
-        written_at = self.window[0][3]
+        _client, rows, _waiting, written_at = self.window[0]
         late = written_at + ACK_WAIT_S - asyncio.get_running_loop().time()
         if late > 0:
             with contextlib.suppress(TimeoutError):
@@ -180,7 +180,6 @@ class Publisher:
         if client is self._dropped:
             await self.link.wake.wait()  # given up on already: its end wakes this
             return
-        _client, rows, _waiting, _at = self.window[0]
         log.warning(
             "publish_unacknowledged",
             seconds=round(asyncio.get_running_loop().time() - written_at, 1),
