@@ -11,7 +11,8 @@ every unit; consoles, sources and the dispatcher get a block each:
   deployment's operators; both read what the console shows: the incident topics, unit
   presence, the dead-letter topic and the dispatcher's own;
 - the dispatcher may read and write everything under the prefix; its receiving sessions
-  (call warnings, units) have usernames of their own, with the same password, and read only;
+  (call warnings, each listed operator, every operator, units) have usernames of their own,
+  with the same password, and read only;
 - the recorder reads what the dispatcher reads.
 
 The broker binds each client id to its username (``use_username_as_clientid`` in
@@ -92,7 +93,7 @@ def dispatcher_users(settings: Settings) -> list[str]:
     name."""
     user = settings.access.dispatcher_user
     suffixes = Topics(settings.service.prefix).session_filters(
-        settings.service.region, settings.units
+        settings.service.region, settings.units, settings.access.operators
     )
     return [user] + [f"{user}-{suffix}" for suffix in suffixes if suffix]
 
@@ -113,7 +114,7 @@ def acl_text(settings: Settings) -> str:
         f"topic readwrite {topics.prefix}/#",
         "",
     ]
-    sessions = topics.session_filters(region, settings.units)
+    sessions = topics.session_filters(region, settings.units, access.operators)
     for user in dispatcher_users(settings)[1:]:
         suffix = user[len(access.dispatcher_user) + 1 :]
         lines += [

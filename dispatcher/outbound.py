@@ -72,7 +72,17 @@ def on_the_phone(incident: Incident) -> bool:
     return not incident.calls or not all(c.ended for c in incident.calls.values())
 
 
-OPERATORS_SESSION = "operators"  # the suffix of the session that reads operators' actions
+# the suffix of the session that reads the actions of operators the deployment does not list
+OPERATORS_SESSION = "operators"
+
+
+def operator_session(operator: str) -> str:
+    """The suffix of the dispatcher's session for a listed operator's actions."""
+    return f"operator-{operator}"
+
+
+def is_operator_session(suffix: str) -> bool:
+    return suffix.startswith("operator-")
 
 
 def unit_session(unit: str) -> str:
@@ -117,15 +127,24 @@ class Topics:
         """What the dispatcher subscribes to."""
         return [self.calls(region), self.all_actions, self.all_replies, self.all_unit_status]
 
-    def session_filters(self, region: str, units: Iterable[str]) -> dict[str, list[str]]:
+    def session_filters(
+        self, region: str, units: Iterable[str], operators: Iterable[str] = ()
+    ) -> dict[str, list[str]]:
         """What each of the dispatcher's broker sessions subscribes to, by the suffix of its
         client id (and username), in the order they are connected and read: the call
-        warnings; the operators' actions; the main session (``""``), which publishes and
-        reads nothing; then a session for each unit, its replies and status. A broker's
-        queue limit is per session: a flooding party can only ever fill its own, and never
-        the one whose acknowledgements the dispatcher's messages wait for (Mosquitto counts
-        a publisher's acknowledgements in its session's queue)."""
-        sessions = {"calls": [self.calls(region)], OPERATORS_SESSION: [self.all_actions], "": []}
+        warnings; a session for each listed operator, its actions; every operator's actions
+        (``OPERATORS_SESSION``: those of an operator the deployment does not list, which a
+        broker without the generated ACL lets anyone write; a listed operator's actions
+        arrive on it too, and are read on their own session only); the main session
+        (``""``), which publishes and reads nothing; then a session for each unit, its
+        replies and status. A broker's queue limit is per session: a flooding party can only
+        ever fill its own, and never another operator's or unit's, nor the one whose
+        acknowledgements the dispatcher's messages wait for (Mosquitto counts a publisher's
+        acknowledgements in its session's queue)."""
+        sessions = {"calls": [self.calls(region)]}
+        for operator in operators:
+            sessions[operator_session(operator)] = [self.actions(operator)]
+        sessions |= {OPERATORS_SESSION: [self.all_actions], "": []}
         for unit in units:
             sessions[unit_session(unit)] = [self.replies(unit), self.unit_status(unit)]
         return sessions

@@ -1502,9 +1502,136 @@ async def test_operators_actions_are_read_on_their_own_session_not_the_publishin
             data = json.loads(bytes(message.payload))["data"]  # type: ignore[arg-type]
             if data["status"] == "escalated":
                 break
-        await asyncio.sleep(0.5)  # a second copy, if the main session still read it
+        # an operator the deployment does not list is read on the session of every
+        # operator's actions (decisions.md 101): only the broker's ACL may refuse him
+        assert "op-99" not in settings.access.operators
+        close = action | {
+            "id": "op-99-close-own",
+            "source": "console/op-99",
+            "type": "cn.antifraud.operator.close",
+            "data": {"incident_id": "INC-OWN", "outcome": "false_alarm"},
+        }
+        await console.publish(f"{P}/operators/op-99/actions", json.dumps(close), qos=1)
+        while True:
+            message = await asyncio.wait_for(anext(received), 5)
+            data = json.loads(bytes(message.payload))["data"]  # type: ignore[arg-type]
+            if data["status"] == "closed":
+                break
+        # a second copy, if the main session still read it, or if the session of every
+        # operator's actions read op-01's again
+        await asyncio.sleep(0.5)
         runtime = running.service.runtime
         assert runtime is not None and runtime.counts["duplicates"] == 0
+        assert runtime.counts["handled"] == 3
+
+
+async def test_an_action_queued_only_for_every_operators_session_is_read(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """The first start of a version with a session per operator: an action sent while the
+    dispatcher was down waits only in the session of every operator's actions (his own
+    session did not exist yet). It is read from there, once."""
+    from tools.bench_live import FLAGGED, call_bytes
+
+    url = BrokerURL.parse(broker.url)
+    store = tmp_path / "live.sqlite3"
+    async with dispatcher(settings, broker, store) as first, open_client(url) as console:
+        await console.subscribe(f"{P}/operators/incidents", qos=1)
+        calls = f"{P}/events/{settings.service.region}/calls"
+        await console.publish(calls, call_bytes("progress", "UPG", CHEN, FLAGGED, 130), qos=1)
+        await asyncio.wait_for(anext(console.messages.__aiter__()), 5)
+        await wait_until(lambda: first.service.acker.unacknowledged == 0)
+    # op-01's own session as if it had never been made: an earlier version had none
+    async with open_client(url, "dispatcher-under-test-operator-op-01", persistent=False):
+        pass
+    action = {
+        "specversion": "1.0",
+        "id": "op-01-esc-upg",
+        "source": "console/op-01",
+        "type": "cn.antifraud.operator.escalate",
+        "datacontenttype": "application/json",
+        "data": {"incident_id": "INC-UPG"},
+    }
+    async with open_client(url) as console:
+        await console.publish(f"{P}/operators/op-01/actions", json.dumps(action), qos=1)
+    async with dispatcher(settings, broker, store) as running:
+        runtime = running.service.runtime
+        assert runtime is not None
+        await wait_until(lambda: runtime.state.incidents["INC-UPG"].status == "escalated")
+        await asyncio.sleep(0.5)
+        assert runtime.counts["duplicates"] == 0
+
+
+async def test_an_operators_flood_never_costs_another_operator_his_action(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Each listed operator's actions come on a session of the dispatcher's own: a flood on
+    one operator's topic (his lost credentials, QoS 1 at full speed) fills only that
+    session's queue at the broker. Here the queue holds 20 messages behind a window of 5:
+    with one session for every operator, the broker dropped another operator's escalation
+    queued behind the flood; now it is applied, and once."""
+    from adapters.broker import CONFIG
+    from tools.bench_live import FLAGGED, call_bytes
+
+    assert settings.access.operators == ["op-01", "op-02"]
+    conf = tmp_path / "short.conf"
+    text = CONFIG.read_text(encoding="utf-8")
+    for setting in ("max_queued_messages 100000", "max_inflight_messages 1000"):
+        assert setting in text
+    text = text.replace("max_queued_messages 100000", "max_queued_messages 20")
+    conf.write_text(text.replace("max_inflight_messages 1000", "max_inflight_messages 5"))
+    broker = Mosquitto(tmp_path / "short", config=conf)
+    broker.start()
+    url = BrokerURL.parse(broker.url)
+    stop = asyncio.Event()
+    flooded = 0
+
+    async def flood(client: aiomqtt.Client) -> None:
+        nonlocal flooded
+        topic = f"{P}/operators/op-02/actions"
+        while not stop.is_set():
+            sent = [client.publish(topic, b"flood %d" % (flooded + i), qos=1) for i in range(200)]
+            await asyncio.gather(*sent)
+            flooded += len(sent)
+
+    try:
+        async with (
+            dispatcher(settings, broker, tmp_path / "live.sqlite3") as running,
+            open_client(url) as console,
+            open_client(url) as flooder,
+        ):
+            # assert "operator-op-01" in running.service.sessions
+            await console.subscribe(f"{P}/operators/incidents", qos=1)
+            received = console.messages.__aiter__()
+            calls = f"{P}/events/{settings.service.region}/calls"
+            await console.publish(calls, call_bytes("progress", "FLOOD", CHEN, FLAGGED, 130), qos=1)
+            await asyncio.wait_for(anext(received), 5)
+            flooding = asyncio.create_task(flood(flooder))
+            await wait_until(lambda: flooded >= 2000)  # the operators' queues are full now
+            action = {
+                "specversion": "1.0",
+                "id": "op-01-esc-flood",
+                "source": "console/op-01",
+                "type": "cn.antifraud.operator.escalate",
+                "datacontenttype": "application/json",
+                "data": {"incident_id": "INC-FLOOD"},
+            }
+            await console.publish(f"{P}/operators/op-01/actions", json.dumps(action), qos=1)
+            try:
+                async with asyncio.timeout(10):
+                    while True:
+                        message = await anext(received)
+                        data = json.loads(bytes(message.payload))["data"]  # type: ignore[arg-type]
+                        if data["status"] == "escalated":
+                            break
+            finally:
+                stop.set()
+                await flooding
+            runtime = running.service.runtime
+            assert runtime is not None and runtime.counts["duplicates"] == 0
+            assert runtime.counts["suppressed"] > 0  # the flood was read, and over budget
+    finally:
+        broker.kill()
 
 
 @contextlib.asynccontextmanager

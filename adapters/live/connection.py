@@ -4,7 +4,7 @@ The main session connects with a fixed client id and a persistent session, annou
 dispatcher ``online`` (retained, with an ``offline`` will) and publishes the dispatcher's
 messages; it reads nothing, so that no party's flood can fill its queue at the broker, where
 the acknowledgements of those messages wait (``Topics.session_filters``). The sessions that
-only receive (call warnings, operators' actions, units' messages) subscribe (QoS 1) and queue
+only receive (call warnings, each operator's actions, units' messages) subscribe (QoS 1) and queue
 every message as paho decodes it (not through aiomqtt's per-message iterator,
 adapters/mqtt.py). When the broker is unreachable or lost, each
 reconnects with capped exponential backoff and jitter, logging each attempt, and retries at
@@ -48,7 +48,7 @@ from adapters.mqtt import (
 )
 from dispatcher.errors import BrokerError
 from dispatcher.inbound import cloudevent
-from dispatcher.outbound import OPERATORS_SESSION
+from dispatcher.outbound import OPERATORS_SESSION, is_operator_session
 
 log = structlog.get_logger("live")
 
@@ -94,10 +94,10 @@ class Sessions:
         self._up.discard(suffix)
 
     async def after_previous(self, suffix: str) -> None:
-        """Wait until what ``suffix``'s messages answer is read: the operators' session and
+        """Wait until what ``suffix``'s messages answer is read: the operators' sessions and
         the main one connect once the call warnings' has subscribed, the units' sessions
         (all at once) once the main one has."""
-        if suffix in ("", OPERATORS_SESSION):
+        if suffix in ("", OPERATORS_SESSION) or is_operator_session(suffix):
             await self._session_up["calls"].wait()
         elif suffix != "calls":
             await self._session_up[""].wait()
@@ -241,7 +241,7 @@ class Connection:
                     self.client_id,
                     persistent=True,
                     manual_acks=True,
-                    deliver=self.inbox.receive,
+                    deliver=self.inbox.receive_action,
                     on_acknowledged=link.wake.set,
                     will=will,
                 ) as client:

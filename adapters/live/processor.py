@@ -90,6 +90,8 @@ class Processor:
                 runtime.store.set_meta("first_inbound_at", repr(now))
             suppressed = runtime.counts["suppressed"]
             for _client, message in batch:
+                if inbox.echo(message):  # read on its operator's own session
+                    continue
                 runtime.handle(
                     str(message.topic),
                     _payload_bytes(message.payload),

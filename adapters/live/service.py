@@ -34,7 +34,7 @@ from adapters.live.publisher import Publisher
 from adapters.mqtt import BrokerURL
 from dispatcher import logs
 from dispatcher.errors import LeaseLost, StoreError
-from dispatcher.outbound import OPERATORS_SESSION, Topics
+from dispatcher.outbound import OPERATORS_SESSION, Topics, is_operator_session
 from dispatcher.runtime import Runtime
 from dispatcher.settings import Settings
 
@@ -114,8 +114,11 @@ class LiveService:
         self.topics = Topics(settings.service.prefix)
         self.runtime: Runtime | None = None
         # the sessions, by the suffix of their client ids, in the order they connect
-        self.sessions = self.topics.session_filters(settings.service.region, settings.units)
-        self.inbox = Inbox()
+        operators = settings.access.operators
+        self.sessions = self.topics.session_filters(
+            settings.service.region, settings.units, operators
+        )
+        self.inbox = Inbox(self.topics.actions(o) for o in operators)
         self.link = Link()
         self.acker = Acker()
         self.session_state = Sessions(list(self.sessions))
@@ -185,7 +188,8 @@ class LiveService:
     ) -> list[Task]:
         """Every stage's work, as the tasks to run."""
         inbox = self.inbox
-        receivers = {"calls": inbox.receive_call, OPERATORS_SESSION: inbox.receive}
+        receivers = {"calls": inbox.receive_call, OPERATORS_SESSION: inbox.receive_action}
+        receivers |= {s: inbox.receive_action for s in self.sessions if is_operator_session(s)}
         sessions = [
             (
                 f"session-{suffix}",
