@@ -28,6 +28,7 @@ def test_the_first_copy_of_an_action_is_read_whichever_session_brings_it() -> No
     inbox.receive_action(client, message(OWN, b"a"))  # type: ignore[arg-type]
     inbox.receive_action(client, message(OWN, b"c"))  # type: ignore[arg-type]
     assert inbox.waiting == 5  # each to be acknowledged in its turn
+    assert inbox.copies == 2
     assert read(inbox) == [b"a", b"b", b"c"]
     assert read(inbox) == []
 
@@ -38,7 +39,7 @@ def test_a_second_copy_at_qos_0_is_dropped_and_an_unlisted_topic_is_read_every_t
     inbox.receive_action(None, message(OWN, b"x", qos=0))  # type: ignore[arg-type]
     inbox.receive_action(None, message(OTHER, b"y"))  # type: ignore[arg-type]
     inbox.receive_action(None, message(OTHER, b"y"))  # type: ignore[arg-type]
-    assert inbox.waiting == 3
+    assert (inbox.waiting, inbox.copies) == (3, 1)
     assert read(inbox) == [b"x", b"y", b"y"]  # the runtime drops the duplicate, and says so
 
 

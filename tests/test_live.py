@@ -1353,6 +1353,8 @@ async def test_an_alive_line_says_what_flowed_and_what_waits(
 
     script = Script()
     script.call(0, "C1", CHEN, INVESTMENT, until_s=60)  # started, progress 30 s (a warning), …
+    # a listed operator's action, which the session of every operator's actions receives too
+    script.callback(45, "INC-C1", "no_answer")
     stream = io.StringIO()
     logs.configure("info", stream)
     try:
@@ -1394,7 +1396,8 @@ async def test_an_alive_line_says_what_flowed_and_what_waits(
         logs.configure("warning")
     last = settled()[-1]
     assert last["connected"] is True
-    assert (last["received"], last["handled"], last["rejected"]) == (handled, handled, 0)
+    assert (last["handled"], last["rejected"], last["suppressed"]) == (handled, 0, 0)
+    assert (last["received"], last["copies"]) == (handled + 1, 1)
     assert last["open_incidents"] == 1
     assert last["produced"] >= 1
     assert last["received_not_yet_handled"] == 0

@@ -44,12 +44,14 @@ async def heartbeat(
             received=inbox.received,
             handled=counts["handled"],
             rejected=counts["rejected"],
+            suppressed=counts["suppressed"],
             duplicates=counts["duplicates"],
             timers=counts["timers"],
             produced=counts["published"],
             sent=publisher.published,
             received_not_yet_handled=inbox.waiting,
             dropped=inbox.dropped,
+            copies=inbox.copies,
             handled_not_yet_acknowledged=acker.unacknowledged,
             committed_not_yet_sent=publisher.waiting,  # or acknowledged
             open_incidents=len(runtime.state.open_by_subscriber),  # one open per resident

@@ -48,6 +48,7 @@ class Inbox:
         self.arrived = asyncio.Event()  # set by each message, cleared by the processor
         self.received = 0
         self.dropped = 0  # QoS 0 messages over ``QUEUED_QOS0``
+        self.copies = 0  # second copies of listed operators' actions, not read
 
     def receive_action(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         """An operator's action, from his own session or from the one that reads every
@@ -59,6 +60,7 @@ class Inbox:
         session not yet made (the first start of a version that has it). Past a bound, QoS
         0 is dropped (and counted)."""
         if not self._first_copy(message):
+            self.copies += 1
             if message.qos == 0:
                 return
             self._echoes.add(id(message))
