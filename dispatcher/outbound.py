@@ -135,7 +135,7 @@ class Topics:
         warnings; a session for each listed operator, its actions; every operator's actions
         (``OPERATORS_SESSION``: those of an operator the deployment does not list, which a
         broker without the generated ACL lets anyone write; a listed operator's actions
-        arrive on it too, and are read on their own session only); the main session
+        arrive on it too, and of the two copies only the first is read); the main session
         (``""``), which publishes and reads nothing; then a session for each unit, its
         replies and status. A broker's queue limit is per session: a flooding party can only
         ever fill its own, and never another operator's or unit's, nor the one whose

@@ -39,6 +39,7 @@ from adapters.replay import replay
 from adapters.report import live_report
 from adapters.store import Store
 from dispatcher.errors import BrokerError, FlushError
+from dispatcher.inbound import cloudevent
 from dispatcher.settings import Settings
 from tools.handset import Handset, Step
 from tools.relay import PUBACK, PUBLISH, Relay, kind_of
@@ -110,6 +111,14 @@ async def handset_running(handset: Handset) -> AsyncIterator[Handset]:
     finally:
         stop.set()
         await task
+
+
+def escalation(incident_id: str, event_id: str, operator: str = "op-01") -> dict[str, Any]:
+    """An operator's ``operator.escalate`` as his console sends it."""
+    return cloudevent(
+        event_id, f"console/{operator}", "cn.antifraud.operator.escalate",
+        {"incident_id": incident_id},
+    )  # fmt: skip
 
 
 async def wait_until(predicate: Any, within: float = 10.0) -> None:
@@ -1491,14 +1500,7 @@ async def test_operators_actions_are_read_on_their_own_session_not_the_publishin
         calls = f"{P}/events/{settings.service.region}/calls"
         await console.publish(calls, call_bytes("progress", "OWN", CHEN, FLAGGED, 130), qos=1)
         await asyncio.wait_for(anext(received), 5)
-        action = {
-            "specversion": "1.0",
-            "id": "op-01-esc-own",
-            "source": "console/op-01",
-            "type": "cn.antifraud.operator.escalate",
-            "datacontenttype": "application/json",
-            "data": {"incident_id": "INC-OWN"},
-        }
+        action = escalation("INC-OWN", "op-01-esc-own")
         await console.publish(f"{P}/operators/op-01/actions", json.dumps(action), qos=1)
         while True:
             message = await asyncio.wait_for(anext(received), 5)
@@ -1547,14 +1549,7 @@ async def test_an_action_queued_only_for_every_operators_session_is_read(
     # op-01's own session as if it had never been made: an earlier version had none
     async with open_client(url, "dispatcher-under-test-operator-op-01", persistent=False):
         pass
-    action = {
-        "specversion": "1.0",
-        "id": "op-01-esc-upg",
-        "source": "console/op-01",
-        "type": "cn.antifraud.operator.escalate",
-        "datacontenttype": "application/json",
-        "data": {"incident_id": "INC-UPG"},
-    }
+    action = escalation("INC-UPG", "op-01-esc-upg")
     async with open_client(url) as console:
         await console.publish(f"{P}/operators/op-01/actions", json.dumps(action), qos=1)
     async with dispatcher(settings, broker, store) as running:
@@ -1611,14 +1606,7 @@ async def test_an_operators_flood_never_costs_another_operator_his_action(
             await asyncio.wait_for(anext(received), 5)
             flooding = asyncio.create_task(flood(flooder))
             await wait_until(lambda: flooded >= 2000)  # the operators' queues are full now
-            action = {
-                "specversion": "1.0",
-                "id": "op-01-esc-flood",
-                "source": "console/op-01",
-                "type": "cn.antifraud.operator.escalate",
-                "datacontenttype": "application/json",
-                "data": {"incident_id": "INC-FLOOD"},
-            }
+            action = escalation("INC-FLOOD", "op-01-esc-flood")
             await console.publish(f"{P}/operators/op-01/actions", json.dumps(action), qos=1)
             try:
                 async with asyncio.timeout(10):

@@ -4,8 +4,8 @@ The main session connects with a fixed client id and a persistent session, annou
 dispatcher ``online`` (retained, with an ``offline`` will) and publishes the dispatcher's
 messages; it reads nothing, so that no party's flood can fill its queue at the broker, where
 the acknowledgements of those messages wait (``Topics.session_filters``). The sessions that
-only receive (call warnings, each operator's actions, units' messages) subscribe (QoS 1) and queue
-every message as paho decodes it (not through aiomqtt's per-message iterator,
+only receive (call warnings, operators' actions, units' messages) subscribe (QoS 1) and
+queue every message as paho decodes it (not through aiomqtt's per-message iterator,
 adapters/mqtt.py). When the broker is unreachable or lost, each
 reconnects with capped exponential backoff and jitter, logging each attempt, and retries at
 once when another session got through. Of a clustered broker, each connection takes the

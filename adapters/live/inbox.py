@@ -31,6 +31,15 @@ COPIES_KEPT = 1024
 Received = tuple[aiomqtt.Client, aiomqtt.Message]  # a message, with the connection it came over
 
 
+def payload_bytes(payload: object) -> bytes:
+    """A message's payload as bytes, as paho decoded it."""
+    if isinstance(payload, bytes | bytearray):
+        return bytes(payload)
+    if payload is None:
+        return b""
+    return str(payload).encode("utf-8")
+
+
 class Inbox:
     def __init__(self, listed_actions: Iterable[str] = ()) -> None:
         """``listed_actions``: the action topics of the operators read on sessions of their
@@ -70,9 +79,7 @@ class Inbox:
         copies = self._copies.get(message.topic.value)
         if copies is None:
             return True  # only one session reads this topic
-        payload = message.payload
-        body = payload if isinstance(payload, bytes | bytearray) else str(payload).encode()
-        key = hashlib.blake2b(body, digest_size=16).digest()
+        key = hashlib.blake2b(payload_bytes(message.payload), digest_size=16).digest()
         if key in copies:
             del copies[key]
             return False

@@ -17,7 +17,7 @@ import contextlib
 
 from adapters.live.acker import Acker
 from adapters.live.clock import Clock, Rate
-from adapters.live.inbox import Inbox, Received
+from adapters.live.inbox import Inbox, Received, payload_bytes
 from dispatcher import logs
 from dispatcher.ports import Journal
 from dispatcher.runtime import Runtime
@@ -42,14 +42,6 @@ FLUSH_AFTER_S = 0.005
 # a timer later than this (real seconds) fell due while the service was not running: it fires
 # at the current time, so that the offers it makes get their whole time (decisions.md 91)
 LATE_TIMER_S = 2.0
-
-
-def _payload_bytes(payload: object) -> bytes:
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    if payload is None:
-        return b""
-    return str(payload).encode("utf-8")
 
 
 async def _flush(store: Journal, after: float) -> None:
@@ -90,11 +82,11 @@ class Processor:
                 runtime.store.set_meta("first_inbound_at", repr(now))
             suppressed = runtime.counts["suppressed"]
             for _client, message in batch:
-                if inbox.echo(message):  # read on its operator's own session
+                if inbox.echo(message):  # its other copy, from the other session, was read
                     continue
                 runtime.handle(
                     str(message.topic),
-                    _payload_bytes(message.payload),
+                    payload_bytes(message.payload),
                     now,
                     retained=bool(message.retain),
                 )
