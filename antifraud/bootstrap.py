@@ -33,8 +33,13 @@ def settings(path: str | Path) -> Settings:
 
 def broker(settings: Settings, url: str | None = None) -> BrokerURL:
     """The dispatcher's broker: ``url``, else the config's, with the config's credentials
-    (the password from ``broker_password_file``, else ``broker_password``)."""
-    from adapters.mqtt import BrokerURL
+    (the password from ``ANTIFRAUD_BROKER_PASSWORD``, else ``broker_password_file``, else
+    ``broker_password``). With a password and no ``broker_username``, the dispatcher logs in
+    as ``[access] dispatcher_user``, the user ``antifraud broker-credentials`` made for it
+    (MQTT has no password without a username; decisions.md 121)."""
+    import os
+
+    from adapters.mqtt import PASSWORD_ENV, BrokerURL
 
     service = settings.service
     password = service.broker_password.get_secret_value() if service.broker_password else None
@@ -48,9 +53,10 @@ def broker(settings: Settings, url: str | None = None) -> BrokerURL:
                     f"{service.broker_password_file}: {exc.strerror}"
                 ]
             ) from None
-    return BrokerURL.parse(
-        url or service.broker, password, service.broker_username, service.broker_ca_file
-    )
+    username = service.broker_username
+    if username is None and (password or os.environ.get(PASSWORD_ENV)):
+        username = settings.access.dispatcher_user
+    return BrokerURL.parse(url or service.broker, password, username, service.broker_ca_file)
 
 
 def clock(speed: float = 1.0, start: float | None = None) -> Clock:

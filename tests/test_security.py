@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +352,35 @@ async def test_the_dispatchers_password_is_never_printed_or_logged(
     assert "broker_connected" in log.getvalue()
     for text in (log.getvalue(), str(refused.value)):
         assert password not in text and password[::-1] not in text
+
+
+async def test_a_dispatcher_given_only_its_password_file_logs_in_as_its_access_user(
+    secure: SecureBroker, deployment: Callable[..., Path], tmp_path: Path
+) -> None:
+    """operations.md's set-up: the generated credentials, the config's password file, no
+    ``broker_username``. The dispatcher logs in as ``[access] dispatcher_user``, as the
+    broker's credentials name it (a password without a username is refused by MQTT)."""
+    from antifraud import bootstrap
+    from dispatcher.settings import load_settings
+
+    secret = tmp_path / "dispatcher.password"
+    secret.write_text(secure.passwords["dispatcher"] + "\n", encoding="utf-8")
+    secret.chmod(0o600)
+    config = deployment(
+        edit_toml=lambda text: text.replace(
+            'broker = "mqtt://127.0.0.1:1883"',
+            f'broker = "mqtt://127.0.0.1:{secure.local_port}"\nbroker_password_file = "{secret}"',
+        )
+    )
+    settings = load_settings(config)
+    assert settings.service.broker_username is None
+    url = bootstrap.broker(settings)
+    assert (url.username, url.password) == ("dispatcher", secure.passwords["dispatcher"])
+    service = LiveService(settings, url, tmp_path / "live.sqlite3", Clock(1.0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
