@@ -15,6 +15,7 @@ from adapters.broker import mosquitto_binary
 from antifraud.cli import main
 
 DATA = Path(__file__).parent / "data"
+CONFIG = Path(__file__).parents[1] / "config" / "hengnan.toml"
 SEED = DATA / "chen_case.jsonl"
 EXPECTED = json.loads((DATA / "chen_case.expected.json").read_text(encoding="utf-8"))
 
@@ -85,6 +86,17 @@ def bench(*args: str) -> str:
         text=True,
         timeout=180,
     ).stdout
+
+
+def test_output_cut_short_by_its_reader_ends_quietly() -> None:
+    """`antifraud replay … --report - | head`: a reader that has gone before the report is
+    written (here at once); the command ends without a traceback on the engineer's terminal."""
+    command = f"{sys.executable} -m antifraud.cli replay {SEED} --config {CONFIG} --report - | true"
+    run = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120
+    )
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr
+    assert run.returncode == 141
 
 
 def test_bench_replay_prints_its_figures() -> None:
