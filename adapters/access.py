@@ -2,8 +2,8 @@
 
 Usernames are the deployment's own ids: a handset logs in as its unit id, an operator console
 as its operator id, a call-warning source by its source id, the dispatcher by its own name.
-The ACL gives handsets their rights with patterns (``%u`` is the username), so one rule serves
-every unit; consoles, sources and the dispatcher get a block each:
+The ACL gives every party a block of its own, each handset too (a ``pattern`` with ``%u``
+would apply to every username, and let an operator speak as a unit named like himself):
 
 - a handset may read only its own ``dispatches`` and write only its own ``replies``/``status``;
 - a call-warning source may only publish call events of its region;
@@ -150,13 +150,17 @@ def acl_text(settings: Settings) -> str:
             *console_reads,
             "",
         ]
-    lines += [
-        "# Every handset logs in as its unit id: its own dispatches, replies and status.",
-        f"pattern read {topics.dispatches('%u')}",
-        f"pattern write {topics.replies('%u')}",
-        f"pattern write {topics.unit_status('%u')}",
-        "",
-    ]
+    # a block per unit, not one `pattern` with %u: a pattern applies to every username, so
+    # it would let an operator, a source or the recorder speak as a unit named like itself
+    lines.append("# Each handset logs in as its unit id: its own dispatches, replies and status.")
+    for unit in settings.units:
+        lines += [
+            f"user {unit}",
+            f"topic read {topics.dispatches(unit)}",
+            f"topic write {topics.replies(unit)}",
+            f"topic write {topics.unit_status(unit)}",
+        ]
+    lines.append("")
     return "\n".join(lines)
 
 

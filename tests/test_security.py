@@ -199,6 +199,26 @@ async def test_a_console_only_publishes_the_actions_of_its_operators(
         await publish_denied_then_allowed(secure.url(username), denied, allowed, observer)
 
 
+@pytest.mark.parametrize(
+    ("username", "allowed"),
+    [
+        ("op-01", f"{P}/operators/op-01/actions"),
+        ("console", f"{P}/operators/op-01/actions"),
+        ("app-warning-hengnan", f"{P}/events/hengnan/calls"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["status", "replies"])
+async def test_nobody_but_a_unit_speaks_on_a_unit_topic_named_like_itself(
+    secure: SecureBroker, username: str, allowed: str, kind: str
+) -> None:
+    """A retained "presence" of ``units/op-01/status`` would reach every console and the
+    recorder: the rights of a unit are its own, not those of any username."""
+    async with listening(secure.url("dispatcher", tls=False), f"{P}/#") as observer:
+        await publish_denied_then_allowed(
+            secure.url(username), f"{P}/units/{username}/{kind}", allowed, observer
+        )
+
+
 @pytest.mark.parametrize("username", ["op-01", "console"])
 async def test_an_operator_console_reads_what_it_shows_and_not_dispatches(
     secure: SecureBroker, username: str
