@@ -26,6 +26,7 @@ import csv
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -248,6 +249,43 @@ class Users:
         return None if stored is None else fingerprint(stored)
 
 
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+
+
+def client_address(
+    remote: str | None,
+    forwarded: list[str],
+    proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> str:
+    """The address a login comes from: the connection's own, unless it is one of the
+    deployment's ``proxies``; then the nearest hop of ``X-Forwarded-For`` (``forwarded``,
+    each header's text) that is not a proxy. What a client writes into the header itself
+    lies further left, behind the hop its proxy added, and is never read; a proxy that
+    names no one leaves the proxy's own address."""
+    own = remote or "unknown"
+    if not proxies:
+        return own
+
+    def trusted(text: str) -> bool:
+        address = _address(text)
+        return address is not None and any(address in network for network in proxies)
+
+    if not trusted(own):
+        return own
+    hops = [hop.strip() for header in forwarded for hop in header.split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not trusted(hop):
+            address = _address(hop)
+            if address is not None:
+                return str(address)
+            return "".join(c if c.isprintable() else "?" for c in hop[:64])
+    return hops[0] if hops else own
+
+
 class LoginThrottle:
     """Failed logins per key (an operator id, a client address): ``free`` failures, then each
     further one makes the key wait ``base_s`` doubled per failure, at most ``cap_s``; a key
@@ -428,6 +466,11 @@ class Console:
         # from one address over every operator id (up to 15 min), and of an operator from
         # anywhere, whose wait stays short (30 s at most): guessers on many addresses are
         # slowed, and nobody can lock an operator out of the console from elsewhere
+        # behind a reverse proxy every login comes from the proxy: the client's own address
+        # is what the proxy forwards (decisions.md 122)
+        self.proxies = [
+            ipaddress.ip_network(proxy, strict=False) for proxy in settings.console.trusted_proxies
+        ]
         self.pair_throttle = LoginThrottle(free=5)
         self.address_throttle = LoginThrottle(free=20)
         self.operator_throttle = LoginThrottle(free=10, cap_s=OPERATOR_WAIT_CAP_S)
@@ -558,7 +601,9 @@ class Console:
 
     async def login(self, request: web.Request) -> web.StreamResponse:
         operator, password = await self._form(request)
-        address = request.remote or "unknown"
+        address = client_address(
+            request.remote, request.headers.getall("X-Forwarded-For", []), self.proxies
+        )
         key = operator[:64]
         pair = f"{key}\0{address}"
         wait = max(

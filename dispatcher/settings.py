@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
@@ -202,6 +203,21 @@ class ConsoleSettings(_Strict):
     users_file: str = "var/console-users.json"  # operator -> scrypt hash, mode 0600
     session_hours: float = Field(12, gt=0)
     secure_cookies: bool = False  # true when the console is served over HTTPS
+    # the reverse proxies in front of the console (addresses or networks): from them, a
+    # client's address is the one their X-Forwarded-For names, for the login throttle
+    trusted_proxies: list[str] = []
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{item!r} is not an IP address or network (e.g. '10.0.0.5', '10.0.0.0/24')"
+                ) from None
+        return value
 
 
 class RegistryPaths(_Strict):

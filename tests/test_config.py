@@ -66,6 +66,17 @@ def problems_of(path: Path) -> list[str]:
             id="an out-of-range value",
         ),
         pytest.param(
+            lambda t: t.replace(
+                "session_hours = 12", 'session_hours = 12\ntrusted_proxies = ["nginx"]'
+            ),
+            {},
+            [
+                "hengnan.toml: console.trusted_proxies: 'nginx' is not an IP "
+                "address or network (e.g. '10.0.0.5', '10.0.0.0/24')"
+            ],
+            id="a proxy that is not an address",
+        ),
+        pytest.param(
             lambda t: t.replace("window_s = 120", 'window_s = "two minutes"'),
             {},
             ["hengnan.toml: callback.window_s: Input should be a valid number"],

@@ -928,3 +928,66 @@ def test_a_late_will_of_a_previous_holder_does_not_turn_the_dispatcher_offline(
         assert console.dispatcher == "offline"
     finally:
         loop.close()
+
+
+def test_the_client_address_behind_a_proxy_is_the_hop_the_proxy_added() -> None:
+    from ipaddress import ip_network
+
+    from adapters.console import client_address
+
+    proxies = [ip_network("10.0.0.0/24"), ip_network("::1")]
+    # no proxy configured, or a connection not from one: the header is the client's word
+    assert client_address("203.0.113.5", ["198.51.100.1"], []) == "203.0.113.5"
+    assert client_address("203.0.113.5", ["198.51.100.1"], proxies) == "203.0.113.5"
+    # through a proxy: the hop it added, not what the client wrote in front of it
+    assert client_address("10.0.0.2", ["198.51.100.1, 203.0.113.5"], proxies) == "203.0.113.5"
+    # two proxies in a row, one header each
+    assert client_address("10.0.0.2", ["203.0.113.5", "10.0.0.3"], proxies) == "203.0.113.5"
+    assert client_address("::1", [" 2001:db8::7 "], proxies) == "2001:db8::7"
+    # a proxy that names nobody leaves its own address; one naming only proxies, the first
+    assert client_address("10.0.0.2", [], proxies) == "10.0.0.2"
+    assert client_address("10.0.0.2", ["10.0.0.9"], proxies) == "10.0.0.9"
+    # what is not an address is kept as text, printable and short
+    assert client_address("10.0.0.2", ["unknown\x1b[2J" + "x" * 200], proxies).isprintable()
+
+
+async def test_behind_a_proxy_one_guesser_locks_only_his_own_address(
+    settings: Settings, broker: Mosquitto, tmp_path: Path
+) -> None:
+    """Every login reaches the console from its reverse proxy. A guesser's failures from his
+    address hold up his address, never an operator logging in from another; without the
+    proxy configured, the header is not believed, and rotating it gains a guesser nothing."""
+    import dataclasses
+
+    behind = dataclasses.replace(
+        settings,
+        console=settings.console.model_copy(update={"trusted_proxies": ["127.0.0.1"]}),
+    )
+
+    async def attempt(
+        http: ClientSession, base: str, forwarded: str, operator: str, password: str
+    ) -> int:
+        async with http.post(
+            f"{base}/login",
+            data={"operator": operator, "password": password},
+            headers={"X-Forwarded-For": forwarded},
+            allow_redirects=False,
+        ) as response:
+            return response.status
+
+    async with (
+        serving(behind, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        for k in range(console.address_throttle.free):
+            assert await attempt(http, base, "203.0.113.5", f"guess-{k}", "x") == 302
+        assert await attempt(http, base, "203.0.113.5", "op-01", PASSWORD) == 429
+        assert await attempt(http, base, "198.51.100.1, 203.0.113.5", "op-01", PASSWORD) == 429
+        assert await attempt(http, base, "203.0.113.9", "op-01", PASSWORD) == 302
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+    ):
+        for k in range(console.address_throttle.free):
+            assert await attempt(http, base, f"203.0.113.{k}", f"guess-{k}", "x") == 302
+        assert await attempt(http, base, "203.0.113.99", "op-01", PASSWORD) == 429
