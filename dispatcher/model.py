@@ -81,7 +81,9 @@ class Slot:
     """One need of an escalated incident: the door-knock, or the police patrol."""
 
     name: SlotName
-    stage: Literal["primary", "quick_police", "filled", "exhausted"] = "primary"
+    # waiting: at the quick-police platforms with none left to offer, while the other
+    # need's offers to them are still open (decisions.md 123)
+    stage: Literal["primary", "quick_police", "waiting", "filled", "exhausted"] = "primary"
     station: str = ""
     expires_at: float | None = None
 

@@ -142,6 +142,19 @@ def exhausted(slot: str) -> str:
     return f"{what}无人可派或无人接警，请接线员人工调度"
 
 
+def _need(slot: str) -> str:
+    return "上门" if slot == "door" else "出警"
+
+
+def waiting_on_other(slot: str) -> str:
+    other = "出警" if slot == "door" else "上门"
+    return f"{_need(slot)}：本所快警已在{other}派单中，等待其接警"
+
+
+def served_by_other(slot: str, unit: str) -> str:
+    return f"{_need(slot)}由已接警的{unit}一并承担，不再另行派员"
+
+
 def arrival_overdue(unit: str, minutes: float) -> str:
     return f"{unit}接警后{minutes:g}分钟仍未到达，请接线员联系核实，必要时另行派员"
 

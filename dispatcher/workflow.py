@@ -212,6 +212,7 @@ class Workflow:
                 changes.effects.append(StoodDown(incident.id, d.id, incident.next_id(d.id)))
             slot.expires_at = None
             self._fallback(incident, slot, now, changes)
+            self._settle_waiting(incident, now, changes)
             self._maybe_close(incident, now, changes)
             changes.mark(incident)
         elif kind == "arrival":
@@ -616,7 +617,7 @@ class Workflow:
         elif slot.stage == "primary":
             self._quick_police(incident, slot, now, changes)
         elif slot.stage == "quick_police":
-            self._exhausted(incident, slot, now, changes)
+            self._after_platforms(incident, slot, now, changes)
 
     def _quick_police(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
         slot.stage = "quick_police"
@@ -629,7 +630,49 @@ class Workflow:
             incident, slot, platforms, self.settings.dispatch.police_accept_s, now, changes
         )
         if not self._pending(incident, slot.name):
+            self._after_platforms(incident, slot, now, changes)
+
+    def _after_platforms(
+        self, incident: Incident, slot: Slot, now: float, changes: Changes
+    ) -> None:
+        """The need has come to the quick-police platforms and has no offer of its own left.
+        A platform is offered an incident once, so the other need may hold them (decisions.md
+        12): one that accepted there goes to the resident and serves this need too; while
+        some are still offered there, this need waits on them; else it is a dead end."""
+        shared = [
+            d
+            for d in incident.dispatches.values()
+            if d.role == "quick_police" and d.slot != slot.name
+        ]
+        taker = next((d for d in shared if d.status in ("accepted", "arrived", "reported")), None)
+        slot.expires_at = None
+        if taker is not None:
+            slot.stage = "filled"
+            self._note(
+                incident,
+                now,
+                "served_by_other",
+                SYSTEM,
+                texts.served_by_other(slot.name, self._unit_label(taker.unit)),
+                changes,
+                taker.id,
+            )
+            changes.mark(incident)
+        elif any(d.status == "offered" for d in shared):
+            if slot.stage != "waiting":
+                slot.stage = "waiting"
+                self._note(
+                    incident, now, "waiting", SYSTEM, texts.waiting_on_other(slot.name), changes
+                )
+                changes.mark(incident)
+        else:
             self._exhausted(incident, slot, now, changes)
+
+    def _settle_waiting(self, incident: Incident, now: float, changes: Changes) -> None:
+        """A need waiting on the other's platforms follows what became of them."""
+        for slot in list(incident.slots.values()):
+            if slot.stage == "waiting" and incident.status == "escalated":
+                self._after_platforms(incident, slot, now, changes)
 
     def _exhausted(self, incident: Incident, slot: Slot, now: float, changes: Changes) -> None:
         slot.stage = "exhausted"
@@ -805,6 +848,7 @@ class Workflow:
                     texts.report_without_arrival(label, msg.data.outcome),
                     changes,
                 )
+        self._settle_waiting(incident, now, changes)
         self._maybe_close(incident, now, changes)
         changes.mark(incident)
 

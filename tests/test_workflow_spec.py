@@ -836,11 +836,66 @@ def _(s: Script) -> Check:
     incident = s.escalated(0, "C1")
     s.progress(286, "C1", CHEN, INVESTMENT, 286)  # guards expired at 285: quick police offered
     s.reply(290, "P-YJ-01", "declined", incident).reply(295, "P-YJ-02", "declined", incident)
+    # the police need waits on the door-knock's platforms, which run out at 345
+    s.progress(350, "C1", CHEN, INVESTMENT, 350)
 
     def check(r: Result) -> None:
         units = [d["unit"] for d in r.incident("INC-C1")["dispatches"]]
         assert len(units) == len(set(units))
-        assert "police_exhausted" in r.doc("INC-C1")["alerts"]
+        assert {"door_exhausted", "police_exhausted"} <= set(r.doc("INC-C1")["alerts"])
+
+    return check
+
+
+@case(
+    "a need that finds the quick-police platforms offered by the other waits on them, and one "
+    "accepting there serves both"
+)
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.progress(286, "C1", CHEN, INVESTMENT, 286)  # guards expired at 285: quick police offered
+    s.reply(290, "P-YJ-01", "declined", incident).reply(295, "P-YJ-02", "declined", incident)
+    s.reply(300, "Q-YJ-LF", "accepted", incident)
+
+    def check(r: Result) -> None:
+        doc = r.doc("INC-C1")
+        assert "police_exhausted" not in doc["alerts"]
+        kinds = r.timeline("INC-C1")
+        assert kinds.index("waiting") < kinds.index("served_by_other")
+        assert doc["slots"]["police"]["stage"] == doc["slots"]["door"]["stage"] == "filled"
+        assert r.units("INC-C1")["Q-YJ-LF"] == "accepted"
+
+    return check
+
+
+@case("the door-knock finding the platforms offered for the police waits, and is served by them")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.reply(256, "P-YJ-01", "declined", incident).reply(257, "P-YJ-02", "declined", incident)
+    s.progress(286, "C1", CHEN, INVESTMENT, 286)  # guards expired at 285: no platform left
+    s.reply(290, "Q-YJ-YL", "accepted", incident)
+
+    def check(r: Result) -> None:
+        doc = r.doc("INC-C1")
+        assert "door_exhausted" not in doc["alerts"]
+        assert r.dispatch("INC-C1", "Q-YJ-YL")["offered_at"] == 257.0
+        assert doc["slots"]["door"]["stage"] == "filled"
+        assert r.timeline("INC-C1").count("served_by_other") == 1
+
+    return check
+
+
+@case("a need waiting on the other's platforms raises no dead end while they are offered")
+def _(s: Script) -> Check:
+    incident = s.escalated(0, "C1")
+    s.progress(286, "C1", CHEN, INVESTMENT, 286)
+    s.reply(290, "P-YJ-01", "declined", incident).reply(295, "P-YJ-02", "declined", incident)
+    s.progress(340, "C1", CHEN, INVESTMENT, 340)  # the platforms' offers end at 345
+
+    def check(r: Result) -> None:
+        doc = r.doc("INC-C1")
+        assert doc["alerts"] == []
+        assert doc["slots"]["police"]["stage"] == "waiting"
 
     return check
 
