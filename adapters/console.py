@@ -86,6 +86,7 @@ MAX_FEED_BYTES = 1 << 20  # an incident document off the broker (production allo
 MAX_FEED_DEPTH = 32
 MAX_CLOSED_SHOWN = 500  # closed incidents kept in memory for the board
 VIEWER_QUEUE = 1000  # frames a browser may fall behind before it is dropped
+PENDING_ACTIONS = 1000  # action ids kept per operator to match their refusals
 VIEWER_SEND_S = 10.0  # longest a browser may take to take one frame
 SWEEP_S = 1.0  # how often sessions are checked against the users file and their expiry
 OPERATOR_WAIT_CAP_S = 30.0  # the longest failures elsewhere can make an operator wait
@@ -371,7 +372,9 @@ class Board:
         self.settings = settings
         self.incidents: dict[str, dict[str, Any]] = {}
         self.presence: dict[str, str] = {}
-        self.pending: OrderedDict[str, str] = OrderedDict()  # action event id -> operator
+        # the ids of the actions sent, per operator (at most PENDING_ACTIONS each, the oldest
+        # forgotten): one operator's many actions never push out another's
+        self.pending: dict[str, OrderedDict[str, None]] = {}
 
     def units(self) -> list[dict[str, Any]]:
         engaged: dict[str, str] = {}
@@ -869,9 +872,10 @@ class Console:
             data,
             subject=incident_id,
         )
-        self.board.pending[event_id] = session.operator
-        while len(self.board.pending) > 1000:
-            self.board.pending.popitem(last=False)
+        sent = self.board.pending.setdefault(session.operator, OrderedDict())
+        sent[event_id] = None
+        while len(sent) > PENDING_ACTIONS:
+            sent.popitem(last=False)
         payload = json.dumps(event, ensure_ascii=False).encode()
         logged = log.bind(
             operator=session.operator, incident_id=incident_id, action=action, event_id=event_id
@@ -1202,13 +1206,15 @@ class Console:
             # the refusal of an action this console sent: its id, and its operator's topic
             # and source (another party's message of the same id is not this action)
             refused = model.data
-            operator = self.board.pending.get(refused.id or "")
+            source = refused.source or ""
+            operator = source.removeprefix("console/")
+            sent = self.board.pending.get(operator) if source.startswith("console/") else None
             if (
-                operator is not None
+                sent is not None
+                and (refused.id or "") in sent
                 and refused.topic == self.topics.actions(operator)
-                and refused.source == f"console/{operator}"
             ):
-                del self.board.pending[refused.id or ""]
+                del sent[refused.id or ""]
                 await self.broadcast(
                     "refused",
                     {

@@ -277,6 +277,53 @@ async def test_a_refusal_is_matched_to_an_action_by_its_id_topic_and_source(
     assert frame["data"]["reason"] == "the-one"
 
 
+async def test_one_operators_many_actions_never_cost_another_his_refusal(
+    settings: Settings, broker: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console remembers the actions it sent to match their refusals, a bounded number
+    per operator: op-02 sending more than that forgets only his own, and op-01 still hears
+    that his action was refused."""
+    from adapters import console as console_module
+    from dispatcher.inbound import cloudevent
+
+    monkeypatch.setattr(console_module, "PENDING_ACTIONS", 5)
+    prefix = settings.service.prefix
+    async with (
+        serving(settings, broker, tmp_path) as (base, console),
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as http,
+        ClientSession(cookie_jar=CookieJar(unsafe=True)) as other_operator,
+        open_client(BrokerURL.parse(broker.url)) as dispatcher,
+    ):
+        console.users.set_password("op-02", PASSWORD)
+        state = await login(http, base)
+        second = await login(other_operator, base, "op-02")
+        async with http.ws_connect(f"{base}/ws") as ws:
+            action_id = await escalate_unknown(http, base, state)
+            for _ in range(6):
+                await escalate_unknown(other_operator, base, second)
+            data = {
+                "topic": f"{prefix}/operators/op-01/actions",
+                "reason": "unknown incident INC-NOPE",
+                "source": "console/op-01",
+                "id": action_id,
+                "payload": "{}",
+            }
+            event = cloudevent(
+                "dl-1",
+                settings.service.source,
+                "cn.antifraud.input.rejected",
+                data,
+                subject=data["topic"],
+            )
+            await dispatcher.publish(f"{prefix}/deadletter", json.dumps(event), qos=1)
+            while True:
+                frame = json.loads((await asyncio.wait_for(ws.receive(), 10)).data)
+                if frame["kind"] == "refused":
+                    break
+    assert frame["data"]["action_id"] == action_id
+    assert frame["data"]["operator"] == "op-01"
+
+
 async def test_operators_see_whether_the_dispatcher_is_running(
     settings: Settings, broker: Mosquitto, tmp_path: Path
 ) -> None:
